@@ -1,0 +1,212 @@
+"""A directory of checkpoints: atomic saves, verified loads with fallback, retention.
+
+    checkpoints/
+      step-000000100/          one complete checkpoint (see writer.py)
+      step-000000150/
+      index.json               latest and best-N, rewritten before any deletion
+      .tmp-step-...            a save in progress (or interrupted: removed on start)
+      .deleting-step-...       a checkpoint being deleted (renamed first, so no
+                               half-deleted directory ever carries a final name)
+      corrupt-step-...         a checkpoint that failed verification, kept for
+                               inspection and never loaded again
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointDirError, CheckpointWriteError
+from ..fsutil import atomic_write_text, fsync_dir
+from .retention import CheckpointRecord, RetentionPlan, RetentionPolicy
+from .writer import CorruptCheckpointError, Snapshot, read_checkpoint_files, read_manifest, write_checkpoint_files
+
+log = logging.getLogger("hydra_preempt.checkpoint")
+
+REASONS = ("periodic", "preempt", "manual", "emergency", "final")
+INDEX_FILE = "index.json"
+_FINAL = re.compile(r"^step-(\d{9,})$")
+_TMP = re.compile(r"^\.tmp-step-\d+\.(?P<host>[^.]*)\.(?P<pid>\d+)$")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo(CheckpointRecord):
+    path: Path = field(default=Path("."), compare=False)
+    created: float = 0.0
+    nbytes: int = 0
+
+
+class CheckpointStore:
+    def __init__(self, directory: Path | str, policy: RetentionPolicy | None = None) -> None:
+        self.directory = Path(directory)
+        self.policy = policy or RetentionPolicy()
+
+    # -- start-up -------------------------------------------------------
+    def prepare(self) -> list[str]:
+        """Create the directory, check it is writable, remove stale temporary directories.
+
+        Returns the names removed. Raises CheckpointDirError with the reason.
+        """
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / f".write-probe.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise CheckpointDirError(f"checkpoint directory {self.directory} is not usable: {e.strerror or e}") from None
+        removed = []
+        for entry in sorted(self.directory.iterdir()):
+            if entry.name.startswith(".deleting-") or (entry.name.startswith(".tmp-step-") and not self._writer_alive(entry.name)):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry.name)
+                log.info("removed %s left by an interrupted save or deletion", entry.name)
+        return removed
+
+    @staticmethod
+    def _writer_alive(name: str) -> bool:
+        m = _TMP.match(name)
+        if not m or m["host"] != _hostname() or int(m["pid"]) == os.getpid():
+            return False
+        try:
+            os.kill(int(m["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    # -- listing --------------------------------------------------------
+    def complete(self) -> list[CheckpointInfo]:
+        """Checkpoints whose manifest is present and readable, by ascending step.
+
+        Contents are not verified here (that is done on load); directories
+        without a valid manifest are reported and left out.
+        """
+        found = []
+        for path in self._final_dirs():
+            try:
+                found.append(_info(path, read_manifest(path)))
+            except CorruptCheckpointError as e:
+                log.warning("ignoring checkpoint %s: %s", path.name, e)
+        return sorted(found, key=lambda i: i.step)
+
+    def latest(self) -> CheckpointInfo | None:
+        infos = self.complete()
+        return infos[-1] if infos else None
+
+    def _final_dirs(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return [p for p in self.directory.iterdir() if _FINAL.match(p.name) and p.is_dir()]
+
+    # -- saving ---------------------------------------------------------
+    def save(self, snapshot: Snapshot, step: int, reason: str, metrics: dict[str, float] | None = None) -> CheckpointInfo:
+        """Write a complete checkpoint atomically, then apply retention.
+
+        On failure (disk full included) nothing new is visible and the
+        previous checkpoints are untouched; CheckpointWriteError says why.
+        """
+        if reason not in REASONS:
+            raise ValueError(f"unknown checkpoint reason {reason!r}; one of {REASONS}")
+        final = self.directory / f"step-{step:09d}"
+        tmp = self.directory / f".tmp-step-{step:09d}.{_hostname()}.{os.getpid()}"
+        meta = {"step": step, "reason": reason, "metrics": dict(metrics or {})}
+        if final.exists():
+            try:
+                return _info(final, read_manifest(final))  # same step, same state: already saved
+            except CorruptCheckpointError as e:
+                self._quarantine(final, str(e))
+        try:
+            tmp.mkdir()
+            manifest = write_checkpoint_files(tmp, snapshot, meta)
+            fsync_dir(tmp)
+            os.rename(tmp, final)
+            fsync_dir(self.directory)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.latest()
+            kept = f"checkpoint step {previous.step} is intact" if previous else "no earlier checkpoint exists"
+            hint = " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            raise CheckpointWriteError(
+                f"could not write checkpoint for step {step} in {self.directory}{hint}: {e.strerror or e}; {kept}"
+            ) from e
+        info = _info(final, manifest)
+        self.apply_retention()
+        return info
+
+    def apply_retention(self) -> RetentionPlan:
+        """Record latest and best-N in index.json first, then delete what the policy lets go."""
+        infos = self.complete()
+        plan = self.policy.plan(infos)
+        by_step = {i.step: i for i in infos}
+        index = {
+            "latest": infos[-1].step if infos else None,
+            "best": [{"step": s, self.policy.metric: by_step[s].metrics.get(self.policy.metric)} for s in plan.best],
+            "metric": self.policy.metric,
+            "mode": self.policy.mode,
+            "checkpoints": [{"step": i.step, "reason": i.reason, "metrics": dict(i.metrics)} for i in infos if i.step in plan.keep],
+        }
+        atomic_write_text(self.directory / INDEX_FILE, json.dumps(index, indent=1))
+        for step in plan.delete:
+            path = by_step[step].path
+            doomed = path.with_name(f".deleting-{path.name}")
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            log.debug("retention removed %s", path.name)
+        if plan.delete:
+            fsync_dir(self.directory)
+        return plan
+
+    # -- loading --------------------------------------------------------
+    def load(self, info: CheckpointInfo) -> Any:
+        """Read and verify one checkpoint. Raises CorruptCheckpointError."""
+        return read_checkpoint_files(info.path, read_manifest(info.path))
+
+    def load_latest(self) -> tuple[CheckpointInfo, Any] | None:
+        """The newest checkpoint that verifies, falling back to older ones.
+
+        Any newer directory that fails verification is reported and moved
+        aside as corrupt-step-..., so that it is never picked again and
+        never counted by retention, yet nothing is deleted.
+        """
+        for path in sorted(self._final_dirs(), key=lambda p: p.name, reverse=True):
+            try:
+                manifest = read_manifest(path)
+                tree = read_checkpoint_files(path, manifest)
+            except CorruptCheckpointError as e:
+                log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path.name, e)
+                self._quarantine(path, str(e))
+                continue
+            return _info(path, manifest), tree
+        return None
+
+    def _quarantine(self, path: Path, why: str) -> None:
+        target = path.with_name(f"corrupt-{path.name}-{int(time.time())}")
+        os.rename(path, target)
+        fsync_dir(self.directory)
+        log.warning("moved %s aside as %s: %s", path.name, target.name, why)
+
+
+def _info(path: Path, manifest: dict) -> CheckpointInfo:
+    metrics = manifest.get("metrics") if isinstance(manifest.get("metrics"), dict) else {}
+    return CheckpointInfo(
+        step=int(manifest["step"]),
+        reason=str(manifest.get("reason", "")),
+        metrics=metrics,
+        path=path,
+        created=float(manifest.get("created", 0.0)),
+        nbytes=sum(int(f["size"]) for f in manifest["files"].values()),
+    )
+
+
+def _hostname() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())

@@ -1,0 +1,104 @@
+"""Configuration of a training session, as dataclasses (also usable as Hydra structured configs).
+
+`SessionConfig.from_mapping` builds one from a plain or OmegaConf mapping and
+rejects unknown keys and wrong types with the key's full name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from .errors import ConfigError
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"  # relative paths are relative to the run directory
+    every_steps: Optional[int] = None  # periodic save every N steps
+    every_seconds: Optional[float] = None  # and/or every T seconds of wall clock
+    keep_last: int = 3
+    keep_best: int = 0
+    metric: Optional[str] = None  # reported metric that ranks the best checkpoints
+    mode: str = "min"  # "min" or "max"
+    emergency: bool = True  # save on an unhandled exception when the state is consistent
+
+
+@dataclass
+class DivergenceConfig:
+    enabled: bool = True
+    metric: str = "loss"
+    window: int = 50
+    factor: float = 2.0
+    patience: int = 5
+    min_history: int = 3
+
+
+@dataclass
+class SignalConfig:
+    preempt: str = "TERM"  # TERM, USR2 or HUP
+
+
+@dataclass
+class SessionConfig:
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    signals: SignalConfig = field(default_factory=SignalConfig)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> "SessionConfig":
+        config = _build(cls, mapping or {}, "")
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        c = self.checkpoint
+        for key in ("every_steps", "every_seconds"):
+            value = getattr(c, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"checkpoint.{key} must be > 0 or null, got {value!r}")
+        # The remaining checks live with the objects that use the values.
+        from .checkpoint.retention import RetentionPolicy
+        from .divergence import LossSpikeDetector
+        from .signals import parse_signal
+
+        RetentionPolicy(c.keep_last, c.keep_best, c.metric, c.mode)  # type: ignore[arg-type]
+        d = self.divergence
+        LossSpikeDetector(d.window, d.factor, d.patience, d.min_history)
+        parse_signal(self.signals.preempt)
+
+
+def _build(cls: type, mapping: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(mapping).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(names))}")
+    values = {}
+    for name, value in mapping.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            values[name] = _check_type(value, hint, prefix + name)
+    return cls(**values)
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if value is None and optional:
+        return None
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+    }[base]
+    if not ok:
+        raise ConfigError(f"{key} must be {'null or ' if optional else ''}{base.__name__}, got {value!r}")
+    return float(value) if base is float else value

@@ -1,0 +1,104 @@
+"""Data order that resumes at the exact next batch.
+
+The order of epoch `e` is a permutation drawn from (seed, e) alone, so a
+resumed run rebuilds it and starts at batch `index` directly, without
+iterating through the batches it already used. The main process's random
+generators are never touched, so the data order and the model's randomness
+(dropout, augmentation in the main process) stay independent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import CheckpointMismatchError, ConfigError
+
+_MASK63 = (1 << 63) - 1
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed per (seed, epoch); an affine mix so that nearby pairs do not collide."""
+    return (seed * 6364136223846793005 + epoch * 1442695040888963407 + 1) & _MASK63
+
+
+class ResumableLoader:
+    """Endless iterator over mini-batches of `dataset`, epoch after epoch.
+
+    Its state (epoch, index of the next batch within the epoch, seed) is
+    what the session saves; `load_state_dict` makes the next batch exactly
+    the one an uninterrupted run would have drawn. Extra keyword arguments
+    go to torch's DataLoader (num_workers, pin_memory, collate_fn, ...);
+    worker seeds are derived from (seed, epoch) as well.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True, **dataloader_kwargs: Any) -> None:
+        for bad in ("batch_sampler", "sampler", "shuffle", "batch_size", "drop_last", "generator"):
+            if bad in dataloader_kwargs:
+                raise ConfigError(f"ResumableLoader sets {bad!r} itself; do not pass it")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset = dataset
+        self.num_samples = len(dataset)  # type: ignore[arg-type]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.dataloader_kwargs = dataloader_kwargs
+        if self.batches_per_epoch == 0:
+            raise ConfigError(f"dataset of {self.num_samples} samples gives no batch of {batch_size} (drop_last={drop_last})")
+        self.epoch = 0
+        self.index = 0
+        self._iterator: Iterator | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The index lists of every batch of `epoch`, in order."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        return [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.batches_per_epoch)]
+
+    def __iter__(self) -> "ResumableLoader":
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            remaining = self.epoch_batches(self.epoch)[self.index :]
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=remaining,
+                generator=torch.Generator().manual_seed(epoch_seed(self.seed + 1, self.epoch)),
+                **self.dataloader_kwargs,
+            )
+            self._iterator = iter(loader)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self.epoch += 1
+            self.index = 0
+            self._iterator = None
+            return next(self)
+        self.index += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "num_samples": self.num_samples, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("seed", "num_samples", "batch_size"):
+            if state[key] != getattr(self, key):
+                raise CheckpointMismatchError(
+                    f"data loader {key} differs: checkpoint has {state[key]}, this run has {getattr(self, key)}; "
+                    "resuming would not continue the same data order"
+                )
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._iterator = None

@@ -1,0 +1,25 @@
+"""Errors a user can cause and fix. They carry a message meant to be read, not a traceback."""
+
+
+class HydraPreemptError(Exception):
+    """Base class of the errors reported to the user as one clear message."""
+
+
+class ConfigError(HydraPreemptError):
+    """A configuration value is invalid; raised before anything runs."""
+
+
+class CheckpointDirError(HydraPreemptError):
+    """The checkpoint directory cannot be created or written to."""
+
+
+class CheckpointWriteError(HydraPreemptError):
+    """A checkpoint could not be written; the previous checkpoints are intact."""
+
+
+class CheckpointMismatchError(HydraPreemptError):
+    """A checkpoint does not fit the registered objects (different model, keys or shapes)."""
+
+
+class UnsupportedStateError(HydraPreemptError):
+    """A state dict holds a value that the checkpoint format cannot store safely."""

@@ -1,0 +1,42 @@
+"""How a run ended: its status and the process exit code that tells it to a scheduler or a shell."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class Status(str, enum.Enum):
+    FINISHED = "finished"
+    PREEMPTED = "preempted"  # state saved; run again (requeue) to continue
+    CANCELLED = "cancelled"  # state saved; the user asked to stop, no requeue
+    DIVERGED = "diverged"  # stopped by the divergence detector; best checkpoints kept
+    FAILED = "failed"
+
+
+class ExitCode(enum.IntEnum):
+    FINISHED = 0
+    FAILED = 1  # also Python's own code for an uncaught exception
+    USAGE = 2  # bad configuration or input; nothing was changed
+    DIVERGED = 3
+    REQUEUE = 75  # EX_TEMPFAIL: saved, run again to resume
+    CANCELLED = 130  # 128 + SIGINT: saved, do not requeue
+
+
+EXIT_CODES = {
+    Status.FINISHED: ExitCode.FINISHED,
+    Status.PREEMPTED: ExitCode.REQUEUE,
+    Status.CANCELLED: ExitCode.CANCELLED,
+    Status.DIVERGED: ExitCode.DIVERGED,
+    Status.FAILED: ExitCode.FAILED,
+}
+
+
+@dataclass
+class Outcome:
+    status: Status
+    step: int
+    exit_code: int
+    message: str = ""
+    result: Any = None

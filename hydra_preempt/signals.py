@@ -1,0 +1,79 @@
+"""Signal handlers that only record requests; the session acts on them at the next step boundary.
+
+    preempt signal (SIGTERM by default, or SIGUSR2/SIGHUP)  -> save, exit for requeue
+    SIGTERM when another signal is the preempt signal         -> the same (it is SLURM's final warning)
+    SIGUSR1                                                   -> save, keep training
+    SIGINT                                                    -> save, exit without requeue
+
+Handlers never do I/O or raise: a signal that lands in the middle of a save
+only sets a flag, and repeated signals set the same flag once.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+import threading
+import time
+from types import FrameType
+
+from .errors import ConfigError
+
+PREEMPT_SIGNALS = ("TERM", "USR2", "HUP")
+
+
+class Request(enum.Enum):
+    PREEMPT = "preempt"
+    CHECKPOINT = "checkpoint"
+    CANCEL = "cancel"
+
+
+def parse_signal(name: str) -> signal.Signals:
+    """'TERM', 'SIGTERM', 'usr2' -> the signal; only the ones that can mean 'preempt'."""
+    short = str(name).upper().removeprefix("SIG")
+    if short not in PREEMPT_SIGNALS:
+        raise ConfigError(
+            f"signals.preempt must be one of {', '.join(PREEMPT_SIGNALS)} (SIGUSR1 means 'checkpoint and continue', "
+            f"SIGINT means 'cancel'), got {name!r}"
+        )
+    return signal.Signals[f"SIG{short}"]
+
+
+class SignalRequests:
+    """Installs the handlers and collects the requests they record."""
+
+    def __init__(self, preempt_signal: str = "TERM") -> None:
+        self.preempt_signal = parse_signal(preempt_signal)
+        self._meaning = {
+            signal.SIGTERM: Request.PREEMPT,
+            self.preempt_signal: Request.PREEMPT,
+            signal.SIGUSR1: Request.CHECKPOINT,
+            signal.SIGINT: Request.CANCEL,
+        }
+        self._pending: dict[Request, signal.Signals] = {}
+        self.first_received: dict[Request, float] = {}
+        self._previous: dict[signal.Signals, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise ConfigError("the training session must run in the main thread: only it can receive signals")
+        for signum in self._meaning:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        request = self._meaning[signal.Signals(signum)]
+        self._pending.setdefault(request, signal.Signals(signum))
+        self.first_received.setdefault(request, time.monotonic())
+
+    def take(self) -> dict[Request, signal.Signals]:
+        """The requests recorded since the last call, each with the signal that made it."""
+        taken, self._pending = self._pending, {}
+        return taken
+
+    def peek(self) -> set[Request]:
+        return set(self._pending)

@@ -1,0 +1,119 @@
+"""Train a small MLP on synthetic regression data, preemption-safe.
+
+    python train.py hydra.run.dir=runs/a trainer.max_steps=500
+    kill -TERM <pid>        # saves at the next step boundary, exits 75
+    python train.py hydra.run.dir=runs/a trainer.max_steps=500   # continues at the exact step
+
+The run directory ends up with checkpoints/, run_log.jsonl, metrics.jsonl and
+result.json (step, loss, params_sha256, restarts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import TensorDataset
+
+from hydra_preempt import ConfigError, ExitCode, ResumableLoader, Session, SessionConfig, run
+
+log = logging.getLogger("train")
+
+
+def make_dataset(cfg: DictConfig) -> TensorDataset:
+    """Inputs from a Gaussian, targets from a fixed random teacher network plus noise."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(cfg.samples, cfg.features, generator=g)
+    w1 = torch.randn(cfg.features, 32, generator=g) / cfg.features**0.5
+    w2 = torch.randn(32, 1, generator=g) / 32**0.5
+    y = torch.tanh(x @ w1) @ w2 + cfg.noise * torch.randn(cfg.samples, 1, generator=g)
+    return TensorDataset(x, y)
+
+
+def make_model(cfg: DictConfig, features: int) -> torch.nn.Module:
+    layers: list[torch.nn.Module] = []
+    width = features
+    for _ in range(cfg.depth):
+        layers += [torch.nn.Linear(width, cfg.hidden), torch.nn.GELU(), torch.nn.Dropout(cfg.dropout)]
+        width = cfg.hidden
+    layers.append(torch.nn.Linear(width, 1))
+    return torch.nn.Sequential(*layers)
+
+
+def params_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(session: Session, cfg: DictConfig) -> dict:
+    t = cfg.trainer
+    torch.manual_seed(t.seed)
+    dataset = make_dataset(cfg.data)
+    model = make_model(cfg.model, cfg.data.features)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.max_steps)
+    loader = ResumableLoader(dataset, batch_size=t.batch_size, seed=t.seed)
+    session.register(model=model, optimizer=optimizer, scheduler=scheduler, data=loader)
+
+    start = session.restore()
+    print(f"starting at step {start} of {t.max_steps}", flush=True)
+    model.train()
+    for step in session.steps(t.max_steps):
+        x, y = next(loader)
+        loss = F.mse_loss(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        session.report(loss=loss.item())
+        if (step + 1) % t.log_every == 0:
+            print(f"step {step + 1} loss {loss.item():.6f}", flush=True)
+        if t.step_sleep:
+            time.sleep(t.step_sleep)
+
+    model.eval()
+    with torch.no_grad():
+        x, y = dataset.tensors
+        final_loss = F.mse_loss(model(x), y).item()
+    result = {
+        "step": session.step,
+        "loss": final_loss,
+        "params_sha256": params_sha256(model),
+        "restarts": session.restarts,
+        "resumed_from": session.resumed_from,
+    }
+    session.write_result(result)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig):
+    torch.set_num_threads(cfg.trainer.threads)
+    try:
+        session_config = SessionConfig.from_mapping(
+            OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["checkpoint", "divergence", "signals"]), resolve=True)  # type: ignore[arg-type]
+        )
+    except ConfigError as e:
+        log.error("invalid configuration: %s", e)
+        sys.exit(ExitCode.USAGE)
+    run_dir = HydraConfig.get().runtime.output_dir
+    outcome = run(lambda session: train(session, cfg), run_dir, session_config)
+    print(f"{outcome.status.value} at step {outcome.step} (exit code {int(outcome.exit_code)}): {outcome.message}", flush=True)
+    if HydraConfig.get().mode == RunMode.RUN:
+        sys.exit(int(outcome.exit_code))
+    return outcome
+
+
+if __name__ == "__main__":
+    main()
