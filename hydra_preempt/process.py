@@ -1,0 +1,97 @@
+"""train.py as a child process: start it, wait for a step, signal it, collect its exit code.
+
+Used by the demo and by the integration tests: real processes, real signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .errors import HydraPreemptError
+
+_STEP = re.compile(r"^step (\d+) ")
+
+
+def find_train_script() -> Path:
+    """train.py of the repository this package is installed from (editable install)."""
+    candidates = [Path.cwd() / "train.py", Path(__file__).resolve().parents[1] / "train.py"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise HydraPreemptError("cannot find train.py: run this from a clone of the hydra_preempt repository")
+
+
+class TrainProcess:
+    def __init__(self, run_dir: Path, overrides: Sequence[str] = (), script: Path | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.script = script or find_train_script()
+        self.args = [sys.executable, str(self.script), f"hydra.run.dir={self.run_dir}", *overrides]
+        self.lines: list[str] = []
+        self.last_step = 0
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> "TrainProcess":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+        self._proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.script.parent)
+        threading.Thread(target=self._pump, daemon=True).start()
+        return self
+
+    def _pump(self) -> None:
+        assert self._proc and self._proc.stdout
+        for line in self._proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def _take(self, timeout: float) -> str | None:
+        line = self._queue.get(timeout=timeout)
+        if line is not None:
+            self.lines.append(line)
+            if m := _STEP.match(line):
+                self.last_step = int(m[1])
+        return line
+
+    def wait_for_step(self, step: int, timeout: float = 120.0) -> int:
+        """Block until the process prints a step >= `step`; return the step seen."""
+        deadline = time.monotonic() + timeout
+        while self.last_step < step:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no step {step} within {timeout} s; output:\n" + self.output)
+            try:
+                if self._take(remaining) is None:
+                    raise RuntimeError(f"train.py exited before step {step}; output:\n" + self.output)
+            except queue.Empty:
+                continue
+        return self.last_step
+
+    def send(self, sig: signal.Signals) -> None:
+        assert self._proc
+        self._proc.send_signal(sig)
+
+    def wait(self, timeout: float = 300.0) -> int:
+        assert self._proc
+        rc = self._proc.wait(timeout=timeout)
+        while self._take(timeout=10) is not None:
+            pass
+        return rc
+
+    def run(self, timeout: float = 300.0) -> int:
+        return self.start().wait(timeout)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def result(self) -> dict:
+        return json.loads((self.run_dir / "result.json").read_text())
