@@ -42,7 +42,7 @@ class TrainProcess:
         self._proc: subprocess.Popen | None = None
 
     def start(self) -> "TrainProcess":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.script.parent)
         threading.Thread(target=self._pump, daemon=True).start()
         return self
@@ -63,17 +63,37 @@ class TrainProcess:
 
     def wait_for_step(self, step: int, timeout: float = 120.0) -> int:
         """Block until the process prints a step >= `step`; return the step seen."""
+        self._wait_until(lambda: self.last_step >= step, f"step {step}", timeout)
+        return self.last_step
+
+    def wait_for_line(self, pattern: str, timeout: float = 120.0) -> re.Match:
+        """Block until a line of output matches `pattern` (searched anywhere in the line)."""
+        regex = re.compile(pattern)
+        scanned = 0
+        found: re.Match | None = None
+
+        def matched() -> bool:
+            nonlocal scanned, found
+            while found is None and scanned < len(self.lines):
+                found = regex.search(self.lines[scanned])
+                scanned += 1
+            return found is not None
+
+        self._wait_until(matched, pattern, timeout)
+        assert found is not None
+        return found
+
+    def _wait_until(self, done, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self.last_step < step:
+        while not done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"no step {step} within {timeout} s; output:\n" + self.output)
+                raise TimeoutError(f"no {what!r} within {timeout} s; output:\n" + self.output)
             try:
                 if self._take(remaining) is None:
-                    raise RuntimeError(f"train.py exited before step {step}; output:\n" + self.output)
+                    raise RuntimeError(f"train.py exited before {what!r}; output:\n" + self.output)
             except queue.Empty:
                 continue
-        return self.last_step
 
     def send(self, sig: signal.Signals) -> None:
         assert self._proc

@@ -126,6 +126,7 @@ class CheckpointStore:
             except CorruptCheckpointError as e:
                 self._quarantine(final, str(e))
         try:
+            self.directory.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             manifest = write_checkpoint_files(tmp, snapshot, meta)
             fsync_dir(tmp)

@@ -124,8 +124,8 @@ def array_bytes(array: Array) -> memoryview:
         flat = array.reshape(-1)
         if flat.numel() == 0:
             return memoryview(b"")
-        return memoryview(flat.view(torch.uint8).numpy()).cast("B")
-    return memoryview(array.reshape(-1).view(np.uint8)).cast("B")
+        return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(array.reshape(-1).view(np.uint8))
 
 
 def array_spec(array: Array, offset: int) -> ArraySpec:
@@ -146,5 +146,5 @@ def empty_array(spec: ArraySpec) -> tuple[Array, memoryview]:
         a = np.empty(spec.shape, dtype=np.dtype(spec.dtype))
         if a.dtype.hasobject:
             raise ValueError("object arrays are not allowed")
-        return a, memoryview(a.reshape(-1).view(np.uint8)).cast("B")
+        return a, memoryview(a.reshape(-1).view(np.uint8))
     raise ValueError(f"unknown array kind {spec.kind!r}")
