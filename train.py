@@ -58,6 +58,7 @@ def params_sha256(model: torch.nn.Module) -> str:
 
 def train(session: Session, cfg: DictConfig) -> dict:
     t = cfg.trainer
+    torch.set_num_threads(t.threads)  # results are bit-exact for a fixed thread count
     torch.manual_seed(t.seed)
     dataset = make_dataset(cfg.data)
     model = make_model(cfg.model, cfg.data.features)
@@ -97,18 +98,21 @@ def train(session: Session, cfg: DictConfig) -> dict:
     return result
 
 
+def session_config(cfg: DictConfig) -> SessionConfig:
+    """The session's sections of the app config (checkpoint, divergence, signals)."""
+    sections = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["checkpoint", "divergence", "signals"]), resolve=True)
+    return SessionConfig.from_mapping(sections)  # type: ignore[arg-type]
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
-    torch.set_num_threads(cfg.trainer.threads)
     try:
-        session_config = SessionConfig.from_mapping(
-            OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["checkpoint", "divergence", "signals"]), resolve=True)  # type: ignore[arg-type]
-        )
+        config = session_config(cfg)
     except ConfigError as e:
         log.error("invalid configuration: %s", e)
         sys.exit(ExitCode.USAGE)
     run_dir = HydraConfig.get().runtime.output_dir
-    outcome = run(lambda session: train(session, cfg), run_dir, session_config)
+    outcome = run(lambda session: train(session, cfg), run_dir, config)
     print(f"{outcome.status.value} at step {outcome.step} (exit code {int(outcome.exit_code)}): {outcome.message}", flush=True)
     if HydraConfig.get().mode == RunMode.RUN:
         sys.exit(int(outcome.exit_code))

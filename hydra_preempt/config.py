@@ -38,7 +38,8 @@ class DivergenceConfig:
 
 @dataclass
 class SignalConfig:
-    preempt: str = "TERM"  # TERM, USR2 or HUP
+    preempt: str = "TERM"  # TERM, USR2 or HUP: the scheduler's preemption warning
+    timeout: str = "USR2"  # the signal sent before the time limit (submitit: --signal=USR2@lead)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class SessionConfig:
         d = self.divergence
         LossSpikeDetector(d.window, d.factor, d.patience, d.min_history)
         parse_signal(self.signals.preempt)
+        parse_signal(self.signals.timeout, "signals.timeout")
 
 
 def _build(cls: type, mapping: Mapping[str, Any], prefix: str) -> Any:

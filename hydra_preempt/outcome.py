@@ -10,6 +10,7 @@ from typing import Any
 class Status(str, enum.Enum):
     FINISHED = "finished"
     PREEMPTED = "preempted"  # state saved; run again (requeue) to continue
+    TIMEOUT = "timeout"  # stopped before the time limit, state saved; requeue to continue
     CANCELLED = "cancelled"  # state saved; the user asked to stop, no requeue
     DIVERGED = "diverged"  # stopped by the divergence detector; best checkpoints kept
     FAILED = "failed"
@@ -27,6 +28,7 @@ class ExitCode(enum.IntEnum):
 EXIT_CODES = {
     Status.FINISHED: ExitCode.FINISHED,
     Status.PREEMPTED: ExitCode.REQUEUE,
+    Status.TIMEOUT: ExitCode.REQUEUE,
     Status.CANCELLED: ExitCode.CANCELLED,
     Status.DIVERGED: ExitCode.DIVERGED,
     Status.FAILED: ExitCode.FAILED,
@@ -40,3 +42,5 @@ class Outcome:
     exit_code: int
     message: str = ""
     result: Any = None
+    signal: str | None = None  # the signal that stopped the run, if one did
+    signal_time: float | None = None  # when it arrived (time.time())

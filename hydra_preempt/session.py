@@ -52,10 +52,12 @@ class RunStopped(BaseException):
     A BaseException, so that a training loop's `except Exception` does not swallow it.
     """
 
-    def __init__(self, status: Status, message: str) -> None:
+    def __init__(self, status: Status, message: str, signal: str | None = None, signal_time: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.signal = signal
+        self.signal_time = signal_time
 
 
 @dataclass
@@ -69,25 +71,31 @@ class _StepStart:
 
 
 class Session:
-    def __init__(self, run_dir: Path | str, config: SessionConfig | None = None) -> None:
+    """`seconds_left`, when given, tells how long until the process will be killed (grace end or time
+    limit); a stop then skips a save that could not finish in time, if a checkpoint already exists."""
+
+    def __init__(self, run_dir: Path | str, config: SessionConfig | None = None, seconds_left: Callable[[], float | None] | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.seconds_left = seconds_left
         self.config = config or SessionConfig()
         c = self.config.checkpoint
         directory = Path(c.dir) if Path(c.dir).is_absolute() else self.run_dir / c.dir
         self.store = CheckpointStore(directory, RetentionPolicy(c.keep_last, c.keep_best, c.metric, c.mode))  # type: ignore[arg-type]
         d = self.config.divergence
         self.detector = LossSpikeDetector(d.window, d.factor, d.patience, d.min_history) if d.enabled else None
-        self.signals = SignalRequests(self.config.signals.preempt)
+        self.signals = SignalRequests(self.config.signals.preempt, self.config.signals.timeout)
         self.step = 0  # completed steps
         self.resumed_from: int | None = None
         self.last_checkpoint: CheckpointInfo | None = None
         self.metrics: dict[str, float] = {}  # latest value of every reported metric
         self.signal_to_saved_s: float | None = None
+        self.last_save_s: float | None = None  # duration of this process's last save
         self._objects: dict[str, Any] = {}
         self._restored = False
         self._step_metrics: dict[str, float] = {}
         self._last_step_metrics: dict[str, float] = {}
         self._last_save_time = time.monotonic()
+        self._last_save_wall = 0.0  # time.time() at the end of the last save
         self._periodic_pending = False
         self._open_step: _StepStart | None = None
 
@@ -192,13 +200,18 @@ class Session:
             log.warning("step %d: loss spike, deferring the periodic checkpoint until the loss recovers", self.step)
             self._periodic_pending, periodic = True, False
         reason = "preempt" if Request.PREEMPT in requests else "manual" if requests else "periodic" if periodic else None
+        stopping = Request.PREEMPT in requests or Request.CANCEL in requests
+        if reason and stopping and self._save_would_miss_deadline():
+            reason = None
         if reason:
             self._save(reason, metrics)
         requests.update(self.signals.take())  # those that came during the save are covered by it
         for request, status in ((Request.CANCEL, Status.CANCELLED), (Request.PREEMPT, Status.PREEMPTED)):
             if request in requests:
                 self._note_signal_latency(request)
-                raise RunStopped(status, f"{requests[request].name} received: state saved at step {self.step}")
+                saved = self.last_checkpoint.step if self.last_checkpoint else None
+                state = f"state saved at step {self.step}" if saved == self.step else f"the checkpoint of step {saved} stands"
+                raise RunStopped(status, f"{requests[request].name} received: {state}", requests[request].name, self.signals.first_received.get(request))
 
     def _judge(self, metrics: dict[str, float]) -> Verdict:
         if self.detector is None or self.config.divergence.metric not in metrics:
@@ -213,10 +226,24 @@ class Session:
             or bool(c.every_seconds and time.monotonic() - self._last_save_time >= c.every_seconds)
         )
 
+    def _save_would_miss_deadline(self) -> bool:
+        """True if a checkpoint exists and the next save, judged by the last one, would not finish in time."""
+        if self.seconds_left is None or self.last_checkpoint is None or self.last_save_s is None:
+            return False
+        left = self.seconds_left()
+        estimate = 1.5 * self.last_save_s + 1.0
+        if left is None or estimate <= left:
+            return False
+        log.warning(
+            "not saving at step %d: a save takes about %.1f s and only %.1f s are left before the kill; "
+            "the checkpoint of step %d stands", self.step, estimate, left, self.last_checkpoint.step,
+        )
+        return True
+
     def _note_signal_latency(self, request: Request) -> None:
         received = self.signals.first_received.get(request)
-        if received is not None:
-            self.signal_to_saved_s = max(0.0, self._last_save_time - received)
+        if received is not None and self._last_save_wall >= received:
+            self.signal_to_saved_s = self._last_save_wall - received
 
     # -- saving and loading ---------------------------------------------------
     def _state_tree(self) -> dict[str, Any]:
@@ -234,9 +261,11 @@ class Session:
         snapshot = Snapshot.capture(tree if tree is not None else self._state_tree())
         info = self.store.save(snapshot, step, reason, {k: v for k, v in metrics.items() if math.isfinite(v)})
         self._last_save_time = time.monotonic()
+        self._last_save_wall = time.time()
+        self.last_save_s = self._last_save_time - started
         self._periodic_pending = False
         self.last_checkpoint = info
-        log.info("saved %s (%s, %.1f MB in %.2f s)", info.path.name, reason, info.nbytes / 1e6, self._last_save_time - started)
+        log.info("saved %s (%s, %.1f MB in %.2f s)", info.path.name, reason, info.nbytes / 1e6, self.last_save_s)
         return info
 
     def emergency_save(self) -> CheckpointInfo | None:
@@ -334,12 +363,21 @@ class _GeneratorState:
         self.generator.set_state(state["state"])
 
 
-def run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: SessionConfig | None = None) -> Outcome:
+def run(
+    train_fn: Callable[[Session], Any],
+    run_dir: Path | str,
+    config: SessionConfig | None = None,
+    *,
+    seconds_left: Callable[[], float | None] | None = None,
+    on_stop: Callable[[Outcome], Outcome] | None = None,
+) -> Outcome:
     """Run `train_fn(session)` with signal handling, checkpoints and the run log; never raises for a stop.
 
     The outcome's exit_code tells a scheduler what happened (see outcome.ExitCode).
+    `on_stop` may reclassify the outcome (a SLURM adapter tells preemption, time
+    limit and scancel apart) before the stop is written to the run log.
     """
-    session = Session(run_dir, config)
+    session = Session(run_dir, config, seconds_left)
     try:
         session.open()
     except HydraPreemptError as e:
@@ -351,7 +389,7 @@ def run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: Session
         session._save("final", session._last_step_metrics)
         outcome = Outcome(Status.FINISHED, session.step, ExitCode.FINISHED, "finished", result)
     except RunStopped as stop:
-        outcome = Outcome(stop.status, session.step, EXIT_CODES[stop.status], stop.message)
+        outcome = Outcome(stop.status, session.step, EXIT_CODES[stop.status], stop.message, signal=stop.signal, signal_time=stop.signal_time)
     except CheckpointWriteError as e:
         log.error("%s", e)
         outcome = Outcome(Status.FAILED, session.step, ExitCode.FAILED, str(e))
@@ -365,6 +403,8 @@ def run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: Session
         outcome = Outcome(Status.FAILED, session.step, ExitCode.FAILED, f"{type(e).__name__}: {e}{note}")
     finally:
         session.close()
+    if on_stop is not None:
+        outcome = on_stop(outcome)
     append_event(
         session.run_dir,
         "stop",

@@ -1,9 +1,14 @@
 """Signal handlers that only record requests; the session acts on them at the next step boundary.
 
     preempt signal (SIGTERM by default, or SIGUSR2/SIGHUP)  -> save, exit for requeue
+    timeout signal (SIGUSR2 by default: submitit's
+      --signal=USR2@lead before the time limit)              -> the same
     SIGTERM when another signal is the preempt signal         -> the same (it is SLURM's final warning)
     SIGUSR1                                                   -> save, keep training
     SIGINT                                                    -> save, exit without requeue
+
+Whether a stop was a preemption, a time limit or a user's scancel is decided
+afterwards from the scheduler's view of the job (see requeue.classify_stop).
 
 Handlers never do I/O or raise: a signal that lands in the middle of a save
 only sets a flag, and repeated signals set the same flag once.
@@ -28,12 +33,12 @@ class Request(enum.Enum):
     CANCEL = "cancel"
 
 
-def parse_signal(name: str) -> signal.Signals:
-    """'TERM', 'SIGTERM', 'usr2' -> the signal; only the ones that can mean 'preempt'."""
+def parse_signal(name: str, key: str = "signals.preempt") -> signal.Signals:
+    """'TERM', 'SIGTERM', 'usr2' -> the signal; only the ones that can mean 'stop for requeue'."""
     short = str(name).upper().removeprefix("SIG")
     if short not in PREEMPT_SIGNALS:
         raise ConfigError(
-            f"signals.preempt must be one of {', '.join(PREEMPT_SIGNALS)} (SIGUSR1 means 'checkpoint and continue', "
+            f"{key} must be one of {', '.join(PREEMPT_SIGNALS)} (SIGUSR1 means 'checkpoint and continue', "
             f"SIGINT means 'cancel'), got {name!r}"
         )
     return signal.Signals[f"SIG{short}"]
@@ -42,16 +47,18 @@ def parse_signal(name: str) -> signal.Signals:
 class SignalRequests:
     """Installs the handlers and collects the requests they record."""
 
-    def __init__(self, preempt_signal: str = "TERM") -> None:
+    def __init__(self, preempt_signal: str = "TERM", timeout_signal: str = "USR2") -> None:
         self.preempt_signal = parse_signal(preempt_signal)
+        self.timeout_signal = parse_signal(timeout_signal, "signals.timeout")
         self._meaning = {
             signal.SIGTERM: Request.PREEMPT,
             self.preempt_signal: Request.PREEMPT,
+            self.timeout_signal: Request.PREEMPT,
             signal.SIGUSR1: Request.CHECKPOINT,
             signal.SIGINT: Request.CANCEL,
         }
         self._pending: dict[Request, signal.Signals] = {}
-        self.first_received: dict[Request, float] = {}
+        self.first_received: dict[Request, float] = {}  # wall-clock time.time()
         self._previous: dict[signal.Signals, object] = {}
 
     def install(self) -> None:
@@ -68,7 +75,7 @@ class SignalRequests:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         request = self._meaning[signal.Signals(signum)]
         self._pending.setdefault(request, signal.Signals(signum))
-        self.first_received.setdefault(request, time.monotonic())
+        self.first_received.setdefault(request, time.time())
 
     def take(self) -> dict[Request, signal.Signals]:
         """The requests recorded since the last call, each with the signal that made it."""

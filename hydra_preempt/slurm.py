@@ -1,0 +1,212 @@
+"""Everything that talks to SLURM: scontrol, sacctmgr, sacct, sbatch.
+
+Commands are argument lists (never a shell line) with timeouts; the
+scheduler's own error text is surfaced in SlurmError. Parsing tolerates
+fields that differ between SLURM versions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from .errors import HydraPreemptError
+
+
+class SlurmError(HydraPreemptError):
+    """A SLURM command failed; the message holds the scheduler's own words."""
+
+
+# Scheduler states -> what they mean for a run (explicit, as in snakemake-executor-plugin-slurm).
+JOB_STATE_OUTCOME: dict[str, str] = {
+    "PENDING": "waiting",
+    "CONFIGURING": "running",
+    "RUNNING": "running",
+    "COMPLETING": "running",
+    "SUSPENDED": "running",
+    "RESIZING": "running",
+    "REQUEUED": "waiting",  # requeued: will run again
+    "REQUEUE_HOLD": "held",
+    "REQUEUE_FED": "waiting",
+    "PREEMPTED": "preempted",  # final unless requeued (PreemptMode=CANCEL without self-requeue)
+    "COMPLETED": "finished",
+    "CANCELLED": "cancelled",
+    "FAILED": "failed",
+    "TIMEOUT": "failed",
+    "OUT_OF_MEMORY": "failed",
+    "NODE_FAIL": "failed",
+    "BOOT_FAIL": "failed",
+    "DEADLINE": "failed",
+}
+
+
+def state_outcome(state: str) -> str:
+    """'CANCELLED by 0' -> 'cancelled'; unknown states -> 'unknown'."""
+    return JOB_STATE_OUTCOME.get(state.split()[0].rstrip("+") if state else "", "unknown")
+
+
+def slurm_command(args: list[str], timeout: float = 30.0) -> str:
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise SlurmError(f"{args[0]} not found: SLURM's commands are not installed here") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{' '.join(args)} did not answer within {timeout:.0f} s") from None
+    if done.returncode != 0:
+        text = (done.stderr.strip() or done.stdout.strip() or f"exit code {done.returncode}").replace("\n", "; ")
+        raise SlurmError(f"{args[0]}: {text}")
+    return done.stdout
+
+
+_KEY = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=")
+
+
+def parse_key_values(line: str) -> dict[str, str]:
+    """Parse `scontrol show ... -o` output: Key=Value pairs, values may hold spaces."""
+    matches = list(_KEY.finditer(line))
+    fields = {}
+    for m, nxt in zip(matches, matches[1:] + [None]):
+        fields[m[1]] = line[m.end() : nxt.start() if nxt else len(line)].strip()
+    return fields
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    """SLURM's local timestamps; None/Unknown/N/A -> None."""
+    if not value or value in ("None", "Unknown", "N/A", "(null)"):
+        return None
+    try:
+        return dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def parse_duration(value: str | None) -> float | None:
+    """'[days-]hours:minutes:seconds', 'minutes:seconds' or 'minutes' -> seconds; UNLIMITED -> None."""
+    if not value or value.upper() in ("UNLIMITED", "INFINITE", "NONE", "N/A", "PARTITION_LIMIT"):
+        return None
+    days, _, rest = value.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if len(parts) == 1:
+        seconds = parts[0] * 60
+    elif len(parts) == 2:
+        seconds = parts[0] * 60 + parts[1]
+    else:
+        seconds = parts[0] * 3600 + parts[1] * 60 + parts[2]
+    return float(seconds + (int(days) * 86400 if days else 0))
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    job_id: str
+    state: str
+    preempt_time: dt.datetime | None
+    start_time: dt.datetime | None
+    end_time: dt.datetime | None  # when it will be killed: the time limit, or "now" after scancel
+    time_limit_s: float | None
+    restarts: int
+    requeue: bool
+    qos: str
+    fields: Mapping[str, str]
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, str]) -> "JobInfo":
+        restarts = fields.get("Restarts", "0")
+        return cls(
+            job_id=fields.get("JobId", ""),
+            state=fields.get("JobState", ""),
+            preempt_time=parse_time(fields.get("PreemptTime")),
+            start_time=parse_time(fields.get("StartTime")),
+            end_time=parse_time(fields.get("EndTime")),
+            time_limit_s=parse_duration(fields.get("TimeLimit")),
+            restarts=int(restarts) if restarts.isdigit() else 0,
+            requeue=fields.get("Requeue", "0") == "1",
+            qos=fields.get("QOS", ""),
+            fields=dict(fields),
+        )
+
+    @property
+    def limit_end(self) -> dt.datetime | None:
+        """When this run reaches its time limit (unlike EndTime, not moved by scancel)."""
+        if self.start_time is None or self.time_limit_s is None:
+            return None
+        return self.start_time + dt.timedelta(seconds=self.time_limit_s)
+
+
+def show_job(job_id: str) -> JobInfo:
+    return JobInfo.from_fields(parse_key_values(slurm_command(["scontrol", "show", "job", "-o", str(job_id)]).strip()))
+
+
+def requeue_job(job_id: str) -> None:
+    slurm_command(["scontrol", "requeue", str(job_id)], timeout=60)
+
+
+def preempt_mode(qos: str | None = None) -> str:
+    """The PreemptMode that applies to jobs of `qos`: the QoS's own, else the cluster's."""
+    if qos:
+        try:
+            own = slurm_command(["sacctmgr", "-n", "-P", "show", "qos", qos, "format=PreemptMode"]).strip()
+        except SlurmError:
+            own = ""
+        if own and own.lower() not in ("cluster", "off"):
+            return own.upper()
+    config = slurm_command(["scontrol", "show", "config"])
+    m = re.search(r"^PreemptMode\s*=\s*(\S+)", config, re.MULTILINE)
+    return m[1].upper() if m else "OFF"
+
+
+def kill_wait_s() -> float:
+    """KillWait: seconds between SLURM's final SIGTERM and its SIGKILL."""
+    config = slurm_command(["scontrol", "show", "config"])
+    m = re.search(r"^KillWait\s*=\s*(\d+)", config, re.MULTILINE)
+    return float(m[1]) if m else 30.0
+
+
+def grace_time_s(qos: str) -> float:
+    """GraceTime of a QoS in seconds (0 when unset)."""
+    value = slurm_command(["sacctmgr", "-n", "-P", "show", "qos", qos, "format=GraceTime"]).strip()
+    return parse_duration(value) or 0.0
+
+
+def sacct_states(job_id: str) -> list[tuple[str, str]]:
+    """(state, exit code) of every run of a job, requeues included, oldest first."""
+    out = slurm_command(["sacct", "-j", str(job_id), "-D", "-X", "-n", "-P", "-o", "State,ExitCode"])
+    return [tuple(line.split("|")[:2]) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
+
+
+def check_submission(qos: str | None, account: str | None, partition: str | None, extra: Iterable[str] = ()) -> None:
+    """Ask the scheduler (`sbatch --test-only`) whether these settings are valid; raise with its reason."""
+    args = ["sbatch", "--test-only", "--wrap", "true", *extra]
+    for flag, value in (("--qos", qos), ("--account", account), ("--partition", partition)):
+        if value:
+            args.append(f"{flag}={value}")
+    try:
+        slurm_command(args)
+    except SlurmError as e:
+        raise SlurmError(f"the scheduler refuses qos={qos!r} account={account!r} partition={partition!r}: {e}") from None
+
+
+@dataclass(frozen=True)
+class SlurmTask:
+    """What SLURM's environment tells one task of a job about itself."""
+
+    job_id: str
+    rank: int
+    ntasks: int
+    restart_count: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "SlurmTask | None":
+        env = os.environ if env is None else env
+        job_id = env.get("SLURM_JOB_ID")
+        if not job_id:
+            return None
+        return cls(
+            job_id=job_id,
+            rank=int(env.get("SLURM_PROCID", "0")),
+            ntasks=int(env.get("SLURM_NTASKS", "1")),
+            restart_count=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+        )

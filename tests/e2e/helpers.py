@@ -1,0 +1,141 @@
+"""Driving the test cluster: submit training, preempt it with a high-priority job, wait, release."""
+
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+from hydra import compose, initialize_config_dir
+
+import train
+from hydra_preempt import run
+from hydra_preempt.runlog import read_events
+from hydra_preempt.slurm import sacct_states, show_job, slurm_command
+from hydra_preempt.task import PreemptibleTask, preemptible_executor
+
+ROOT = Path(__file__).resolve().parents[2]
+ACCOUNT = "research"
+MEASUREMENTS: list[dict] = []
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def submit_training(tmp_path: Path, overrides: list[str], timeout_min: int = 20, signal_lead_s: int = 60, **task_kwargs):
+    cfg = compose_cfg(overrides)
+    executor = preemptible_executor(tmp_path / "submitit", account=ACCOUNT, timeout_min=timeout_min, cpus_per_task=2, signal_lead_s=signal_lead_s)
+    run_dir = tmp_path / "run"
+    task = PreemptibleTask(functools.partial(train.train, cfg=cfg), run_dir, train.session_config(cfg), **task_kwargs)
+    return executor.submit(task), run_dir
+
+
+def reference_result(tmp_path: Path, overrides: list[str]) -> dict:
+    """The same training, uninterrupted, in this process."""
+    cfg = compose_cfg(overrides)
+    outcome = run(functools.partial(train.train, cfg=cfg), tmp_path / "reference", train.session_config(cfg))
+    assert outcome.exit_code == 0, outcome.message
+    return outcome.result
+
+
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 300.0, job_id: str | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    context = ""
+    if job_id:
+        try:
+            context = f"\njob {job_id}: {show_job(job_id).fields.get('JobState')} {show_job(job_id).fields.get('Reason')}"
+        except Exception as e:  # the job may be gone from scontrol
+            context = f"\n({e})"
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}{context}")
+
+
+def last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue
+    return 0
+
+
+def stops(run_dir: Path) -> list[dict]:
+    return [e for e in read_events(run_dir) if e["event"] == "stop"]
+
+
+def job_state(job_id: str) -> str:
+    try:
+        return show_job(job_id).state
+    except Exception:
+        states = sacct_states(job_id)
+        return states[-1][0] if states else ""
+
+
+def preempt_with_high_priority_job(seconds: int = 2) -> str:
+    """A QoS-normal job needing both CPUs: the scheduler preempts the preemptible one for it."""
+    return slurm_command(["sbatch", "--parsable", "-q", "normal", "-A", ACCOUNT, "-c", "2", "--wrap", f"sleep {seconds}"]).strip()
+
+
+def release_when_pending(job_id: str, timeout: float = 300.0) -> None:
+    """A requeued job waits ~120 s (BeginTime): make it eligible at once (the preemption itself is real)."""
+    wait_for(lambda: job_state(job_id) == "PENDING", f"job {job_id} to be PENDING again", timeout, job_id)
+    slurm_command(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+
+
+def wait_until_final(job_id: str, timeout: float = 600.0) -> str:
+    final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY")
+
+    def done():
+        state = job_state(job_id)
+        return state if state.split()[0] in final else None
+
+    return wait_for(done, f"job {job_id} to end", timeout, job_id)
+
+
+def cancel_all_jobs() -> None:
+    try:
+        slurm_command(["scancel", "-u", "root"])
+    except Exception:
+        return
+    wait_for(lambda: not slurm_command(["squeue", "-h", "-u", "root"]).strip(), "the queue to empty", 120)
+
+
+def record(test: str, run_dir: Path) -> None:
+    """Signal -> durable checkpoint, signal -> requeue, steps lost, for each requeued stop of a run."""
+    events = read_events(run_dir)
+    stop_events = [e for e in events if e["event"] == "stop"]
+    requeued = {(e["job_id"], e["step"]): e["signal_to_requeue_s"] for e in events if e["event"] == "requeue"}
+    for stop, after in zip(stop_events, stop_events[1:]):
+        MEASUREMENTS.append({
+            "test": test,
+            "reason": stop["reason"],
+            "signal_to_saved_s": stop["signal_to_saved_s"],
+            "signal_to_requeue_s": requeued.get((stop["job_id"], stop["step"])),
+            "steps_lost": stop["step"] - (after["resumed_from"] or 0),
+        })
+
+
+def measurement_lines() -> list[str]:
+    lines = [f"{'test':58s} {'stop':10s} {'signal->saved':>14s} {'signal->requeue':>16s} {'steps lost':>10s}"]
+    for m in MEASUREMENTS:
+        saved = f"{m['signal_to_saved_s']:.3f} s" if m["signal_to_saved_s"] is not None else "-"
+        requeue = f"{m['signal_to_requeue_s']:.3f} s" if m["signal_to_requeue_s"] is not None else "(SLURM)"
+        lines.append(f"{m['test'][:58]:58s} {m['reason']:10s} {saved:>14s} {requeue:>16s} {m['steps_lost']:>10d}")
+    saved = [m["signal_to_saved_s"] for m in MEASUREMENTS if m["signal_to_saved_s"] is not None]
+    if saved:
+        lines.append(f"median signal->saved {statistics.median(saved):.3f} s over {len(saved)} stops; "
+                     f"steps lost: max {max(m['steps_lost'] for m in MEASUREMENTS)}")
+    return lines
