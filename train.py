@@ -17,6 +17,7 @@ import time
 
 import hydra
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -57,22 +58,28 @@ def params_sha256(model: torch.nn.Module) -> str:
 
 
 def train(session: Session, cfg: DictConfig) -> dict:
+    """Single process, or data-parallel (DDP) when torch.distributed is initialised."""
     t = cfg.trainer
     torch.set_num_threads(t.threads)  # results are bit-exact for a fixed thread count
-    torch.manual_seed(t.seed)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    torch.manual_seed(t.seed)  # the same initial model on every rank
     dataset = make_dataset(cfg.data)
     model = make_model(cfg.model, cfg.data.features)
+    torch.manual_seed(t.seed + rank)  # but each rank its own dropout stream
+    forward = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.max_steps)
-    loader = ResumableLoader(dataset, batch_size=t.batch_size, seed=t.seed)
-    session.register(model=model, optimizer=optimizer, scheduler=scheduler, data=loader)
+    loader = ResumableLoader(dataset, batch_size=t.batch_size, seed=t.seed, rank=rank, world_size=world_size)
+    session.register(model=model, optimizer=optimizer, scheduler=scheduler)
+    session.register_per_rank(data=loader)
 
     start = session.restore()
     print(f"starting at step {start} of {t.max_steps}", flush=True)
     model.train()
     for step in session.steps(t.max_steps):
         x, y = next(loader)
-        loss = F.mse_loss(model(x), y)
+        loss = F.mse_loss(forward(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -100,7 +107,7 @@ def train(session: Session, cfg: DictConfig) -> dict:
 
 def session_config(cfg: DictConfig) -> SessionConfig:
     """The session's sections of the app config (checkpoint, divergence, signals)."""
-    sections = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["checkpoint", "divergence", "signals"]), resolve=True)
+    sections = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["checkpoint", "divergence", "signals", "distributed"]), resolve=True)
     return SessionConfig.from_mapping(sections)  # type: ignore[arg-type]
 
 

@@ -43,10 +43,16 @@ class SignalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    sync_every: int = 1  # steps between the ranks' agreement on stop/save (one tiny all-reduce)
+
+
+@dataclass
 class SessionConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     signals: SignalConfig = field(default_factory=SignalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> "SessionConfig":
@@ -60,6 +66,8 @@ class SessionConfig:
             value = getattr(c, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"checkpoint.{key} must be > 0 or null, got {value!r}")
+        if self.distributed.sync_every < 1:
+            raise ConfigError(f"distributed.sync_every must be >= 1, got {self.distributed.sync_every!r}")
         # The remaining checks live with the objects that use the values.
         from .checkpoint.retention import RetentionPolicy
         from .divergence import LossSpikeDetector

@@ -29,19 +29,34 @@ class ResumableLoader:
 
     Its state (epoch, index of the next batch within the epoch, seed) is
     what the session saves; `load_state_dict` makes the next batch exactly
-    the one an uninterrupted run would have drawn. Extra keyword arguments
-    go to torch's DataLoader (num_workers, pin_memory, collate_fn, ...);
-    worker seeds are derived from (seed, epoch) as well.
+    the one an uninterrupted run would have drawn. With `world_size` > 1,
+    rank r takes every world_size-th sample of the epoch's order, starting
+    at r (register it with `session.register_per_rank`). Extra keyword
+    arguments go to torch's DataLoader (num_workers, pin_memory,
+    collate_fn, ...); worker seeds are derived from (seed, epoch) as well.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True, **dataloader_kwargs: Any) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        **dataloader_kwargs: Any,
+    ) -> None:
         for bad in ("batch_sampler", "sampler", "shuffle", "batch_size", "drop_last", "generator"):
             if bad in dataloader_kwargs:
                 raise ConfigError(f"ResumableLoader sets {bad!r} itself; do not pass it")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         self.dataset = dataset
-        self.num_samples = len(dataset)  # type: ignore[arg-type]
+        self.rank, self.world_size = rank, world_size
+        self.num_samples = len(dataset) // world_size  # type: ignore[arg-type]  # every rank gets as many
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -60,11 +75,13 @@ class ResumableLoader:
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The index lists of every batch of `epoch`, in order."""
+        total = self.num_samples * self.world_size
         if self.shuffle:
             generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
+            order = torch.randperm(len(self.dataset), generator=generator)[:total].tolist()  # type: ignore[arg-type]
         else:
-            order = list(range(self.num_samples))
+            order = list(range(total))
+        order = order[self.rank :: self.world_size]
         return [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.batches_per_epoch)]
 
     def __iter__(self) -> "ResumableLoader":
@@ -76,7 +93,7 @@ class ResumableLoader:
             loader = DataLoader(
                 self.dataset,
                 batch_sampler=remaining,
-                generator=torch.Generator().manual_seed(epoch_seed(self.seed + 1, self.epoch)),
+                generator=torch.Generator().manual_seed(epoch_seed(self.seed + 1 + self.rank, self.epoch)),
                 **self.dataloader_kwargs,
             )
             self._iterator = iter(loader)

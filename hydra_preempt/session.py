@@ -13,6 +13,13 @@
 
 Work happens only at step boundaries, where the state is consistent:
 finish the step -> judge divergence -> save if asked or due -> stop if asked.
+
+Multi-rank (torch.distributed initialised before run()): every
+`distributed.sync_every` steps the ranks agree (one all-reduce of a few
+flags) on stopping, saving and divergence, so all stop at the same step.
+Rank 0 writes one checkpoint holding the shared objects (registered with
+`register`, e.g. a DDP model and its optimizer) and every rank's own state
+(`register_per_rank`, e.g. its data shard position, and its RNGs).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 
 from .checkpoint import CheckpointInfo, CheckpointStore, RetentionPolicy, Snapshot
 from .config import SessionConfig
+from .distributed import agree, broadcast_from_rank0, gather_to_rank0, world
 from .divergence import LossSpikeDetector, Verdict
 from .errors import CheckpointDirError, CheckpointMismatchError, CheckpointWriteError, ConfigError, HydraPreemptError
 from .fsutil import atomic_write_text
@@ -91,6 +99,7 @@ class Session:
         self.signal_to_saved_s: float | None = None
         self.last_save_s: float | None = None  # duration of this process's last save
         self._objects: dict[str, Any] = {}
+        self._per_rank: set[str] = set()  # names registered with register_per_rank
         self._restored = False
         self._step_metrics: dict[str, float] = {}
         self._last_step_metrics: dict[str, float] = {}
@@ -106,7 +115,14 @@ class Session:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CheckpointDirError(f"run directory {self.run_dir} is not usable: {e.strerror or e}") from None
-        self.store.prepare()
+        error = None
+        if world()[0] == 0:
+            try:
+                self.store.prepare()
+            except CheckpointDirError as e:
+                error = e
+        if agree([error is not None])[0]:
+            raise error or CheckpointDirError(f"rank 0 cannot use the checkpoint directory {self.store.directory}")
         self.signals.install()
 
     def close(self) -> None:
@@ -126,16 +142,23 @@ class Session:
                 raise ConfigError(f"{name!r} is registered twice")
             self._objects[name] = obj
 
+    def register_per_rank(self, **objects: Any) -> None:
+        """Objects whose state differs between ranks (a data shard's position, ...): each rank's is saved."""
+        self.register(**objects)
+        self._per_rank.update(objects)
+
     def restore(self) -> int:
         """Load the newest good checkpoint into the registered objects; return the step to continue from."""
         if self._restored:
             return self.step
         self._restored = True
-        loaded = self.store.load_latest()
-        if loaded is None:
+        rank = world()[0]
+        loaded = self.store.load_latest() if rank == 0 else None
+        chosen = broadcast_from_rank0(loaded[0].path.name if loaded else None)
+        if chosen is None:
             log.info("no checkpoint in %s: starting at step 0", self.store.directory)
             return 0
-        info, tree = loaded
+        info, tree = loaded if loaded else self.store.load_named(chosen)
         self._load_tree(tree, info)
         self.step = self.resumed_from = int(tree["session"]["step"])
         self.last_checkpoint = info
@@ -155,9 +178,10 @@ class Session:
         values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
         self._step_metrics.update(values)
         self.metrics.update(values)
-        number = self.step + (1 if self._open_step else 0)
-        with open(self.run_dir / METRICS_LOG, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": number, **values}) + "\n")
+        if world()[0] == 0:
+            number = self.step + (1 if self._open_step else 0)
+            with open(self.run_dir / METRICS_LOG, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": number, **values}) + "\n")
 
     def save(self, reason: str = "manual") -> CheckpointInfo | None:
         """Save now; only valid between steps (before the loop, after it, or from a callback at a boundary)."""
@@ -166,8 +190,10 @@ class Session:
         return self._save(reason, self._last_step_metrics)
 
     def write_result(self, result: dict[str, Any]) -> Path:
+        """Write result.json atomically (rank 0 only)."""
         path = self.run_dir / RESULT_FILE
-        atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True))
+        if world()[0] == 0:
+            atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True))
         return path
 
     @property
@@ -189,29 +215,38 @@ class Session:
         metrics, self._step_metrics = self._step_metrics, {}
         self._last_step_metrics = metrics
         verdict = self._judge(metrics)
-        if verdict is Verdict.DIVERGED:
-            assert self.detector is not None
-            log.error("%s; stopping without saving this state (best checkpoints kept)", self.detector.diverged_reason)
-            raise RunStopped(Status.DIVERGED, self.detector.diverged_reason)
-
+        self._periodic_pending = self._periodic_pending or self._periodic_due()
+        size = world()[1]
+        if size > 1 and self.step % self.config.distributed.sync_every:
+            return  # requests stay pending until the ranks next agree
         requests = self.signals.take()
-        periodic = self._periodic_due()
-        if periodic and verdict is Verdict.SUSPECT:
+        preempt, cancel, checkpoint, periodic, suspect, diverged = agree([
+            Request.PREEMPT in requests, Request.CANCEL in requests, Request.CHECKPOINT in requests,
+            self._periodic_pending, verdict is Verdict.SUSPECT, verdict is Verdict.DIVERGED,
+        ])
+        if diverged:
+            why = self.detector.diverged_reason if self.detector and self.detector.diverged_reason else "the loss diverged on another rank"
+            log.error("%s; stopping without saving this state (best checkpoints kept)", why)
+            raise RunStopped(Status.DIVERGED, why)
+        if periodic and suspect:
             log.warning("step %d: loss spike, deferring the periodic checkpoint until the loss recovers", self.step)
-            self._periodic_pending, periodic = True, False
-        reason = "preempt" if Request.PREEMPT in requests else "manual" if requests else "periodic" if periodic else None
-        stopping = Request.PREEMPT in requests or Request.CANCEL in requests
-        if reason and stopping and self._save_would_miss_deadline():
+            periodic = False
+        reason = "preempt" if preempt else "manual" if cancel or checkpoint else "periodic" if periodic else None
+        if reason and (preempt or cancel) and agree([self._save_would_miss_deadline()])[0]:
             reason = None
         if reason:
             self._save(reason, metrics)
-        requests.update(self.signals.take())  # those that came during the save are covered by it
-        for request, status in ((Request.CANCEL, Status.CANCELLED), (Request.PREEMPT, Status.PREEMPTED)):
-            if request in requests:
+            late = self.signals.take()  # requests that came during the save are covered by it
+            late_preempt, late_cancel = agree([Request.PREEMPT in late, Request.CANCEL in late])
+            preempt, cancel = preempt or late_preempt, cancel or late_cancel
+            requests = {**late, **requests}
+        for stop, request, status in ((cancel, Request.CANCEL, Status.CANCELLED), (preempt, Request.PREEMPT, Status.PREEMPTED)):
+            if stop:
                 self._note_signal_latency(request)
+                name = requests[request].name if request in requests else "a signal to another rank"
                 saved = self.last_checkpoint.step if self.last_checkpoint else None
                 state = f"state saved at step {self.step}" if saved == self.step else f"the checkpoint of step {saved} stands"
-                raise RunStopped(status, f"{requests[request].name} received: {state}", requests[request].name, self.signals.first_received.get(request))
+                raise RunStopped(status, f"{name} received: {state}", name, self.signals.first_received.get(request))
 
     def _judge(self, metrics: dict[str, float]) -> Verdict:
         if self.detector is None or self.config.divergence.metric not in metrics:
@@ -220,10 +255,8 @@ class Session:
 
     def _periodic_due(self) -> bool:
         c = self.config.checkpoint
-        return (
-            self._periodic_pending
-            or bool(c.every_steps and self.step % c.every_steps == 0)
-            or bool(c.every_seconds and time.monotonic() - self._last_save_time >= c.every_seconds)
+        return bool(c.every_steps and self.step % c.every_steps == 0) or bool(
+            c.every_seconds and time.monotonic() - self._last_save_time >= c.every_seconds
         )
 
     def _save_would_miss_deadline(self) -> bool:
@@ -246,20 +279,37 @@ class Session:
             self.signal_to_saved_s = self._last_save_wall - received
 
     # -- saving and loading ---------------------------------------------------
-    def _state_tree(self) -> dict[str, Any]:
+    def _rank_state(self) -> dict[str, Any]:
+        return {"objects": {n: self._objects[n].state_dict() for n in self._per_rank}, "rng": capture_rng()}
+
+    def _state_tree(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         return {
-            "objects": {name: obj.state_dict() for name, obj in self._objects.items()},
-            "rng": capture_rng(),
+            "objects": {name: obj.state_dict() for name, obj in self._objects.items() if name not in self._per_rank},
+            "ranks": ranks,
             "session": {"step": self.step, "detector": self.detector.state_dict() if self.detector else None},
         }
 
     def _save(self, reason: str, metrics: dict[str, float], tree: dict[str, Any] | None = None) -> CheckpointInfo | None:
+        """Save the current state (a collective on multi-rank runs: rank 0 writes), or `tree` if given."""
         step = tree["session"]["step"] if tree else self.step
         if self.last_checkpoint is not None and self.last_checkpoint.step == step:
             return self.last_checkpoint  # this state is on disk already
         started = time.monotonic()
-        snapshot = Snapshot.capture(tree if tree is not None else self._state_tree())
-        info = self.store.save(snapshot, step, reason, {k: v for k, v in metrics.items() if math.isfinite(v)})
+        rank = world()[0]
+        if tree is None:
+            ranks = gather_to_rank0(self._rank_state())
+            tree = self._state_tree(ranks) if ranks is not None else None
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        error: CheckpointWriteError | None = None
+        if tree is not None:
+            try:
+                info = self.store.save(Snapshot.capture(tree), step, reason, metrics)
+            except CheckpointWriteError as e:
+                error = e
+        if agree([error is not None])[0]:
+            raise error or CheckpointWriteError(f"rank 0 could not write the checkpoint of step {step}")
+        if rank != 0:
+            info = CheckpointInfo(step=step, reason=reason, metrics=metrics, path=self.store.directory / f"step-{step:09d}")
         self._last_save_time = time.monotonic()
         self._last_save_wall = time.time()
         self.last_save_s = self._last_save_time - started
@@ -272,9 +322,12 @@ class Session:
         """After an unhandled exception: save if the state is consistent, else explain why not."""
         if not self.config.checkpoint.emergency or not self._restored:
             return None
+        if world()[1] > 1:
+            log.error("no emergency checkpoint on a multi-rank run: the other ranks cannot be reached safely from an exception")
+            return None
         start = self._open_step
         if start is None:
-            tree = self._state_tree()
+            tree = self._state_tree([self._rank_state()])
         elif start.fingerprint != self._fingerprint():
             log.error(
                 "no emergency checkpoint: the exception came after step %d had changed the model or optimizer; "
@@ -283,7 +336,13 @@ class Session:
             return None
         else:  # nothing was updated yet: the state is the one the step started from
             objects = {n: o.state_dict() if _checked_in_place(o) else start.copied[n] for n, o in self._objects.items()}
-            tree = {"objects": objects, "rng": start.rng, "session": {"step": start.step, "detector": self.detector.state_dict() if self.detector else None}}
+            shared = {n: s for n, s in objects.items() if n not in self._per_rank}
+            own = {n: s for n, s in objects.items() if n in self._per_rank}
+            tree = {
+                "objects": shared,
+                "ranks": [{"objects": own, "rng": start.rng}],
+                "session": {"step": start.step, "detector": self.detector.state_dict() if self.detector else None},
+            }
         try:
             return self._save("emergency", {}, tree)
         except HydraPreemptError as e:
@@ -305,7 +364,11 @@ class Session:
         return tuple(parts)
 
     def _load_tree(self, tree: dict[str, Any], info: CheckpointInfo) -> None:
-        saved = tree["objects"]
+        rank, size = world()
+        if len(tree["ranks"]) != size:
+            raise CheckpointMismatchError(f"{info.path} was saved by {len(tree['ranks'])} rank(s), this run has {size}")
+        own = tree["ranks"][rank]
+        saved = {**tree["objects"], **own["objects"]}
         missing, unexpected = sorted(self._objects.keys() - saved.keys()), sorted(saved.keys() - self._objects.keys())
         if missing or unexpected:
             raise CheckpointMismatchError(
@@ -321,7 +384,7 @@ class Session:
                 obj.load_state_dict(saved[name])
             except (KeyError, ValueError, TypeError, RuntimeError) as e:
                 raise CheckpointMismatchError(f"{info.path}: loading {name!r} failed: {e}") from None
-        restore_rng(tree["rng"])
+        restore_rng(own["rng"])
         if self.detector is not None and tree["session"].get("detector"):
             self.detector.load_state_dict(tree["session"]["detector"])
 
@@ -383,7 +446,9 @@ def run(
     except HydraPreemptError as e:
         log.error("%s", e)
         return Outcome(Status.FAILED, 0, ExitCode.USAGE, str(e))
-    append_event(session.run_dir, "start")
+    logs = world()[0] == 0  # one run log per run, not per rank
+    if logs:
+        append_event(session.run_dir, "start")
     try:
         result = train_fn(session)
         session._save("final", session._last_step_metrics)
@@ -405,6 +470,8 @@ def run(
         session.close()
     if on_stop is not None:
         outcome = on_stop(outcome)
+    if not logs:
+        return outcome
     append_event(
         session.run_dir,
         "stop",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from dataclasses import dataclass
 import logging
 import os
 import signal
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import submitit
+import torch
+import torch.distributed as dist
 from submitit.core.utils import DelayedSubmission, temporary_save_path
 
 from .config import SessionConfig
@@ -61,6 +64,10 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
     when training finished; on a stop it exits the process with the exit code
     of `hydra_preempt.ExitCode` (75: requeued, 130: cancelled) and raises
     RunFailed when the job must end FAILED.
+
+    A job of several tasks (`tasks_per_node` > 1 or several nodes) gets a
+    torch.distributed process group (`distributed_backend`: "auto" picks
+    nccl with CUDA, else gloo; None leaves it to the training function).
     """
 
     def __init__(
@@ -70,13 +77,15 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         config: SessionConfig | Mapping[str, Any] | None = None,
         max_preemptions: int = RequeueBudget.max_preemptions,
         max_timeouts: int = RequeueBudget.max_timeouts,
+        distributed_backend: str | None = "auto",
     ) -> None:
         self.train_fn = train_fn
         self.run_dir = str(run_dir)
         self.config = config if isinstance(config, SessionConfig) else SessionConfig.from_mapping(config)
         self.budget = RequeueBudget(max_preemptions, max_timeouts)
+        self.distributed_backend = distributed_backend
         self._decision: Decision | None = None
-        self._kill_delays: tuple[float, float] | None = None  # (KillWait, GraceTime): fixed for a run
+        self._facts: _ClusterFacts | None = None
 
     def __call__(self) -> Any:
         run_dir = Path(self.run_dir)
@@ -84,10 +93,19 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         counts = stop_counts(run_dir)
         spent = self.budget.exhausted(counts.get("preempted", 0), counts.get("timeout", 0))
         if spent:
-            append_event(run_dir, "start")
-            append_event(run_dir, "stop", reason=Status.FAILED.value, exit_code=int(ExitCode.FAILED), message=spent)
+            if task is None or task.rank == 0:
+                append_event(run_dir, "start")
+                append_event(run_dir, "stop", reason=Status.FAILED.value, exit_code=int(ExitCode.FAILED), message=spent)
             raise RunFailed(spent)
+        if task is not None and task.ntasks > 1 and self.distributed_backend and not dist.is_initialized():
+            backend = self.distributed_backend
+            if backend == "auto":
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            dist.init_process_group(backend)
         self._decision = None
+        if task is not None:
+            self._facts = _ClusterFacts.read(task.job_id)  # now, not on the clock of a grace period
         outcome = run(
             self.train_fn,
             run_dir,
@@ -119,26 +137,16 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
             log.warning("cannot read the job's deadline: %s", e)
             return None
         now = dt.datetime.now()
-        kill_wait, grace = self._kill_delays_s(job.qos)
+        facts = self._facts or _ClusterFacts.read(task.job_id)
         if job.preempt_time is not None and not job.state.startswith("CANCELLED"):
-            return (job.preempt_time - now).total_seconds() + grace + kill_wait
-        return (job.end_time - now).total_seconds() + kill_wait if job.end_time else None
-
-    def _kill_delays_s(self, qos: str) -> tuple[float, float]:
-        if self._kill_delays is None:
-            try:
-                self._kill_delays = (kill_wait_s(), grace_time_s(qos) if qos else 0.0)
-            except SlurmError as e:
-                log.warning("cannot read KillWait/GraceTime: %s", e)
-                return 0.0, 0.0
-        return self._kill_delays
+            return (job.preempt_time - now).total_seconds() + facts.grace_s + facts.kill_wait_s
+        return (job.end_time - now).total_seconds() + facts.kill_wait_s if job.end_time else None
 
     def _classify(self, outcome: Outcome, task: SlurmTask, counts: dict[str, int]) -> Outcome:
         if outcome.status is not Status.PREEMPTED:
             return outcome
         try:
             job = show_job(task.job_id)  # PreemptTime is set before the grace SIGTERM is sent
-            mode = preempt_mode(job.qos)
         except SlurmError as e:
             log.error("cannot ask SLURM what stopped the job (%s): treating it as a preemption", e)
             self._decision = Decision(StopKind.PREEMPTED, Requeuer.SELF)
@@ -149,6 +157,7 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
             preempt_signal=f"SIG{self.config.signals.preempt.upper().removeprefix('SIG')}",
         )
         timeouts = counts.get("timeout", 0) + (kind is StopKind.TIMEOUT)
+        mode = (self._facts or _ClusterFacts.read(task.job_id)).preempt_mode
         self._decision = decision = decide(kind, timeouts, self.budget, slurm_requeues_preempted(mode, job.requeue))
         if decision.fail_reason:
             return dataclasses.replace(outcome, status=Status.FAILED, exit_code=ExitCode.FAILED, message=f"{decision.fail_reason}; {outcome.message}")
@@ -203,6 +212,24 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         since = time.time() - outcome.signal_time if outcome.signal_time else None
         append_event(Path(self.run_dir), "requeue", step=outcome.step, signal_to_requeue_s=since)
         log.info("requeued job %s at step %d", task.job_id, outcome.step)
+
+
+@dataclass(frozen=True)
+class _ClusterFacts:
+    """What does not change while a job runs: KillWait, its QoS's GraceTime and PreemptMode."""
+
+    kill_wait_s: float = 0.0
+    grace_s: float = 0.0
+    preempt_mode: str = "OFF"
+
+    @classmethod
+    def read(cls, job_id: str) -> "_ClusterFacts":
+        try:
+            qos = show_job(job_id).qos
+            return cls(kill_wait_s(), grace_time_s(qos) if qos else 0.0, preempt_mode(qos))
+        except SlurmError as e:
+            log.warning("cannot read KillWait/GraceTime/PreemptMode (%s): assuming none", e)
+            return cls()
 
 
 def preemptible_executor(

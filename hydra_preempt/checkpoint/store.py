@@ -172,6 +172,12 @@ class CheckpointStore:
         """Read and verify one checkpoint. Raises CorruptCheckpointError."""
         return read_checkpoint_files(info.path, read_manifest(info.path))
 
+    def load_named(self, name: str) -> tuple[CheckpointInfo, Any]:
+        """Read and verify the checkpoint directory `name` (another rank chose it). Raises CorruptCheckpointError."""
+        path = self.directory / name
+        manifest = read_manifest(path)
+        return _info(path, manifest), read_checkpoint_files(path, manifest)
+
     def load_latest(self) -> tuple[CheckpointInfo, Any] | None:
         """The newest checkpoint that verifies, falling back to older ones.
 

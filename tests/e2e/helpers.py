@@ -27,9 +27,12 @@ def compose_cfg(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
-def submit_training(tmp_path: Path, overrides: list[str], timeout_min: int = 20, signal_lead_s: int = 60, **task_kwargs):
+def submit_training(tmp_path: Path, overrides: list[str], timeout_min: int = 20, signal_lead_s: int = 60, tasks: int = 1, **task_kwargs):
     cfg = compose_cfg(overrides)
-    executor = preemptible_executor(tmp_path / "submitit", account=ACCOUNT, timeout_min=timeout_min, cpus_per_task=2, signal_lead_s=signal_lead_s)
+    executor = preemptible_executor(
+        tmp_path / "submitit", account=ACCOUNT, timeout_min=timeout_min, signal_lead_s=signal_lead_s,
+        tasks_per_node=tasks, cpus_per_task=2 // tasks,  # the whole node: a 2-CPU high-priority job preempts it
+    )
     run_dir = tmp_path / "run"
     task = PreemptibleTask(functools.partial(train.train, cfg=cfg), run_dir, train.session_config(cfg), **task_kwargs)
     return executor.submit(task), run_dir

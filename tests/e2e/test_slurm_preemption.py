@@ -5,11 +5,16 @@ that needs the CPUs; requeued jobs are made eligible at once (instead of
 SLURM's ~120 s BeginTime), nothing else is shortened.
 """
 
+import json
+
 import pytest
 
 from hydra_preempt.runlog import read_events
 from hydra_preempt.slurm import SlurmError, sacct_states
 from hydra_preempt.task import preemptible_executor
+
+from tests.integration.test_multi_rank import TRAIN as DDP_TRAIN
+from tests.integration.test_multi_rank import finish, start_ranks
 
 from . import helpers
 from .helpers import last_step, stops, wait_for
@@ -73,6 +78,26 @@ def test_preemption_budget_exhausted_ends_failed(tmp_path, preempt_mode):
     assert last["reason"] == "failed" and "preemption budget exhausted" in last["message"]
     with pytest.raises(Exception, match="preemption budget exhausted"):
         job.result()
+
+
+@pytest.mark.parametrize("preempt_mode", ["CANCEL"], indirect=True)
+def test_two_task_job_preempted_resumes_exactly(tmp_path, preempt_mode, request):
+    codes, out = finish(start_ranks(tmp_path / "reference", DDP_TRAIN))  # the same DDP run, uninterrupted
+    assert codes == [0, 0], out
+    reference = json.loads((tmp_path / "reference" / "result.json").read_text())
+    job, run_dir = helpers.submit_training(tmp_path, DDP_TRAIN, tasks=2)
+    wait_for(lambda: last_step(run_dir) >= 60, "2-rank training to reach step 60", job_id=job.job_id)
+    helpers.preempt_with_high_priority_job()
+    wait_for(lambda: stops(run_dir), "the preemption", job_id=job.job_id)
+    helpers.release_when_pending(job.job_id)
+    assert helpers.wait_until_final(job.job_id) == "COMPLETED"
+    history = stops(run_dir)
+    assert [s["reason"] for s in history] == ["preempted", "finished"]  # one entry per stop, not per rank
+    assert history[1]["resumed_from"] == history[0]["step"] == history[0]["checkpoint_step"]
+    assert len([e for e in read_events(run_dir) if e["event"] == "requeue"]) == 1  # rank 0 only
+    assert [s for s, _ in sacct_states(job.job_id)] == ["REQUEUED", "COMPLETED"]
+    assert json.loads((run_dir / "result.json").read_text())["params_sha256"] == reference["params_sha256"]
+    helpers.record(request.node.name, run_dir)
 
 
 # Time limit 2 min, the time-limit signal 60 s before it (SLURM may send it up to a minute early).

@@ -1,0 +1,91 @@
+"""The stop classification and requeue decision (pure), and SLURM output parsing."""
+
+import datetime as dt
+
+import pytest
+
+from hydra_preempt.errors import ConfigError
+from hydra_preempt.requeue import RequeueBudget, Requeuer, StopKind, classify_stop, decide, slurm_requeues_preempted
+from hydra_preempt.slurm import JobInfo, parse_duration, parse_key_values, parse_time, state_outcome
+
+NOW = dt.datetime(2026, 11, 24, 12, 0, 0)
+FAR = NOW + dt.timedelta(hours=1)
+NEAR = NOW + dt.timedelta(seconds=60)
+
+
+@pytest.mark.parametrize(
+    "signal, state, preempt_time, limit_end, kind",
+    [
+        ("SIGTERM", "RUNNING", NOW, FAR, StopKind.PREEMPTED),  # grace-period SIGTERM
+        ("SIGUSR2", "RUNNING", NOW, FAR, StopKind.PREEMPTED),  # preempt_send_user_signal
+        ("SIGUSR2", "RUNNING", None, NEAR, StopKind.TIMEOUT),  # --signal=USR2@lead
+        ("SIGUSR2", "RUNNING", None, FAR, StopKind.TIMEOUT),  # the timeout signal means "requeue"
+        ("SIGTERM", "RUNNING", None, NEAR, StopKind.TIMEOUT),  # the time-limit kill itself
+        ("SIGTERM", "COMPLETING", None, FAR, StopKind.CANCELLED),  # scancel (measured: COMPLETING)
+        ("SIGTERM", "COMPLETING", None, None, StopKind.CANCELLED),  # scancel, no time limit
+        ("SIGTERM", "CANCELLED", NOW, FAR, StopKind.CANCELLED),  # cancelled during a grace period
+        ("SIGINT", "RUNNING", None, FAR, StopKind.CANCELLED),
+    ],
+)
+def test_classify_stop(signal, state, preempt_time, limit_end, kind):
+    assert classify_stop(signal, state, preempt_time, limit_end, NOW) is kind
+
+
+def test_classify_stop_with_hup_as_preempt_signal():
+    assert classify_stop("SIGHUP", "RUNNING", None, FAR, NOW, preempt_signal="SIGHUP") is StopKind.PREEMPTED
+
+
+def test_decide():
+    budget = RequeueBudget(max_preemptions=2, max_timeouts=1)
+    assert decide(StopKind.CANCELLED, 0, budget, True).requeue_by is Requeuer.NONE
+    assert decide(StopKind.PREEMPTED, 0, budget, True).requeue_by is Requeuer.SLURM
+    assert decide(StopKind.PREEMPTED, 0, budget, False).requeue_by is Requeuer.SELF
+    assert decide(StopKind.TIMEOUT, 1, budget, True).requeue_by is Requeuer.SELF  # SLURM never requeues a timeout
+    spent = decide(StopKind.TIMEOUT, 2, budget, False)
+    assert spent.requeue_by is Requeuer.NONE and "max_timeouts=1" in spent.fail_reason
+
+
+def test_budget():
+    budget = RequeueBudget(max_preemptions=2, max_timeouts=0)
+    assert budget.exhausted(2, 0) is None
+    assert "preemption budget exhausted" in budget.exhausted(3, 0)
+    assert "time-limit budget exhausted" in budget.exhausted(0, 1)
+    with pytest.raises(ConfigError):
+        RequeueBudget(max_preemptions=-1)
+
+
+@pytest.mark.parametrize("mode, requeueable, expected", [("REQUEUE", True, True), ("REQUEUE", False, False), ("CANCEL", True, False), ("SUSPEND,GANG", True, False), ("GANG,REQUEUE", True, True)])
+def test_slurm_requeues_preempted(mode, requeueable, expected):
+    assert slurm_requeues_preempted(mode, requeueable) is expected
+
+
+SCONTROL = (
+    "JobId=42 JobName=submitit UserId=root(0) GroupId=root(0) Priority=1 QOS=preemptible JobState=RUNNING "
+    "Reason=None Requeue=1 Restarts=2 BatchFlag=1 RunTime=00:00:03 TimeLimit=00:02:00 "
+    "SubmitTime=2026-11-24T05:48:52 StartTime=2026-11-24T05:48:53 EndTime=2026-11-24T05:50:53 "
+    "PreemptTime=None Command=/tmp/with space/job.sh WorkDir=/work/main Comment=a b=c"
+)
+
+
+def test_parse_scontrol_job_line():
+    info = JobInfo.from_fields(parse_key_values(SCONTROL))
+    assert (info.job_id, info.state, info.qos, info.restarts, info.requeue) == ("42", "RUNNING", "preemptible", 2, True)
+    assert info.preempt_time is None and info.time_limit_s == 120
+    assert info.limit_end == dt.datetime(2026, 11, 24, 5, 50, 53)
+    assert info.fields["Command"] == "/tmp/with space/job.sh"
+    assert info.fields["UserId"] == "root(0)"
+
+
+@pytest.mark.parametrize("text, seconds", [("00:00:30", 30), ("1-02:00:00", 93600), ("05:30", 330), ("10", 600), ("UNLIMITED", None), ("", None)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_parse_time():
+    assert parse_time("2026-11-24T05:32:19") == dt.datetime(2026, 11, 24, 5, 32, 19)
+    assert parse_time("None") is None and parse_time("Unknown") is None and parse_time("garbage") is None
+
+
+@pytest.mark.parametrize("state, outcome", [("CANCELLED by 0", "cancelled"), ("PREEMPTED", "preempted"), ("REQUEUED", "waiting"), ("COMPLETED", "finished"), ("TIMEOUT", "failed"), ("WEIRD", "unknown")])
+def test_state_table(state, outcome):
+    assert state_outcome(state) == outcome
