@@ -98,6 +98,15 @@ def release_when_pending(job_id: str, timeout: float = 300.0) -> None:
     slurm_command(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
 
+def preempt_at_step(job_id: str, run_dir: Path, step: int) -> None:
+    """Once training passed `step`, preempt it with a high-priority job; wait for the save; release the requeued job."""
+    before = len(stops(run_dir))
+    wait_for(lambda: last_step(run_dir) >= step, f"training to reach step {step}", job_id=job_id)
+    preempt_with_high_priority_job()
+    wait_for(lambda: len(stops(run_dir)) > before, f"the preemption after step {step} to be saved", job_id=job_id)
+    release_when_pending(job_id)
+
+
 def wait_until_final(job_id: str, timeout: float = 600.0) -> str:
     final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY")
 

@@ -28,11 +28,8 @@ TRAIN = ["trainer.max_steps=500", "trainer.step_sleep=0.03", "trainer.log_every=
 def test_preempted_twice_resumes_exactly(tmp_path, preempt_mode, request):
     reference = helpers.reference_result(tmp_path, TRAIN)
     job, run_dir = helpers.submit_training(tmp_path, TRAIN)
-    for n, at_step in enumerate((120, 300), start=1):
-        wait_for(lambda: last_step(run_dir) >= at_step, f"training to reach step {at_step}", job_id=job.job_id)
-        helpers.preempt_with_high_priority_job()
-        wait_for(lambda: len(stops(run_dir)) >= n, f"preemption {n} to be saved", job_id=job.job_id)
-        helpers.release_when_pending(job.job_id)
+    for at_step in (120, 300):
+        helpers.preempt_at_step(job.job_id, run_dir, at_step)
     assert helpers.wait_until_final(job.job_id) == "COMPLETED"
 
     result = job.result()
@@ -69,10 +66,7 @@ def test_scancel_saves_and_does_not_requeue(tmp_path, preempt_mode):
 @pytest.mark.parametrize("preempt_mode", ["CANCEL"], indirect=True)
 def test_preemption_budget_exhausted_ends_failed(tmp_path, preempt_mode):
     job, run_dir = helpers.submit_training(tmp_path, TRAIN, max_preemptions=0)
-    wait_for(lambda: last_step(run_dir) >= 50, "training to start", job_id=job.job_id)
-    helpers.preempt_with_high_priority_job()
-    wait_for(lambda: stops(run_dir), "the preemption", job_id=job.job_id)
-    helpers.release_when_pending(job.job_id)
+    helpers.preempt_at_step(job.job_id, run_dir, 50)
     assert helpers.wait_until_final(job.job_id) == "FAILED"
     last = stops(run_dir)[-1]
     assert last["reason"] == "failed" and "preemption budget exhausted" in last["message"]
@@ -86,10 +80,7 @@ def test_two_task_job_preempted_resumes_exactly(tmp_path, preempt_mode, request)
     assert codes == [0, 0], out
     reference = json.loads((tmp_path / "reference" / "result.json").read_text())
     job, run_dir = helpers.submit_training(tmp_path, DDP_TRAIN, tasks=2)
-    wait_for(lambda: last_step(run_dir) >= 60, "2-rank training to reach step 60", job_id=job.job_id)
-    helpers.preempt_with_high_priority_job()
-    wait_for(lambda: stops(run_dir), "the preemption", job_id=job.job_id)
-    helpers.release_when_pending(job.job_id)
+    helpers.preempt_at_step(job.job_id, run_dir, 60)
     assert helpers.wait_until_final(job.job_id) == "COMPLETED"
     history = stops(run_dir)
     assert [s["reason"] for s in history] == ["preempted", "finished"]  # one entry per stop, not per rank
