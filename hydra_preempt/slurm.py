@@ -12,7 +12,7 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Mapping
 
 from .errors import HydraPreemptError
 
@@ -177,9 +177,9 @@ def sacct_states(job_id: str) -> list[tuple[str, str]]:
     return [tuple(line.split("|")[:2]) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
 
 
-def check_submission(qos: str | None, account: str | None, partition: str | None, extra: Iterable[str] = ()) -> None:
+def check_submission(qos: str | None, account: str | None, partition: str | None) -> None:
     """Ask the scheduler (`sbatch --test-only`) whether these settings are valid; raise with its reason."""
-    args = ["sbatch", "--test-only", "--wrap", "true", *extra]
+    args = ["sbatch", "--test-only", "--wrap", "true"]
     for flag, value in (("--qos", qos), ("--account", account), ("--partition", partition)):
         if value:
             args.append(f"{flag}={value}")

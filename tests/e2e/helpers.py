@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 import train
 from hydra_preempt import run
 from hydra_preempt.runlog import read_events
-from hydra_preempt.slurm import sacct_states, show_job, slurm_command
+from hydra_preempt.slurm import sacct_states, show_job, slurm_command, state_outcome
 from hydra_preempt.task import PreemptibleTask, preemptible_executor
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,11 +108,11 @@ def preempt_at_step(job_id: str, run_dir: Path, step: int) -> None:
 
 
 def wait_until_final(job_id: str, timeout: float = 600.0) -> str:
-    final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY")
+    """The job's state once it has ended (a PREEMPTED job that is requeued has not)."""
 
     def done():
         state = job_state(job_id)
-        return state if state.split()[0] in final else None
+        return state if state_outcome(state) in ("finished", "failed", "cancelled", "preempted") else None
 
     return wait_for(done, f"job {job_id} to end", timeout, job_id)
 
