@@ -144,31 +144,30 @@ def requeue_job(job_id: str) -> None:
     slurm_command(["scontrol", "requeue", str(job_id)], timeout=60)
 
 
-def preempt_mode(qos: str | None = None) -> str:
-    """The PreemptMode that applies to jobs of `qos`: the QoS's own, else the cluster's."""
-    if qos:
-        try:
-            own = slurm_command(["sacctmgr", "-n", "-P", "show", "qos", qos, "format=PreemptMode"]).strip()
-        except SlurmError:
-            own = ""
-        if own and own.lower() not in ("cluster", "off"):
-            return own.upper()
+@dataclass(frozen=True)
+class ClusterFacts:
+    """What does not change while a job runs: KillWait, and its QoS's GraceTime and PreemptMode."""
+
+    kill_wait_s: float = 0.0
+    grace_s: float = 0.0
+    preempt_mode: str = "OFF"  # the QoS's own, else the cluster's
+
+
+def cluster_facts(qos: str) -> ClusterFacts:
+    """Read once per run: `scontrol show config` and the QoS's settings, one call each."""
     config = slurm_command(["scontrol", "show", "config"])
-    m = re.search(r"^PreemptMode\s*=\s*(\S+)", config, re.MULTILINE)
-    return m[1].upper() if m else "OFF"
+    fields = slurm_command(["sacctmgr", "-n", "-P", "show", "qos", qos, "format=GraceTime,PreemptMode"]) if qos else ""
+    return parse_cluster_facts(config, fields)
 
 
-def kill_wait_s() -> float:
-    """KillWait: seconds between SLURM's final SIGTERM and its SIGKILL."""
-    config = slurm_command(["scontrol", "show", "config"])
-    m = re.search(r"^KillWait\s*=\s*(\d+)", config, re.MULTILINE)
-    return float(m[1]) if m else 30.0
-
-
-def grace_time_s(qos: str) -> float:
-    """GraceTime of a QoS in seconds (0 when unset)."""
-    value = slurm_command(["sacctmgr", "-n", "-P", "show", "qos", qos, "format=GraceTime"]).strip()
-    return parse_duration(value) or 0.0
+def parse_cluster_facts(config_text: str, qos_fields: str) -> ClusterFacts:
+    """`scontrol show config` text and the QoS's 'GraceTime|PreemptMode' line -> ClusterFacts."""
+    config = dict(re.findall(r"^(\w+)[ \t]*=[ \t]*(.*?)[ \t]*$", config_text, re.MULTILINE))
+    kill_wait = re.match(r"\d+", config.get("KillWait", ""))
+    grace, _, mode = qos_fields.strip().partition("|")
+    if not mode or mode.lower() in ("cluster", "off"):
+        mode = config.get("PreemptMode", "OFF")
+    return ClusterFacts(float(kill_wait[0]) if kill_wait else 30.0, parse_duration(grace) or 0.0, mode.upper())
 
 
 def sacct_states(job_id: str) -> list[tuple[str, str]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from dataclasses import dataclass
 import logging
 import os
 import signal
@@ -33,7 +32,8 @@ from .outcome import EXIT_CODES, ExitCode, Outcome, Status
 from .requeue import Decision, Requeuer, RequeueBudget, StopKind, classify_stop, decide, slurm_requeues_preempted
 from .runlog import append_event, read_events
 from .session import Session, run
-from .slurm import SlurmError, SlurmTask, check_submission, grace_time_s, kill_wait_s, preempt_mode, requeue_job, show_job
+from .signals import parse_signal
+from .slurm import ClusterFacts, SlurmError, SlurmTask, check_submission, cluster_facts, requeue_job, show_job
 
 log = logging.getLogger("hydra_preempt")
 
@@ -85,7 +85,6 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         self.budget = RequeueBudget(max_preemptions, max_timeouts)
         self.distributed_backend = distributed_backend
         self._decision: Decision | None = None
-        self._facts: _ClusterFacts | None = None
 
     def __call__(self) -> Any:
         run_dir = Path(self.run_dir)
@@ -104,16 +103,17 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
             dist.init_process_group(backend)
         self._decision = None
-        if task is not None:
-            self._facts = _ClusterFacts.read(task.job_id)  # now, not on the clock of a grace period
+        if task is None:
+            return self._finish(run(self.train_fn, run_dir, self.config), None)
+        facts = _read_cluster_facts(task)  # now, not on the clock of a grace period
         outcome = run(
             self.train_fn,
             run_dir,
             self.config,
-            seconds_left=self._seconds_left if task else None,
-            on_stop=(lambda o: self._classify(o, task, counts)) if task else None,
+            seconds_left=lambda: self._seconds_left(task, facts),
+            on_stop=lambda o: self._classify(o, task, facts, counts),
         )
-        return self._finish(outcome, task)
+        return self._finish(outcome, task, facts)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """The requeue request: run this same task again.
@@ -125,24 +125,20 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         return DelayedSubmission(self, *args, **kwargs)
 
     # -- SLURM: what was the stop, and who requeues -----------------------------------
-    def _seconds_left(self) -> float | None:
+    def _seconds_left(self, task: SlurmTask, facts: ClusterFacts) -> float | None:
         """Seconds until SLURM's SIGKILL: KillWait after the grace end (preemption) or the end time
         (time limit, and scancel, which sets the end time to now)."""
-        task = SlurmTask.from_env()
-        if task is None:
-            return None
         try:
             job = show_job(task.job_id)
         except SlurmError as e:
             log.warning("cannot read the job's deadline: %s", e)
             return None
         now = dt.datetime.now()
-        facts = self._facts or _ClusterFacts.read(task.job_id)
         if job.preempt_time is not None and not job.state.startswith("CANCELLED"):
             return (job.preempt_time - now).total_seconds() + facts.grace_s + facts.kill_wait_s
         return (job.end_time - now).total_seconds() + facts.kill_wait_s if job.end_time else None
 
-    def _classify(self, outcome: Outcome, task: SlurmTask, counts: dict[str, int]) -> Outcome:
+    def _classify(self, outcome: Outcome, task: SlurmTask, facts: ClusterFacts, counts: dict[str, int]) -> Outcome:
         if outcome.status is not Status.PREEMPTED:
             return outcome
         try:
@@ -153,25 +149,24 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
             return outcome
         kind = classify_stop(
             outcome.signal, job.state, job.preempt_time, job.limit_end, dt.datetime.now(),
-            timeout_signal=f"SIG{self.config.signals.timeout.upper().removeprefix('SIG')}",
-            preempt_signal=f"SIG{self.config.signals.preempt.upper().removeprefix('SIG')}",
+            timeout_signal=parse_signal(self.config.signals.timeout, "signals.timeout").name,
+            preempt_signal=parse_signal(self.config.signals.preempt).name,
         )
         timeouts = counts.get("timeout", 0) + (kind is StopKind.TIMEOUT)
-        mode = (self._facts or _ClusterFacts.read(task.job_id)).preempt_mode
-        self._decision = decision = decide(kind, timeouts, self.budget, slurm_requeues_preempted(mode, job.requeue))
+        self._decision = decision = decide(kind, timeouts, self.budget, slurm_requeues_preempted(facts.preempt_mode, job.requeue))
         if decision.fail_reason:
             return dataclasses.replace(outcome, status=Status.FAILED, exit_code=ExitCode.FAILED, message=f"{decision.fail_reason}; {outcome.message}")
         status = _STATUS_OF_KIND[kind]
         note = {Requeuer.SELF: "requeueing", Requeuer.SLURM: "SLURM requeues it at the end of the grace period", Requeuer.NONE: "not requeued"}[decision.requeue_by]
         return dataclasses.replace(outcome, status=status, exit_code=EXIT_CODES[status], message=f"{kind.value}: {outcome.message}; {note}")
 
-    def _finish(self, outcome: Outcome, task: SlurmTask | None) -> Any:
+    def _finish(self, outcome: Outcome, task: SlurmTask | None, facts: ClusterFacts | None = None) -> Any:
         if outcome.status is Status.FINISHED:
             return outcome.result
         if outcome.status in (Status.PREEMPTED, Status.TIMEOUT):
             requeue_by = self._decision.requeue_by if task is not None and self._decision else Requeuer.NONE
             if requeue_by is Requeuer.SLURM:
-                self._await_slurm_requeue(task, outcome)  # type: ignore[arg-type]
+                self._await_slurm_requeue(task, facts, outcome)  # type: ignore[arg-type]
             elif requeue_by is Requeuer.SELF:
                 self._requeue(task, outcome)  # type: ignore[arg-type]
             sys.exit(int(ExitCode.REQUEUE))  # SystemExit: submitit writes no result, the job is not "done"
@@ -179,7 +174,7 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
             sys.exit(int(ExitCode.CANCELLED))
         raise RunFailed(f"run {self.run_dir} {outcome.status.value} at step {outcome.step}: {outcome.message}")
 
-    def _await_slurm_requeue(self, task: SlurmTask, outcome: Outcome) -> None:
+    def _await_slurm_requeue(self, task: SlurmTask, facts: ClusterFacts, outcome: Outcome) -> None:
         """PreemptMode=REQUEUE: stay alive, idle, until SLURM kills the job at the end of the grace period.
 
         SLURM requeues only a preempted job that it kills; one that exits first
@@ -187,7 +182,7 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         requeue ourselves rather than risk that.
         """
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # no second checkpoint path while waiting
-        left = self._seconds_left() or 0.0
+        left = self._seconds_left(task, facts) or 0.0
         limit = time.monotonic() + max(left, 0.0) + _KILL_MARGIN_S
         log.info("state saved; waiting up to %.0f s for SLURM to end the grace period and requeue the job", limit - time.monotonic())
         append_event(Path(self.run_dir), "await_requeue", step=outcome.step, seconds_left=left)
@@ -214,22 +209,12 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         log.info("requeued job %s at step %d", task.job_id, outcome.step)
 
 
-@dataclass(frozen=True)
-class _ClusterFacts:
-    """What does not change while a job runs: KillWait, its QoS's GraceTime and PreemptMode."""
-
-    kill_wait_s: float = 0.0
-    grace_s: float = 0.0
-    preempt_mode: str = "OFF"
-
-    @classmethod
-    def read(cls, job_id: str) -> "_ClusterFacts":
-        try:
-            qos = show_job(job_id).qos
-            return cls(kill_wait_s(), grace_time_s(qos) if qos else 0.0, preempt_mode(qos))
-        except SlurmError as e:
-            log.warning("cannot read KillWait/GraceTime/PreemptMode (%s): assuming none", e)
-            return cls()
+def _read_cluster_facts(task: SlurmTask) -> ClusterFacts:
+    try:
+        return cluster_facts(show_job(task.job_id).qos)
+    except SlurmError as e:
+        log.warning("cannot read KillWait/GraceTime/PreemptMode (%s): assuming none", e)
+        return ClusterFacts()
 
 
 def preemptible_executor(

@@ -89,7 +89,8 @@ def job_state(job_id: str) -> str:
 
 def preempt_with_high_priority_job(seconds: int = 2) -> str:
     """A QoS-normal job needing both CPUs: the scheduler preempts the preemptible one for it."""
-    return slurm_command(["sbatch", "--parsable", "-q", "normal", "-A", ACCOUNT, "-c", "2", "--wrap", f"sleep {seconds}"]).strip()
+    args = ["sbatch", "--parsable", "-q", "normal", "-A", ACCOUNT, "-c", "2", "-o", "/dev/null", "--wrap", f"sleep {seconds}"]
+    return slurm_command(args).strip()
 
 
 def release_when_pending(job_id: str, timeout: float = 300.0) -> None:

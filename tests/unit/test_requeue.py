@@ -6,7 +6,7 @@ import pytest
 
 from hydra_preempt.errors import ConfigError
 from hydra_preempt.requeue import RequeueBudget, Requeuer, StopKind, classify_stop, decide, slurm_requeues_preempted
-from hydra_preempt.slurm import JobInfo, parse_duration, parse_key_values, parse_time, state_outcome
+from hydra_preempt.slurm import ClusterFacts, JobInfo, parse_cluster_facts, parse_duration, parse_key_values, parse_time, state_outcome
 
 NOW = dt.datetime(2026, 11, 24, 12, 0, 0)
 FAR = NOW + dt.timedelta(hours=1)
@@ -89,3 +89,25 @@ def test_parse_time():
 @pytest.mark.parametrize("state, outcome", [("CANCELLED by 0", "cancelled"), ("PREEMPTED", "preempted"), ("REQUEUED", "waiting"), ("COMPLETED", "finished"), ("TIMEOUT", "failed"), ("WEIRD", "unknown")])
 def test_state_table(state, outcome):
     assert state_outcome(state) == outcome
+
+
+CONFIG = """Configuration data as of 2026-11-24T06:50:00
+AccountingStorageBackupHost = (null)
+JobCompParams           =
+KillWait                = 10 sec
+PreemptMode             = CANCEL
+PreemptType             = preempt/qos
+"""
+
+
+@pytest.mark.parametrize(
+    "qos_fields, expected",
+    [
+        ("00:00:30|cluster\n", ClusterFacts(10.0, 30.0, "CANCEL")),  # the QoS defers to the cluster
+        ("00:05:00|REQUEUE\n", ClusterFacts(10.0, 300.0, "REQUEUE")),  # the QoS's own mode wins
+        ("", ClusterFacts(10.0, 0.0, "CANCEL")),  # no QoS
+    ],
+)
+def test_parse_cluster_facts(qos_fields, expected):
+    # an empty value (JobCompParams) must not swallow the next line
+    assert parse_cluster_facts(CONFIG, qos_fields) == expected
