@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import TensorDataset
 
 from hydra_preempt import ConfigError, ExitCode, ResumableLoader, Session, SessionConfig, run
+from hydra_preempt.preemption import exit_with
 
 log = logging.getLogger("train")
 
@@ -106,8 +107,8 @@ def train(session: Session, cfg: DictConfig) -> dict:
 
 
 def session_config(cfg: DictConfig) -> SessionConfig:
-    """The session's sections of the app config (checkpoint, divergence, signals)."""
-    sections = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["checkpoint", "divergence", "signals", "distributed"]), resolve=True)
+    """The session's sections of the app config (checkpoint, divergence, signals, distributed, requeue)."""
+    sections = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["checkpoint", "divergence", "signals", "distributed", "requeue"]), resolve=True)
     return SessionConfig.from_mapping(sections)  # type: ignore[arg-type]
 
 
@@ -122,8 +123,8 @@ def main(cfg: DictConfig):
     outcome = run(lambda session: train(session, cfg), run_dir, config)
     print(f"{outcome.status.value} at step {outcome.step} (exit code {int(outcome.exit_code)}): {outcome.message}", flush=True)
     if HydraConfig.get().mode == RunMode.RUN:
-        sys.exit(int(outcome.exit_code))
-    return outcome
+        exit_with(outcome)  # under SLURM (srun python train.py): requeues when that is the job's part
+    return outcome  # a sweep: the launcher concludes it
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from .errors import ConfigError
+from .requeue import RequeueBudget
 
 
 @dataclass
@@ -53,6 +54,7 @@ class SessionConfig:
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     signals: SignalConfig = field(default_factory=SignalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    requeue: RequeueBudget = field(default_factory=RequeueBudget)  # max_preemptions, max_timeouts
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> "SessionConfig":

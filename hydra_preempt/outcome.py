@@ -44,3 +44,6 @@ class Outcome:
     result: Any = None
     signal: str | None = None  # the signal that stopped the run, if one did
     signal_time: float | None = None  # when it arrived (time.time())
+    run_dir: str | None = None
+    requeue_by: str | None = None  # under SLURM: "self", "slurm" or "none" (requeue.Requeuer)
+    kill_deadline: float | None = None  # under SLURM: when the job will be killed (time.time())

@@ -44,6 +44,7 @@ from .divergence import LossSpikeDetector, Verdict
 from .errors import CheckpointDirError, CheckpointMismatchError, CheckpointWriteError, ConfigError, HydraPreemptError
 from .fsutil import atomic_write_text
 from .outcome import EXIT_CODES, ExitCode, Outcome, Status
+from .preemption import SlurmStopPolicy, effective_budget, stop_counts
 from .runlog import append_event, read_events
 from .signals import Request, SignalRequests
 from .state import capture_rng, restore_rng
@@ -426,30 +427,32 @@ class _GeneratorState:
         self.generator.set_state(state["state"])
 
 
-def run(
-    train_fn: Callable[[Session], Any],
-    run_dir: Path | str,
-    config: SessionConfig | None = None,
-    *,
-    seconds_left: Callable[[], float | None] | None = None,
-    on_stop: Callable[[Outcome], Outcome] | None = None,
-) -> Outcome:
+def run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: SessionConfig | None = None) -> Outcome:
     """Run `train_fn(session)` with signal handling, checkpoints and the run log; never raises for a stop.
 
     The outcome's exit_code tells a scheduler what happened (see outcome.ExitCode).
-    `on_stop` may reclassify the outcome (a SLURM adapter tells preemption, time
-    limit and scancel apart) before the stop is written to the run log.
+    Inside a SLURM job the stop is classified (preemption, time limit, scancel)
+    before it is written to the run log; `preemption.conclude(outcome)` then
+    requeues when that is the job's part. A run whose requeue budget
+    (config.requeue) is spent fails at once.
     """
-    session = Session(run_dir, config, seconds_left)
+    config = config or SessionConfig()
+    counts = stop_counts(Path(run_dir))
+    budget = effective_budget(config.requeue)
+    policy = SlurmStopPolicy.from_env(counts, budget, config.signals.preempt, config.signals.timeout)
+    session = Session(run_dir, config, policy.seconds_left if policy else None)
     try:
         session.open()
     except HydraPreemptError as e:
         log.error("%s", e)
-        return Outcome(Status.FAILED, 0, ExitCode.USAGE, str(e))
+        return Outcome(Status.FAILED, 0, ExitCode.USAGE, str(e), run_dir=str(run_dir))
     logs = world()[0] == 0  # one run log per run, not per rank
     if logs:
         append_event(session.run_dir, "start")
+    spent = budget.exhausted(counts.get("preempted", 0), counts.get("timeout", 0))
     try:
+        if spent:
+            raise RunStopped(Status.FAILED, spent)
         result = train_fn(session)
         session._save("final", session._last_step_metrics)
         outcome = Outcome(Status.FINISHED, session.step, ExitCode.FINISHED, "finished", result)
@@ -468,8 +471,9 @@ def run(
         outcome = Outcome(Status.FAILED, session.step, ExitCode.FAILED, f"{type(e).__name__}: {e}{note}")
     finally:
         session.close()
-    if on_stop is not None:
-        outcome = on_stop(outcome)
+    outcome.run_dir = str(session.run_dir)
+    if policy is not None:
+        outcome = policy.classify(outcome)
     if not logs:
         return outcome
     append_event(

@@ -12,48 +12,29 @@ time limit, scancel), requeues when that is its job, and exits.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import logging
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import submitit
-import torch
-import torch.distributed as dist
 from submitit.core.utils import DelayedSubmission, temporary_save_path
 
 from .config import SessionConfig
+from .distributed import init_from_job
 from .errors import HydraPreemptError
-from .outcome import EXIT_CODES, ExitCode, Outcome, Status
-from .requeue import Decision, Requeuer, RequeueBudget, StopKind, classify_stop, decide, slurm_requeues_preempted
-from .runlog import append_event, read_events
+from .outcome import ExitCode, Status
+from .preemption import SUBMITIT_LOCAL_REQUEUE_CODE, conclude
+from .requeue import RequeueBudget
 from .session import Session, run
-from .signals import parse_signal
-from .slurm import ClusterFacts, SlurmError, SlurmTask, check_submission, cluster_facts, requeue_job, show_job
+from .slurm import check_submission
 
 log = logging.getLogger("hydra_preempt")
-
-# Beyond the grace end: SLURM's scheduling granularity (~20 s measured) and KillWait.
-_KILL_MARGIN_S = 120.0
-
-_STATUS_OF_KIND = {StopKind.PREEMPTED: Status.PREEMPTED, StopKind.TIMEOUT: Status.TIMEOUT, StopKind.CANCELLED: Status.CANCELLED}
 
 
 class RunFailed(HydraPreemptError):
     """The run ended failed, diverged, or with a requeue budget spent: the job must end FAILED."""
-
-
-def stop_counts(run_dir: Path) -> dict[str, int]:
-    """How many earlier stops of each reason the run log holds."""
-    counts: dict[str, int] = {}
-    for event in read_events(run_dir):
-        if event["event"] == "stop":
-            counts[event["reason"]] = counts.get(event["reason"], 0) + 1
-    return counts
 
 
 class PreemptibleTask(submitit.helpers.Checkpointable):
@@ -63,7 +44,8 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
     `preemptible_executor`. Calling it returns the training function's result
     when training finished; on a stop it exits the process with the exit code
     of `hydra_preempt.ExitCode` (75: requeued, 130: cancelled) and raises
-    RunFailed when the job must end FAILED.
+    RunFailed when the job must end FAILED. `max_preemptions`/`max_timeouts`,
+    when given, replace the config's `requeue` section.
 
     A job of several tasks (`tasks_per_node` > 1 or several nodes) gets a
     torch.distributed process group (`distributed_backend`: "auto" picks
@@ -75,45 +57,29 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         train_fn: Callable[[Session], Any],
         run_dir: str | Path,
         config: SessionConfig | Mapping[str, Any] | None = None,
-        max_preemptions: int = RequeueBudget.max_preemptions,
-        max_timeouts: int = RequeueBudget.max_timeouts,
+        max_preemptions: int | None = None,
+        max_timeouts: int | None = None,
         distributed_backend: str | None = "auto",
     ) -> None:
         self.train_fn = train_fn
         self.run_dir = str(run_dir)
-        self.config = config if isinstance(config, SessionConfig) else SessionConfig.from_mapping(config)
-        self.budget = RequeueBudget(max_preemptions, max_timeouts)
+        config = config if isinstance(config, SessionConfig) else SessionConfig.from_mapping(config)
+        budget = RequeueBudget(
+            config.requeue.max_preemptions if max_preemptions is None else max_preemptions,
+            config.requeue.max_timeouts if max_timeouts is None else max_timeouts,
+        )
+        self.config = dataclasses.replace(config, requeue=budget)
         self.distributed_backend = distributed_backend
-        self._decision: Decision | None = None
 
     def __call__(self) -> Any:
-        run_dir = Path(self.run_dir)
-        task = SlurmTask.from_env()
-        counts = stop_counts(run_dir)
-        spent = self.budget.exhausted(counts.get("preempted", 0), counts.get("timeout", 0))
-        if spent:
-            if task is None or task.rank == 0:
-                append_event(run_dir, "start")
-                append_event(run_dir, "stop", reason=Status.FAILED.value, exit_code=int(ExitCode.FAILED), message=spent)
-            raise RunFailed(spent)
-        if task is not None and task.ntasks > 1 and self.distributed_backend and not dist.is_initialized():
-            backend = self.distributed_backend
-            if backend == "auto":
-                backend = "nccl" if torch.cuda.is_available() else "gloo"
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-            dist.init_process_group(backend)
-        self._decision = None
-        if task is None:
-            return self._finish(run(self.train_fn, run_dir, self.config), None)
-        facts = _read_cluster_facts(task)  # now, not on the clock of a grace period
-        outcome = run(
-            self.train_fn,
-            run_dir,
-            self.config,
-            seconds_left=lambda: self._seconds_left(task, facts),
-            on_stop=lambda o: self._classify(o, task, facts, counts),
-        )
-        return self._finish(outcome, task, facts)
+        init_from_job(self.distributed_backend)
+        outcome = run(self.train_fn, Path(self.run_dir), self.config)
+        if outcome.status is Status.FINISHED:
+            return outcome.result
+        code = conclude(outcome, before_requeue=self._resubmit_pickle)
+        if code in (ExitCode.REQUEUE, ExitCode.CANCELLED, SUBMITIT_LOCAL_REQUEUE_CODE):
+            sys.exit(code)  # SystemExit: submitit writes no result, the job is not "done"
+        raise RunFailed(f"run {self.run_dir} {outcome.status.value} at step {outcome.step}: {outcome.message}")
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """The requeue request: run this same task again.
@@ -124,97 +90,16 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         """
         return DelayedSubmission(self, *args, **kwargs)
 
-    # -- SLURM: what was the stop, and who requeues -----------------------------------
-    def _seconds_left(self, task: SlurmTask, facts: ClusterFacts) -> float | None:
-        """Seconds until SLURM's SIGKILL: KillWait after the grace end (preemption) or the end time
-        (time limit, and scancel, which sets the end time to now)."""
-        try:
-            job = show_job(task.job_id)
-        except SlurmError as e:
-            log.warning("cannot read the job's deadline: %s", e)
-            return None
-        now = dt.datetime.now()
-        if job.preempt_time is not None and not job.state.startswith("CANCELLED"):
-            return (job.preempt_time - now).total_seconds() + facts.grace_s + facts.kill_wait_s
-        return (job.end_time - now).total_seconds() + facts.kill_wait_s if job.end_time else None
-
-    def _classify(self, outcome: Outcome, task: SlurmTask, facts: ClusterFacts, counts: dict[str, int]) -> Outcome:
-        if outcome.status is not Status.PREEMPTED:
-            return outcome
-        try:
-            job = show_job(task.job_id)  # PreemptTime is set before the grace SIGTERM is sent
-        except SlurmError as e:
-            log.error("cannot ask SLURM what stopped the job (%s): treating it as a preemption", e)
-            self._decision = Decision(StopKind.PREEMPTED, Requeuer.SELF)
-            return outcome
-        kind = classify_stop(
-            outcome.signal, job.state, job.preempt_time, job.limit_end, dt.datetime.now(),
-            timeout_signal=parse_signal(self.config.signals.timeout, "signals.timeout").name,
-            preempt_signal=parse_signal(self.config.signals.preempt).name,
-        )
-        timeouts = counts.get("timeout", 0) + (kind is StopKind.TIMEOUT)
-        self._decision = decision = decide(kind, timeouts, self.budget, slurm_requeues_preempted(facts.preempt_mode, job.requeue))
-        if decision.fail_reason:
-            return dataclasses.replace(outcome, status=Status.FAILED, exit_code=ExitCode.FAILED, message=f"{decision.fail_reason}; {outcome.message}")
-        status = _STATUS_OF_KIND[kind]
-        note = {Requeuer.SELF: "requeueing", Requeuer.SLURM: "SLURM requeues it at the end of the grace period", Requeuer.NONE: "not requeued"}[decision.requeue_by]
-        return dataclasses.replace(outcome, status=status, exit_code=EXIT_CODES[status], message=f"{kind.value}: {outcome.message}; {note}")
-
-    def _finish(self, outcome: Outcome, task: SlurmTask | None, facts: ClusterFacts | None = None) -> Any:
-        if outcome.status is Status.FINISHED:
-            return outcome.result
-        if outcome.status in (Status.PREEMPTED, Status.TIMEOUT):
-            requeue_by = self._decision.requeue_by if task is not None and self._decision else Requeuer.NONE
-            if requeue_by is Requeuer.SLURM:
-                self._await_slurm_requeue(task, facts, outcome)  # type: ignore[arg-type]
-            elif requeue_by is Requeuer.SELF:
-                self._requeue(task, outcome)  # type: ignore[arg-type]
-            sys.exit(int(ExitCode.REQUEUE))  # SystemExit: submitit writes no result, the job is not "done"
-        if outcome.status is Status.CANCELLED:
-            sys.exit(int(ExitCode.CANCELLED))
-        raise RunFailed(f"run {self.run_dir} {outcome.status.value} at step {outcome.step}: {outcome.message}")
-
-    def _await_slurm_requeue(self, task: SlurmTask, facts: ClusterFacts, outcome: Outcome) -> None:
-        """PreemptMode=REQUEUE: stay alive, idle, until SLURM kills the job at the end of the grace period.
-
-        SLURM requeues only a preempted job that it kills; one that exits first
-        ends FAILED/COMPLETED and is lost. Should the kill not come in time,
-        requeue ourselves rather than risk that.
-        """
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # no second checkpoint path while waiting
-        left = self._seconds_left(task, facts) or 0.0
-        limit = time.monotonic() + max(left, 0.0) + _KILL_MARGIN_S
-        log.info("state saved; waiting up to %.0f s for SLURM to end the grace period and requeue the job", limit - time.monotonic())
-        append_event(Path(self.run_dir), "await_requeue", step=outcome.step, seconds_left=left)
-        while time.monotonic() < limit:
-            time.sleep(1.0)
-        log.warning("SLURM did not end the job after the grace period: requeueing it ourselves")
-        self._requeue(task, outcome)
-
-    def _requeue(self, task: SlurmTask, outcome: Outcome) -> None:
-        """Save first (done), then requeue, then exit: SLURM kills what remains after KillWait."""
-        if task.rank != 0:
+    def _resubmit_pickle(self) -> None:
+        """Keep submitit's protocol: the requeued job runs what checkpoint() returned."""
+        if not os.environ.get("SUBMITIT_FOLDER"):
             return
-        folder = os.environ.get("SUBMITIT_FOLDER")
-        if folder:  # keep submitit's protocol: the requeued job runs what checkpoint() returned
-            paths = submitit.JobEnvironment().paths
-            original = DelayedSubmission.load(paths.submitted_pickle)
-            request = self.checkpoint()
-            request.set_timeout(original._timeout_min, original._timeout_countdown)
-            with temporary_save_path(paths.submitted_pickle) as tmp:
-                request.dump(tmp)
-        requeue_job(task.job_id)
-        since = time.time() - outcome.signal_time if outcome.signal_time else None
-        append_event(Path(self.run_dir), "requeue", step=outcome.step, signal_to_requeue_s=since)
-        log.info("requeued job %s at step %d", task.job_id, outcome.step)
-
-
-def _read_cluster_facts(task: SlurmTask) -> ClusterFacts:
-    try:
-        return cluster_facts(show_job(task.job_id).qos)
-    except SlurmError as e:
-        log.warning("cannot read KillWait/GraceTime/PreemptMode (%s): assuming none", e)
-        return ClusterFacts()
+        paths = submitit.JobEnvironment().paths
+        original = DelayedSubmission.load(paths.submitted_pickle)
+        request = self.checkpoint()
+        request.set_timeout(original._timeout_min, original._timeout_countdown)
+        with temporary_save_path(paths.submitted_pickle) as tmp:
+            request.dump(tmp)
 
 
 def preemptible_executor(

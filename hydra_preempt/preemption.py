@@ -1,0 +1,185 @@
+"""The stop policy around a run: what a stop was, and the requeue after the save.
+
+`run()` applies `SlurmStopPolicy` by itself whenever it runs inside a SLURM
+job (SLURM_JOB_ID is set), whichever front door started it: a submitit task,
+a Hydra launcher job, or `srun python train.py` under Snakemake. The policy
+tells preemption, time limit and scancel apart while the run is stopping and
+writes the verdict into the Outcome. `conclude(outcome)` then does the part
+that must follow the save and the run log: requeue (or wait for SLURM to
+requeue), and returns the exit code the process should end with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .outcome import EXIT_CODES, ExitCode, Outcome, Status
+from .requeue import Decision, Requeuer, RequeueBudget, StopKind, classify_stop, decide, slurm_requeues_preempted
+from .runlog import append_event, read_events
+from .signals import parse_signal
+from .slurm import ClusterFacts, SlurmError, SlurmTask, cluster_facts, requeue_job, show_job
+
+log = logging.getLogger("hydra_preempt")
+
+# Beyond the grace end: SLURM's scheduling granularity (~20 s measured) and KillWait.
+KILL_MARGIN_S = 120.0
+# submitit's local executor runs a task again when it exits with this code.
+SUBMITIT_LOCAL_REQUEUE_CODE = 144
+
+_STATUS_OF_KIND = {StopKind.PREEMPTED: Status.PREEMPTED, StopKind.TIMEOUT: Status.TIMEOUT, StopKind.CANCELLED: Status.CANCELLED}
+_budget_override: RequeueBudget | None = None
+
+
+@contextlib.contextmanager
+def requeue_budget(budget: RequeueBudget | None) -> Iterator[None]:
+    """Runs started inside use `budget` instead of their config's `requeue` section (a launcher's setting)."""
+    global _budget_override
+    previous, _budget_override = _budget_override, budget
+    try:
+        yield
+    finally:
+        _budget_override = previous
+
+
+def effective_budget(configured: RequeueBudget) -> RequeueBudget:
+    return _budget_override or configured
+
+
+def stop_counts(run_dir: Path) -> dict[str, int]:
+    """How many earlier stops of each reason the run log holds."""
+    counts: dict[str, int] = {}
+    for event in read_events(run_dir):
+        if event["event"] == "stop":
+            counts[event["reason"]] = counts.get(event["reason"], 0) + 1
+    return counts
+
+
+class SlurmStopPolicy:
+    """Classifies a stop of a run inside a SLURM job and decides who requeues it."""
+
+    def __init__(self, task: SlurmTask, facts: ClusterFacts, counts: dict[str, int], budget: RequeueBudget, preempt_signal: str, timeout_signal: str) -> None:
+        self.task = task
+        self.facts = facts
+        self.counts = counts
+        self.budget = budget
+        self.preempt_signal = parse_signal(preempt_signal).name
+        self.timeout_signal = parse_signal(timeout_signal, "signals.timeout").name
+
+    @classmethod
+    def from_env(cls, counts: dict[str, int], budget: RequeueBudget, preempt_signal: str, timeout_signal: str) -> "SlurmStopPolicy | None":
+        task = SlurmTask.from_env()
+        if task is None:
+            return None
+        try:  # now, not on the clock of a grace period
+            facts = cluster_facts(show_job(task.job_id).qos)
+        except SlurmError as e:
+            log.warning("cannot read KillWait/GraceTime/PreemptMode (%s): assuming none", e)
+            facts = ClusterFacts()
+        return cls(task, facts, counts, budget, preempt_signal, timeout_signal)
+
+    def seconds_left(self) -> float | None:
+        """Seconds until SLURM's SIGKILL: KillWait after the grace end (preemption) or the end time
+        (time limit, and scancel, which sets the end time to now)."""
+        try:
+            job = show_job(self.task.job_id)
+        except SlurmError as e:
+            log.warning("cannot read the job's deadline: %s", e)
+            return None
+        now = dt.datetime.now()
+        if job.preempt_time is not None and not job.state.startswith("CANCELLED"):
+            return (job.preempt_time - now).total_seconds() + self.facts.grace_s + self.facts.kill_wait_s
+        return (job.end_time - now).total_seconds() + self.facts.kill_wait_s if job.end_time else None
+
+    def classify(self, outcome: Outcome) -> Outcome:
+        """A signal stop (status PREEMPTED from the session) -> preempted / timeout / cancelled, with who requeues."""
+        if outcome.status is not Status.PREEMPTED:
+            return outcome
+        try:
+            job = show_job(self.task.job_id)  # PreemptTime is set before the grace SIGTERM is sent
+        except SlurmError as e:
+            log.error("cannot ask SLURM what stopped the job (%s): treating it as a preemption", e)
+            return dataclasses.replace(outcome, requeue_by=Requeuer.SELF.value)
+        kind = classify_stop(
+            outcome.signal, job.state, job.preempt_time, job.limit_end, dt.datetime.now(),
+            timeout_signal=self.timeout_signal, preempt_signal=self.preempt_signal,
+        )
+        timeouts = self.counts.get("timeout", 0) + (kind is StopKind.TIMEOUT)
+        decision = decide(kind, timeouts, self.budget, slurm_requeues_preempted(self.facts.preempt_mode, job.requeue))
+        return _apply(outcome, decision, self.seconds_left())
+
+
+def _apply(outcome: Outcome, decision: Decision, seconds_left: float | None) -> Outcome:
+    if decision.fail_reason:
+        return dataclasses.replace(outcome, status=Status.FAILED, exit_code=ExitCode.FAILED, message=f"{decision.fail_reason}; {outcome.message}")
+    status = _STATUS_OF_KIND[decision.kind]
+    note = {Requeuer.SELF: "requeueing", Requeuer.SLURM: "SLURM requeues it at the end of the grace period", Requeuer.NONE: "not requeued"}[decision.requeue_by]
+    kill_deadline = time.time() + seconds_left if seconds_left is not None else None
+    return dataclasses.replace(
+        outcome, status=status, exit_code=EXIT_CODES[status], message=f"{decision.kind.value}: {outcome.message}; {note}",
+        requeue_by=decision.requeue_by.value, kill_deadline=kill_deadline,
+    )
+
+
+def conclude(outcome: Outcome, before_requeue: Callable[[], None] | None = None) -> int:
+    """After the run: requeue when the policy said so, and return the exit code for the process.
+
+    Under PreemptMode=REQUEUE this waits, idle, for SLURM's kill at the grace
+    end (measured on SLURM 22.05: SLURM requeues only a preempted job it kills;
+    one that exits by itself during the grace is lost). `before_requeue` runs
+    just before `scontrol requeue` (submitit rewrites its job pickle there).
+    Under submitit's local executor a stop to resume exits 144, its requeue code.
+    """
+    if outcome.status in (Status.PREEMPTED, Status.TIMEOUT):
+        task = SlurmTask.from_env()
+        if task is not None and outcome.requeue_by == Requeuer.SLURM.value:
+            _await_slurm_requeue(task, outcome, before_requeue)
+        elif task is not None and outcome.requeue_by == Requeuer.SELF.value:
+            _requeue(task, outcome, before_requeue)
+        elif task is None and os.environ.get("SUBMITIT_EXECUTOR") == "local":
+            return SUBMITIT_LOCAL_REQUEUE_CODE
+    return int(outcome.exit_code)
+
+
+def exit_with(outcome: Outcome) -> None:
+    """`sys.exit(conclude(outcome))` for a script's main (train.py under srun, Snakemake)."""
+    sys.exit(conclude(outcome))
+
+
+def _await_slurm_requeue(task: SlurmTask, outcome: Outcome, before_requeue: Callable[[], None] | None) -> None:
+    """Stay alive until SLURM kills the job at the end of the grace period; requeue ourselves if it does not."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # no second checkpoint path while waiting
+    left = outcome.kill_deadline - time.time() if outcome.kill_deadline else 0.0
+    limit = time.monotonic() + max(left, 0.0) + KILL_MARGIN_S
+    log.info("state saved; waiting up to %.0f s for SLURM to end the grace period and requeue the job", limit - time.monotonic())
+    if task.rank == 0 and outcome.run_dir:
+        append_event(Path(outcome.run_dir), "await_requeue", step=outcome.step, seconds_left=left)
+    while time.monotonic() < limit:
+        time.sleep(1.0)
+    log.warning("SLURM did not end the job after the grace period: requeueing it ourselves")
+    _requeue(task, outcome, before_requeue)
+
+
+def _requeue(task: SlurmTask, outcome: Outcome, before_requeue: Callable[[], None] | None) -> None:
+    """Save first (done), then requeue, then exit: SLURM kills what remains after KillWait."""
+    if task.rank != 0:
+        return
+    if before_requeue is not None:
+        before_requeue()
+    try:
+        requeue_job(task.job_id)
+    except SlurmError as e:
+        log.error("requeueing job %s failed: %s (the state is saved: resubmit to continue)", task.job_id, e)
+        return
+    since = time.time() - outcome.signal_time if outcome.signal_time else None
+    if outcome.run_dir:
+        append_event(Path(outcome.run_dir), "requeue", step=outcome.step, signal_to_requeue_s=since)
+    log.info("requeued job %s at step %d", task.job_id, outcome.step)
