@@ -35,8 +35,14 @@ KILL_MARGIN_S = 120.0
 # submitit's local executor runs a task again when it exits with this code.
 SUBMITIT_LOCAL_REQUEUE_CODE = 144
 
+# Exit codes of a job that will run again (requeued) or must not (cancelled): not a failure.
+RESUME_EXIT_CODES = (int(ExitCode.REQUEUE), int(ExitCode.CANCELLED), SUBMITIT_LOCAL_REQUEUE_CODE)
+
 _STATUS_OF_KIND = {StopKind.PREEMPTED: Status.PREEMPTED, StopKind.TIMEOUT: Status.TIMEOUT, StopKind.CANCELLED: Status.CANCELLED}
 _budget_override: RequeueBudget | None = None
+# The outcome of the last run() in this process: a launcher concludes it even when the task function
+# does not return it.
+latest_outcome: Outcome | None = None
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ from .divergence import LossSpikeDetector, Verdict
 from .errors import CheckpointDirError, CheckpointMismatchError, CheckpointWriteError, ConfigError, HydraPreemptError
 from .fsutil import atomic_write_text
 from .outcome import EXIT_CODES, ExitCode, Outcome, Status
+from . import preemption
 from .preemption import SlurmStopPolicy, effective_budget, stop_counts
 from .runlog import append_event, read_events
 from .signals import Request, SignalRequests
@@ -448,7 +449,7 @@ def run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: Session
         return Outcome(Status.FAILED, 0, ExitCode.USAGE, str(e), run_dir=str(run_dir))
     logs = world()[0] == 0  # one run log per run, not per rank
     if logs:
-        append_event(session.run_dir, "start")
+        append_event(session.run_dir, "start", checkpoint_dir=str(session.store.directory.absolute()))
     spent = budget.exhausted(counts.get("preempted", 0), counts.get("timeout", 0))
     try:
         if spent:
@@ -474,6 +475,7 @@ def run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: Session
     outcome.run_dir = str(session.run_dir)
     if policy is not None:
         outcome = policy.classify(outcome)
+    preemption.latest_outcome = outcome
     if not logs:
         return outcome
     append_event(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -23,11 +24,12 @@ from submitit.core.utils import DelayedSubmission, temporary_save_path
 
 from .config import SessionConfig
 from .distributed import init_from_job
-from .errors import HydraPreemptError
-from .outcome import ExitCode, Status
-from .preemption import SUBMITIT_LOCAL_REQUEUE_CODE, conclude
+from .errors import ConfigError, HydraPreemptError
+from .outcome import Status
+from .preemption import RESUME_EXIT_CODES, conclude
 from .requeue import RequeueBudget
 from .session import Session, run
+from .signals import parse_signal
 from .slurm import check_submission
 
 log = logging.getLogger("hydra_preempt")
@@ -77,7 +79,7 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         if outcome.status is Status.FINISHED:
             return outcome.result
         code = conclude(outcome, before_requeue=self._resubmit_pickle)
-        if code in (ExitCode.REQUEUE, ExitCode.CANCELLED, SUBMITIT_LOCAL_REQUEUE_CODE):
+        if code in RESUME_EXIT_CODES:
             sys.exit(code)  # SystemExit: submitit writes no result, the job is not "done"
         raise RunFailed(f"run {self.run_dir} {outcome.status.value} at step {outcome.step}: {outcome.message}")
 
@@ -114,7 +116,10 @@ def preemptible_executor(
     cpus_per_task: int | None = None,
     gpus_per_node: int | None = None,
     mem_gb: float | None = None,
+    signal: str = "USR2",
     signal_lead_s: int = 120,
+    array_parallelism: int | None = None,
+    name: str | None = None,
     setup: list[str] | None = None,
     sbatch_args: Mapping[str, Any] | None = None,
     srun_args: list[str] | None = None,
@@ -124,12 +129,18 @@ def preemptible_executor(
     """A submitit executor set up for a preemptible QoS.
 
     On SLURM: --qos/--account/--partition, --requeue, --open-mode=append, the
-    time-limit signal (USR2) `signal_lead_s` before the limit, and the task
-    launched with srun as a job step so that it receives the grace SIGTERM.
-    With `check`, the scheduler validates qos/account/partition first
+    time-limit signal (`signal`, USR2 by default) `signal_lead_s` before the
+    limit, and the task launched with srun as a job step so that it receives
+    the grace SIGTERM. Values are checked first (ConfigError names the key);
+    with `check`, the scheduler validates qos/account/partition
     (`sbatch --test-only`) and its refusal is raised as SlurmError.
     `cluster="local"` runs the same protocol on this machine.
     """
+    signal_name = check_executor_settings(
+        qos=qos, account=account, partition=partition, timeout_min=timeout_min, nodes=nodes, tasks_per_node=tasks_per_node,
+        cpus_per_task=cpus_per_task, gpus_per_node=gpus_per_node, mem_gb=mem_gb, signal=signal, signal_lead_s=signal_lead_s,
+        array_parallelism=array_parallelism, setup=setup, sbatch_args=sbatch_args, srun_args=srun_args, cluster=cluster,
+    )
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     params: dict[str, Any] = {
         "timeout_min": timeout_min,
@@ -138,6 +149,7 @@ def preemptible_executor(
         "cpus_per_task": cpus_per_task,
         "gpus_per_node": gpus_per_node,
         "mem_gb": mem_gb,
+        "name": name,
     }
     if executor.cluster == "slurm":
         if check:
@@ -147,9 +159,57 @@ def preemptible_executor(
             slurm_account=account,
             slurm_partition=partition,
             slurm_signal_delay_s=signal_lead_s,
-            slurm_additional_parameters={"requeue": True, **(sbatch_args or {})},
+            slurm_array_parallelism=array_parallelism,
+            # "signal" replaces submitit's own --signal=USR2@lead line
+            slurm_additional_parameters={"requeue": True, "signal": f"{signal_name}@{signal_lead_s}", **(sbatch_args or {})},
             slurm_setup=list(setup or []),
             slurm_srun_args=list(srun_args or []),
         )
+    else:
+        params.update(local_setup=list(setup or []))
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     return executor
+
+
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+_SBATCH_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+def check_executor_settings(
+    *, qos: str | None, account: str | None, partition: str | None, timeout_min: int, nodes: int, tasks_per_node: int,
+    cpus_per_task: int | None, gpus_per_node: int | None, mem_gb: float | None, signal: str, signal_lead_s: int,
+    array_parallelism: int | None, setup: list[str] | None, sbatch_args: Mapping[str, Any] | None, srun_args: list[str] | None,
+    cluster: str | None,
+) -> str:
+    """Raise ConfigError naming the first bad value; return the time-limit signal's name (e.g. 'USR2').
+
+    Every value ends up in an #SBATCH line or an srun argument: names are kept
+    to SLURM's character set and no value may carry a line break, so nothing
+    can add lines to the job script.
+    """
+    if cluster not in (None, "slurm", "local", "debug"):
+        raise ConfigError(f"cluster must be 'slurm' or 'local', got {cluster!r}")
+    for key, value in (("qos", qos), ("account", account), ("partition", partition)):
+        if value is not None and not (isinstance(value, str) and _SLURM_NAME.match(value)):
+            raise ConfigError(f"{key} must be a SLURM name (letters, digits, _ . + -), got {value!r}")
+    for key, value, least in (("timeout_min", timeout_min, 1), ("nodes", nodes, 1), ("tasks_per_node", tasks_per_node, 1),
+                              ("cpus_per_task", cpus_per_task, 1), ("gpus_per_node", gpus_per_node, 0),
+                              ("array_parallelism", array_parallelism, 1), ("signal_lead_s", signal_lead_s, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ConfigError(f"{key} must be an integer >= {least}, got {value!r}")
+    if mem_gb is not None and (isinstance(mem_gb, bool) or not isinstance(mem_gb, (int, float)) or mem_gb <= 0):
+        raise ConfigError(f"mem_gb must be a number > 0, got {mem_gb!r}")
+    if signal_lead_s >= timeout_min * 60:
+        raise ConfigError(f"signal_lead_s ({signal_lead_s}) must be shorter than the time limit ({timeout_min} min)")
+    name = parse_signal(signal, "signal").name.removeprefix("SIG")
+    for key, value in (sbatch_args or {}).items():
+        if not (isinstance(key, str) and _SBATCH_KEY.match(key)):
+            raise ConfigError(f"sbatch_args: {key!r} is not an sbatch option name (like 'constraint' or 'gres')")
+        if "\n" in str(value) or "\r" in str(value):
+            raise ConfigError(f"sbatch_args.{key} must not contain a line break")
+    for key, values in (("srun_args", srun_args), ("setup", setup)):
+        if values is not None and (not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values)):
+            raise ConfigError(f"{key} must be a list of strings, got {values!r}")
+    if any("\n" in a or "\r" in a for a in srun_args or []):
+        raise ConfigError("srun_args must not contain line breaks")
+    return name
