@@ -37,6 +37,10 @@ _LAUNCHER_KEYS = ("submitit_folder", "wait", "max_preemptions", "max_timeouts")
 _POLL_S = 5.0
 
 
+class SweepJobError(RuntimeError):
+    """A job of the sweep did not finish (failed, cancelled, diverged); its run directory keeps its state."""
+
+
 class PreemptLauncher(Launcher):
     def __init__(self, **params: Any) -> None:
         self.params = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in params.items()}
@@ -143,7 +147,8 @@ class PreemptLauncher(Launcher):
         manifest = sweep.save_manifest(sweep_dir, {**recorded, **{job.num: job for job in planned}})
         if not p["wait"]:
             log.info("submitted; manifest %s; follow with: hydra-preempt status %s", manifest, sweep_dir)
-            return [self._job_return(job, JobStatus.UNKNOWN) for job in planned]
+            # Hydra's sweeper asserts on UNKNOWN: the launch itself completed; the value says what was done
+            return [self._job_return(job, JobStatus.COMPLETED, {"job_id": job.job_id, "dir": job.dir}) for job in planned]
         handles = {job.num: h for job, h in zip(to_submit, submitted)}
         return [self._wait_for(job, handles.get(job.num), job in finished) for job in planned]
 
@@ -171,17 +176,19 @@ class PreemptLauncher(Launcher):
         """The job's JobReturn once it is over: its own (submitted now), or one read from its run directory."""
         from hydra_preempt import sweep
 
+        job_error = None
         if handle is not None:
             try:
                 return handle.results()[0]
-            except Exception as e:  # the job failed: Hydra reports it when the sweep collects the results
-                return self._job_return(job, JobStatus.FAILED, e)
-        while not was_finished and sweep.is_active(sweep.scheduler_state(job)):
+            except Exception as e:  # the job did not finish: Hydra reports it when the sweep collects the results
+                job_error = e
+        while not was_finished and handle is None and sweep.is_active(sweep.scheduler_state(job)):
             time.sleep(_POLL_S)
         standing = sweep.run_standing(Path(job.dir))
         if standing.finished:
             return self._job_return(job, JobStatus.COMPLETED, standing.result)
-        error = RuntimeError(f"job #{job.num} ({job.job_id}) ended {standing.status}: {standing.message}")
+        detail = f"\n{job_error}" if job_error else ""
+        error = SweepJobError(f"job #{job.num} ({job.job_id}) ended {standing.status}: {standing.message}; run directory {job.dir}{detail}")
         return self._job_return(job, JobStatus.FAILED, error)
 
     def _job_return(self, job: Any, status: JobStatus, value: Any = None) -> JobReturn:
