@@ -1,0 +1,85 @@
+"""The experiment grid of the Snakemake workflow: parsed and checked before any job is planned.
+
+    experiments:                       # one training run per entry
+      - name: lr-0.01                  # the run's directory name: letters, digits, _ . -
+        overrides: {optim.lr: 0.01}    # train.py overrides (Hydra key=value)
+    common_overrides: {trainer.max_steps: 300}   # given to every experiment
+
+Errors name the offending entry, so a bad grid fails at parse time, before
+anything is submitted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+KEYS = {
+    "experiments": "list of {name, overrides}",
+    "common_overrides": "overrides given to every experiment",
+    "train_script": "the Hydra app to run (default train.py)",
+    "runs_dir": "where run directories (checkpoints, run log, result.json) go",
+    "results_dir": "where the summary table and plot go",
+    "runtime_min": "time limit of a training job, minutes",
+    "cpus_per_task": "CPUs of a training job",
+    "mem_mb": "memory of a training job, MB",
+    "gpus": "GPUs of a training job",
+    "signal_lead_s": "the time-limit warning (SIGTERM) this many seconds before the limit",
+}
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_KEY = re.compile(r"^\+{0,2}~?[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    overrides: tuple[str, ...]
+
+
+def load_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
+    """The grid's experiments by name; ConfigError names the first bad entry."""
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"the workflow config must be a mapping, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"unknown workflow config key(s) {', '.join(unknown)}; known: {', '.join(sorted(KEYS))}")
+    entries = config.get("experiments")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("experiments must be a non-empty list of {name, overrides} entries: the grid is empty")
+    common = _overrides(config.get("common_overrides") or {}, "common_overrides")
+    experiments: dict[str, Experiment] = {}
+    for i, entry in enumerate(entries):
+        where = f"experiments[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where} must be a mapping with name and overrides, got {entry!r}")
+        extra = sorted(set(entry) - {"name", "overrides"})
+        if extra:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)}; an experiment has name and overrides")
+        name = entry.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(f"{where}: name must be letters, digits, _ . - (it names a directory), got {name!r}")
+        if name in experiments:
+            raise ConfigError(f"{where}: duplicate experiment name {name!r}")
+        experiments[name] = Experiment(name, (*common, *_overrides(entry.get("overrides") or {}, f"{where} ({name}).overrides")))
+    return experiments
+
+
+def _overrides(mapping: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(f"{where} must be a mapping of key: value, got {mapping!r}")
+    out = []
+    for key, value in mapping.items():
+        if not isinstance(key, str) or not _KEY.match(key):
+            raise ConfigError(f"{where}: {key!r} is not a Hydra config key")
+        if key.startswith("hydra.run") or key.startswith("hydra.sweep"):
+            raise ConfigError(f"{where}: {key} is set by the workflow (each experiment runs in runs_dir/NAME)")
+        if isinstance(value, (Mapping, list)):
+            raise ConfigError(f"{where}.{key} must be a single value, got {value!r}")
+        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        if "\n" in text:
+            raise ConfigError(f"{where}.{key} must not contain a line break")
+        out.append(f"{key}={text}")
+    return tuple(out)

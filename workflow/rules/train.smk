@@ -1,0 +1,31 @@
+# Training, one job per experiment. The declared output is the run's result.json, which the
+# session writes (atomically) only when training finished. Snakemake deletes a job's declared
+# outputs whenever the job starts, so nothing else of the run directory is declared: the
+# checkpoints and the run log beside result.json survive every restart and requeue.
+import re
+import sys
+
+
+rule train:
+    output:
+        result=f"{RUNS}/{{experiment}}/result.json",
+    params:
+        run_dir=lambda wc: f"{RUNS}/{wc.experiment}",
+        overrides=lambda wc: list(EXPERIMENTS[wc.experiment].overrides),
+        python=sys.executable,
+        script=config["train_script"],
+    wildcard_constraints:
+        experiment="|".join(re.escape(name) for name in EXPERIMENTS),
+    threads: config["cpus_per_task"]
+    resources:
+        runtime=config["runtime_min"],
+        cpus_per_task=config["cpus_per_task"],
+        mem_mb=config["mem_mb"],
+        gpu=config["gpus"],
+        # The time-limit warning. TERM, not USR2: inside the job step it also reaches the job's inner
+        # snakemake, which exits on USR2 but waits for its running job on TERM.
+        slurm_extra=f"--signal=TERM@{config['signal_lead_s']}",
+    # `exec`: the shell becomes python, so no shell layer can die of the preemption SIGTERM while
+    # python saves. python exits 75 after a preemption (the job is requeued, by SLURM or by itself).
+    shell:
+        "exec {params.python:q} {params.script:q} hydra.run.dir={params.run_dir:q} {params.overrides:q}"
