@@ -25,9 +25,12 @@ Rank 0 writes one checkpoint holding the shared objects (registered with
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import logging
 import math
+import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -54,6 +57,7 @@ log = logging.getLogger("hydra_preempt")
 
 METRICS_LOG = "metrics.jsonl"
 RESULT_FILE = "result.json"
+RUN_LOCK = ".run.lock"
 
 
 class RunStopped(BaseException):
@@ -109,6 +113,7 @@ class Session:
         self._last_save_wall = 0.0  # time.time() at the end of the last save
         self._periodic_pending = False
         self._open_step: _StepStart | None = None
+        self._lock_fd: int | None = None
 
     # -- life cycle (driven by run()) -------------------------------------
     def open(self) -> None:
@@ -129,6 +134,36 @@ class Session:
 
     def close(self) -> None:
         self.signals.uninstall()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+    def wait_for_run_lock(self, poll_s: float = 2.0) -> None:
+        """One live run per run directory. A second process (a duplicate job, e.g. after an interrupted
+        workflow was started again) waits here until the first one ends, then resumes from its state.
+        A stop signal while waiting stops this process without touching the run."""
+        if world()[0] != 0:
+            return
+        path = self.run_dir / RUN_LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not announced:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                    log.warning("run directory %s is in use by %s: waiting for it to end", self.run_dir, holder)
+                    announced = True
+                for request, status in ((Request.CANCEL, Status.CANCELLED), (Request.PREEMPT, Status.PREEMPTED)):
+                    if request in self.signals.peek():
+                        os.close(fd)
+                        raise RunStopped(status, f"stopped while waiting for {path}; the run is another process's") from None
+                time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
+        self._lock_fd = fd
 
     # -- the training function's API ----------------------------------------
     def register(self, **objects: Any) -> None:
@@ -438,15 +473,21 @@ def run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: Session
     (config.requeue) is spent fails at once.
     """
     config = config or SessionConfig()
-    counts = stop_counts(Path(run_dir))
-    budget = effective_budget(config.requeue)
-    policy = SlurmStopPolicy.from_env(counts, budget, config.signals.preempt, config.signals.timeout)
-    session = Session(run_dir, config, policy.seconds_left if policy else None)
+    session = Session(run_dir, config)
     try:
         session.open()
     except HydraPreemptError as e:
         log.error("%s", e)
         return Outcome(Status.FAILED, 0, ExitCode.USAGE, str(e), run_dir=str(run_dir))
+    try:
+        session.wait_for_run_lock()
+    except RunStopped as stop:  # the run belongs to another process: leave its log alone
+        session.close()
+        return Outcome(stop.status, 0, EXIT_CODES[stop.status], stop.message, run_dir=str(session.run_dir))
+    counts = stop_counts(session.run_dir)  # read under the lock: no other process adds to it now
+    budget = effective_budget(config.requeue)
+    policy = SlurmStopPolicy.from_env(counts, budget, config.signals.preempt, config.signals.timeout)
+    session.seconds_left = policy.seconds_left if policy else None
     logs = world()[0] == 0  # one run log per run, not per rank
     if logs:
         append_event(session.run_dir, "start", checkpoint_dir=str(session.store.directory.absolute()))

@@ -165,3 +165,32 @@ def test_disk_full_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path, tmp
     assert "disk full" in proc.output and "checkpoint step 20 is intact" in proc.output
     assert "Traceback" not in proc.output
     assert [p.name for p in (small / "ckpt").iterdir() if p.name.startswith("step-")] == ["step-000000020"]
+
+
+SLOW = [*BASE, "trainer.step_sleep=0.04"]  # the first run lasts long enough for the second to start
+
+
+def test_a_second_process_on_the_same_run_waits_then_resumes(tmp_path, reference):
+    """A duplicate job (an interrupted workflow started again) must not train beside the first one."""
+    first = TrainProcess(tmp_path, SLOW).start()
+    first.wait_for_step(20)
+    second = TrainProcess(tmp_path, SLOW).start()
+    second.wait_for_line("is in use by .* pid")
+    assert second.last_step == 0  # it waits, it does not train
+    assert first.wait() == ExitCode.FINISHED, first.output
+    assert second.wait() == ExitCode.FINISHED, second.output
+    assert second.result()["params_sha256"] == reference["params_sha256"]
+    stops = [e for e in read_events(tmp_path) if e["event"] == "stop"]
+    assert [(s["pid"], s["reason"]) for s in stops] == [(first._proc.pid, "finished"), (second._proc.pid, "finished")]
+    assert stops[1]["resumed_from"] == STEPS  # nothing trained twice
+
+
+def test_a_waiting_duplicate_stopped_by_a_signal_leaves_the_run_alone(tmp_path):
+    first = TrainProcess(tmp_path, SLOW).start()
+    first.wait_for_step(20)
+    second = TrainProcess(tmp_path, SLOW).start()
+    second.wait_for_line("is in use by")
+    second.send(signal.SIGTERM)
+    assert second.wait() == ExitCode.REQUEUE, second.output
+    assert first.wait() == ExitCode.FINISHED, first.output
+    assert {e["pid"] for e in read_events(tmp_path)} == {first._proc.pid}
