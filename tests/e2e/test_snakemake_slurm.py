@@ -1,0 +1,124 @@
+"""`snakemake --profile slurm` on the real cluster: training jobs preempted by the scheduler resume, the workflow completes.
+
+The preemption SIGTERM travels srun -> the job's inner snakemake -> the rule's shell (exec) -> python;
+these tests show it arrives (the state is saved at the step where it came) and that no layer ends the
+job before SLURM requeues it.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hydra_preempt.runlog import read_events
+from hydra_preempt.slurm import sacct_states, slurm_command
+
+from . import helpers
+from .helpers import stops, wait_for
+
+pytestmark = pytest.mark.slow
+
+COMMON = {"trainer.max_steps": 200, "trainer.step_sleep": 0.03, "trainer.log_every": 50, "checkpoint.every_steps": 100}
+GRID = {"a": 0.01, "b": 0.003, "c": 0.001}
+
+
+def write_grid(tmp_path: Path) -> Path:
+    config = {
+        "runs_dir": str(tmp_path / "runs"),
+        "results_dir": str(tmp_path / "results"),
+        "cpus_per_task": 2,  # the whole node: one job at a time, and a 2-CPU high-priority job preempts it
+        "runtime_min": 20,
+        "common_overrides": COMMON,
+        "experiments": [{"name": name, "overrides": {"optim.lr": lr}} for name, lr in GRID.items()],
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snakemake(grid: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "--profile", "slurm", "--configfile", str(grid), *extra]
+
+
+def started_job_id(run_dir: Path) -> str:
+    starts = wait_for(lambda: [e for e in read_events(run_dir) if e["event"] == "start"], f"training in {run_dir} to start", 300)
+    return starts[0]["job_id"]
+
+
+def reference_sha(tmp_path: Path, name: str) -> str:
+    overrides = [f"{k}={v}" for k, v in COMMON.items()] + [f"optim.lr={GRID[name]}"]
+    return helpers.reference_result(tmp_path / f"ref-{name}", overrides)["params_sha256"]
+
+
+@pytest.mark.parametrize("preempt_mode", ["REQUEUE", "CANCEL"], indirect=True)
+def test_preempted_experiment_resumes_and_the_workflow_completes(tmp_path, preempt_mode, request):
+    grid = write_grid(tmp_path)
+    workflow = subprocess.Popen(snakemake(grid), cwd=helpers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_a = tmp_path / "runs" / "a"
+    job_id = started_job_id(run_a)
+    helpers.preempt_at_step(job_id, run_a, 60)
+    out, _ = workflow.communicate(timeout=900)
+    assert workflow.returncode == 0, out
+
+    history = stops(run_a)
+    assert [s["reason"] for s in history] == ["preempted", "finished"], history
+    # the SIGTERM reached python: it saved at the step where it arrived, and the next start resumed there
+    assert history[0]["checkpoint_step"] == history[0]["step"] >= 60
+    assert history[1]["resumed_from"] == history[0]["step"]
+    starts = [e for e in read_events(run_a) if e["event"] == "start"]
+    assert [s["job_id"] for s in starts] == [job_id, job_id]  # requeued in place: no second copy was submitted
+    expected = "PREEMPTED" if preempt_mode == "REQUEUE" else "REQUEUED"
+    assert [s for s, _ in sacct_states(job_id)] == [expected, "COMPLETED"]
+    for name in GRID:
+        result = json.loads((tmp_path / "runs" / name / "result.json").read_text())
+        assert result["params_sha256"] == reference_sha(tmp_path, name), name
+    helpers.record(request.node.name, run_a)
+
+    results = tmp_path / "results"
+    summary = (results / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("experiment,step,loss") and len(summary) == 1 + len(GRID)
+    assert summary[1].split(",")[4] == "1"  # a: preempted once
+    assert (results / "summary.md").read_text().startswith("| experiment |")
+    assert (results / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = subprocess.run(snakemake(grid), cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Nothing to be done" in again.stdout + again.stderr
+    assert not slurm_command(["squeue", "-h"]).strip()
+
+
+@pytest.mark.parametrize("preempt_mode", ["REQUEUE"], indirect=True)
+def test_killed_snakemake_started_again_finishes_without_retraining(tmp_path, preempt_mode):
+    """SIGKILL to the main snakemake (its terminal closed): its jobs keep running; the same command
+    again (after --unlock) plans only what is unfinished; a duplicate job of a still-running experiment
+    waits for it and resumes from its end instead of training beside it."""
+    grid = write_grid(tmp_path)
+    workflow = subprocess.Popen(snakemake(grid), cwd=helpers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (tmp_path / "runs" / "a" / "result.json").exists(), "experiment a to finish", 300)
+    started_job_id(tmp_path / "runs" / "b")
+    workflow.send_signal(signal.SIGKILL)
+    workflow.communicate()
+    finished_a = (tmp_path / "runs" / "a" / "result.json").read_text()
+
+    subprocess.run(snakemake(grid, "--unlock"), cwd=helpers.ROOT, check=True, capture_output=True, timeout=120)
+    again = subprocess.run(snakemake(grid), cwd=helpers.ROOT, capture_output=True, text=True, timeout=900)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out
+    assert (tmp_path / "runs" / "a" / "result.json").read_text() == finished_a  # not retrained
+    assert len([e for e in read_events(tmp_path / "runs" / "a") if e["event"] == "start"]) == 1
+    for name in ("b", "c"):
+        run_dir = tmp_path / "runs" / name
+        history = stops(run_dir)
+        assert history[-1]["reason"] == "finished"
+        trained = [s for s in history if s["resumed_from"] != s["step"]]
+        assert len(trained) == 1, history  # every step trained once, whichever job did it
+        assert json.loads((run_dir / "result.json").read_text())["params_sha256"] == reference_sha(tmp_path, name)
+    assert (tmp_path / "results" / "summary.csv").exists()
+    deadline = time.monotonic() + 60
+    while slurm_command(["squeue", "-h"]).strip() and time.monotonic() < deadline:
+        time.sleep(1)
