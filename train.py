@@ -24,8 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import TensorDataset
 
-from hydra_preempt import ConfigError, ExitCode, ResumableLoader, Session, SessionConfig, run
-from hydra_preempt.preemption import exit_with
+from hydra_preempt import ConfigError, ExitCode, ResumableLoader, Session, SessionConfig, exit_with, run
 
 log = logging.getLogger("train")
 

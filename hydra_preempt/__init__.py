@@ -10,6 +10,7 @@ from .errors import (
     HydraPreemptError,
 )
 from .outcome import ExitCode, Outcome, Status
+from .preemption import conclude, exit_with
 from .session import RunStopped, Session, run
 
 __all__ = [
@@ -28,5 +29,7 @@ __all__ = [
     "SessionConfig",
     "SignalConfig",
     "Status",
+    "conclude",
+    "exit_with",
     "run",
 ]
