@@ -122,3 +122,30 @@ def test_killed_snakemake_started_again_finishes_without_retraining(tmp_path, pr
     deadline = time.monotonic() + 60
     while slurm_command(["squeue", "-h"]).strip() and time.monotonic() < deadline:
         time.sleep(1)
+
+
+@pytest.mark.parametrize("preempt_mode", ["REQUEUE"], indirect=True)
+def test_time_limit_inside_snakemake_checkpoints_requeues_and_finishes(tmp_path, preempt_mode, request):
+    """The time-limit warning is --signal=TERM@signal_lead_s (measured: a USR2 to the job step kills the
+    job's inner snakemake, and with it python, before anything is saved: the job ends FAILED)."""
+    common = {**COMMON, "trainer.max_steps": 2500, "checkpoint.every_steps": 1000}
+    config = {"runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"), "cpus_per_task": 2,
+              "runtime_min": 2, "signal_lead_s": 60, "common_overrides": common,
+              "experiments": [{"name": "long", "overrides": {"optim.lr": 0.01}}]}
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump(config))
+    workflow = subprocess.Popen(snakemake(grid), cwd=helpers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "runs" / "long"
+    job_id = started_job_id(run_dir)
+    wait_for(lambda: stops(run_dir), "the time-limit stop", 240, job_id=job_id)
+    helpers.release_when_pending(job_id)
+    out, _ = workflow.communicate(timeout=900)
+    assert workflow.returncode == 0, out
+
+    history = stops(run_dir)
+    assert [s["reason"] for s in history] == ["timeout", "finished"], history
+    assert history[1]["resumed_from"] == history[0]["step"] == history[0]["checkpoint_step"] > 0
+    assert [s for s, _ in sacct_states(job_id)] == ["REQUEUED", "COMPLETED"]
+    reference = helpers.reference_result(tmp_path, [f"{k}={v}" for k, v in common.items() if k != "trainer.step_sleep"] + ["optim.lr=0.01"])
+    assert json.loads((run_dir / "result.json").read_text())["params_sha256"] == reference["params_sha256"]
+    helpers.record(request.node.name, run_dir)
