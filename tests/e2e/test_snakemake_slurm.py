@@ -71,7 +71,7 @@ def test_preempted_experiment_resumes_and_the_workflow_completes(tmp_path, preem
     assert history[0]["checkpoint_step"] == history[0]["step"] >= 60
     assert history[1]["resumed_from"] == history[0]["step"]
     starts = [e for e in read_events(run_a) if e["event"] == "start"]
-    assert [s["job_id"] for s in starts] == [job_id, job_id]  # requeued in place: no second copy was submitted
+    assert [(s["job_id"], s["restart_count"]) for s in starts] == [(job_id, 0), (job_id, 1)]  # requeued in place: no second copy
     expected = "PREEMPTED" if preempt_mode == "REQUEUE" else "REQUEUED"
     assert [s for s, _ in sacct_states(job_id)] == [expected, "COMPLETED"]
     for name in GRID:
