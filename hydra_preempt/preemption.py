@@ -79,24 +79,22 @@ class SlurmStopPolicy:
         self.budget = budget
         self.preempt_signal = parse_signal(preempt_signal).name
         self.timeout_signal = parse_signal(timeout_signal, "signals.timeout").name
-        self.restarts = task.restart_count  # how often SLURM requeued the job before this start
 
     @classmethod
     def from_env(cls, counts: dict[str, int], budget: RequeueBudget, preempt_signal: str, timeout_signal: str) -> "SlurmStopPolicy | None":
         task = SlurmTask.from_env()
         if task is None:
             return None
-        restarts = task.restart_count
         try:  # now, not on the clock of a grace period
             job = show_job(task.job_id)
             facts = cluster_facts(job.qos)
-            restarts = job.restarts  # SLURM_RESTART_COUNT does not reach every job step (Snakemake's drops it)
+            # SLURM_RESTART_COUNT does not reach every job step (Snakemake's job step drops it);
+            # the run log reads it from the environment, so put SLURM's own count back
+            os.environ["SLURM_RESTART_COUNT"] = str(job.restarts)
         except SlurmError as e:
             log.warning("cannot read KillWait/GraceTime/PreemptMode (%s): assuming none", e)
             facts = ClusterFacts()
-        policy = cls(task, facts, counts, budget, preempt_signal, timeout_signal)
-        policy.restarts = restarts
-        return policy
+        return cls(task, facts, counts, budget, preempt_signal, timeout_signal)
 
     def seconds_left(self) -> float | None:
         """Seconds until SLURM's SIGKILL: KillWait after the grace end (preemption) or the end time

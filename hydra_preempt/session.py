@@ -490,8 +490,7 @@ def run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: Session
     session.seconds_left = policy.seconds_left if policy else None
     logs = world()[0] == 0  # one run log per run, not per rank
     if logs:
-        slurm = {"restart_count": policy.restarts} if policy else {}
-        append_event(session.run_dir, "start", checkpoint_dir=str(session.store.directory.absolute()), **slurm)
+        append_event(session.run_dir, "start", checkpoint_dir=str(session.store.directory.absolute()))
     spent = budget.exhausted(counts.get("preempted", 0), counts.get("timeout", 0))
     try:
         if spent:
