@@ -130,7 +130,7 @@ def test_time_limit_inside_snakemake_checkpoints_requeues_and_finishes(tmp_path,
     job's inner snakemake, and with it python, before anything is saved: the job ends FAILED)."""
     common = {**COMMON, "trainer.max_steps": 2500, "checkpoint.every_steps": 1000}
     config = {"runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"), "cpus_per_task": 2,
-              "runtime_min": 2, "signal_lead_s": 60, "common_overrides": common,
+              "runtime_min": 2, "signal_lead_s": 30, "common_overrides": common,
               "experiments": [{"name": "long", "overrides": {"optim.lr": 0.01}}]}
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(config))
@@ -138,7 +138,7 @@ def test_time_limit_inside_snakemake_checkpoints_requeues_and_finishes(tmp_path,
     workflow = subprocess.Popen(snakemake(grid), cwd=helpers.ROOT, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     run_dir = tmp_path / "runs" / "long"
     job_id = started_job_id(run_dir)
-    # SLURM sends the signal 60 to ~90 s before the limit: the run needs two or three starts
+    # SLURM sends the signal 30 to 90 s before the limit: the run needs two or three starts
     deadline = time.monotonic() + 900
     while workflow.poll() is None and time.monotonic() < deadline:
         if helpers.job_state(job_id) == "PENDING":  # requeued: skip the ~120 s BeginTime
