@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test install
+.PHONY: demo test lint install
 
 install: $(VENV)/.installed
 
@@ -19,7 +19,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(BIN)/hydra-preempt demo
+	$(BIN)/python -m tools.demo
 
 test: install
 	$(BIN)/python -m pytest
+
+# ruff (lint and format) and mypy, as configured in pyproject.toml; .ci/run runs it before the tests.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy

@@ -107,7 +107,9 @@ def train(session: Session, cfg: DictConfig) -> dict:
 
 def session_config(cfg: DictConfig) -> SessionConfig:
     """The session's sections of the app config (checkpoint, divergence, signals, distributed, requeue)."""
-    sections = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["checkpoint", "divergence", "signals", "distributed", "requeue"]), resolve=True)
+    sections = OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, ["checkpoint", "divergence", "signals", "distributed", "requeue"]), resolve=True
+    )
     return SessionConfig.from_mapping(sections)  # type: ignore[arg-type]
 
 
@@ -120,7 +122,10 @@ def main(cfg: DictConfig):
         sys.exit(ExitCode.USAGE)
     run_dir = HydraConfig.get().runtime.output_dir
     outcome = run(lambda session: train(session, cfg), run_dir, config)
-    print(f"{outcome.status.value} at step {outcome.step} (exit code {int(outcome.exit_code)}): {outcome.message}", flush=True)
+    print(
+        f"{outcome.status.value} at step {outcome.step} (exit code {int(outcome.exit_code)}): {outcome.message}",
+        flush=True,
+    )
     if HydraConfig.get().mode == RunMode.RUN:
         exit_with(outcome)  # under SLURM (srun python train.py): requeues when that is the job's part
     return outcome  # a sweep: the launcher concludes it

@@ -14,6 +14,7 @@ and the report says which. Medians are printed.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import statistics
@@ -21,11 +22,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from hydra_preempt.checkpoint import CheckpointStore, RetentionPolicy, Snapshot
+from hydra_preempt.checkpoint.retention import RetentionPolicy
+from hydra_preempt.checkpoint.store import CheckpointStore
 from hydra_preempt.checkpoint.tree import array_bytes
+from hydra_preempt.checkpoint.writer import Snapshot
 
 
 def drop_caches() -> bool:
@@ -48,7 +52,7 @@ def store_save(state, directory: Path, step: int) -> None:
 
 
 def store_load(directory: Path) -> None:
-    info, tree = CheckpointStore(directory).load_latest()
+    CheckpointStore(directory).load_latest()
 
 
 def torch_save(state, path: Path) -> None:
@@ -87,7 +91,12 @@ def main() -> int:
     parser.add_argument("--gb", type=float, default=1.0)
     parser.add_argument("--tensors", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--dir", type=Path, default=None, help="directory on the disk to test (default: a temporary one under ./benchmarks)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="directory on the disk to test (default: a temporary one under ./benchmarks)",
+    )
     args = parser.parse_args()
 
     numel = int(args.gb * 1e9 / 4 / args.tensors)
@@ -96,7 +105,9 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir or Path(__file__).parent))
     cold = drop_caches()
     print(f"state: {nbytes / 1e9:.2f} GB in {args.tensors} fp32 tensors; {args.repeats} repeats; directory {base}")
-    print(f"loads: {'cold (page cache dropped before each)' if cold else 'WARM (cannot drop the page cache: not root?)'}\n")
+    print(
+        f"loads: {'cold (page cache dropped before each)' if cold else 'WARM (cannot drop the page cache: not root?)'}\n"
+    )
 
     saves: dict[str, list[float]] = {"hydra_preempt store": [], "torch.save + fsync": [], "raw write + fsync": []}
     loads: dict[str, list[float]] = {"hydra_preempt store": [], "torch.load(weights_only)": [], "raw read": []}
@@ -104,8 +115,8 @@ def main() -> int:
         for rep in range(args.repeats):
             for d in base.iterdir():
                 shutil.rmtree(d) if d.is_dir() else d.unlink()
-            methods = [
-                ("hydra_preempt store", lambda: store_save(state, base / "store", rep)),
+            methods: list[tuple[str, Callable[[], object]]] = [
+                ("hydra_preempt store", functools.partial(store_save, state, base / "store", rep)),
                 ("torch.save + fsync", lambda: torch_save(state, base / "torch.pt")),
                 ("raw write + fsync", lambda: raw_save(state, base / "raw.bin")),
             ]
@@ -113,7 +124,7 @@ def main() -> int:
             for name, fn in methods[rep % 3 :] + methods[: rep % 3]:
                 os.sync()  # start each save with no other write-back in flight
                 saves[name].append(timed(fn))
-            readers = [
+            readers: list[tuple[str, Callable[[], object]]] = [
                 ("hydra_preempt store", lambda: store_load(base / "store")),
                 ("torch.load(weights_only)", lambda: torch_load(base / "torch.pt")),
                 ("raw read", lambda: raw_load(state, base / "raw.bin")),
@@ -133,12 +144,16 @@ def main() -> int:
         return medians
 
     s = report("save (median)", saves)
-    l = report("\nload (median)", loads)
+    load = report("\nload (median)", loads)
     store_save_s, torch_save_s, raw_save_s = s.values()
-    store_load_s, torch_load_s, raw_load_s = l.values()
+    store_load_s, torch_load_s, raw_load_s = load.values()
     print("\nratios (throughput; >1 means hydra_preempt is faster)")
-    print(f"  save: store / torch.save = {torch_save_s / store_save_s:.2f}   store / raw = {raw_save_s / store_save_s:.2f}")
-    print(f"  load: store / torch.load = {torch_load_s / store_load_s:.2f}   store / raw = {raw_load_s / store_load_s:.2f}")
+    print(
+        f"  save: store / torch.save = {torch_save_s / store_save_s:.2f}   store / raw = {raw_save_s / store_save_s:.2f}"
+    )
+    print(
+        f"  load: store / torch.load = {torch_load_s / store_load_s:.2f}   store / raw = {raw_load_s / store_load_s:.2f}"
+    )
     return 0
 
 

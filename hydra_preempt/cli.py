@@ -1,4 +1,4 @@
-"""The `hydra-preempt` command."""
+"""The `hydra-preempt` command. Light: `status` reads run directories and asks the scheduler, no torch."""
 
 from __future__ import annotations
 
@@ -14,18 +14,13 @@ from .outcome import ExitCode
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hydra-preempt", description="Preemption-safe training on SLURM.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train locally, preempt with SIGTERM twice, resume, compare with an uninterrupted run")
-    demo.add_argument("--dir", type=Path, default=Path("demo-runs"), help="where run directories go (default: demo-runs)")
-    demo.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
-    status = sub.add_parser("status", help="where every job of a sweep stands (hydra/launcher=preempt_slurm or preempt_local)")
+    status = sub.add_parser(
+        "status", help="where every job of a sweep stands (hydra/launcher=preempt_slurm or preempt_local)"
+    )
     status.add_argument("sweep_dir", type=Path, help="the sweep directory (hydra.sweep.dir)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     try:
-        if args.command == "demo":
-            from .demo import run_demo
-
-            return run_demo(args.dir, args.steps)
         if args.command == "status":
             return show_status(args.sweep_dir, args.json)
     except HydraPreemptError as e:
@@ -35,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def show_status(sweep_dir: Path, as_json: bool) -> int:
-    from .sweep import format_table, status_rows
+    from .doors.hydra_sweep import format_table, status_rows
 
     rows = status_rows(sweep_dir)
     print(json.dumps(rows, indent=1) if as_json else format_table(rows))

@@ -11,8 +11,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from .checkpoint.retention import RetentionPolicy
 from .errors import ConfigError
-from .requeue import RequeueBudget
+from .session.divergence import LossSpikeDetector
+from .session.signals import SignalRequests
+from .slurm.stop import RequeueBudget
+
+# The time-limit warning: the app's signals.timeout and the executors' `signal` default to it.
+DEFAULT_TIMEOUT_SIGNAL = "USR2"
 
 
 @dataclass
@@ -26,6 +32,9 @@ class CheckpointConfig:
     mode: str = "min"  # "min" or "max"
     emergency: bool = True  # save on an unhandled exception when the state is consistent
 
+    def retention_policy(self) -> RetentionPolicy:
+        return RetentionPolicy(self.keep_last, self.keep_best, self.metric, self.mode)  # type: ignore[arg-type]
+
 
 @dataclass
 class DivergenceConfig:
@@ -36,11 +45,17 @@ class DivergenceConfig:
     patience: int = 5
     min_history: int = 3
 
+    def detector(self) -> LossSpikeDetector:
+        return LossSpikeDetector(self.window, self.factor, self.patience, self.min_history)
+
 
 @dataclass
 class SignalConfig:
     preempt: str = "TERM"  # TERM, USR2 or HUP: the scheduler's preemption warning
-    timeout: str = "USR2"  # the signal sent before the time limit (submitit: --signal=USR2@lead)
+    timeout: str = DEFAULT_TIMEOUT_SIGNAL  # the signal sent before the time limit (--signal=USR2@lead)
+
+    def requests(self) -> SignalRequests:
+        return SignalRequests(self.preempt, self.timeout)
 
 
 @dataclass
@@ -57,7 +72,7 @@ class SessionConfig:
     requeue: RequeueBudget = field(default_factory=RequeueBudget)  # max_preemptions, max_timeouts
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> "SessionConfig":
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> SessionConfig:
         config = _build(cls, mapping or {}, "")
         config.validate()
         return config
@@ -71,15 +86,9 @@ class SessionConfig:
         if self.distributed.sync_every < 1:
             raise ConfigError(f"distributed.sync_every must be >= 1, got {self.distributed.sync_every!r}")
         # The remaining checks live with the objects that use the values.
-        from .checkpoint.retention import RetentionPolicy
-        from .divergence import LossSpikeDetector
-        from .signals import parse_signal
-
-        RetentionPolicy(c.keep_last, c.keep_best, c.metric, c.mode)  # type: ignore[arg-type]
-        d = self.divergence
-        LossSpikeDetector(d.window, d.factor, d.patience, d.min_history)
-        parse_signal(self.signals.preempt)
-        parse_signal(self.signals.timeout, "signals.timeout")
+        c.retention_policy()
+        self.divergence.detector()
+        self.signals.requests()
 
 
 def _build(cls: type, mapping: Mapping[str, Any], prefix: str) -> Any:
@@ -93,7 +102,7 @@ def _build(cls: type, mapping: Mapping[str, Any], prefix: str) -> Any:
     values = {}
     for name, value in mapping.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value, f"{prefix}{name}.")
         else:
             values[name] = _check_type(value, hint, prefix + name)

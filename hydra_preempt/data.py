@@ -63,7 +63,9 @@ class ResumableLoader:
         self.drop_last = drop_last
         self.dataloader_kwargs = dataloader_kwargs
         if self.batches_per_epoch == 0:
-            raise ConfigError(f"dataset of {self.num_samples} samples gives no batch of {batch_size} (drop_last={drop_last})")
+            raise ConfigError(
+                f"dataset of {self.num_samples} samples gives no batch of {batch_size} (drop_last={drop_last})"
+            )
         self.epoch = 0
         self.index = 0
         self._iterator: Iterator | None = None
@@ -84,7 +86,7 @@ class ResumableLoader:
         order = order[self.rank :: self.world_size]
         return [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.batches_per_epoch)]
 
-    def __iter__(self) -> "ResumableLoader":
+    def __iter__(self) -> ResumableLoader:
         return self
 
     def __next__(self) -> Any:
@@ -108,7 +110,13 @@ class ResumableLoader:
         return batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "num_samples": self.num_samples, "batch_size": self.batch_size}
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key in ("seed", "num_samples", "batch_size"):

@@ -51,24 +51,3 @@ def broadcast_from_rank0(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def init_from_job(backend: str | None = "auto") -> None:
-    """A process group for a job of several tasks (SLURM or submitit local), from its environment.
-
-    "auto" picks nccl with CUDA, else gloo; None leaves it to the training function.
-    """
-    import submitit  # the job environment's rank/world size/master address, as submitit reads them
-
-    if backend is None or dist.is_initialized():
-        return
-    try:
-        env = submitit.JobEnvironment()
-    except RuntimeError:  # not inside a submitit job
-        return
-    if env.num_tasks <= 1:
-        return
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    dist.init_process_group(backend)

@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from .rundir import JobIdentity
+
 
 class Status(str, enum.Enum):
     FINISHED = "finished"
@@ -47,3 +49,4 @@ class Outcome:
     run_dir: str | None = None
     requeue_by: str | None = None  # under SLURM: "self", "slurm" or "none" (requeue.Requeuer)
     kill_deadline: float | None = None  # under SLURM: when the job will be killed (time.time())
+    job: JobIdentity | None = None  # the job and start that ran, for the run log of what follows

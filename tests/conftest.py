@@ -14,7 +14,9 @@ def tmpfs(tmp_path):
         target = tmp_path / f"tmpfs-{uuid.uuid4().hex[:8]}"
         target.mkdir()
         opts = f"size={size}" + (f",{options}" if options else "")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(target)], capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(target)], capture_output=True, text=True
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'not root'})")
         mounts.append(target)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,8 +33,6 @@ from .config import PreemptLauncherConf
 
 log = logging.getLogger(__name__)
 
-# Keys of PreemptLauncherConf that are the launcher's own, not the executor's.
-_LAUNCHER_KEYS = ("submitit_folder", "wait", "max_preemptions", "max_timeouts")
 _POLL_S = 5.0
 
 
@@ -43,7 +42,9 @@ class SweepJobError(RuntimeError):
 
 class PreemptLauncher(Launcher):
     def __init__(self, **params: Any) -> None:
-        self.params = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in params.items()}
+        self.params: Dict[str, Any] = {
+            k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in params.items()
+        }
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None
@@ -54,14 +55,21 @@ class PreemptLauncher(Launcher):
         self.task_function = task_function
 
     # -- inside the job ------------------------------------------------------------
-    def __call__(self, sweep_overrides: List[str], job_num: int, job_dir: str, singleton_state: Dict[type, Singleton]) -> JobReturn:
+    def __call__(
+        self,
+        sweep_overrides: List[str],
+        job_num: int,
+        job_dir: str,
+        sweep_dir: str,
+        subdir: str,
+        singleton_state: Dict[type, Singleton],
+    ) -> JobReturn:
         import submitit
 
-        from hydra_preempt import preemption
-        from hydra_preempt.distributed import init_from_job
+        from hydra_preempt.doors.submitit import RunFailed, init_from_job
         from hydra_preempt.outcome import Outcome, Status
-        from hydra_preempt.requeue import RequeueBudget
-        from hydra_preempt.task import RunFailed
+        from hydra_preempt.session.runner import JobContext, current_job
+        from hydra_preempt.slurm.policy import RESUME_EXIT_CODES, conclude
 
         assert self.hydra_context is not None and self.config is not None and self.task_function is not None
         Singleton.set_state(singleton_state)
@@ -70,25 +78,50 @@ class PreemptLauncher(Launcher):
         with read_write(sweep_config.hydra), open_dict(sweep_config.hydra):
             sweep_config.hydra.job.id = submitit.JobEnvironment().job_id
             sweep_config.hydra.job.num = job_num
-            # the directory the launcher chose: a requeue writes where the first start did
-            sweep_config.hydra.sweep.dir = str(Path(job_dir).parent)
-            sweep_config.hydra.sweep.subdir = Path(job_dir).name
+            # the directory resolved at launch: a requeue writes where the first start did. Set only where
+            # the job's own config resolves otherwise, so that hydra.yaml keeps e.g. subdir: ${hydra.job.num}/run
+            for key, value in zip(("dir", "subdir"), _pinned_sweep_dirs(job_dir, sweep_dir, subdir)):
+                if (
+                    str(OmegaConf.select(sweep_config, f"hydra.sweep.{key}", throw_on_resolution_failure=False))
+                    != value
+                ):
+                    sweep_config.hydra.sweep[key] = value
         init_from_job("auto")
-        preemption.latest_outcome = None
-        budget = RequeueBudget(self.params["max_preemptions"], self.params["max_timeouts"])
-        with preemption.requeue_budget(budget):
+        outcomes: List[Outcome] = []
+        job = JobContext(budget=self._budget(), on_outcome=outcomes.append)
+        token = current_job.set(job)
+        try:
             ret = run_job(
-                hydra_context=self.hydra_context, task_function=self.task_function, config=sweep_config,
-                job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir",
+                hydra_context=self.hydra_context,
+                task_function=self.task_function,
+                config=sweep_config,
+                job_dir_key="hydra.sweep.dir",
+                job_subdir_key="hydra.sweep.subdir",
             )
+        finally:
+            current_job.reset(token)
         value = ret.return_value  # a task that raised raises here: the job ends FAILED with its traceback
-        outcome = value if isinstance(value, Outcome) else preemption.latest_outcome
+        outcome = value if isinstance(value, Outcome) else (outcomes[-1] if outcomes else None)
         if outcome is None or outcome.status is Status.FINISHED:
             return ret
-        code = preemption.conclude(outcome)
-        if code in preemption.RESUME_EXIT_CODES:
+        code = conclude(outcome)
+        if code in RESUME_EXIT_CODES:
             sys.exit(code)  # no result pickle: submitit and SLURM see a job that will run again (or was cancelled)
         raise RunFailed(f"job #{job_num} {outcome.status.value} at step {outcome.step}: {outcome.message}")
+
+    def _budget(self) -> Any:
+        """The app's requeue section, with the launcher's max_preemptions/max_timeouts where they are set."""
+        from hydra_preempt.slurm.stop import RequeueBudget
+
+        assert self.config is not None
+        section = OmegaConf.select(self.config, "requeue", default=None)
+        values = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else {}
+        assert isinstance(values, dict)
+        for key in ("max_preemptions", "max_timeouts"):
+            if self.params.get(key) is not None:
+                values[key] = self.params[key]
+        known = {k: v for k, v in values.items() if k in ("max_preemptions", "max_timeouts")}
+        return RequeueBudget(**known)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit's requeue request: the same job, which resumes from its run directory."""
@@ -99,48 +132,62 @@ class PreemptLauncher(Launcher):
     # -- on the submitting side -------------------------------------------------------
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hydra_preempt.errors import HydraPreemptError
-        from hydra_preempt.slurm import SlurmError
 
         try:
             return self._launch(job_overrides, initial_job_idx)
-        except (HydraPreemptError, SlurmError) as e:
+        except HydraPreemptError as e:
             # a user's mistake, caught before anything was submitted: its message, no traceback
             print(f"Error in hydra/launcher={self._config_name()}: {e}", file=sys.stderr)
             sys.exit(2)
 
     def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from hydra_preempt import sweep
+        from hydra_preempt.doors import hydra_sweep as sweep
+        from hydra_preempt.doors.settings import ExecutorSettings
+        from hydra_preempt.doors.submitit import executor_for
         from hydra_preempt.errors import ConfigError
-        from hydra_preempt.requeue import RequeueBudget
-        from hydra_preempt.task import preemptible_executor
 
         assert self.config is not None and self.hydra_context is not None
         p = self.params
         unknown = sorted(set(p) - {f.name for f in dataclasses.fields(PreemptLauncherConf)})
         if unknown:
             raise ConfigError(f"unknown key(s) {', '.join('hydra.launcher.' + k for k in unknown)}")
-        RequeueBudget(p["max_preemptions"], p["max_timeouts"])
+        settings = ExecutorSettings(**{k: p[k] for k in ExecutorSettings.keys()})  # noqa: SIM118 (a classmethod, not dict.keys)
+        settings.validate()
+        self._budget()
         self._check_signal_matches_app()
-        sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
-        planned = [
-            sweep.SweepJob(initial_job_idx + i, list(o), self._job_dir(sweep_dir, list(o), initial_job_idx + i), p["cluster"])
-            for i, o in enumerate(job_overrides)
-        ]
+        sweep_dir_as_given = str(self.config.hydra.sweep.dir)
+        sweep_dir = Path(sweep_dir_as_given).absolute()
+        planned = []
+        for i, overrides in enumerate(job_overrides):
+            num = initial_job_idx + i
+            subdir = self._subdir(list(overrides), num)
+            planned.append(sweep.SweepJob(num, list(overrides), str(sweep_dir / subdir), p["cluster"], subdir=subdir))
         recorded = sweep.load_manifest(sweep_dir)
         sweep.check_same_sweep(sweep_dir, recorded, planned)
         finished, active, to_submit = self._triage(planned, recorded)
-        log.info("preempt_%s sweep in %s: %d job(s) to submit, %d finished, %d still with the scheduler",
-                 p["cluster"], sweep_dir, len(to_submit), len(finished), len(active))
+        log.info(
+            "preempt_%s sweep in %s: %d job(s) to submit, %d finished, %d still with the scheduler",
+            p["cluster"],
+            sweep_dir,
+            len(to_submit),
+            len(finished),
+            len(active),
+        )
         for job in planned:
-            mark = "finished, skipped" if job in finished else f"still {active[job.num]}, not resubmitted" if job.num in active else "submitting"
+            mark = (
+                "finished, skipped"
+                if job in finished
+                else f"still {active[job.num]}, not resubmitted"
+                if job.num in active
+                else "submitting"
+            )
             log.info("\t#%d : %s  (%s)", job.num, " ".join(filter_overrides(job.overrides)), mark)
         submitted = []
         if to_submit:
-            executor_params = {k: v for k, v in p.items() if k not in _LAUNCHER_KEYS}
-            executor = preemptible_executor(p["submitit_folder"], **executor_params)
+            executor = executor_for(p["submitit_folder"], settings)
             sweep_dir.mkdir(parents=True, exist_ok=True)
             state = Singleton.get_state()
-            args = [(job.overrides, job.num, job.dir, state) for job in to_submit]
+            args = [(job.overrides, job.num, job.dir, sweep_dir_as_given, job.subdir, state) for job in to_submit]
             submitted = executor.map_array(self, *zip(*args))
             for job, handle in zip(to_submit, submitted):
                 job.job_id = str(handle.job_id)
@@ -148,13 +195,15 @@ class PreemptLauncher(Launcher):
         if not p["wait"]:
             log.info("submitted; manifest %s; follow with: hydra-preempt status %s", manifest, sweep_dir)
             # Hydra's sweeper asserts on UNKNOWN: the launch itself completed; the value says what was done
-            return [self._job_return(job, JobStatus.COMPLETED, {"job_id": job.job_id, "dir": job.dir}) for job in planned]
+            return [
+                self._job_return(job, JobStatus.COMPLETED, {"job_id": job.job_id, "dir": job.dir}) for job in planned
+            ]
         handles = {job.num: h for job, h in zip(to_submit, submitted)}
         return [self._wait_for(job, handles.get(job.num), job in finished) for job in planned]
 
     def _triage(self, planned: list, recorded: dict) -> tuple[list, dict[int, str], list]:
         """(finished, {num: scheduler state of jobs still held}, to submit) for a run of the same sweep."""
-        from hydra_preempt import sweep
+        from hydra_preempt.doors import hydra_sweep as sweep
 
         finished, active, to_submit = [], {}, []
         for job in planned:
@@ -174,7 +223,7 @@ class PreemptLauncher(Launcher):
 
     def _wait_for(self, job: Any, handle: Any, was_finished: bool) -> JobReturn:
         """The job's JobReturn once it is over: its own (submitted now), or one read from its run directory."""
-        from hydra_preempt import sweep
+        from hydra_preempt.doors import hydra_sweep as sweep
 
         job_error = None
         if handle is not None:
@@ -187,30 +236,68 @@ class PreemptLauncher(Launcher):
         standing = sweep.run_standing(Path(job.dir))
         if standing.finished:
             return self._job_return(job, JobStatus.COMPLETED, standing.result)
+        if standing.status == "not started":  # no run log: a task function that does not call hydra_preempt.run()
+            what = f"failed: {job_error}" if job_error else f"ended without a result (no run log in {job.dir})"
+            error = SweepJobError(f"job #{job.num} ({job.job_id}) {what}")
+            return self._job_return(job, JobStatus.FAILED, error)
         detail = f"\n{job_error}" if job_error else ""
-        error = SweepJobError(f"job #{job.num} ({job.job_id}) ended {standing.status}: {standing.message}; run directory {job.dir}{detail}")
+        error = SweepJobError(
+            f"job #{job.num} ({job.job_id}) ended {standing.status}: {standing.message}; run directory {job.dir}{detail}"
+        )
         return self._job_return(job, JobStatus.FAILED, error)
 
     def _job_return(self, job: Any, status: JobStatus, value: Any = None) -> JobReturn:
-        ret = JobReturn(overrides=job.overrides, working_dir=job.dir, task_name=str(self.config.hydra.job.name), status=status)
+        assert self.config is not None
+        ret = JobReturn(
+            overrides=job.overrides, working_dir=job.dir, task_name=str(self.config.hydra.job.name), status=status
+        )
         ret._return_value = value
         return ret
 
-    def _job_dir(self, sweep_dir: Path, overrides: list[str], num: int) -> str:
-        """The job's output directory, resolved once here so that requeues reuse it."""
+    def _subdir(self, overrides: list[str], num: int) -> str:
+        """The job's output directory relative to the sweep dir, resolved once here so that requeues reuse it."""
+        from omegaconf.errors import OmegaConfBaseException
+
+        from hydra_preempt.errors import ConfigError
+
+        assert self.hydra_context is not None and self.config is not None
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with read_write(cfg.hydra), open_dict(cfg.hydra):
             cfg.hydra.job.num = num
-        return str(sweep_dir / str(OmegaConf.select(cfg, "hydra.sweep.subdir")))
+        try:
+            return str(OmegaConf.select(cfg, "hydra.sweep.subdir", throw_on_missing=True))
+        except OmegaConfBaseException as e:
+            reason = str(e).splitlines()[0]
+            raise ConfigError(
+                f"hydra.sweep.subdir cannot be resolved before the job is submitted ({reason}): a preemptible job's "
+                "directory must be known at launch so that every requeue finds it; use ${hydra.job.num} or the "
+                "job's overrides (${hydra.job.override_dirname}), not ${hydra.job.id}"
+            ) from None
 
     def _check_signal_matches_app(self) -> None:
         from hydra_preempt.errors import ConfigError
-        from hydra_preempt.signals import parse_signal
+        from hydra_preempt.session.signals import parse_signal
 
+        assert self.config is not None
         app_signal = OmegaConf.select(self.config, "signals.timeout", default=None)
         mine = parse_signal(self.params["signal"], "signal").name
         if app_signal is not None and parse_signal(str(app_signal), "signals.timeout").name != mine:
-            raise ConfigError(f"signal={self.params['signal']} but the app's signals.timeout={app_signal}: the time-limit warning would not be caught")
+            raise ConfigError(
+                f"signal={self.params['signal']} but the app's signals.timeout={app_signal}: the time-limit warning would not be caught"
+            )
 
     def _config_name(self) -> str:
         return "preempt_local" if self.params.get("cluster") == "local" else "preempt_slurm"
+
+
+def _pinned_sweep_dirs(job_dir: str, sweep_dir: str, subdir: str) -> tuple[str, str]:
+    """(hydra.sweep.dir, hydra.sweep.subdir) for a job pinned to `job_dir` (absolute, chosen at launch).
+
+    As Hydra's BasicLauncher shows them: the sweep directory as given and the subdir relative to it,
+    when they still lead to `job_dir` from this process's working directory (run_job takes
+    abspath(join(dir, subdir))); else the launch's absolute sweep directory with the same subdir.
+    """
+    if os.path.abspath(os.path.join(sweep_dir, subdir)) == os.path.abspath(job_dir):
+        return sweep_dir, subdir
+    depth = len(Path(subdir).parts)
+    return (str(Path(job_dir).parents[depth - 1]) if depth else job_dir), subdir

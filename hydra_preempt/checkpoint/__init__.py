@@ -1,16 +1,3 @@
-"""Checkpoint storage: one atomic, verified directory per checkpoint, with retention."""
-
-from .retention import CheckpointRecord, RetentionPlan, RetentionPolicy
-from .store import REASONS, CheckpointInfo, CheckpointStore
-from .writer import CorruptCheckpointError, Snapshot
-
-__all__ = [
-    "REASONS",
-    "CheckpointInfo",
-    "CheckpointRecord",
-    "CheckpointStore",
-    "CorruptCheckpointError",
-    "RetentionPlan",
-    "RetentionPolicy",
-    "Snapshot",
-]
+"""Checkpoints: one atomic, verified directory per checkpoint, retention, and the Checkpointer that owns
+the save/load life cycle. Import from the modules: `layout` (read-only, no torch), `store`, `writer`,
+`tree`, `retention`, `checkpointer`."""

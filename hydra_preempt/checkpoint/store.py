@@ -1,14 +1,14 @@
 """A directory of checkpoints: atomic saves, verified loads with fallback, retention.
 
-    checkpoints/
-      step-000000100/          one complete checkpoint (see writer.py)
-      step-000000150/
-      index.json               latest and best-N, rewritten before any deletion
-      .tmp-step-...            a save in progress (or interrupted: removed on start)
-      .deleting-step-...       a checkpoint being deleted (renamed first, so no
-                               half-deleted directory ever carries a final name)
-      corrupt-step-...         a checkpoint that failed verification, kept for
-                               inspection and never loaded again
+checkpoints/
+  step-000000100/          one complete checkpoint (see writer.py)
+  step-000000150/
+  index.json               latest and best-N, rewritten before any deletion
+  .tmp-step-...            a save in progress (or interrupted: removed on start)
+  .deleting-step-...       a checkpoint being deleted (renamed first, so no
+                           half-deleted directory ever carries a final name)
+  corrupt-step-...         a checkpoint that failed verification, kept for
+                           inspection and never loaded again
 """
 
 from __future__ import annotations
@@ -21,34 +21,36 @@ import re
 import shutil
 import socket
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import CheckpointConfig
 from ..errors import CheckpointDirError, CheckpointWriteError
 from ..fsutil import atomic_write_text, fsync_dir
-from .retention import CheckpointRecord, RetentionPlan, RetentionPolicy
-from .writer import CorruptCheckpointError, Snapshot, read_checkpoint_files, read_manifest, write_checkpoint_files
+from .layout import (
+    CheckpointInfo,
+    CorruptCheckpointError,
+    checkpoint_info,
+    complete_checkpoints,
+    final_dirs,
+    latest_checkpoint,
+    read_manifest,
+    step_dir_name,
+)
+from .retention import RetentionPlan, RetentionPolicy
+from .writer import Snapshot, read_checkpoint_files, write_checkpoint_files
 
 log = logging.getLogger("hydra_preempt.checkpoint")
 
 REASONS = ("periodic", "preempt", "manual", "emergency", "final")
 INDEX_FILE = "index.json"
-_FINAL = re.compile(r"^step-(\d{9,})$")
 _TMP = re.compile(r"^\.tmp-step-\d+\.(?P<host>[^.]*)\.(?P<pid>\d+)$")
-
-
-@dataclass(frozen=True)
-class CheckpointInfo(CheckpointRecord):
-    path: Path = field(default=Path("."), compare=False)
-    created: float = 0.0
-    nbytes: int = 0
 
 
 class CheckpointStore:
     def __init__(self, directory: Path | str, policy: RetentionPolicy | None = None) -> None:
         self.directory = Path(directory)
-        self.policy = policy or RetentionPolicy()
+        self.policy = policy or CheckpointConfig().retention_policy()
 
     # -- start-up -------------------------------------------------------
     def prepare(self) -> list[str]:
@@ -62,10 +64,14 @@ class CheckpointStore:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            raise CheckpointDirError(f"checkpoint directory {self.directory} is not usable: {e.strerror or e}") from None
+            raise CheckpointDirError(
+                f"checkpoint directory {self.directory} is not usable: {e.strerror or e}"
+            ) from None
         removed = []
         for entry in sorted(self.directory.iterdir()):
-            if entry.name.startswith(".deleting-") or (entry.name.startswith(".tmp-step-") and not self._writer_alive(entry.name)):
+            if entry.name.startswith(".deleting-") or (
+                entry.name.startswith(".tmp-step-") and not self._writer_alive(entry.name)
+            ):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry.name)
                 log.info("removed %s left by an interrupted save or deletion", entry.name)
@@ -86,30 +92,19 @@ class CheckpointStore:
 
     # -- listing --------------------------------------------------------
     def complete(self) -> list[CheckpointInfo]:
-        """Checkpoints whose manifest is present and readable, by ascending step.
-
-        Contents are not verified here (that is done on load); directories
-        without a valid manifest are reported and left out.
-        """
-        found = []
-        for path in self._final_dirs():
-            try:
-                found.append(_info(path, read_manifest(path)))
-            except CorruptCheckpointError as e:
-                log.warning("ignoring checkpoint %s: %s", path.name, e)
-        return sorted(found, key=lambda i: i.step)
+        """Checkpoints whose manifest is present and readable, by ascending step (contents verified on load)."""
+        return complete_checkpoints(self.directory)
 
     def latest(self) -> CheckpointInfo | None:
-        infos = self.complete()
-        return infos[-1] if infos else None
+        return latest_checkpoint(self.directory)
 
-    def _final_dirs(self) -> list[Path]:
-        if not self.directory.is_dir():
-            return []
-        return [p for p in self.directory.iterdir() if _FINAL.match(p.name) and p.is_dir()]
+    def step_path(self, step: int) -> Path:
+        return self.directory / step_dir_name(step)
 
     # -- saving ---------------------------------------------------------
-    def save(self, snapshot: Snapshot, step: int, reason: str, metrics: dict[str, float] | None = None) -> CheckpointInfo:
+    def save(
+        self, snapshot: Snapshot, step: int, reason: str, metrics: dict[str, float] | None = None
+    ) -> CheckpointInfo:
         """Write a complete checkpoint atomically, then apply retention.
 
         On failure (disk full included) nothing new is visible and the
@@ -117,12 +112,12 @@ class CheckpointStore:
         """
         if reason not in REASONS:
             raise ValueError(f"unknown checkpoint reason {reason!r}; one of {REASONS}")
-        final = self.directory / f"step-{step:09d}"
+        final = self.step_path(step)
         tmp = self.directory / f".tmp-step-{step:09d}.{_hostname()}.{os.getpid()}"
         meta = {"step": step, "reason": reason, "metrics": dict(metrics or {})}
         if final.exists():
             try:
-                return _info(final, read_manifest(final))  # same step, same state: already saved
+                return checkpoint_info(final, read_manifest(final))  # same step, same state: already saved
             except CorruptCheckpointError as e:
                 self._quarantine(final, str(e))
         try:
@@ -140,7 +135,7 @@ class CheckpointStore:
             raise CheckpointWriteError(
                 f"could not write checkpoint for step {step} in {self.directory}{hint}: {e.strerror or e}; {kept}"
             ) from e
-        info = _info(final, manifest)
+        info = checkpoint_info(final, manifest)
         self.apply_retention()
         return info
 
@@ -151,10 +146,14 @@ class CheckpointStore:
         by_step = {i.step: i for i in infos}
         index = {
             "latest": infos[-1].step if infos else None,
-            "best": [{"step": s, self.policy.metric: by_step[s].metrics.get(self.policy.metric)} for s in plan.best],
+            "best": [
+                {"step": s, str(self.policy.metric): by_step[s].metrics.get(str(self.policy.metric))} for s in plan.best
+            ],
             "metric": self.policy.metric,
             "mode": self.policy.mode,
-            "checkpoints": [{"step": i.step, "reason": i.reason, "metrics": dict(i.metrics)} for i in infos if i.step in plan.keep],
+            "checkpoints": [
+                {"step": i.step, "reason": i.reason, "metrics": dict(i.metrics)} for i in infos if i.step in plan.keep
+            ],
         }
         atomic_write_text(self.directory / INDEX_FILE, json.dumps(index, indent=1))
         for step in plan.delete:
@@ -176,7 +175,7 @@ class CheckpointStore:
         """Read and verify the checkpoint directory `name` (another rank chose it). Raises CorruptCheckpointError."""
         path = self.directory / name
         manifest = read_manifest(path)
-        return _info(path, manifest), read_checkpoint_files(path, manifest)
+        return checkpoint_info(path, manifest), read_checkpoint_files(path, manifest)
 
     def load_latest(self) -> tuple[CheckpointInfo, Any] | None:
         """The newest checkpoint that verifies, falling back to older ones.
@@ -185,7 +184,7 @@ class CheckpointStore:
         aside as corrupt-step-..., so that it is never picked again and
         never counted by retention, yet nothing is deleted.
         """
-        for path in sorted(self._final_dirs(), key=lambda p: p.name, reverse=True):
+        for path in sorted(final_dirs(self.directory), key=lambda p: p.name, reverse=True):
             try:
                 manifest = read_manifest(path)
                 tree = read_checkpoint_files(path, manifest)
@@ -193,7 +192,7 @@ class CheckpointStore:
                 log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path.name, e)
                 self._quarantine(path, str(e))
                 continue
-            return _info(path, manifest), tree
+            return checkpoint_info(path, manifest), tree
         return None
 
     def _quarantine(self, path: Path, why: str) -> None:
@@ -201,18 +200,6 @@ class CheckpointStore:
         os.rename(path, target)
         fsync_dir(self.directory)
         log.warning("moved %s aside as %s: %s", path.name, target.name, why)
-
-
-def _info(path: Path, manifest: dict) -> CheckpointInfo:
-    metrics = manifest.get("metrics") if isinstance(manifest.get("metrics"), dict) else {}
-    return CheckpointInfo(
-        step=int(manifest["step"]),
-        reason=str(manifest.get("reason", "")),
-        metrics=metrics,
-        path=path,
-        created=float(manifest.get("created", 0.0)),
-        nbytes=sum(int(f["size"]) for f in manifest["files"].values()),
-    )
 
 
 def _hostname() -> str:

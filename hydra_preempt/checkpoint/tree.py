@@ -32,10 +32,16 @@ class ArraySpec:
     nbytes: int
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "dtype": self.dtype, "shape": list(self.shape), "offset": self.offset, "nbytes": self.nbytes}
+        return {
+            "kind": self.kind,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+        }
 
     @classmethod
-    def from_json(cls, d: dict) -> "ArraySpec":
+    def from_json(cls, d: dict) -> ArraySpec:
         return cls(d["kind"], d["dtype"], tuple(int(n) for n in d["shape"]), int(d["offset"]), int(d["nbytes"]))
 
 
@@ -61,7 +67,9 @@ def flatten(tree: Any) -> tuple[Any, list[Array]]:
             return {_TENSOR: len(arrays) - 1}
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
-                raise UnsupportedStateError(f"state at '{path}' is a NumPy array of Python objects, which cannot be stored without pickle")
+                raise UnsupportedStateError(
+                    f"state at '{path}' is a NumPy array of Python objects, which cannot be stored without pickle"
+                )
             arrays.append(np.ascontiguousarray(value))
             return {_NDARRAY: len(arrays) - 1}
         if isinstance(value, tuple):
@@ -101,8 +109,8 @@ def unflatten(skeleton: Any, arrays: list[Array]) -> Any:
             return [decode(v) for v in node]
         if isinstance(node, dict):
             if len(node) == 1:
-                (key, value), = node.items()
-                if key == _TENSOR or key == _NDARRAY:
+                ((key, value),) = node.items()
+                if key in (_TENSOR, _NDARRAY):
                     return arrays[value]
                 if key == _TUPLE:
                     return tuple(decode(v) for v in value)
@@ -124,13 +132,19 @@ def array_bytes(array: Array) -> memoryview:
         flat = array.reshape(-1)
         if flat.numel() == 0:
             return memoryview(b"")
-        return memoryview(flat.view(torch.uint8).numpy())
-    return memoryview(array.reshape(-1).view(np.uint8))
+        return flat.view(torch.uint8).numpy().data
+    return array.reshape(-1).view(np.uint8).data
 
 
 def array_spec(array: Array, offset: int) -> ArraySpec:
     if isinstance(array, torch.Tensor):
-        return ArraySpec("torch", str(array.dtype).removeprefix("torch."), tuple(array.shape), offset, array.numel() * array.element_size())
+        return ArraySpec(
+            "torch",
+            str(array.dtype).removeprefix("torch."),
+            tuple(array.shape),
+            offset,
+            array.numel() * array.element_size(),
+        )
     return ArraySpec("numpy", array.dtype.str, tuple(array.shape), offset, array.nbytes)
 
 
@@ -146,5 +160,5 @@ def empty_array(spec: ArraySpec) -> tuple[Array, memoryview]:
         a = np.empty(spec.shape, dtype=np.dtype(spec.dtype))
         if a.dtype.hasobject:
             raise ValueError("object arrays are not allowed")
-        return a, memoryview(a.reshape(-1).view(np.uint8))
+        return a, a.reshape(-1).view(np.uint8).data
     raise ValueError(f"unknown array kind {spec.kind!r}")

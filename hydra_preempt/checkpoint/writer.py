@@ -22,17 +22,8 @@ from typing import Any
 import torch
 import xxhash
 
+from .layout import CHECKSUM, DATA_FILE, FORMAT_VERSION, MANIFEST_FILE, STATE_FILE, CorruptCheckpointError
 from .tree import Array, ArraySpec, array_bytes, array_spec, empty_array, flatten, unflatten
-
-FORMAT_VERSION = 1
-DATA_FILE = "tensors.bin"
-STATE_FILE = "state.json"
-MANIFEST_FILE = "MANIFEST.json"
-CHECKSUM = "xxh3_128"
-
-
-class CorruptCheckpointError(Exception):
-    """A checkpoint directory is incomplete or its contents do not match its manifest."""
 
 
 @dataclass
@@ -43,7 +34,7 @@ class Snapshot:
     arrays: list[Array]
 
     @classmethod
-    def capture(cls, tree: Any, copy: bool = False) -> "Snapshot":
+    def capture(cls, tree: Any, copy: bool = False) -> Snapshot:
         """`copy=True` clones CPU tensors too, so training may go on while this snapshot is written."""
         skeleton, arrays = flatten(tree)
         if copy:
@@ -92,26 +83,6 @@ def _write_durably(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def read_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise CorruptCheckpointError("no MANIFEST.json (the save did not finish)") from None
-    except (OSError, ValueError) as e:
-        raise CorruptCheckpointError(f"unreadable MANIFEST.json ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-        raise CorruptCheckpointError(f"MANIFEST.json has an unknown format {manifest.get('format') if isinstance(manifest, dict) else manifest!r}")
-    try:
-        int(manifest["step"])
-        for name in (DATA_FILE, STATE_FILE):
-            entry = manifest["files"][name]
-            int(entry["size"]), str(entry[CHECKSUM])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CorruptCheckpointError(f"MANIFEST.json lacks a field ({e})") from None
-    return manifest
 
 
 def read_checkpoint_files(directory: Path, manifest: dict) -> Any:

@@ -12,10 +12,9 @@ from typing import Callable
 from hydra import compose, initialize_config_dir
 
 import train
-from hydra_preempt import run
-from hydra_preempt.runlog import read_events
-from hydra_preempt.slurm import sacct_states, show_job, slurm_command, state_outcome
-from hydra_preempt.task import PreemptibleTask, preemptible_executor
+from hydra_preempt import PreemptibleTask, preemptible_executor, run
+from hydra_preempt.rundir import read_events
+from hydra_preempt.slurm.commands import sacct_states, show_job, slurm_command, state_outcome
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCOUNT = "research"
@@ -27,11 +26,17 @@ def compose_cfg(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
-def submit_training(tmp_path: Path, overrides: list[str], timeout_min: int = 20, signal_lead_s: int = 60, tasks: int = 1, **task_kwargs):
+def submit_training(
+    tmp_path: Path, overrides: list[str], timeout_min: int = 20, signal_lead_s: int = 60, tasks: int = 1, **task_kwargs
+):
     cfg = compose_cfg(overrides)
     executor = preemptible_executor(
-        tmp_path / "submitit", account=ACCOUNT, timeout_min=timeout_min, signal_lead_s=signal_lead_s,
-        tasks_per_node=tasks, cpus_per_task=2 // tasks,  # the whole node: a 2-CPU high-priority job preempts it
+        tmp_path / "submitit",
+        account=ACCOUNT,
+        timeout_min=timeout_min,
+        signal_lead_s=signal_lead_s,
+        tasks_per_node=tasks,
+        cpus_per_task=2 // tasks,  # the whole node: a 2-CPU high-priority job preempts it
     )
     run_dir = tmp_path / "run"
     task = PreemptibleTask(functools.partial(train.train, cfg=cfg), run_dir, train.session_config(cfg), **task_kwargs)
@@ -56,7 +61,9 @@ def wait_for(predicate: Callable[[], object], what: str, timeout: float = 300.0,
     context = ""
     if job_id:
         try:
-            context = f"\njob {job_id}: {show_job(job_id).fields.get('JobState')} {show_job(job_id).fields.get('Reason')}"
+            context = (
+                f"\njob {job_id}: {show_job(job_id).fields.get('JobState')} {show_job(job_id).fields.get('Reason')}"
+            )
         except Exception as e:  # the job may be gone from scontrol
             context = f"\n({e})"
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}{context}")
@@ -89,7 +96,20 @@ def job_state(job_id: str) -> str:
 
 def preempt_with_high_priority_job(seconds: int = 2) -> str:
     """A QoS-normal job needing both CPUs: the scheduler preempts the preemptible one for it."""
-    args = ["sbatch", "--parsable", "-q", "normal", "-A", ACCOUNT, "-c", "2", "-o", "/dev/null", "--wrap", f"sleep {seconds}"]
+    args = [
+        "sbatch",
+        "--parsable",
+        "-q",
+        "normal",
+        "-A",
+        ACCOUNT,
+        "-c",
+        "2",
+        "-o",
+        "/dev/null",
+        "--wrap",
+        f"sleep {seconds}",
+    ]
     return slurm_command(args).strip()
 
 
@@ -132,13 +152,15 @@ def record(test: str, run_dir: Path) -> None:
     stop_events = [e for e in events if e["event"] == "stop"]
     requeued = {(e["job_id"], e["step"]): e["signal_to_requeue_s"] for e in events if e["event"] == "requeue"}
     for stop, after in zip(stop_events, stop_events[1:]):
-        MEASUREMENTS.append({
-            "test": test,
-            "reason": stop["reason"],
-            "signal_to_saved_s": stop["signal_to_saved_s"],
-            "signal_to_requeue_s": requeued.get((stop["job_id"], stop["step"])),
-            "steps_lost": stop["step"] - (after["resumed_from"] or 0),
-        })
+        MEASUREMENTS.append(
+            {
+                "test": test,
+                "reason": stop["reason"],
+                "signal_to_saved_s": stop["signal_to_saved_s"],
+                "signal_to_requeue_s": requeued.get((stop["job_id"], stop["step"])),
+                "steps_lost": stop["step"] - (after["resumed_from"] or 0),
+            }
+        )
 
 
 def measurement_lines() -> list[str]:
@@ -149,6 +171,8 @@ def measurement_lines() -> list[str]:
         lines.append(f"{m['test'][:58]:58s} {m['reason']:10s} {saved:>14s} {requeue:>16s} {m['steps_lost']:>10d}")
     saved = [m["signal_to_saved_s"] for m in MEASUREMENTS if m["signal_to_saved_s"] is not None]
     if saved:
-        lines.append(f"median signal->saved {statistics.median(saved):.3f} s over {len(saved)} stops; "
-                     f"steps lost: max {max(m['steps_lost'] for m in MEASUREMENTS)}")
+        lines.append(
+            f"median signal->saved {statistics.median(saved):.3f} s over {len(saved)} stops; "
+            f"steps lost: max {max(m['steps_lost'] for m in MEASUREMENTS)}"
+        )
     return lines

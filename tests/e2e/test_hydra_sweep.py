@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hydra_preempt.runlog import read_events
-from hydra_preempt.slurm import sacct_states, slurm_command
+from hydra_preempt.rundir import read_events
+from hydra_preempt.slurm.commands import sacct_states, slurm_command
 
 from . import helpers
 from .helpers import stops, wait_for
@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 TRAIN = ["trainer.max_steps=200", "trainer.step_sleep=0.03", "trainer.log_every=50", "checkpoint.every_steps=100"]
 GRID = ["optim.lr=0.01,0.003", "trainer.seed=1,2"]  # 4 jobs
 LAUNCHER = [
-    "hydra/launcher=preempt_slurm", f"hydra.launcher.account={helpers.ACCOUNT}",
+    "hydra/launcher=preempt_slurm",
+    f"hydra.launcher.account={helpers.ACCOUNT}",
     "hydra.launcher.cpus_per_task=2",  # the whole node: one job at a time, and a 2-CPU high-priority job preempts it
     "hydra.launcher.timeout_min=20",
 ]
@@ -37,7 +38,9 @@ def manifest_jobs(sweep_dir):
 @pytest.mark.parametrize("preempt_mode", ["REQUEUE"], indirect=True)
 def test_sweep_with_two_preempted_jobs_finishes_identically_and_reruns_as_a_no_op(tmp_path, preempt_mode, request):
     sweep_dir = tmp_path / "sweep"
-    launcher = subprocess.Popen(sweep_command(sweep_dir), cwd=helpers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher = subprocess.Popen(
+        sweep_command(sweep_dir), cwd=helpers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     jobs = wait_for(lambda: manifest_jobs(sweep_dir), "the sweep manifest", 120)
     assert len(jobs) == 4 and all(j["job_id"] for j in jobs)
     preempted = jobs[:2]
@@ -50,7 +53,10 @@ def test_sweep_with_two_preempted_jobs_finishes_identically_and_reruns_as_a_no_o
         run_dir = Path(job["dir"])
         overrides = [o for o in job["overrides"] if not o.startswith("hydra.")]
         result = json.loads((run_dir / "result.json").read_text())
-        assert result["params_sha256"] == helpers.reference_result(tmp_path / f"ref{job['num']}", overrides)["params_sha256"], job
+        assert (
+            result["params_sha256"]
+            == helpers.reference_result(tmp_path / f"ref{job['num']}", overrides)["params_sha256"]
+        ), job
         history = stops(run_dir)
         starts = [e for e in read_events(run_dir) if e["event"] == "start"]
         assert all(s["job_id"] == starts[0]["job_id"] for s in starts)  # one job, requeued in place
@@ -75,7 +81,16 @@ def test_sweep_with_two_preempted_jobs_finishes_identically_and_reruns_as_a_no_o
 def test_submit_and_return_then_status_and_resume(tmp_path, preempt_mode):
     """wait=false returns at once; while the job is held, the same command submits nothing again."""
     sweep_dir = tmp_path / "sweep"
-    command = [sys.executable, "train.py", "-m", *LAUNCHER, f"hydra.sweep.dir={sweep_dir}", *TRAIN, "optim.lr=0.01", "hydra.launcher.wait=false"]
+    command = [
+        sys.executable,
+        "train.py",
+        "-m",
+        *LAUNCHER,
+        f"hydra.sweep.dir={sweep_dir}",
+        *TRAIN,
+        "optim.lr=0.01",
+        "hydra.launcher.wait=false",
+    ]
     first = subprocess.run(command, cwd=helpers.ROOT, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stdout + first.stderr
     job_id = manifest_jobs(sweep_dir)[0]["job_id"]
@@ -84,8 +99,14 @@ def test_submit_and_return_then_status_and_resume(tmp_path, preempt_mode):
     assert manifest_jobs(sweep_dir)[0]["job_id"] == job_id
 
     def finished():
-        rows = json.loads(subprocess.run([sys.executable, "-m", "hydra_preempt.cli", "status", str(sweep_dir), "--json"],
-                                         capture_output=True, text=True, check=True).stdout)
+        rows = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "hydra_preempt.cli", "status", str(sweep_dir), "--json"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         return rows if rows[0]["run"] == "finished" else None
 
     rows = wait_for(finished, "the job to finish", 300, job_id=job_id)
@@ -99,7 +120,13 @@ def test_submit_and_return_then_status_and_resume(tmp_path, preempt_mode):
 
 def test_invalid_qos_is_refused_with_the_schedulers_message(slurm_cluster, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    done = subprocess.run(sweep_command(sweep_dir, "hydra.launcher.qos=nosuchqos"), cwd=helpers.ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        sweep_command(sweep_dir, "hydra.launcher.qos=nosuchqos"),
+        cwd=helpers.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     out = done.stdout + done.stderr
     assert done.returncode == 2, out
     assert "qos='nosuchqos'" in out and "Invalid qos" in out and "Traceback" not in out

@@ -9,10 +9,9 @@ import json
 
 import pytest
 
-from hydra_preempt.runlog import read_events
-from hydra_preempt.slurm import SlurmError, sacct_states
-from hydra_preempt.task import preemptible_executor
-
+from hydra_preempt import preemptible_executor
+from hydra_preempt.rundir import read_events
+from hydra_preempt.slurm.commands import SlurmError, sacct_states
 from tests.integration.test_multi_rank import TRAIN as DDP_TRAIN
 from tests.integration.test_multi_rank import finish, start_ranks
 
@@ -103,7 +102,9 @@ def test_time_limit_checkpoints_requeues_and_finishes(tmp_path, preempt_mode, re
     helpers.release_when_pending(job.job_id)
     assert helpers.wait_until_final(job.job_id, timeout=600) == "COMPLETED"
     history = stops(run_dir)
-    assert [s["reason"] for s in history[:-1]] == ["timeout"] * (len(history) - 1) and history[-1]["reason"] == "finished"
+    assert [s["reason"] for s in history[:-1]] == ["timeout"] * (len(history) - 1) and history[-1][
+        "reason"
+    ] == "finished"
     assert job.result()["params_sha256"] == reference["params_sha256"]
     helpers.record(request.node.name, run_dir)
 

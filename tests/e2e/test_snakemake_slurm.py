@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hydra_preempt.runlog import read_events
-from hydra_preempt.slurm import sacct_states, slurm_command
+from hydra_preempt.rundir import read_events
+from hydra_preempt.slurm.commands import sacct_states, slurm_command
 
 from . import helpers
 from .helpers import stops, wait_for
@@ -46,7 +46,9 @@ def snakemake(grid: Path, *extra: str) -> list[str]:
 
 
 def started_job_id(run_dir: Path) -> str:
-    starts = wait_for(lambda: [e for e in read_events(run_dir) if e["event"] == "start"], f"training in {run_dir} to start", 300)
+    starts = wait_for(
+        lambda: [e for e in read_events(run_dir) if e["event"] == "start"], f"training in {run_dir} to start", 300
+    )
     return starts[0]["job_id"]
 
 
@@ -58,7 +60,9 @@ def reference_sha(tmp_path: Path, name: str) -> str:
 @pytest.mark.parametrize("preempt_mode", ["REQUEUE", "CANCEL"], indirect=True)
 def test_preempted_experiment_resumes_and_the_workflow_completes(tmp_path, preempt_mode, request):
     grid = write_grid(tmp_path)
-    workflow = subprocess.Popen(snakemake(grid), cwd=helpers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workflow = subprocess.Popen(
+        snakemake(grid), cwd=helpers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     run_a = tmp_path / "runs" / "a"
     job_id = started_job_id(run_a)
     helpers.preempt_at_step(job_id, run_a, 60)
@@ -71,7 +75,10 @@ def test_preempted_experiment_resumes_and_the_workflow_completes(tmp_path, preem
     assert history[0]["checkpoint_step"] == history[0]["step"] >= 60
     assert history[1]["resumed_from"] == history[0]["step"]
     starts = [e for e in read_events(run_a) if e["event"] == "start"]
-    assert [(s["job_id"], s["restart_count"]) for s in starts] == [(job_id, 0), (job_id, 1)]  # requeued in place: no second copy
+    assert [(s["job_id"], s["restart_count"]) for s in starts] == [
+        (job_id, 0),
+        (job_id, 1),
+    ]  # requeued in place: no second copy
     expected = "PREEMPTED" if preempt_mode == "REQUEUE" else "REQUEUED"
     assert [s for s, _ in sacct_states(job_id)] == [expected, "COMPLETED"]
     for name in GRID:
@@ -98,7 +105,9 @@ def test_killed_snakemake_started_again_finishes_without_retraining(tmp_path, pr
     again (after --unlock) plans only what is unfinished; a duplicate job of a still-running experiment
     waits for it and resumes from its end instead of training beside it."""
     grid = write_grid(tmp_path)
-    workflow = subprocess.Popen(snakemake(grid), cwd=helpers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workflow = subprocess.Popen(
+        snakemake(grid), cwd=helpers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     wait_for(lambda: (tmp_path / "runs" / "a" / "result.json").exists(), "experiment a to finish", 300)
     started_job_id(tmp_path / "runs" / "b")
     workflow.send_signal(signal.SIGKILL)
@@ -129,9 +138,15 @@ def test_time_limit_inside_snakemake_checkpoints_requeues_and_finishes(tmp_path,
     """The time-limit warning is --signal=TERM@signal_lead_s (measured: a USR2 to the job step kills the
     job's inner snakemake, and with it python, before anything is saved: the job ends FAILED)."""
     common = {**COMMON, "trainer.max_steps": 2500, "checkpoint.every_steps": 1000}
-    config = {"runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"), "cpus_per_task": 2,
-              "runtime_min": 2, "signal_lead_s": 30, "common_overrides": common,
-              "experiments": [{"name": "long", "overrides": {"optim.lr": 0.01}}]}
+    config = {
+        "runs_dir": str(tmp_path / "runs"),
+        "results_dir": str(tmp_path / "results"),
+        "cpus_per_task": 2,
+        "runtime_min": 2,
+        "signal_lead_s": 30,
+        "common_overrides": common,
+        "experiments": [{"name": "long", "overrides": {"optim.lr": 0.01}}],
+    }
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(config))
     log_path = tmp_path / "snakemake.log"  # a file, not a pipe: nobody reads it while the test polls
@@ -155,6 +170,8 @@ def test_time_limit_inside_snakemake_checkpoints_requeues_and_finishes(tmp_path,
     assert states == ["REQUEUED"] * (len(history) - 1) + ["COMPLETED"], states
     starts = [e for e in read_events(run_dir) if e["event"] == "start"]
     assert [s["restart_count"] for s in starts] == list(range(len(history)))
-    reference = helpers.reference_result(tmp_path, [f"{k}={v}" for k, v in common.items() if k != "trainer.step_sleep"] + ["optim.lr=0.01"])
+    reference = helpers.reference_result(
+        tmp_path, [f"{k}={v}" for k, v in common.items() if k != "trainer.step_sleep"] + ["optim.lr=0.01"]
+    )
     assert json.loads((run_dir / "result.json").read_text())["params_sha256"] == reference["params_sha256"]
     helpers.record(request.node.name, run_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hydra_preempt.runlog import read_events
+from hydra_preempt.rundir import read_events
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,15 @@ BASE = [f"trainer.max_steps={STEPS}", "checkpoint.every_steps=40"]
 
 
 def sweep(sweep_dir: Path, *overrides: str, launcher: str = "preempt_local", wait: bool = True) -> subprocess.Popen:
-    args = [sys.executable, "train.py", "-m", f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep_dir}", *BASE, *overrides]
+    args = [
+        sys.executable,
+        "train.py",
+        "-m",
+        f"hydra/launcher={launcher}",
+        f"hydra.sweep.dir={sweep_dir}",
+        *BASE,
+        *overrides,
+    ]
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -30,7 +38,12 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
 
 
 def status(sweep_dir: Path) -> list[dict]:
-    done = subprocess.run([sys.executable, "-m", "hydra_preempt.cli", "status", str(sweep_dir), "--json"], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "hydra_preempt.cli", "status", str(sweep_dir), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout)
 
 
@@ -47,12 +60,19 @@ def wait_for_start(run_dir: Path, timeout: float = 120) -> dict:
 
 def reference_sha(tmp_path: Path, lr: str) -> str:
     run_dir = tmp_path / f"reference-{lr}"
-    subprocess.run([sys.executable, "train.py", f"hydra.run.dir={run_dir}", *BASE, f"optim.lr={lr}"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *BASE, f"optim.lr={lr}"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     return json.loads((run_dir / "result.json").read_text())["params_sha256"]
 
 
 def test_plugin_is_discovered():
-    done = subprocess.run([sys.executable, "train.py", "--info", "plugins"], cwd=ROOT, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "train.py", "--info", "plugins"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert "PreemptLauncher" in done.stdout
 
 
@@ -111,7 +131,12 @@ def test_submit_and_return_then_status(tmp_path):
     while any(r["run"] != "finished" for r in status(sweep_dir)):
         assert time.monotonic() < deadline, status(sweep_dir)
         time.sleep(0.5)
-    table = subprocess.run([sys.executable, "-m", "hydra_preempt.cli", "status", str(sweep_dir)], capture_output=True, text=True, check=True).stdout
+    table = subprocess.run(
+        [sys.executable, "-m", "hydra_preempt.cli", "status", str(sweep_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert table.splitlines()[0].split()[:3] == ["#", "job", "id"]
     assert "finished" in table and "optim.lr=0.001" in table
 
@@ -147,5 +172,7 @@ def test_a_sweep_directory_of_another_sweep_is_refused(tmp_path):
 
 
 def test_status_of_a_directory_that_is_no_sweep(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "hydra_preempt.cli", "status", str(tmp_path)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "hydra_preempt.cli", "status", str(tmp_path)], capture_output=True, text=True
+    )
     assert done.returncode == 2 and "holds no sweep_manifest.json" in done.stderr and "Traceback" not in done.stderr

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from hydra_preempt.outcome import ExitCode
-from hydra_preempt.runlog import read_events
+from hydra_preempt.rundir import read_events
 from tests.e2e.helpers import ROOT, last_step
 
 pytestmark = pytest.mark.slow
@@ -30,8 +30,16 @@ def start_ranks(run_dir, overrides=TRAIN):
     procs = []
     for rank in range(2):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": "2"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.integration.ddp_worker", str(run_dir), *overrides],
-                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.integration.ddp_worker", str(run_dir), *overrides],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     return procs
 
 

@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from hydra_preempt import ExitCode, ResumableLoader, SessionConfig, Status, run
-from hydra_preempt.checkpoint import CheckpointStore
+from hydra_preempt.checkpoint.store import CheckpointStore
 from hydra_preempt.errors import ConfigError
-from hydra_preempt.runlog import read_events
+from hydra_preempt.rundir import read_events
 
 
 def config(**sections) -> SessionConfig:
@@ -100,9 +100,17 @@ def test_repeated_signals_make_one_save(tmp_path):
 
 
 def test_sigusr1_saves_and_keeps_training(tmp_path, reference):
-    outcome = run(trainer(40, kill_self_at(14, signal.SIGUSR1, phase="forward")), tmp_path, config(checkpoint={"keep_last": 10}))
+    outcome = run(
+        trainer(40, kill_self_at(14, signal.SIGUSR1, phase="forward")), tmp_path, config(checkpoint={"keep_last": 10})
+    )
     assert outcome.status is Status.FINISHED and outcome.result == reference
-    assert [(s["step"], s["reason"]) for s in saves(tmp_path)] == [(10, "periodic"), (15, "manual"), (20, "periodic"), (30, "periodic"), (40, "periodic")]
+    assert [(s["step"], s["reason"]) for s in saves(tmp_path)] == [
+        (10, "periodic"),
+        (15, "manual"),
+        (20, "periodic"),
+        (30, "periodic"),
+        (40, "periodic"),
+    ]
 
 
 def test_sigint_saves_and_cancels_without_requeue(tmp_path):
@@ -231,7 +239,11 @@ def test_run_log_counts_restarts(tmp_path):
 
     assert run(count, tmp_path, config()).result == 2
     stops = [e for e in read_events(tmp_path) if e["event"] == "stop"]
-    assert [(s["resumed_from"], s["step"], s["reason"]) for s in stops] == [(None, 5, "preempted"), (5, 10, "preempted"), (10, 20, "finished")]
+    assert [(s["resumed_from"], s["step"], s["reason"]) for s in stops] == [
+        (None, 5, "preempted"),
+        (5, 10, "preempted"),
+        (10, 20, "finished"),
+    ]
     assert all(s["signal_to_saved_s"] is not None for s in stops[:2])
 
 
@@ -267,7 +279,11 @@ def test_basic_scenario_never_more_than_five_and_best_sorted(tmp_path):
         checkpoint={"every_steps": 25, "keep_last": 3, "keep_best": 2, "metric": "loss"},
         divergence={"enabled": True, "window": 10, "factor": 2.0, "patience": 3},
     )
-    outcome = run(scripted_loss(losses, evaluate_every=25, watch=lambda s, n: counts.append(len(on_disk(tmp_path)))), tmp_path, cfg)
+    outcome = run(
+        scripted_loss(losses, evaluate_every=25, watch=lambda s, n: counts.append(len(on_disk(tmp_path)))),
+        tmp_path,
+        cfg,
+    )
     assert outcome.status is Status.FINISHED
     assert max(counts) <= 5
     index = json.loads((tmp_path / "checkpoints" / "index.json").read_text())
@@ -281,7 +297,9 @@ def test_basic_scenario_with_frequent_saves_stays_within_k_plus_n(tmp_path):
     # U-shaped, like a run that starts to overfit: the best checkpoints become old ones
     losses = (1.0 + ((torch.arange(100) - 40.0) / 60.0) ** 2 + 0.05 * torch.rand(100, generator=gen)).tolist()
     counts = []
-    cfg = config(checkpoint={"every_steps": 5, "keep_last": 3, "keep_best": 2, "metric": "loss"}, divergence={"enabled": True})
+    cfg = config(
+        checkpoint={"every_steps": 5, "keep_last": 3, "keep_best": 2, "metric": "loss"}, divergence={"enabled": True}
+    )
     run(scripted_loss(losses, watch=lambda s, n: counts.append(len(on_disk(tmp_path)))), tmp_path, cfg)
     assert max(counts) == 5  # reached, never exceeded
     kept = {i.step: i.metrics["loss"] for i in on_disk(tmp_path)}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hydra_preempt.runlog import read_events
+from hydra_preempt.rundir import read_events
 
 pytestmark = pytest.mark.slow
 
@@ -17,20 +17,36 @@ COMMON = {"trainer.max_steps": 60, "checkpoint.every_steps": 20}
 
 
 def write_grid(tmp_path: Path, experiments, **extra) -> Path:
-    config = {"runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"), "common_overrides": COMMON,
-              "experiments": experiments, **extra}
+    config = {
+        "runs_dir": str(tmp_path / "runs"),
+        "results_dir": str(tmp_path / "results"),
+        "common_overrides": COMMON,
+        "experiments": experiments,
+        **extra,
+    }
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 def snakemake(grid: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "snakemake", "--profile", "workflow/profiles/local", "--configfile", str(grid), *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--profile",
+        "workflow/profiles/local",
+        "--configfile",
+        str(grid),
+        *extra,
+    ]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def test_local_run_completes_and_a_second_run_has_nothing_to_do(tmp_path):
-    grid = write_grid(tmp_path, [{"name": "a", "overrides": {"optim.lr": 0.01}}, {"name": "b", "overrides": {"optim.lr": 0.001}}])
+    grid = write_grid(
+        tmp_path, [{"name": "a", "overrides": {"optim.lr": 0.01}}, {"name": "b", "overrides": {"optim.lr": 0.001}}]
+    )
     done = snakemake(grid)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = (tmp_path / "results" / "summary.csv").read_text().splitlines()
@@ -46,8 +62,16 @@ def test_a_failed_experiment_does_not_stop_the_others_and_keeps_its_checkpoint(t
     at 10, 20, 30 on disk; they stay; a and c finish (keep-going)."""
     experiments = [
         {"name": "a", "overrides": {"optim.lr": 0.01}},
-        {"name": "b", "overrides": {"optim.lr": 1.0, "checkpoint.every_steps": 10, "divergence.patience": 1,
-                                      "divergence.min_history": 20, "divergence.factor": 1.5}},
+        {
+            "name": "b",
+            "overrides": {
+                "optim.lr": 1.0,
+                "checkpoint.every_steps": 10,
+                "divergence.patience": 1,
+                "divergence.min_history": 20,
+                "divergence.factor": 1.5,
+            },
+        },
         {"name": "c", "overrides": {"optim.lr": 0.001}},
     ]
     grid = write_grid(tmp_path, experiments)
@@ -70,7 +94,11 @@ def test_a_failed_experiment_does_not_stop_the_others_and_keeps_its_checkpoint(t
     [
         ([{"name": "a"}], {"learning_rate": 1}, "learning_rate"),
         ([], {}, "experiments"),
-        ([{"name": "a", "overrides": {"optim.lr": 0.1}}, {"name": "a", "overrides": {"optim.lr": 0.2}}], {}, "duplicate experiment name 'a'"),
+        (
+            [{"name": "a", "overrides": {"optim.lr": 0.1}}, {"name": "a", "overrides": {"optim.lr": 0.2}}],
+            {},
+            "duplicate experiment name 'a'",
+        ),
         ([{"name": "a", "overides": {"optim.lr": 0.1}}], {}, "overides"),
         ([{"name": "a b"}], {}, "a b"),
         ([{"name": "a", "overrides": {"hydra.run.dir": "/x"}}], {}, "hydra.run.dir is set by the workflow"),
@@ -87,16 +115,27 @@ def test_an_invalid_grid_fails_at_parse_time_naming_the_entry(tmp_path, experime
 
 def test_the_rules_work_as_a_module_of_another_workflow(tmp_path):
     """A user's own Snakefile pulls the rules in with `module` and prefixes them."""
-    grid = {"runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"), "train_script": str(ROOT / "train.py"),
-            "common_overrides": COMMON, "experiments": [{"name": "only", "overrides": {"optim.lr": 0.01}}]}
+    grid = {
+        "runs_dir": str(tmp_path / "runs"),
+        "results_dir": str(tmp_path / "results"),
+        "train_script": str(ROOT / "train.py"),
+        "common_overrides": COMMON,
+        "experiments": [{"name": "only", "overrides": {"optim.lr": 0.01}}],
+    }
     (tmp_path / "Snakefile").write_text(
         f'configfile: "grid.yaml"\n\n'
         f'module preempt:\n    snakefile: "{ROOT}/workflow/Snakefile"\n    config: config\n\n'
-        f'use rule * from preempt as preempt_*\n\n'
+        f"use rule * from preempt as preempt_*\n\n"
         f'rule mine:\n    input: rules.preempt_summarize.output.csv\n    output: "mine.txt"\n    shell: "wc -l {{input}} > {{output}}"\n'
     )
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
-    done = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "mine"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", "mine"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "mine.txt").read_text().split()[0] == "2"
     assert json.loads((tmp_path / "runs" / "only" / "result.json").read_text())["step"] == 60

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from hydra_preempt.outcome import ExitCode
-from hydra_preempt.process import TrainProcess
-from hydra_preempt.runlog import read_events
+from hydra_preempt.rundir import read_events
+from tools.train_process import TrainProcess
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,11 @@ def test_sigusr1_checkpoints_and_training_goes_on(tmp_path, reference):
     proc.send(signal.SIGUSR1)
     assert proc.wait() == ExitCode.FINISHED
     assert proc.result()["params_sha256"] == reference["params_sha256"]
-    manual = [p for p in (tmp_path / "checkpoints").glob("step-*") if '"reason": "manual"' in (p / "MANIFEST.json").read_text()]
+    manual = [
+        p
+        for p in (tmp_path / "checkpoints").glob("step-*")
+        if '"reason": "manual"' in (p / "MANIFEST.json").read_text()
+    ]
     assert len(manual) == 1
 
 
@@ -80,13 +84,20 @@ def test_sigkill_during_saves_never_leaves_an_unloadable_latest(tmp_path):
     Every next start must load a complete checkpoint (never a partial one) and
     go on; the final result must equal an uninterrupted run's.
     """
-    overrides = ["trainer.max_steps=400", "trainer.log_every=1", "model.hidden=768", "model.depth=3",
-                 "checkpoint.every_steps=1", "checkpoint.keep_last=2", "checkpoint.keep_best=0"]
+    overrides = [
+        "trainer.max_steps=400",
+        "trainer.log_every=1",
+        "model.hidden=768",
+        "model.depth=3",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=2",
+        "checkpoint.keep_best=0",
+    ]
     rng = random.Random()
     resumed = []
     interrupted_saves = 0
     trials = 0
-    for trial in range(50):
+    for _ in range(50):
         proc = TrainProcess(tmp_path, overrides).start()
         start = proc.wait_for_line(r"starting at step (\d+)")
         resumed.append(int(start[1]))
@@ -101,7 +112,9 @@ def test_sigkill_during_saves_never_leaves_an_unloadable_latest(tmp_path):
         trials += 1
     assert trials >= 40, "the run finished before enough kills: make it longer"
     assert resumed == sorted(resumed), f"a start went back in steps: {resumed}"
-    assert interrupted_saves >= 10, f"only {interrupted_saves} of {trials} kills hit a save: the test is not testing saves"
+    assert interrupted_saves >= 10, (
+        f"only {interrupted_saves} of {trials} kills hit a save: the test is not testing saves"
+    )
 
     final = TrainProcess(tmp_path, overrides)
     assert final.run() == ExitCode.FINISHED, final.output
@@ -159,7 +172,12 @@ def test_corrupt_newest_checkpoint_falls_back_and_still_ends_identical(tmp_path,
 def test_disk_full_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path, tmpfs):
     small = tmpfs("3m")
     # ~1.9 MB per checkpoint: the first fits, the second does not (the old one goes only after the new one is complete)
-    overrides = ["trainer.max_steps=100", "model.hidden=384", f"checkpoint.dir={small / 'ckpt'}", "checkpoint.every_steps=20"]
+    overrides = [
+        "trainer.max_steps=100",
+        "model.hidden=384",
+        f"checkpoint.dir={small / 'ckpt'}",
+        "checkpoint.every_steps=20",
+    ]
     proc = TrainProcess(tmp_path, overrides)
     assert proc.run() == ExitCode.FAILED
     assert "disk full" in proc.output and "checkpoint step 20 is intact" in proc.output

@@ -4,19 +4,34 @@ import json
 
 import pytest
 
+from hydra_preempt.doors.hydra_sweep import (
+    SweepJob,
+    SweepMismatchError,
+    check_same_sweep,
+    format_table,
+    load_manifest,
+    run_standing,
+    save_manifest,
+)
+from hydra_preempt.doors.settings import ExecutorSettings
+from hydra_preempt.doors.snakemake_grid import load_experiments
 from hydra_preempt.errors import ConfigError, HydraPreemptError
-from hydra_preempt.grid import load_experiments
-from hydra_preempt.runlog import append_event
-from hydra_preempt.sweep import SweepJob, SweepMismatchError, check_same_sweep, format_table, load_manifest, run_standing, save_manifest
-from hydra_preempt.task import check_executor_settings
+from hydra_preempt.rundir import RunLog
 
 
 def test_grid_builds_overrides_common_first():
-    experiments = load_experiments({
-        "common_overrides": {"trainer.max_steps": 100, "checkpoint.emergency": False},
-        "experiments": [{"name": "a", "overrides": {"optim.lr": 0.01, "checkpoint.metric": None}}, {"name": "b"}],
-    })
-    assert experiments["a"].overrides == ("trainer.max_steps=100", "checkpoint.emergency=false", "optim.lr=0.01", "checkpoint.metric=null")
+    experiments = load_experiments(
+        {
+            "common_overrides": {"trainer.max_steps": 100, "checkpoint.emergency": False},
+            "experiments": [{"name": "a", "overrides": {"optim.lr": 0.01, "checkpoint.metric": None}}, {"name": "b"}],
+        }
+    )
+    assert experiments["a"].overrides == (
+        "trainer.max_steps=100",
+        "checkpoint.emergency=false",
+        "optim.lr=0.01",
+        "checkpoint.metric=null",
+    )
     assert experiments["b"].overrides == ("trainer.max_steps=100", "checkpoint.emergency=false")
 
 
@@ -28,7 +43,10 @@ def test_grid_builds_overrides_common_first():
         ({}, "the grid is empty"),
         ({"experiments": [{"name": "a"}, {"name": "a"}]}, "experiments[1]: duplicate experiment name 'a'"),
         ({"experiments": [{"name": "x/y"}]}, "experiments[0]: name must be"),
-        ({"experiments": [{"name": "a", "overrides": {"optim.lr": [1, 2]}}]}, "experiments[0] (a).overrides.optim.lr must be a single value"),
+        (
+            {"experiments": [{"name": "a", "overrides": {"optim.lr": [1, 2]}}]},
+            "experiments[0] (a).overrides.optim.lr must be a single value",
+        ),
         ({"experiments": [{"name": "a", "overrides": {"a b": 1}}]}, "'a b' is not a Hydra config key"),
         ({"experiments": [{"name": "a", "overrides": {"hydra.run.dir": "x"}}]}, "hydra.run.dir is set by the workflow"),
         ({"experiments": ["a"]}, "experiments[0] must be a mapping"),
@@ -41,10 +59,17 @@ def test_grid_errors_name_the_entry(config, message):
 
 
 def test_a_manifest_round_trips_and_another_sweep_is_refused(tmp_path):
-    jobs = {0: SweepJob(0, ["lr=1"], str(tmp_path / "0"), "slurm", "12_0"), 1: SweepJob(1, ["lr=2"], str(tmp_path / "1"), "slurm", "12_1")}
+    jobs = {
+        0: SweepJob(0, ["lr=1"], str(tmp_path / "0"), "slurm", "12_0"),
+        1: SweepJob(1, ["lr=2"], str(tmp_path / "1"), "slurm", "12_1"),
+    }
     save_manifest(tmp_path, jobs)
     assert load_manifest(tmp_path) == jobs
-    check_same_sweep(tmp_path, jobs, [SweepJob(1, ["lr=2"], str(tmp_path / "1"), "slurm"), SweepJob(2, ["lr=3"], str(tmp_path / "2"), "slurm")])
+    check_same_sweep(
+        tmp_path,
+        jobs,
+        [SweepJob(1, ["lr=2"], str(tmp_path / "1"), "slurm"), SweepJob(2, ["lr=3"], str(tmp_path / "2"), "slurm")],
+    )
     with pytest.raises(SweepMismatchError, match=r"job #1 ran with \[lr=2\]"):
         check_same_sweep(tmp_path, jobs, [SweepJob(1, ["lr=5"], str(tmp_path / "1"), "slurm")])
 
@@ -57,27 +82,53 @@ def test_an_unreadable_manifest_is_reported_not_overwritten(tmp_path):
 
 def test_run_standing_follows_the_run_log(tmp_path):
     assert run_standing(tmp_path).status == "not started"
-    append_event(tmp_path, "start")
+    RunLog(tmp_path).append("start")
     assert run_standing(tmp_path).status == "running"
-    append_event(tmp_path, "stop", reason="preempted")
-    append_event(tmp_path, "await_requeue")
+    RunLog(tmp_path).append("stop", reason="preempted")
+    RunLog(tmp_path).append("await_requeue")
     assert run_standing(tmp_path).status == "preempted"
-    append_event(tmp_path, "start")
-    append_event(tmp_path, "stop", reason="finished")
+    RunLog(tmp_path).append("start")
+    RunLog(tmp_path).append("stop", reason="finished")
     (tmp_path / "result.json").write_text(json.dumps({"loss": 0.5, "step": 10}))
     standing = run_standing(tmp_path)
     assert (standing.status, standing.starts, standing.preemptions, standing.finished) == ("finished", 2, 1, True)
-    rows = [{"num": 0, "job_id": "7", "scheduler": "COMPLETED", "run": "finished", "preemptions": 1, "timeouts": 0,
-             "checkpoint_step": 10, "result": standing.result, "overrides": ["lr=1"]}]
+    rows = [
+        {
+            "num": 0,
+            "job_id": "7",
+            "scheduler": "COMPLETED",
+            "run": "finished",
+            "preemptions": 1,
+            "timeouts": 0,
+            "checkpoint_step": 10,
+            "result": standing.result,
+            "overrides": ["lr=1"],
+        }
+    ]
     table = format_table(rows).splitlines()
     assert table[0].split()[:2] == ["#", "job"] and "loss=0.5 step=10" in table[1] and table[1].endswith("lr=1")
 
 
 def test_executor_settings_refuse_script_injection():
-    base = dict(qos="preemptible", account=None, partition=None, timeout_min=60, nodes=1, tasks_per_node=1, cpus_per_task=None,
-                gpus_per_node=None, mem_gb=None, signal="USR2", signal_lead_s=120, array_parallelism=None, setup=None,
-                sbatch_args=None, srun_args=None, cluster="slurm")
-    assert check_executor_settings(**base) == "USR2"
+    base = dict(
+        qos="preemptible",
+        account=None,
+        partition=None,
+        timeout_min=60,
+        nodes=1,
+        tasks_per_node=1,
+        cpus_per_task=None,
+        gpus_per_node=None,
+        mem_gb=None,
+        signal="USR2",
+        signal_lead_s=120,
+        array_parallelism=None,
+        setup=None,
+        sbatch_args=None,
+        srun_args=None,
+        cluster="slurm",
+    )
+    assert ExecutorSettings(**base).validate() == "USR2"
     for change, message in [
         ({"account": "x\n#SBATCH --qos=normal"}, "account must be a SLURM name"),
         ({"sbatch_args": {"comment": "a\nrm -rf /"}}, "must not contain a line break"),
@@ -87,4 +138,4 @@ def test_executor_settings_refuse_script_injection():
         ({"tasks_per_node": True}, "tasks_per_node must be an integer >= 1"),
     ]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-            check_executor_settings(**{**base, **change})
+            ExecutorSettings(**{**base, **change}).validate()

@@ -5,8 +5,16 @@ import datetime as dt
 import pytest
 
 from hydra_preempt.errors import ConfigError
-from hydra_preempt.requeue import RequeueBudget, Requeuer, StopKind, classify_stop, decide, slurm_requeues_preempted
-from hydra_preempt.slurm import ClusterFacts, JobInfo, parse_cluster_facts, parse_duration, parse_key_values, parse_time, state_outcome
+from hydra_preempt.slurm.commands import (
+    ClusterFacts,
+    JobInfo,
+    parse_cluster_facts,
+    parse_duration,
+    parse_key_values,
+    parse_time,
+    state_outcome,
+)
+from hydra_preempt.slurm.stop import RequeueBudget, Requeuer, StopKind, classify_stop, decide, slurm_requeues_preempted
 
 NOW = dt.datetime(2026, 11, 24, 12, 0, 0)
 FAR = NOW + dt.timedelta(hours=1)
@@ -54,7 +62,16 @@ def test_budget():
         RequeueBudget(max_preemptions=-1)
 
 
-@pytest.mark.parametrize("mode, requeueable, expected", [("REQUEUE", True, True), ("REQUEUE", False, False), ("CANCEL", True, False), ("SUSPEND,GANG", True, False), ("GANG,REQUEUE", True, True)])
+@pytest.mark.parametrize(
+    "mode, requeueable, expected",
+    [
+        ("REQUEUE", True, True),
+        ("REQUEUE", False, False),
+        ("CANCEL", True, False),
+        ("SUSPEND,GANG", True, False),
+        ("GANG,REQUEUE", True, True),
+    ],
+)
 def test_slurm_requeues_preempted(mode, requeueable, expected):
     assert slurm_requeues_preempted(mode, requeueable) is expected
 
@@ -76,7 +93,10 @@ def test_parse_scontrol_job_line():
     assert info.fields["UserId"] == "root(0)"
 
 
-@pytest.mark.parametrize("text, seconds", [("00:00:30", 30), ("1-02:00:00", 93600), ("05:30", 330), ("10", 600), ("UNLIMITED", None), ("", None)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("00:00:30", 30), ("1-02:00:00", 93600), ("05:30", 330), ("10", 600), ("UNLIMITED", None), ("", None)],
+)
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -86,7 +106,17 @@ def test_parse_time():
     assert parse_time("None") is None and parse_time("Unknown") is None and parse_time("garbage") is None
 
 
-@pytest.mark.parametrize("state, outcome", [("CANCELLED by 0", "cancelled"), ("PREEMPTED", "preempted"), ("REQUEUED", "waiting"), ("COMPLETED", "finished"), ("TIMEOUT", "failed"), ("WEIRD", "unknown")])
+@pytest.mark.parametrize(
+    "state, outcome",
+    [
+        ("CANCELLED by 0", "cancelled"),
+        ("PREEMPTED", "preempted"),
+        ("REQUEUED", "waiting"),
+        ("COMPLETED", "finished"),
+        ("TIMEOUT", "failed"),
+        ("WEIRD", "unknown"),
+    ],
+)
 def test_state_table(state, outcome):
     assert state_outcome(state) == outcome
 

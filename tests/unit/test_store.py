@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from hydra_preempt.checkpoint import CheckpointStore, RetentionPolicy, Snapshot
-from hydra_preempt.checkpoint.writer import DATA_FILE, MANIFEST_FILE, STATE_FILE
+from hydra_preempt.checkpoint.layout import DATA_FILE, MANIFEST_FILE, STATE_FILE
+from hydra_preempt.checkpoint.retention import RetentionPolicy
+from hydra_preempt.checkpoint.store import CheckpointStore
+from hydra_preempt.checkpoint.writer import Snapshot
 from hydra_preempt.errors import CheckpointDirError, CheckpointWriteError, UnsupportedStateError
 
 
@@ -19,7 +21,9 @@ def state(value: float = 1.0, size: int = 1000) -> dict:
 
 
 def save(store, step, value=None, reason="periodic", metrics=None, size=1000):
-    return store.save(Snapshot.capture(state(float(step if value is None else value), size)), step, reason, metrics or {})
+    return store.save(
+        Snapshot.capture(state(float(step if value is None else value), size)), step, reason, metrics or {}
+    )
 
 
 def test_round_trip_keeps_types_and_bits():
@@ -66,7 +70,9 @@ def test_state_file_is_plain_json_no_pickle(tmp_path):
     assert b"\x80" not in (info.path / STATE_FILE).read_bytes()[:2]  # not a pickle header
 
 
-@pytest.mark.parametrize("bad, where", [(object(), "state.x"), ({1: {2: lambda: 0}}, "state.x.1.2"), (np.array([object()]), "state.x")])
+@pytest.mark.parametrize(
+    "bad, where", [(object(), "state.x"), ({1: {2: lambda: 0}}, "state.x.1.2"), (np.array([object()]), "state.x")]
+)
 def test_unsupported_values_are_named(tmp_path, bad, where):
     with pytest.raises(UnsupportedStateError, match=where.replace(".", r"\.")):
         Snapshot.capture({"x": bad})
@@ -128,6 +134,7 @@ def test_stale_temporary_directories_are_removed_but_live_writers_kept(tmp_path)
     store = CheckpointStore(tmp_path)
     save(store, 1)
     import socket
+
     host = socket.gethostname()
     dead = tmp_path / f".tmp-step-000000002.{host}.99999999"
     dead.mkdir()

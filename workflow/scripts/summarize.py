@@ -9,22 +9,14 @@ import matplotlib
 matplotlib.use("Agg")  # no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hydra_preempt.runlog import read_events  # noqa: E402
+from hydra_preempt.rundir import RunHistory, read_metrics  # noqa: E402
 
 COLUMNS = ["experiment", "step", "loss", "restarts", "preemptions", "params_sha256", "overrides"]
 
 
 def loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
-    steps, losses = [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
-        if "loss" in record:
-            steps.append(record["step"])
-            losses.append(record["loss"])
-    return steps, losses
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    return [r["step"] for r in records], [r["loss"] for r in records]
 
 
 def main(snakemake) -> None:
@@ -33,7 +25,7 @@ def main(snakemake) -> None:
     for name, overrides, result_path in zip(snakemake.params.names, snakemake.params.overrides, snakemake.input.results):
         run_dir = Path(result_path).parent
         result = json.loads(Path(result_path).read_text())
-        preemptions = sum(1 for e in read_events(run_dir) if e["event"] == "stop" and e["reason"] == "preempted")
+        preemptions = RunHistory.read(run_dir).stop_count("preempted")
         rows.append({"experiment": name, **{k: result.get(k) for k in ("step", "loss", "restarts", "params_sha256")},
                      "preemptions": preemptions, "overrides": overrides})
         axes.plot(*loss_curve(run_dir), label=name, linewidth=1)

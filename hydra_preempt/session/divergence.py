@@ -16,7 +16,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 class Verdict(enum.Enum):
@@ -27,10 +27,10 @@ class Verdict(enum.Enum):
 
 @dataclass
 class LossSpikeDetector:
-    window: int = 50
-    factor: float = 2.0
-    patience: int = 5
-    min_history: int = 3
+    window: int
+    factor: float
+    patience: int
+    min_history: int
     history: deque = field(init=False, repr=False)
     spikes_in_a_row: int = field(default=0, init=False)
     diverged_reason: str = field(default="", init=False)
@@ -60,13 +60,16 @@ class LossSpikeDetector:
             return Verdict.SUSPECT
         why = "is not finite" if not finite else f"exceeds {self.factor:g} x the baseline {baseline:.6g}"
         self.diverged_reason = (
-            f"loss diverged at step {step}: {self.spikes_in_a_row} values in a row were spikes "
-            f"(last {value:.6g} {why})"
+            f"loss diverged at step {step}: {self.spikes_in_a_row} values in a row were spikes (last {value:.6g} {why})"
         )
         return Verdict.DIVERGED
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "spikes_in_a_row": self.spikes_in_a_row, "diverged_reason": self.diverged_reason}
+        return {
+            "history": list(self.history),
+            "spikes_in_a_row": self.spikes_in_a_row,
+            "diverged_reason": self.diverged_reason,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.history = deque(state["history"], maxlen=self.window)

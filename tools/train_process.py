@@ -1,11 +1,11 @@
 """train.py as a child process: start it, wait for a step, signal it, collect its exit code.
 
 Used by the demo and by the integration tests: real processes, real signals.
+Tooling of this repository, not of the library: it finds train.py beside it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
@@ -17,14 +17,15 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .errors import HydraPreemptError
+from hydra_preempt.errors import HydraPreemptError
+from hydra_preempt.rundir import read_result
 
 _STEP = re.compile(r"^step (\d+) ")
 
 
 def find_train_script() -> Path:
     """train.py of the repository this package is installed from (editable install)."""
-    candidates = [Path.cwd() / "train.py", Path(__file__).resolve().parents[1] / "train.py"]
+    candidates = [Path(__file__).resolve().parents[1] / "train.py", Path.cwd() / "train.py"]
     for path in candidates:
         if path.is_file():
             return path
@@ -41,9 +42,11 @@ class TrainProcess:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._proc: subprocess.Popen | None = None
 
-    def start(self) -> "TrainProcess":
+    def start(self) -> TrainProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self._proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.script.parent)
+        self._proc = subprocess.Popen(
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.script.parent
+        )
         threading.Thread(target=self._pump, daemon=True).start()
         return self
 
@@ -114,4 +117,7 @@ class TrainProcess:
         return "\n".join(self.lines)
 
     def result(self) -> dict:
-        return json.loads((self.run_dir / "result.json").read_text())
+        result = read_result(self.run_dir)
+        if result is None:
+            raise HydraPreemptError(f"no result.json in {self.run_dir}; output:\n{self.output}")
+        return result

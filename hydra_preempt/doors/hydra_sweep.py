@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointStore
-from .errors import HydraPreemptError
-from .fsutil import atomic_write_text
-from .runlog import read_events
-from .session import RESULT_FILE
-from .slurm import SlurmError, sacct_states, show_job, state_outcome
+from ..checkpoint.layout import latest_checkpoint
+from ..errors import HydraPreemptError
+from ..fsutil import atomic_write_text
+from ..rundir import RunHistory, read_result
+from ..slurm.commands import SlurmError, sacct_states, show_job, state_outcome
 
 MANIFEST = "sweep_manifest.json"
 ACTIVE = ("waiting", "running", "held")  # state_outcome() values: the scheduler still has the job
@@ -42,6 +41,7 @@ class SweepJob:
     dir: str  # the run directory (Hydra's job output directory)
     cluster: str  # "slurm" or "local"
     job_id: str | None = None
+    subdir: str = ""  # dir relative to the sweep directory (hydra.sweep.subdir, resolved at launch)
 
 
 def manifest_path(sweep_dir: Path) -> Path:
@@ -56,7 +56,9 @@ def load_manifest(sweep_dir: Path) -> dict[int, SweepJob]:
         data = json.loads(path.read_text(encoding="utf-8"))
         return {int(j["num"]): SweepJob(**j) for j in data["jobs"]}
     except (ValueError, KeyError, TypeError) as e:
-        raise HydraPreemptError(f"{path} is not a readable sweep manifest ({e}); move it aside to start this sweep afresh") from None
+        raise HydraPreemptError(
+            f"{path} is not a readable sweep manifest ({e}); move it aside to start this sweep afresh"
+        ) from None
 
 
 def save_manifest(sweep_dir: Path, jobs: dict[int, SweepJob]) -> Path:
@@ -98,32 +100,18 @@ class RunStanding:
 
 
 def run_standing(run_dir: Path) -> RunStanding:
-    run_dir = Path(run_dir)
-    events = read_events(run_dir)
-    starts = [e for e in events if e["event"] == "start"]
-    stops = [e for e in events if e["event"] == "stop"]
-    life = [e for e in events if e["event"] in ("start", "stop")]
-    if not life:
-        status = "not started"
-    elif life[-1]["event"] == "start":
-        status = "running"  # or killed without a word (SIGKILL): the scheduler state tells
-    else:
-        status = life[-1]["reason"]
-    checkpoint_dir = next((e["checkpoint_dir"] for e in reversed(starts) if e.get("checkpoint_dir")), None)
-    latest = CheckpointStore(Path(checkpoint_dir)).latest() if checkpoint_dir else None
-    result_path = run_dir / RESULT_FILE
-    try:
-        result = json.loads(result_path.read_text(encoding="utf-8")) if result_path.exists() else None
-    except ValueError:
-        result = None
+    history = RunHistory.read(run_dir)
+    checkpoint_dir = history.checkpoint_dir
+    latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+    last_stop = history.last_stop
     return RunStanding(
-        status=status,
-        starts=len(starts),
-        preemptions=sum(e["reason"] == "preempted" for e in stops),
-        timeouts=sum(e["reason"] == "timeout" for e in stops),
+        status=history.status,
+        starts=len(history.starts),
+        preemptions=history.stop_count("preempted"),
+        timeouts=history.stop_count("timeout"),
         checkpoint_step=latest.step if latest else None,
-        result=result,
-        message=stops[-1].get("message", "") if stops else "",
+        result=read_result(run_dir),
+        message=last_stop.get("message", "") if last_stop else "",
     )
 
 
@@ -162,24 +150,28 @@ def status_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job of the sweep: what `hydra-preempt status` shows."""
     jobs = load_manifest(sweep_dir)
     if not jobs:
-        raise HydraPreemptError(f"{sweep_dir} holds no {MANIFEST}: not a sweep launched with hydra/launcher=preempt_slurm or preempt_local")
+        raise HydraPreemptError(
+            f"{sweep_dir} holds no {MANIFEST}: not a sweep launched with hydra/launcher=preempt_slurm or preempt_local"
+        )
     rows = []
     for num in sorted(jobs):
         job = jobs[num]
         standing = run_standing(Path(job.dir))
-        rows.append({
-            "num": num,
-            "overrides": job.overrides,
-            "job_id": job.job_id,
-            "scheduler": scheduler_state(job),
-            "run": standing.status,
-            "starts": standing.starts,
-            "preemptions": standing.preemptions,
-            "timeouts": standing.timeouts,
-            "checkpoint_step": standing.checkpoint_step,
-            "result": standing.result,
-            "dir": job.dir,
-        })
+        rows.append(
+            {
+                "num": num,
+                "overrides": job.overrides,
+                "job_id": job.job_id,
+                "scheduler": scheduler_state(job),
+                "run": standing.status,
+                "starts": standing.starts,
+                "preemptions": standing.preemptions,
+                "timeouts": standing.timeouts,
+                "checkpoint_step": standing.checkpoint_step,
+                "result": standing.result,
+                "dir": job.dir,
+            }
+        )
     return rows
 
 
@@ -188,10 +180,23 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     header = ["#", "job id", "scheduler", "run", "preempted", "timeouts", "ckpt step", "final metrics", "overrides"]
     lines = [header]
     for r in rows:
-        metrics = " ".join(f"{k}={v:.6g}" for k, v in sorted((r["result"] or {}).items()) if isinstance(v, (int, float)) and not isinstance(v, bool))
-        lines.append([
-            str(r["num"]), r["job_id"] or "-", r["scheduler"], r["run"], str(r["preemptions"]), str(r["timeouts"]),
-            "-" if r["checkpoint_step"] is None else str(r["checkpoint_step"]), metrics or "-", " ".join(r["overrides"]),
-        ])
+        metrics = " ".join(
+            f"{k}={v:.6g}"
+            for k, v in sorted((r["result"] or {}).items())
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        )
+        lines.append(
+            [
+                str(r["num"]),
+                r["job_id"] or "-",
+                r["scheduler"],
+                r["run"],
+                str(r["preemptions"]),
+                str(r["timeouts"]),
+                "-" if r["checkpoint_step"] is None else str(r["checkpoint_step"]),
+                metrics or "-",
+                " ".join(r["overrides"]),
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)

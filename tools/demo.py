@@ -1,6 +1,6 @@
 """The local demo: a real training run is preempted by signals, resumes, and ends identical.
 
-    hydra-preempt demo
+    make demo        (python -m tools.demo [--dir DIR] [--steps N])
 
 1. trains train.py uninterrupted;
 2. trains it again in another run directory, sending SIGTERM twice while it
@@ -11,13 +11,16 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
+import sys
 import time
 from pathlib import Path
 
-from .outcome import ExitCode
-from .process import TrainProcess
-from .runlog import read_events
+from hydra_preempt.outcome import ExitCode
+from hydra_preempt.rundir import RunHistory
+
+from .train_process import TrainProcess
 
 
 def run_demo(base: Path, steps: int = 600) -> int:
@@ -42,9 +45,13 @@ def run_demo(base: Path, steps: int = 600) -> int:
             proc.send(signal.SIGTERM)
             print(f"   sent SIGTERM after step {seen} was printed", flush=True)
         rc = proc.wait()
-        stop = [e for e in read_events(preempted_dir) if e["event"] == "stop"][-1]
-        print(f"   start {len(read_events(preempted_dir)) // 2}: resumed from step {stop['resumed_from'] or 0}, "
-              f"stopped at step {stop['step']} ({stop['reason']}, exit code {rc})", flush=True)
+        history = RunHistory.read(preempted_dir)
+        stop = history.stops[-1]
+        print(
+            f"   start {len(history.starts)}: resumed from step {stop['resumed_from'] or 0}, "
+            f"stopped at step {stop['step']} ({stop['reason']}, exit code {rc})",
+            flush=True,
+        )
         expected = ExitCode.REQUEUE if signal_after is not None else ExitCode.FINISHED
         if rc != expected:
             print(proc.output)
@@ -55,6 +62,22 @@ def run_demo(base: Path, steps: int = 600) -> int:
     same = a["params_sha256"] == b["params_sha256"]
     print("\n3. result")
     print(f"   uninterrupted: step {a['step']}, loss {a['loss']:.6f}, params_sha256 {a['params_sha256'][:16]}...")
-    print(f"   preempted:     step {b['step']}, loss {b['loss']:.6f}, params_sha256 {b['params_sha256'][:16]}..., restarts {b['restarts']}")
+    print(
+        f"   preempted:     step {b['step']}, loss {b['loss']:.6f}, params_sha256 {b['params_sha256'][:16]}..., restarts {b['restarts']}"
+    )
     print(f"   identical: {'yes' if same else 'NO'}")
     return 0 if same else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--dir", type=Path, default=Path("demo-runs"), help="where run directories go (default: demo-runs)"
+    )
+    parser.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
+    args = parser.parse_args(argv)
+    return run_demo(args.dir, args.steps)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,24 +11,19 @@ anything is submitted.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+import yaml
 
-KEYS = {
-    "experiments": "list of {name, overrides}",
-    "common_overrides": "overrides given to every experiment",
-    "train_script": "the Hydra app to run (default train.py)",
-    "runs_dir": "where run directories (checkpoints, run log, result.json) go",
-    "results_dir": "where the summary table and plot go",
-    "runtime_min": "time limit of a training job, minutes",
-    "cpus_per_task": "CPUs of a training job",
-    "mem_mb": "memory of a training job, MB",
-    "gpus": "GPUs of a training job",
-    "signal_lead_s": "the time-limit warning (SIGTERM) this many seconds before the limit",
-}
+from ..errors import ConfigError
+
+# The workflow config's one declaration (keys, types, ranges, defaults): Snakemake's validate() checks
+# it in the Snakefile; this module checks what a schema cannot (duplicate names, Hydra key syntax).
+SCHEMA = Path(__file__).with_name("snakemake_grid.schema.yaml")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _KEY = re.compile(r"^\+{0,2}~?[A-Za-z_][A-Za-z0-9_.]*$")
 
@@ -43,9 +38,10 @@ def load_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
     """The grid's experiments by name; ConfigError names the first bad entry."""
     if not isinstance(config, Mapping):
         raise ConfigError(f"the workflow config must be a mapping, got {type(config).__name__}")
-    unknown = sorted(set(config) - set(KEYS))
+    known = workflow_keys()
+    unknown = sorted(set(config) - set(known))
     if unknown:
-        raise ConfigError(f"unknown workflow config key(s) {', '.join(unknown)}; known: {', '.join(sorted(KEYS))}")
+        raise ConfigError(f"unknown workflow config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     entries = config.get("experiments")
     if not isinstance(entries, list) or not entries:
         raise ConfigError("experiments must be a non-empty list of {name, overrides} entries: the grid is empty")
@@ -63,8 +59,17 @@ def load_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
             raise ConfigError(f"{where}: name must be letters, digits, _ . - (it names a directory), got {name!r}")
         if name in experiments:
             raise ConfigError(f"{where}: duplicate experiment name {name!r}")
-        experiments[name] = Experiment(name, (*common, *_overrides(entry.get("overrides") or {}, f"{where} ({name}).overrides")))
+        experiments[name] = Experiment(
+            name, (*common, *_overrides(entry.get("overrides") or {}, f"{where} ({name}).overrides"))
+        )
     return experiments
+
+
+@functools.cache
+def workflow_keys() -> dict[str, str]:
+    """The workflow config's keys and their descriptions, from the schema."""
+    properties = yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))["properties"]
+    return {key: spec.get("description", "") for key, spec in properties.items()}
 
 
 def _overrides(mapping: Any, where: str) -> tuple[str, ...]:

@@ -1,32 +1,30 @@
-"""The stop policy around a run: what a stop was, and the requeue after the save.
+"""The stop policy around a run inside a SLURM job: what a stop was, and the requeue after the save.
 
-`run()` applies `SlurmStopPolicy` by itself whenever it runs inside a SLURM
-job (SLURM_JOB_ID is set), whichever front door started it: a submitit task,
-a Hydra launcher job, or `srun python train.py` under Snakemake. The policy
-tells preemption, time limit and scancel apart while the run is stopping and
-writes the verdict into the Outcome. `conclude(outcome)` then does the part
-that must follow the save and the run log: requeue (or wait for SLURM to
-requeue), and returns the exit code the process should end with.
+`run()` applies `SlurmStopPolicy` whenever it runs inside a SLURM job,
+whichever front door started it: a submitit task, a Hydra launcher job, or
+`srun python train.py` under Snakemake. The policy tells preemption, time
+limit and scancel apart while the run is stopping and writes the verdict
+into the Outcome. `conclude(outcome)` then does the part that must follow
+the save and the run log: requeue (or wait for SLURM to requeue), and
+returns the exit code the process should end with.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import logging
-import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from .outcome import EXIT_CODES, ExitCode, Outcome, Status
-from .requeue import Decision, Requeuer, RequeueBudget, StopKind, classify_stop, decide, slurm_requeues_preempted
-from .runlog import append_event, read_events
-from .signals import parse_signal
-from .slurm import ClusterFacts, SlurmError, SlurmTask, cluster_facts, requeue_job, show_job
+from ..outcome import EXIT_CODES, ExitCode, Outcome, Status
+from ..rundir import JobIdentity, RunLog
+from .commands import ClusterFacts, SlurmError, cluster_facts, requeue_job, show_job
+from .env import SlurmTask, under_submitit_local
+from .stop import Decision, RequeueBudget, Requeuer, StopKind, classify_stop, decide, slurm_requeues_preempted
 
 log = logging.getLogger("hydra_preempt")
 
@@ -38,63 +36,58 @@ SUBMITIT_LOCAL_REQUEUE_CODE = 144
 # Exit codes of a job that will run again (requeued) or must not (cancelled): not a failure.
 RESUME_EXIT_CODES = (int(ExitCode.REQUEUE), int(ExitCode.CANCELLED), SUBMITIT_LOCAL_REQUEUE_CODE)
 
-_STATUS_OF_KIND = {StopKind.PREEMPTED: Status.PREEMPTED, StopKind.TIMEOUT: Status.TIMEOUT, StopKind.CANCELLED: Status.CANCELLED}
-_budget_override: RequeueBudget | None = None
-# The outcome of the last run() in this process: a launcher concludes it even when the task function
-# does not return it.
-latest_outcome: Outcome | None = None
-
-
-@contextlib.contextmanager
-def requeue_budget(budget: RequeueBudget | None) -> Iterator[None]:
-    """Runs started inside use `budget` instead of their config's `requeue` section (a launcher's setting)."""
-    global _budget_override
-    previous, _budget_override = _budget_override, budget
-    try:
-        yield
-    finally:
-        _budget_override = previous
-
-
-def effective_budget(configured: RequeueBudget) -> RequeueBudget:
-    return _budget_override or configured
-
-
-def stop_counts(run_dir: Path) -> dict[str, int]:
-    """How many earlier stops of each reason the run log holds."""
-    counts: dict[str, int] = {}
-    for event in read_events(run_dir):
-        if event["event"] == "stop":
-            counts[event["reason"]] = counts.get(event["reason"], 0) + 1
-    return counts
+_STATUS_OF_KIND = {
+    StopKind.PREEMPTED: Status.PREEMPTED,
+    StopKind.TIMEOUT: Status.TIMEOUT,
+    StopKind.CANCELLED: Status.CANCELLED,
+}
 
 
 class SlurmStopPolicy:
-    """Classifies a stop of a run inside a SLURM job and decides who requeues it."""
+    """Classifies a stop of a run inside a SLURM job and decides who requeues it.
 
-    def __init__(self, task: SlurmTask, facts: ClusterFacts, counts: dict[str, int], budget: RequeueBudget, preempt_signal: str, timeout_signal: str) -> None:
+    `stops` counts the run's earlier stops by reason (from the run log);
+    signal names are canonical ('SIGUSR2').
+    """
+
+    def __init__(
+        self,
+        task: SlurmTask,
+        facts: ClusterFacts,
+        restarts: int,
+        stops: dict[str, int],
+        budget: RequeueBudget,
+        preempt_signal: str,
+        timeout_signal: str,
+    ) -> None:
         self.task = task
         self.facts = facts
-        self.counts = counts
+        self.identity = JobIdentity(task.job_id, restarts)
+        self.stops = stops
         self.budget = budget
-        self.preempt_signal = parse_signal(preempt_signal).name
-        self.timeout_signal = parse_signal(timeout_signal, "signals.timeout").name
+        self.preempt_signal = preempt_signal
+        self.timeout_signal = timeout_signal
 
     @classmethod
-    def from_env(cls, counts: dict[str, int], budget: RequeueBudget, preempt_signal: str, timeout_signal: str) -> "SlurmStopPolicy | None":
-        task = SlurmTask.from_env()
-        if task is None:
-            return None
-        try:  # now, not on the clock of a grace period
+    def start(
+        cls,
+        task: SlurmTask,
+        stops: dict[str, int],
+        budget: RequeueBudget,
+        preempt_signal: str,
+        timeout_signal: str,
+    ) -> SlurmStopPolicy:
+        """Read the job's static facts now, not on the clock of a grace period."""
+        restarts = task.restart_count
+        try:
             job = show_job(task.job_id)
             facts = cluster_facts(job.qos)
-            # SLURM_RESTART_COUNT does not reach every job step (Snakemake's job step drops it);
-            # the run log reads it from the environment, so put SLURM's own count back
-            os.environ["SLURM_RESTART_COUNT"] = str(job.restarts)
+            # SLURM_RESTART_COUNT does not reach every job step (Snakemake's job step drops it)
+            restarts = job.restarts
         except SlurmError as e:
             log.warning("cannot read KillWait/GraceTime/PreemptMode (%s): assuming none", e)
             facts = ClusterFacts()
-        return cls(task, facts, counts, budget, preempt_signal, timeout_signal)
+        return cls(task, facts, restarts, stops, budget, preempt_signal, timeout_signal)
 
     def seconds_left(self) -> float | None:
         """Seconds until SLURM's SIGKILL: KillWait after the grace end (preemption) or the end time
@@ -119,23 +112,41 @@ class SlurmStopPolicy:
             log.error("cannot ask SLURM what stopped the job (%s): treating it as a preemption", e)
             return dataclasses.replace(outcome, requeue_by=Requeuer.SELF.value)
         kind = classify_stop(
-            outcome.signal, job.state, job.preempt_time, job.limit_end, dt.datetime.now(),
-            timeout_signal=self.timeout_signal, preempt_signal=self.preempt_signal,
+            outcome.signal,
+            job.state,
+            job.preempt_time,
+            job.limit_end,
+            dt.datetime.now(),
+            timeout_signal=self.timeout_signal,
+            preempt_signal=self.preempt_signal,
         )
-        timeouts = self.counts.get("timeout", 0) + (kind is StopKind.TIMEOUT)
+        timeouts = self.stops.get("timeout", 0) + (kind is StopKind.TIMEOUT)
         decision = decide(kind, timeouts, self.budget, slurm_requeues_preempted(self.facts.preempt_mode, job.requeue))
         return _apply(outcome, decision, self.seconds_left())
 
 
 def _apply(outcome: Outcome, decision: Decision, seconds_left: float | None) -> Outcome:
     if decision.fail_reason:
-        return dataclasses.replace(outcome, status=Status.FAILED, exit_code=ExitCode.FAILED, message=f"{decision.fail_reason}; {outcome.message}")
+        return dataclasses.replace(
+            outcome,
+            status=Status.FAILED,
+            exit_code=ExitCode.FAILED,
+            message=f"{decision.fail_reason}; {outcome.message}",
+        )
     status = _STATUS_OF_KIND[decision.kind]
-    note = {Requeuer.SELF: "requeueing", Requeuer.SLURM: "SLURM requeues it at the end of the grace period", Requeuer.NONE: "not requeued"}[decision.requeue_by]
+    note = {
+        Requeuer.SELF: "requeueing",
+        Requeuer.SLURM: "SLURM requeues it at the end of the grace period",
+        Requeuer.NONE: "not requeued",
+    }[decision.requeue_by]
     kill_deadline = time.time() + seconds_left if seconds_left is not None else None
     return dataclasses.replace(
-        outcome, status=status, exit_code=EXIT_CODES[status], message=f"{decision.kind.value}: {outcome.message}; {note}",
-        requeue_by=decision.requeue_by.value, kill_deadline=kill_deadline,
+        outcome,
+        status=status,
+        exit_code=EXIT_CODES[status],
+        message=f"{decision.kind.value}: {outcome.message}; {note}",
+        requeue_by=decision.requeue_by.value,
+        kill_deadline=kill_deadline,
     )
 
 
@@ -154,7 +165,7 @@ def conclude(outcome: Outcome, before_requeue: Callable[[], None] | None = None)
             _await_slurm_requeue(task, outcome, before_requeue)
         elif task is not None and outcome.requeue_by == Requeuer.SELF.value:
             _requeue(task, outcome, before_requeue)
-        elif task is None and os.environ.get("SUBMITIT_EXECUTOR") == "local":
+        elif task is None and under_submitit_local():
             return SUBMITIT_LOCAL_REQUEUE_CODE
     return int(outcome.exit_code)
 
@@ -169,9 +180,12 @@ def _await_slurm_requeue(task: SlurmTask, outcome: Outcome, before_requeue: Call
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # no second checkpoint path while waiting
     left = outcome.kill_deadline - time.time() if outcome.kill_deadline else 0.0
     limit = time.monotonic() + max(left, 0.0) + KILL_MARGIN_S
-    log.info("state saved; waiting up to %.0f s for SLURM to end the grace period and requeue the job", limit - time.monotonic())
+    log.info(
+        "state saved; waiting up to %.0f s for SLURM to end the grace period and requeue the job",
+        limit - time.monotonic(),
+    )
     if task.rank == 0 and outcome.run_dir:
-        append_event(Path(outcome.run_dir), "await_requeue", step=outcome.step, seconds_left=left)
+        _run_log(task, outcome).append("await_requeue", step=outcome.step, seconds_left=left)
     while time.monotonic() < limit:
         time.sleep(1.0)
     log.warning("SLURM did not end the job after the grace period: requeueing it ourselves")
@@ -191,5 +205,10 @@ def _requeue(task: SlurmTask, outcome: Outcome, before_requeue: Callable[[], Non
         return
     since = time.time() - outcome.signal_time if outcome.signal_time else None
     if outcome.run_dir:
-        append_event(Path(outcome.run_dir), "requeue", step=outcome.step, signal_to_requeue_s=since)
+        _run_log(task, outcome).append("requeue", step=outcome.step, signal_to_requeue_s=since)
     log.info("requeued job %s at step %d", task.job_id, outcome.step)
+
+
+def _run_log(task: SlurmTask, outcome: Outcome) -> RunLog:
+    assert outcome.run_dir is not None
+    return RunLog(Path(outcome.run_dir), outcome.job or JobIdentity(task.job_id, task.restart_count))

@@ -22,7 +22,7 @@ import threading
 import time
 from types import FrameType
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 PREEMPT_SIGNALS = ("TERM", "USR2", "HUP")
 
@@ -47,7 +47,7 @@ def parse_signal(name: str, key: str = "signals.preempt") -> signal.Signals:
 class SignalRequests:
     """Installs the handlers and collects the requests they record."""
 
-    def __init__(self, preempt_signal: str = "TERM", timeout_signal: str = "USR2") -> None:
+    def __init__(self, preempt_signal: str, timeout_signal: str) -> None:
         self.preempt_signal = parse_signal(preempt_signal)
         self.timeout_signal = parse_signal(timeout_signal, "signals.timeout")
         self._meaning = {

@@ -26,7 +26,7 @@ import datetime as dt
 import enum
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # A SIGTERM this close to the end time is SLURM's time-limit kill, not a user's scancel.
 TIME_LIMIT_SLACK_S = 90.0

@@ -8,13 +8,12 @@ fields that differ between SLURM versions.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping
 
-from .errors import HydraPreemptError
+from ..errors import HydraPreemptError
 
 
 class SlurmError(HydraPreemptError):
@@ -113,7 +112,7 @@ class JobInfo:
     fields: Mapping[str, str]
 
     @classmethod
-    def from_fields(cls, fields: Mapping[str, str]) -> "JobInfo":
+    def from_fields(cls, fields: Mapping[str, str]) -> JobInfo:
         restarts = fields.get("Restarts", "0")
         return cls(
             job_id=fields.get("JobId", ""),
@@ -185,27 +184,6 @@ def check_submission(qos: str | None, account: str | None, partition: str | None
     try:
         slurm_command(args)
     except SlurmError as e:
-        raise SlurmError(f"the scheduler refuses qos={qos!r} account={account!r} partition={partition!r}: {e}") from None
-
-
-@dataclass(frozen=True)
-class SlurmTask:
-    """What SLURM's environment tells one task of a job about itself."""
-
-    job_id: str
-    rank: int
-    ntasks: int
-    restart_count: int
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "SlurmTask | None":
-        env = os.environ if env is None else env
-        job_id = env.get("SLURM_JOB_ID")
-        if not job_id:
-            return None
-        return cls(
-            job_id=job_id,
-            rank=int(env.get("SLURM_PROCID", "0")),
-            ntasks=int(env.get("SLURM_NTASKS", "1")),
-            restart_count=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
-        )
+        raise SlurmError(
+            f"the scheduler refuses qos={qos!r} account={account!r} partition={partition!r}: {e}"
+        ) from None

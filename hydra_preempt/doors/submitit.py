@@ -1,0 +1,175 @@
+"""The submitit front door: a checkpointable task that survives preemption, and an executor set up for it.
+
+    executor = preemptible_executor("submitit-logs", qos="preemptible", account="research", timeout_min=60)
+    job = executor.submit(PreemptibleTask(train, "runs/exp1", {"checkpoint": {"every_steps": 100}}))
+
+On SLURM the task runs as a job step (submitit launches it with srun), so
+it receives the grace-period SIGTERM. The session saves at the next step
+boundary; the task then asks the scheduler what the stop was (preemption,
+time limit, scancel), requeues when that is its job, and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import submitit
+import torch
+import torch.distributed as dist
+from submitit.core.utils import DelayedSubmission, temporary_save_path
+
+from ..config import SessionConfig
+from ..errors import HydraPreemptError
+from ..outcome import Status
+from ..session.api import Session
+from ..session.runner import JobContext, run
+from ..slurm.commands import check_submission
+from ..slurm.policy import RESUME_EXIT_CODES, conclude
+from .settings import ExecutorSettings
+
+log = logging.getLogger("hydra_preempt")
+
+
+class RunFailed(HydraPreemptError):
+    """The run ended failed, diverged, or with a requeue budget spent: the job must end FAILED."""
+
+
+class PreemptibleTask(submitit.helpers.Checkpointable):
+    """Runs `train_fn(session)` so that preemption, time limits and requeues lose nothing.
+
+    Works with submitit's AutoExecutor/SlurmExecutor used directly, or with
+    `preemptible_executor`. Calling it returns the training function's result
+    when training finished; on a stop it exits the process with the exit code
+    of `hydra_preempt.ExitCode` (75: requeued, 130: cancelled) and raises
+    RunFailed when the job must end FAILED. `max_preemptions`/`max_timeouts`,
+    when given, replace the config's `requeue` section.
+
+    A job of several tasks (`tasks_per_node` > 1 or several nodes) gets a
+    torch.distributed process group (`distributed_backend`: "auto" picks
+    nccl with CUDA, else gloo; None leaves it to the training function).
+    """
+
+    def __init__(
+        self,
+        train_fn: Callable[[Session], Any],
+        run_dir: str | Path,
+        config: SessionConfig | Mapping[str, Any] | None = None,
+        max_preemptions: int | None = None,
+        max_timeouts: int | None = None,
+        distributed_backend: str | None = "auto",
+    ) -> None:
+        self.train_fn = train_fn
+        self.run_dir = str(run_dir)
+        self.config = config if isinstance(config, SessionConfig) else SessionConfig.from_mapping(config)
+        self.budget = dataclasses.replace(
+            self.config.requeue,
+            **{
+                k: v for k, v in (("max_preemptions", max_preemptions), ("max_timeouts", max_timeouts)) if v is not None
+            },
+        )
+        self.distributed_backend = distributed_backend
+
+    def __call__(self) -> Any:
+        init_from_job(self.distributed_backend)
+        outcome = run(self.train_fn, Path(self.run_dir), self.config, JobContext(budget=self.budget))
+        if outcome.status is Status.FINISHED:
+            return outcome.result
+        code = conclude(outcome, before_requeue=self._resubmit_pickle)
+        if code in RESUME_EXIT_CODES:
+            sys.exit(code)  # SystemExit: submitit writes no result, the job is not "done"
+        raise RunFailed(f"run {self.run_dir} {outcome.status.value} at step {outcome.step}: {outcome.message}")
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        """The requeue request: run this same task again.
+
+        The state itself is already on disk: the session saved it at the step
+        boundary where it stopped (signals only set flags, so no save ever
+        starts inside a signal handler), and a new start resumes from it.
+        """
+        return DelayedSubmission(self, *args, **kwargs)
+
+    def _resubmit_pickle(self) -> None:
+        """Keep submitit's protocol: the requeued job runs what checkpoint() returned."""
+        if not os.environ.get("SUBMITIT_FOLDER"):
+            return
+        paths = submitit.JobEnvironment().paths
+        original = DelayedSubmission.load(paths.submitted_pickle)
+        request = self.checkpoint()
+        request.set_timeout(original._timeout_min, original._timeout_countdown)
+        with temporary_save_path(paths.submitted_pickle) as tmp:
+            request.dump(tmp)
+
+
+def preemptible_executor(folder: str | Path, **settings: Any) -> submitit.AutoExecutor:
+    """A submitit executor set up for a preemptible QoS; `settings` are the keys of ExecutorSettings.
+
+    On SLURM: --qos/--account/--partition, --requeue, --open-mode=append, the
+    time-limit signal (`signal`, USR2 by default) `signal_lead_s` before the
+    limit, and the task launched with srun as a job step so that it receives
+    the grace SIGTERM. Values are checked first (ConfigError names the key);
+    with `check`, the scheduler validates qos/account/partition
+    (`sbatch --test-only`) and its refusal is raised as SlurmError.
+    `cluster="local"` runs the same protocol on this machine.
+    """
+    return executor_for(folder, ExecutorSettings.from_mapping(settings))
+
+
+def executor_for(folder: str | Path, s: ExecutorSettings) -> submitit.AutoExecutor:
+    """The executor of `preemptible_executor`, from settings already built."""
+    signal_name = s.validate()
+    executor = submitit.AutoExecutor(folder=folder, cluster=s.cluster)
+    params: dict[str, Any] = {
+        "timeout_min": s.timeout_min,
+        "nodes": s.nodes,
+        "tasks_per_node": s.tasks_per_node,
+        "cpus_per_task": s.cpus_per_task,
+        "gpus_per_node": s.gpus_per_node,
+        "mem_gb": s.mem_gb,
+        "name": s.name,
+    }
+    if executor.cluster == "slurm":
+        if s.check:
+            check_submission(s.qos, s.account, s.partition)
+        params.update(
+            slurm_qos=s.qos,
+            slurm_account=s.account,
+            slurm_partition=s.partition,
+            slurm_signal_delay_s=s.signal_lead_s,
+            slurm_array_parallelism=s.array_parallelism,
+            # "signal" replaces submitit's own --signal=USR2@lead line
+            slurm_additional_parameters={
+                "requeue": True,
+                "signal": f"{signal_name}@{s.signal_lead_s}",
+                **(s.sbatch_args or {}),
+            },
+            slurm_setup=list(s.setup or []),
+            slurm_srun_args=list(s.srun_args or []),
+        )
+    else:
+        params.update(local_setup=list(s.setup or []))
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor
+
+
+def init_from_job(backend: str | None = "auto") -> None:
+    """A process group for a job of several tasks (SLURM or submitit local), from its environment.
+
+    "auto" picks nccl with CUDA, else gloo; None leaves it to the training function.
+    """
+    if backend is None or dist.is_initialized():
+        return
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job
+        return
+    if env.num_tasks <= 1:
+        return
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    dist.init_process_group(backend)

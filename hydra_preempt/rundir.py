@@ -1,0 +1,195 @@
+"""The run directory: a run's identity across requeues, and the one owner of its files.
+
+    RUN_DIR/
+      checkpoints/     checkpoint.dir by default (see checkpoint/store.py)
+      run_log.jsonl    one JSON line per start, stop and requeue of the run
+      metrics.jsonl    one JSON line per report() of rank 0
+      result.json      written atomically when training finished
+      .run.lock        held (flock) by the one live process of the run
+
+The run directory, not the job id, is a run's identity: the run log
+survives requeues (new job ids on some sites) and shows every restart with
+its reason. `RunHistory` is the one reader of the run log; everything that
+counts starts or stops uses it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .fsutil import append_line_durably, atomic_write_text
+
+RUN_LOG = "run_log.jsonl"
+METRICS_LOG = "metrics.jsonl"
+RESULT_FILE = "result.json"
+RUN_LOCK = ".run.lock"
+
+
+@dataclass(frozen=True)
+class JobIdentity:
+    """Which job and which start of it wrote an event (the scheduler's view; None outside a job)."""
+
+    job_id: str | None = None
+    restart_count: int = 0
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "restart_count": self.restart_count,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+
+
+class RunLog:
+    """Appends events to the run log, each durably (it survives a SIGKILL right after)."""
+
+    def __init__(self, run_dir: Path | str, identity: JobIdentity | None = None) -> None:
+        self.path = Path(run_dir) / RUN_LOG
+        self.identity = identity or JobIdentity()
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+        record = {"event": event, "time": now, **self.identity.fields(), **fields}
+        append_line_durably(self.path, json.dumps(record))
+        return record
+
+
+def read_events(run_dir: Path | str) -> list[dict[str, Any]]:
+    """All events of the run log, oldest first."""
+    return [e for e in _read_json_lines(Path(run_dir) / RUN_LOG) if isinstance(e.get("event"), str)]
+
+
+def _read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a file of JSON lines; a line cut short by a kill (or anything else) is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+@dataclass(frozen=True)
+class RunHistory:
+    """What the run log says about a run: its starts, its stops and where it stands."""
+
+    events: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def read(cls, run_dir: Path | str) -> RunHistory:
+        return cls(tuple(read_events(run_dir)))
+
+    @property
+    def starts(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == "start"]
+
+    @property
+    def stops(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == "stop"]
+
+    @property
+    def restarts(self) -> int:
+        """How many times the run was started before its latest start."""
+        return max(0, len(self.starts) - 1)
+
+    def stop_count(self, reason: str) -> int:
+        return sum(1 for e in self.stops if e.get("reason") == reason)
+
+    @property
+    def status(self) -> str:
+        """'not started', 'running' (a start without a stop: running, or killed without a word),
+        or the reason of the last stop."""
+        life = [e for e in self.events if e["event"] in ("start", "stop")]
+        if not life:
+            return "not started"
+        return "running" if life[-1]["event"] == "start" else str(life[-1].get("reason"))
+
+    @property
+    def last_stop(self) -> dict[str, Any] | None:
+        return self.stops[-1] if self.stops else None
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        """The checkpoint directory the latest start used."""
+        found = next((e.get("checkpoint_dir") for e in reversed(self.starts) if e.get("checkpoint_dir")), None)
+        return Path(found) if isinstance(found, str) else None
+
+
+def read_result(run_dir: Path | str) -> dict[str, Any] | None:
+    """result.json of a finished run, or None (missing or unreadable)."""
+    try:
+        result = json.loads((Path(run_dir) / RESULT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def write_result(run_dir: Path | str, result: dict[str, Any]) -> Path:
+    path = Path(run_dir) / RESULT_FILE
+    atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True))
+    return path
+
+
+def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
+    """Every metrics record of the run, oldest first."""
+    return _read_json_lines(Path(run_dir) / METRICS_LOG)
+
+
+def append_metrics(run_dir: Path | str, record: dict[str, Any]) -> None:
+    with open(Path(run_dir) / METRICS_LOG, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+class RunLock:
+    """One live process per run directory (an advisory flock on RUN_DIR/.run.lock).
+
+    A second process (a duplicate job, e.g. after an interrupted workflow was
+    started again) waits until the first one ends, then resumes from its state.
+    """
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.path = Path(run_dir) / RUN_LOCK
+        self._fd: int | None = None
+
+    def acquire(self, give_up: Callable[[], bool], on_wait: Callable[[str], None], poll_s: float = 2.0) -> bool:
+        """Take the lock, waiting while another process holds it; False if `give_up()` turned true first.
+
+        `on_wait(holder)` is called once, when waiting starts.
+        """
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not announced:
+                    on_wait(os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process")
+                    announced = True
+                if give_up():
+                    os.close(fd)
+                    return False
+                time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None

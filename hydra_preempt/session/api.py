@@ -1,0 +1,334 @@
+"""The session: the only thing a training function talks to.
+
+    def train(session):
+        model, opt = ..., ...
+        session.register(model=model, optimizer=opt, data=ResumableLoader(...))
+        session.restore()                      # 0, or the step to continue from
+        for step in session.steps(max_steps):  # stops at a step boundary on a signal
+            ...
+            session.report(loss=loss.item())
+        return {...}
+
+    outcome = hydra_preempt.run(train, run_dir, config)   # Outcome(status, step, exit_code, ...)
+
+Work happens only at step boundaries, where the state is consistent: finish
+the step -> judge divergence -> decide (session/boundary.py) -> save if the
+decision says so -> stop if it says so.
+
+Multi-rank (torch.distributed initialised before run()): every
+`distributed.sync_every` steps the ranks agree (one all-reduce of a few
+flags) on stopping, saving and divergence, so all stop at the same step.
+Rank 0 writes one checkpoint holding the shared objects (registered with
+`register`, e.g. a DDP model and its optimizer) and every rank's own state
+(`register_per_rank`, e.g. its data shard position, and its RNGs).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..checkpoint.checkpointer import Checkpointer
+from ..checkpoint.store import CheckpointInfo, CheckpointStore
+from ..config import SessionConfig
+from ..distributed import agree, gather_to_rank0, world
+from ..errors import CheckpointDirError, ConfigError, HydraPreemptError
+from ..outcome import Status
+from ..rundir import RunHistory, RunLock, append_metrics, write_result
+from . import boundary
+from .divergence import Verdict
+from .signals import Request
+from .state import StateRegistry, StepStart
+
+log = logging.getLogger("hydra_preempt")
+
+
+class RunStopped(BaseException):
+    """Raised out of `Session.steps()` at a step boundary to end the training function.
+
+    A BaseException, so that a training loop's `except Exception` does not swallow it.
+    """
+
+    def __init__(
+        self, status: Status, message: str, signal: str | None = None, signal_time: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.signal = signal
+        self.signal_time = signal_time
+
+
+class Session:
+    """`seconds_left`, when given, tells how long until the process will be killed (grace end or time
+    limit); a stop then skips a save that could not finish in time, if a checkpoint already exists."""
+
+    def __init__(
+        self,
+        run_dir: Path | str,
+        config: SessionConfig | None = None,
+        seconds_left: Callable[[], float | None] | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.seconds_left = seconds_left
+        self.config = config or SessionConfig()
+        c = self.config.checkpoint
+        directory = Path(c.dir) if Path(c.dir).is_absolute() else self.run_dir / c.dir
+        self.checkpointer = Checkpointer(CheckpointStore(directory, c.retention_policy()), c)
+        d = self.config.divergence
+        self.detector = d.detector() if d.enabled else None
+        self.signals = self.config.signals.requests()
+        self.state = StateRegistry()
+        self.step = 0  # completed steps
+        self.resumed_from: int | None = None
+        self.metrics: dict[str, float] = {}  # latest value of every reported metric
+        self.signal_to_saved_s: float | None = None
+        self._lock = RunLock(self.run_dir)
+        self._restored = False
+        self._step_metrics: dict[str, float] = {}
+        self._last_step_metrics: dict[str, float] = {}
+        self._open_step: StepStart | None = None  # set while a step runs
+
+    @property
+    def last_checkpoint(self) -> CheckpointInfo | None:
+        return self.checkpointer.last
+
+    @property
+    def last_save_s(self) -> float | None:
+        return self.checkpointer.last_save_s
+
+    # -- life cycle (driven by run()) -------------------------------------
+    def open(self) -> None:
+        """Create the run directory, check the checkpoint directory, install the signal handlers."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointDirError(f"run directory {self.run_dir} is not usable: {e.strerror or e}") from None
+        self.checkpointer.prepare()
+        self.signals.install()
+
+    def close(self) -> None:
+        self.signals.uninstall()
+        self._lock.release()
+
+    def wait_for_run_lock(self, poll_s: float = 2.0) -> None:
+        """One live run per run directory: wait while another process holds it (rank 0 holds it for all).
+
+        A stop signal while waiting raises RunStopped without touching the run."""
+        if world()[0] != 0:
+            return
+
+        def stop_requested() -> bool:
+            return bool(self.signals.peek() & {Request.CANCEL, Request.PREEMPT})
+
+        def announce(holder: str) -> None:
+            log.warning("run directory %s is in use by %s: waiting for it to end", self.run_dir, holder)
+
+        if not self._lock.acquire(stop_requested, announce, poll_s):
+            status = Status.CANCELLED if Request.CANCEL in self.signals.peek() else Status.PREEMPTED
+            raise RunStopped(status, f"stopped while waiting for {self._lock.path}; the run is another process's")
+
+    # -- the training function's API ----------------------------------------
+    def register(self, **objects: Any) -> None:
+        """Objects whose state is saved and restored together (model, optimizer, scheduler, scaler, data, ...)."""
+        self._check_not_restored()
+        self.state.register(False, **objects)
+
+    def register_per_rank(self, **objects: Any) -> None:
+        """Objects whose state differs between ranks (a data shard's position, ...): each rank's is saved."""
+        self._check_not_restored()
+        self.state.register(True, **objects)
+
+    def _check_not_restored(self) -> None:
+        if self._restored:
+            raise ConfigError("register() every object before restore() or steps(): later ones would not be restored")
+
+    def restore(self) -> int:
+        """Load the newest good checkpoint into the registered objects; return the step to continue from."""
+        if self._restored:
+            return self.step
+        self._restored = True
+        loaded = self.checkpointer.load_latest()
+        if loaded is None:
+            log.info("no checkpoint in %s: starting at step 0", self.checkpointer.store.directory)
+            return 0
+        info, tree = loaded
+        rank, size = world()
+        self.state.load(tree, rank, size, str(info.path))
+        if self.detector is not None and tree["session"].get("detector"):
+            self.detector.load_state_dict(tree["session"]["detector"])
+        self.step = self.resumed_from = int(tree["session"]["step"])
+        log.info("resumed from %s (step %d, saved on %s)", info.path.name, self.step, info.reason)
+        return self.step
+
+    def steps(self, max_steps: int) -> Iterator[int]:
+        """Yield the index of each step to run, from the restored step up to `max_steps`."""
+        self.restore()
+        while self.step < max_steps:
+            self._start_step()
+            yield self.step
+            self._end_step()
+
+    def report(self, **metrics: Any) -> None:
+        """Record metrics of the current step (floats, or 0-d tensors)."""
+        values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        self._step_metrics.update(values)
+        self.metrics.update(values)
+        if world()[0] == 0:
+            append_metrics(self.run_dir, {"step": self.step + (1 if self._open_step else 0), **values})
+
+    def save(self, reason: str = "manual") -> CheckpointInfo | None:
+        """Save now; only valid between steps (before the loop, after it, or from a callback at a boundary)."""
+        if self._open_step is not None:
+            raise ConfigError(
+                "save() inside a step would save a half-updated state; it runs at the step boundary by itself"
+            )
+        return self._save(reason, self._last_step_metrics)
+
+    def save_final(self) -> CheckpointInfo | None:
+        """The checkpoint of a finished run (nothing is written if this state is on disk already)."""
+        return self._save("final", self._last_step_metrics)
+
+    def write_result(self, result: dict[str, Any]) -> Path:
+        """Write result.json atomically (rank 0 only)."""
+        if world()[0] == 0:
+            return write_result(self.run_dir, result)
+        return self.run_dir / "result.json"
+
+    @property
+    def restarts(self) -> int:
+        """How many times this run was started before the current start."""
+        return RunHistory.read(self.run_dir).restarts
+
+    # -- step boundaries ------------------------------------------------------
+    def _start_step(self) -> None:
+        if self.config.checkpoint.emergency:
+            self._open_step = self.state.step_start(self.step)
+        else:
+            self._open_step = StepStart(self.step, (), {}, {})
+
+    def _end_step(self) -> None:
+        self._open_step = None
+        self.step += 1
+        metrics, self._step_metrics = self._step_metrics, {}
+        self._last_step_metrics = metrics
+        verdict = self._judge(metrics)
+        periodic = self.checkpointer.periodic_due(self.step)
+        if not boundary.agrees_at(self.step, world()[1], self.config.distributed.sync_every):
+            return  # requests stay pending until the ranks next agree
+        requests = self.signals.take()
+        flags = boundary.BoundaryFlags(
+            *map(
+                bool,
+                agree(
+                    [
+                        Request.PREEMPT in requests,
+                        Request.CANCEL in requests,
+                        Request.CHECKPOINT in requests,
+                        periodic,
+                        verdict is Verdict.SUSPECT,
+                        verdict is Verdict.DIVERGED,
+                    ]
+                ),
+            )
+        )
+        miss = bool(flags.stopping and agree([self._save_would_miss_deadline()])[0])
+        action = boundary.decide(flags, miss)
+        if action.stop is Status.DIVERGED:
+            why = (
+                self.detector.diverged_reason
+                if self.detector and self.detector.diverged_reason
+                else "the loss diverged on another rank"
+            )
+            log.error("%s; stopping without saving this state (best checkpoints kept)", why)
+            raise RunStopped(Status.DIVERGED, why)
+        if action.deferred:
+            log.warning("step %d: loss spike, deferring the periodic checkpoint until the loss recovers", self.step)
+        stop: Status | None = action.stop
+        if action.save:
+            self._save(action.save, metrics)
+            late = self.signals.take()  # requests that came during the save are covered by it
+            late_flags = agree([Request.PREEMPT in late, Request.CANCEL in late])
+            stop = (
+                boundary.stop_status(flags.preempt or bool(late_flags[0]), flags.cancel or bool(late_flags[1])) or stop
+            )
+            requests = {**late, **requests}
+        if stop is not None:
+            request = Request.CANCEL if stop is Status.CANCELLED else Request.PREEMPT
+            self._note_signal_latency(request)
+            name = requests[request].name if request in requests else "a signal to another rank"
+            saved = self.last_checkpoint.step if self.last_checkpoint else None
+            state = (
+                f"state saved at step {self.step}" if saved == self.step else f"the checkpoint of step {saved} stands"
+            )
+            raise RunStopped(stop, f"{name} received: {state}", name, self.signals.first_received.get(request))
+
+    def _judge(self, metrics: dict[str, float]) -> Verdict:
+        if self.detector is None or self.config.divergence.metric not in metrics:
+            return Verdict.OK
+        return self.detector.update(metrics[self.config.divergence.metric], self.step)
+
+    def _save_would_miss_deadline(self) -> bool:
+        left = self.seconds_left() if self.seconds_left is not None and self.last_checkpoint is not None else None
+        last_save_s = self.checkpointer.last_save_s
+        if not boundary.save_would_miss_deadline(left, last_save_s, self.last_checkpoint is not None):
+            return False
+        assert left is not None and last_save_s is not None and self.last_checkpoint is not None
+        log.warning(
+            "not saving at step %d: a save takes about %.1f s and only %.1f s are left before the kill; "
+            "the checkpoint of step %d stands",
+            self.step,
+            boundary.save_estimate_s(last_save_s),
+            left,
+            self.last_checkpoint.step,
+        )
+        return True
+
+    def _note_signal_latency(self, request: Request) -> None:
+        received = self.signals.first_received.get(request)
+        if received is not None and self.checkpointer.saved_at >= received:
+            self.signal_to_saved_s = self.checkpointer.saved_at - received
+
+    # -- saving ---------------------------------------------------------------
+    def _detector_state(self) -> dict | None:
+        return self.detector.state_dict() if self.detector else None
+
+    def _save(self, reason: str, metrics: dict[str, float]) -> CheckpointInfo:
+        """Save the current state: a collective on multi-rank runs (every rank's own part goes to rank 0)."""
+        if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
+            return self.last_checkpoint  # this state is on disk already
+        ranks = gather_to_rank0(self.state.rank_state())
+        tree = self.state.tree(self.step, ranks, self._detector_state()) if ranks is not None else None
+        return self.checkpointer.save(self.step, reason, metrics, tree)
+
+    def emergency_save(self) -> CheckpointInfo | None:
+        """After an unhandled exception: save if the state is consistent, else explain why not."""
+        if not self.config.checkpoint.emergency or not self._restored:
+            return None
+        if world()[1] > 1:
+            log.error(
+                "no emergency checkpoint on a multi-rank run: the other ranks cannot be reached safely from an exception"
+            )
+            return None
+        start = self._open_step
+        if start is None:
+            tree = self.state.tree(self.step, [self.state.rank_state()], self._detector_state())
+        elif not self.state.unchanged_since(start):
+            log.error(
+                "no emergency checkpoint: the exception came after step %d had changed the model or optimizer; "
+                "the last checkpoint (step %s) stands",
+                start.step + 1,
+                self.last_checkpoint.step if self.last_checkpoint else "none",
+            )
+            return None
+        else:  # nothing was updated yet: the state is the one the step started from
+            tree = self.state.tree_at(start, self._detector_state())
+        step = tree["session"]["step"]
+        try:
+            return self.checkpointer.save(step, "emergency", {}, tree)
+        except HydraPreemptError as e:
+            log.error("emergency checkpoint failed: %s", e)
+            return None

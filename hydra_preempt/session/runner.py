@@ -1,0 +1,144 @@
+"""run(): a training function under the stop protocol, with the run log and, inside SLURM, the stop policy.
+
+A front door tells `run()` about its job with a `JobContext`, passed as an
+argument. Where user code sits between the door and `run()` (a Hydra task
+function started by the launcher), the door sets `current_job` instead: the
+one piece of context state in the library, a `contextvars.ContextVar`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import SessionConfig
+from ..distributed import world
+from ..errors import CheckpointWriteError, HydraPreemptError
+from ..outcome import EXIT_CODES, ExitCode, Outcome, Status
+from ..rundir import JobIdentity, RunHistory, RunLog
+from ..slurm.env import SlurmTask
+from ..slurm.policy import SlurmStopPolicy
+from ..slurm.stop import RequeueBudget
+from .api import RunStopped, Session
+
+log = logging.getLogger("hydra_preempt")
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What the front door that started a run knows about its job.
+
+    budget:      replaces the config's `requeue` section (e.g. the launcher's max_preemptions/max_timeouts).
+    slurm_task:  the SLURM task this process is; read from the environment unless given (None: not SLURM).
+                 Inside SLURM, run() classifies stops and reads the job's restart count from the scheduler.
+    on_outcome:  receives the outcome of run() (a launcher concludes it even if the task function
+                 does not return it).
+    """
+
+    budget: RequeueBudget | None = None
+    slurm_task: SlurmTask | None = field(default_factory=SlurmTask.from_env)
+    on_outcome: Callable[[Outcome], None] | None = None
+
+
+# Set by a door around user code that calls run() (the Hydra launcher around the task function).
+current_job: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(
+    "hydra_preempt_current_job", default=None
+)
+
+
+def run(
+    train_fn: Callable[[Session], Any],
+    run_dir: Path | str,
+    config: SessionConfig | None = None,
+    job: JobContext | None = None,
+) -> Outcome:
+    """Run `train_fn(session)` with signal handling, checkpoints and the run log; never raises for a stop.
+
+    The outcome's exit_code tells a scheduler what happened (see outcome.ExitCode).
+    Inside a SLURM job the stop is classified (preemption, time limit, scancel)
+    before it is written to the run log; `conclude(outcome)` then requeues when
+    that is the job's part. A run whose requeue budget is spent fails at once.
+    `job` defaults to `current_job`, else to what the environment says.
+    """
+    config = config or SessionConfig()
+    job = job or current_job.get() or JobContext()
+    session = Session(run_dir, config)
+    try:
+        session.open()
+    except HydraPreemptError as e:
+        log.error("%s", e)
+        return Outcome(Status.FAILED, 0, ExitCode.USAGE, str(e), run_dir=str(run_dir))
+    try:
+        session.wait_for_run_lock()
+    except RunStopped as stop:  # the run belongs to another process: leave its log alone
+        session.close()
+        return Outcome(stop.status, 0, EXIT_CODES[stop.status], stop.message, run_dir=str(session.run_dir))
+    history = RunHistory.read(session.run_dir)  # read under the lock: no other process adds to it now
+    budget = job.budget or config.requeue
+    policy = None
+    identity = JobIdentity()
+    if job.slurm_task is not None:
+        stops = {reason: history.stop_count(reason) for reason in ("preempted", "timeout")}
+        policy = SlurmStopPolicy.start(
+            job.slurm_task,
+            stops,
+            budget,
+            session.signals.preempt_signal.name,
+            session.signals.timeout_signal.name,
+        )
+        session.seconds_left = policy.seconds_left
+        identity = policy.identity
+    run_log = RunLog(session.run_dir, identity) if world()[0] == 0 else None  # one run log per run, not per rank
+    if run_log:
+        run_log.append("start", checkpoint_dir=str(session.checkpointer.store.directory.absolute()))
+    spent = budget.exhausted(history.stop_count("preempted"), history.stop_count("timeout"))
+    try:
+        if spent:
+            raise RunStopped(Status.FAILED, spent)
+        result = train_fn(session)
+        session.save_final()
+        outcome = Outcome(Status.FINISHED, session.step, ExitCode.FINISHED, "finished", result)
+    except RunStopped as stop:
+        outcome = Outcome(
+            stop.status,
+            session.step,
+            EXIT_CODES[stop.status],
+            stop.message,
+            signal=stop.signal,
+            signal_time=stop.signal_time,
+        )
+    except CheckpointWriteError as e:
+        log.error("%s", e)
+        outcome = Outcome(Status.FAILED, session.step, ExitCode.FAILED, str(e))
+    except HydraPreemptError as e:
+        log.error("%s", e)
+        outcome = Outcome(Status.FAILED, session.step, ExitCode.USAGE, str(e))
+    except Exception as e:
+        log.error("training failed at step %d:\n%s", session.step, traceback.format_exc())
+        saved = session.emergency_save()
+        note = f"; emergency checkpoint at step {saved.step}" if saved else ""
+        outcome = Outcome(Status.FAILED, session.step, ExitCode.FAILED, f"{type(e).__name__}: {e}{note}")
+    finally:
+        session.close()
+    outcome.run_dir = str(session.run_dir)
+    outcome.job = identity if job.slurm_task is not None else None
+    if policy is not None:
+        outcome = policy.classify(outcome)
+    if job.on_outcome is not None:
+        job.on_outcome(outcome)
+    if run_log:
+        run_log.append(
+            "stop",
+            reason=outcome.status.value,
+            exit_code=int(outcome.exit_code),
+            resumed_from=session.resumed_from,
+            step=outcome.step,
+            checkpoint_step=session.last_checkpoint.step if session.last_checkpoint else None,
+            signal_to_saved_s=session.signal_to_saved_s,
+            message=outcome.message,
+        )
+    return outcome
