@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.utils.data import TensorDataset
 
 from hydra_preempt import ConfigError, ExitCode, ResumableLoader, Session, SessionConfig, exit_with, run
@@ -50,15 +53,19 @@ def make_model(cfg: DictConfig, features: int) -> torch.nn.Module:
 
 
 def params_sha256(model: torch.nn.Module) -> str:
+    """Of the full parameters (a collective when they are sharded: every rank must call it)."""
     h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    for name, tensor in state.items():
+        assert isinstance(tensor, torch.Tensor)
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 def train(session: Session, cfg: DictConfig) -> dict:
-    """Single process, or data-parallel (DDP) when torch.distributed is initialised."""
+    """Single process, or data-parallel when torch.distributed is initialised: DDP, or FSDP2
+    (`trainer.parallel=fsdp`: parameters and optimizer state sharded over the ranks)."""
     t = cfg.trainer
     torch.set_num_threads(t.threads)  # results are bit-exact for a fixed thread count
     distributed = dist.is_available() and dist.is_initialized()
@@ -67,7 +74,13 @@ def train(session: Session, cfg: DictConfig) -> dict:
     dataset = make_dataset(cfg.data)
     model = make_model(cfg.model, cfg.data.features)
     torch.manual_seed(t.seed + rank)  # but each rank its own dropout stream
-    forward = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    if t.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"trainer.parallel must be ddp or fsdp, got {t.parallel!r}")
+    if distributed and t.parallel == "fsdp":
+        fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+        forward = model
+    else:
+        forward = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.max_steps)
     loader = ResumableLoader(dataset, batch_size=t.batch_size, seed=t.seed, rank=rank, world_size=world_size)

@@ -19,10 +19,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     status.add_argument("sweep_dir", type=Path, help="the sweep directory (hydra.sweep.dir)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    export = sub.add_parser("export", help="write a model's full weights from a checkpoint as a safetensors file")
+    export.add_argument("run_dir", type=Path, help="the run directory")
+    export.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+    export.add_argument("--step", type=int, help="the checkpoint's step (default: the newest good checkpoint)")
+    export.add_argument("--object", default="model", help="the registered object to export (default: model)")
     args = parser.parse_args(argv)
     try:
         if args.command == "status":
             return show_status(args.sweep_dir, args.json)
+        if args.command == "export":
+            from .checkpoint.export import export_weights
+
+            step, count = export_weights(args.run_dir, args.out, args.step, args.object)
+            print(f"wrote {count} tensors of {args.object!r} from the checkpoint of step {step} to {args.out}")
+            return ExitCode.FINISHED
     except HydraPreemptError as e:
         print(f"hydra-preempt: {e}", file=sys.stderr)
         return ExitCode.USAGE

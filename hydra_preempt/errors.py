@@ -17,6 +17,10 @@ class CheckpointWriteError(HydraPreemptError):
     """A checkpoint could not be written; the previous checkpoints are intact."""
 
 
+class CheckpointReadError(HydraPreemptError):
+    """A verified checkpoint could not be read into this run; nothing was loaded, the checkpoint stays."""
+
+
 class CheckpointMismatchError(HydraPreemptError):
     """A checkpoint does not fit the registered objects (different model, keys or shapes)."""
 

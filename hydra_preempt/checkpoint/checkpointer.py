@@ -2,10 +2,17 @@
 
 `Checkpointer` owns the checkpoint store of a run: it prepares the
 directory, picks and loads the checkpoint to resume from (the same one on
-every rank), writes checkpoints (rank 0 writes; every rank learns whether it
-worked), keeps the periodic schedule and knows how long a save takes. It is
-the seam where sharded and background writing plug in. What goes into a
-checkpoint is the session's business (`session/state.py`).
+every rank), writes checkpoints, keeps the periodic schedule and knows how
+long a save takes. What goes into a checkpoint is the session's business
+(`session/state.py`).
+
+A save is a collective. Rank 0 writes the state tree (shared objects, every
+rank's own small state). Sharded state is written by every rank in parallel
+into the same temporary directory (checkpoint/sharded.py); rank 0 then
+writes the manifest, with every file's size and checksum as its writer
+computed it, renames the directory into place and applies retention. Every
+rank learns whether the save worked; a failure anywhere leaves nothing that
+looks complete.
 """
 
 from __future__ import annotations
@@ -13,11 +20,17 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
+
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
 
 from ..config import CheckpointConfig
 from ..distributed import agree, broadcast_from_rank0, world
 from ..errors import CheckpointDirError, CheckpointWriteError
+from .layout import CHECKSUM, SHARDS_METADATA, CorruptCheckpointError, read_manifest
+from .sharded import ShardedFormatError, load_shards, read_shards_metadata, save_shards
 from .store import CheckpointInfo, CheckpointStore
 from .writer import Snapshot
 
@@ -45,15 +58,27 @@ class Checkpointer:
         if agree([error is not None])[0]:
             raise error or CheckpointDirError(f"rank 0 cannot use the checkpoint directory {self.store.directory}")
 
-    def load_latest(self) -> tuple[CheckpointInfo, Any] | None:
-        """The newest checkpoint that verifies, as (info, state tree), the same on every rank; None if there is none."""
-        loaded = self.store.load_latest() if world()[0] == 0 else None
+    def load_latest(self) -> tuple[CheckpointInfo, Any, Metadata | None] | None:
+        """The newest checkpoint that verifies, the same on every rank: (info, state tree, metadata of its
+        sharded state or None); None if there is none."""
+        loaded = self.store.load_latest(check=_decode_shards_metadata) if world()[0] == 0 else None
         chosen = broadcast_from_rank0(loaded[0].path.name if loaded else None)
         if chosen is None:
             return None
         info, tree = loaded if loaded else self.store.load_named(chosen)
+        metadata = _shards_metadata(info.path) if info.sharded else None
         self.last = info
-        return info, tree
+        return info, tree, metadata
+
+    def load_shards(self, info: CheckpointInfo, metadata: Metadata, template: dict[str, Any]) -> None:
+        """Read the sharded state of `info` into `template` (a collective); every rank raises on a failure."""
+        error = None
+        try:
+            load_shards(info.path, metadata, template)
+        except (CheckpointException, OSError, ShardedFormatError) as e:
+            error = f"{info.path.name}: the sharded state cannot be read ({_first_line(e)})"
+        if agree([error is not None])[0]:
+            raise CorruptCheckpointError(error or f"{info.path.name}: another rank could not read its shards")
 
     def periodic_due(self, step: int) -> bool:
         """Whether a periodic save is due after `step`; once due it stays due until a save is made."""
@@ -64,8 +89,11 @@ class Checkpointer:
         self._periodic_pending = self._periodic_pending or due
         return self._periodic_pending
 
-    def save(self, step: int, reason: str, metrics: dict[str, float], tree: Any) -> CheckpointInfo:
-        """Write the state of `step` (a collective: `tree` on rank 0, None elsewhere).
+    def save(
+        self, step: int, reason: str, metrics: dict[str, float], tree: Any, shards: dict[str, Any] | None = None
+    ) -> CheckpointInfo:
+        """Write the state of `step` (a collective: `tree` on rank 0, None elsewhere; `shards`, every
+        rank's part of the sharded objects, or None on every rank when there are none).
 
         A state already on disk is not written twice. Raises CheckpointWriteError on every rank when the write failed.
         """
@@ -73,6 +101,21 @@ class Checkpointer:
             return self.last
         started = time.monotonic()
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        if shards is None:
+            info = self._save_tree(step, reason, metrics, tree)
+        else:
+            info = self._save_sharded(step, reason, metrics, tree, shards)
+            info = CheckpointInfo(step=step, reason=reason, metrics=metrics, path=self.store.step_path(step))
+        self._saved_at_monotonic = time.monotonic()
+        self.saved_at = time.time()
+        self.last_save_s = self._saved_at_monotonic - started
+        self._periodic_pending = False
+        self.last = info
+        log.info("saved %s (%s, %.1f MB in %.2f s)", info.path.name, reason, info.nbytes / 1e6, self.last_save_s)
+        return info
+
+    def _save_tree(self, step: int, reason: str, metrics: dict[str, float], tree: Any) -> CheckpointInfo:
+        """Rank 0 writes the whole state; every rank learns whether it worked."""
         error: CheckpointWriteError | None = None
         info = None
         if tree is not None:
@@ -82,12 +125,75 @@ class Checkpointer:
                 error = e
         if agree([error is not None])[0]:
             raise error or CheckpointWriteError(f"rank 0 could not write the checkpoint of step {step}")
-        if info is None:
-            info = CheckpointInfo(step=step, reason=reason, metrics=metrics, path=self.store.step_path(step))
-        self._saved_at_monotonic = time.monotonic()
-        self.saved_at = time.time()
-        self.last_save_s = self._saved_at_monotonic - started
-        self._periodic_pending = False
-        self.last = info
-        log.info("saved %s (%s, %.1f MB in %.2f s)", info.path.name, reason, info.nbytes / 1e6, self.last_save_s)
-        return info
+        return info or CheckpointInfo(step=step, reason=reason, metrics=metrics, path=self.store.step_path(step))
+
+    def _save_sharded(
+        self, step: int, reason: str, metrics: dict[str, float], tree: Any, shards: dict[str, Any]
+    ) -> CheckpointInfo:
+        """Every rank writes its shards into rank 0's temporary directory; rank 0 writes the rest and the manifest."""
+        rank = world()[0]
+        tmp: Path | None = None
+        error: str | None = None
+        if rank == 0:
+            existing = self.store.existing(step)
+            try:
+                tmp = None if existing else self.store.begin(step)
+            except CheckpointWriteError as e:
+                error = str(e)
+        name = broadcast_from_rank0("" if error else tmp.name if tmp else None)
+        if name is None:  # this state is on disk already
+            return self.store.existing(step) or CheckpointInfo(
+                step=step, reason=reason, path=self.store.step_path(step)
+            )
+        if not name:
+            raise CheckpointWriteError(error or f"rank 0 could not start the checkpoint of step {step}")
+        tmp = self.store.directory / name
+        files: dict[str, dict] = {}
+        try:
+            files = save_shards(tmp, shards)
+        except (CheckpointException, OSError, RuntimeError, TypeError) as e:
+            error = f"could not write the sharded state of step {step} in {self.store.directory}: {_first_line(e)}"
+        info = None
+        if rank == 0 and error is None:
+            try:
+                info = self.store.commit(tmp, Snapshot.capture(tree), step, reason, metrics, files, list(shards))
+            except CheckpointWriteError as e:
+                error = str(e)
+        if agree([error is not None])[0]:
+            if rank == 0:
+                self.store.abort(tmp)
+                previous = self.store.latest()
+                kept = f"checkpoint step {previous.step} is intact" if previous else "no earlier checkpoint exists"
+                error = f"{error or 'another rank failed'}; {kept}"
+            raise CheckpointWriteError(
+                error or f"another rank could not write its part of the checkpoint of step {step}"
+            )
+        return info or CheckpointInfo(
+            step=step, reason=reason, metrics=metrics, path=self.store.step_path(step), sharded=tuple(shards)
+        )
+
+
+def _shards_metadata(path: Path) -> Metadata:
+    entry = read_manifest(path)["files"][SHARDS_METADATA]
+    return read_shards_metadata(path, entry["size"], entry[CHECKSUM])
+
+
+def _decode_shards_metadata(path: Path, manifest: dict) -> None:
+    """A check of a checkpoint while choosing which to load: its sharded metadata decodes."""
+    if manifest.get("sharded"):
+        try:
+            _shards_metadata(path)
+        except (OSError, ShardedFormatError) as e:
+            raise CorruptCheckpointError(str(e)) from None
+
+
+def _first_line(e: BaseException) -> str:
+    if isinstance(e, CheckpointException):  # DCP gathers every rank's failure: name the first
+        failures = getattr(e, "failures", {}) or {}
+        if failures:
+            rank, failure = sorted(failures.items())[0]
+            return f"rank {rank}: {_first_line(failure)}"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (" (disk full)" if e.errno in (28, 122) else "")
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

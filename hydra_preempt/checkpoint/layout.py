@@ -26,6 +26,8 @@ DATA_FILE = "tensors.bin"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "MANIFEST.json"
 CHECKSUM = "xxh3_128"
+SHARDS_METADATA = "shards.json"  # sharded state (sharded.py): DCP's metadata as JSON, beside shard-NNNNN.bin
+SHARD_FILE = re.compile(r"^shard-\d{5}\.bin$")
 
 
 FINAL_DIR = re.compile(r"^step-(\d{9,})$")
@@ -40,6 +42,7 @@ class CheckpointInfo(CheckpointRecord):
     path: Path = field(default=Path("."), compare=False)
     created: float = 0.0
     nbytes: int = 0
+    sharded: tuple[str, ...] = ()  # objects whose state is sharded (sharded.py), written by every rank
 
 
 def step_dir_name(step: int) -> str:
@@ -63,8 +66,18 @@ def read_manifest(directory: Path) -> dict:
         for name in (DATA_FILE, STATE_FILE):
             entry = manifest["files"][name]
             int(entry["size"]), str(entry[CHECKSUM])
+        for name, entry in manifest["files"].items():
+            if not (name in (DATA_FILE, STATE_FILE, SHARDS_METADATA) or SHARD_FILE.match(name)):
+                raise ValueError(f"unknown file name {name!r}")
+            if not isinstance(entry["size"], int) or entry["size"] < 0 or not isinstance(entry[CHECKSUM], str):
+                raise ValueError(f"bad entry for {name}")
+        sharded = manifest.get("sharded", [])
+        if not isinstance(sharded, list) or not all(isinstance(name, str) for name in sharded):
+            raise ValueError("sharded must be a list of object names")
+        if sharded and SHARDS_METADATA not in manifest["files"]:
+            raise ValueError(f"sharded state without {SHARDS_METADATA}")
     except (KeyError, TypeError, ValueError) as e:
-        raise CorruptCheckpointError(f"MANIFEST.json lacks a field ({e})") from None
+        raise CorruptCheckpointError(f"MANIFEST.json is malformed ({e})") from None
     return manifest
 
 
@@ -77,6 +90,7 @@ def checkpoint_info(path: Path, manifest: dict) -> CheckpointInfo:
         path=path,
         created=float(manifest.get("created", 0.0)),
         nbytes=sum(int(f["size"]) for f in manifest["files"].values()),
+        sharded=tuple(str(name) for name in manifest.get("sharded") or ()),
     )
 
 

@@ -22,7 +22,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..config import CheckpointConfig
 from ..errors import CheckpointDirError, CheckpointWriteError
@@ -110,34 +110,76 @@ class CheckpointStore:
         On failure (disk full included) nothing new is visible and the
         previous checkpoints are untouched; CheckpointWriteError says why.
         """
+        existing = self.existing(step)
+        if existing is not None:
+            return existing
+        return self.commit(self.begin(step), snapshot, step, reason, metrics)
+
+    def existing(self, step: int) -> CheckpointInfo | None:
+        """The complete checkpoint of `step` if there is one (the same state: no need to write it again)."""
+        final = self.step_path(step)
+        if not final.exists():
+            return None
+        try:
+            return checkpoint_info(final, read_manifest(final))
+        except CorruptCheckpointError as e:
+            self._quarantine(final, str(e))
+            return None
+
+    def begin(self, step: int) -> Path:
+        """A new, empty temporary directory for the checkpoint of `step` (other ranks may write into it)."""
+        tmp = self.directory / f".tmp-step-{step:09d}.{_hostname()}.{os.getpid()}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            raise self._write_error(step, e) from e
+        return tmp
+
+    def commit(
+        self,
+        tmp: Path,
+        snapshot: Snapshot,
+        step: int,
+        reason: str,
+        metrics: dict[str, float] | None = None,
+        shards: dict[str, dict] | None = None,
+        sharded: list[str] | None = None,
+    ) -> CheckpointInfo:
+        """Write this rank's files and, last, the manifest into `tmp`; rename it into place; apply retention.
+
+        `shards` are the files other ranks wrote into `tmp` (name -> size and checksum); `sharded`
+        names the objects they hold. On failure `tmp` is removed and CheckpointWriteError raised.
+        """
         if reason not in REASONS:
             raise ValueError(f"unknown checkpoint reason {reason!r}; one of {REASONS}")
         final = self.step_path(step)
-        tmp = self.directory / f".tmp-step-{step:09d}.{_hostname()}.{os.getpid()}"
         meta = {"step": step, "reason": reason, "metrics": dict(metrics or {})}
-        if final.exists():
-            try:
-                return checkpoint_info(final, read_manifest(final))  # same step, same state: already saved
-            except CorruptCheckpointError as e:
-                self._quarantine(final, str(e))
+        if sharded:
+            meta["sharded"] = sorted(sharded)
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp.mkdir()
-            manifest = write_checkpoint_files(tmp, snapshot, meta)
+            manifest = write_checkpoint_files(tmp, snapshot, meta, shards)
             fsync_dir(tmp)
             os.rename(tmp, final)
             fsync_dir(self.directory)
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            previous = self.latest()
-            kept = f"checkpoint step {previous.step} is intact" if previous else "no earlier checkpoint exists"
-            hint = " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-            raise CheckpointWriteError(
-                f"could not write checkpoint for step {step} in {self.directory}{hint}: {e.strerror or e}; {kept}"
-            ) from e
+            self.abort(tmp)
+            raise self._write_error(step, e) from e
         info = checkpoint_info(final, manifest)
         self.apply_retention()
         return info
+
+    def abort(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write_error(self, step: int, e: OSError) -> CheckpointWriteError:
+        previous = self.latest()
+        kept = f"checkpoint step {previous.step} is intact" if previous else "no earlier checkpoint exists"
+        hint = " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        return CheckpointWriteError(
+            f"could not write checkpoint for step {step} in {self.directory}{hint}: {e.strerror or e}; {kept}"
+        )
 
     def apply_retention(self) -> RetentionPlan:
         """Record latest and best-N in index.json first, then delete what the policy lets go."""
@@ -172,13 +214,14 @@ class CheckpointStore:
         return read_checkpoint_files(info.path, read_manifest(info.path))
 
     def load_named(self, name: str) -> tuple[CheckpointInfo, Any]:
-        """Read and verify the checkpoint directory `name` (another rank chose it). Raises CorruptCheckpointError."""
+        """Read the checkpoint directory `name`, which another rank chose and verified (its sharded
+        files are not hashed again here). Raises CorruptCheckpointError."""
         path = self.directory / name
         manifest = read_manifest(path)
-        return checkpoint_info(path, manifest), read_checkpoint_files(path, manifest)
+        return checkpoint_info(path, manifest), read_checkpoint_files(path, manifest, verify_shards=False)
 
-    def load_latest(self) -> tuple[CheckpointInfo, Any] | None:
-        """The newest checkpoint that verifies, falling back to older ones.
+    def load_latest(self, check: Callable[[Path, dict], None] | None = None) -> tuple[CheckpointInfo, Any] | None:
+        """The newest checkpoint that verifies (and passes `check`), falling back to older ones.
 
         Any newer directory that fails verification is reported and moved
         aside as corrupt-step-..., so that it is never picked again and
@@ -188,6 +231,8 @@ class CheckpointStore:
             try:
                 manifest = read_manifest(path)
                 tree = read_checkpoint_files(path, manifest)
+                if check is not None:
+                    check(path, manifest)
             except CorruptCheckpointError as e:
                 log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path.name, e)
                 self._quarantine(path, str(e))

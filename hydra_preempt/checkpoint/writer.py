@@ -46,10 +46,12 @@ class Snapshot:
         return sum(array_bytes(a).nbytes for a in self.arrays)
 
 
-def write_checkpoint_files(directory: Path, snapshot: Snapshot, meta: dict) -> dict:
-    """Write and fsync the data, the state and, last, the manifest into an existing empty directory.
+def write_checkpoint_files(directory: Path, snapshot: Snapshot, meta: dict, shards: dict | None = None) -> dict:
+    """Write and fsync the data, the state and, last, the manifest into an existing directory.
 
-    Returns the manifest. Raises OSError (ENOSPC included) with nothing marked complete.
+    `shards`: files other ranks (and DCP) wrote there already, with the size and checksum their
+    writer computed; the manifest lists them too. Returns the manifest. Raises OSError (ENOSPC
+    included) with nothing marked complete.
     """
     specs: list[dict] = []
     data_hash = xxhash.xxh3_128()
@@ -72,6 +74,7 @@ def write_checkpoint_files(directory: Path, snapshot: Snapshot, meta: dict) -> d
         "files": {
             DATA_FILE: {"size": offset, CHECKSUM: data_hash.hexdigest()},
             STATE_FILE: {"size": len(state), CHECKSUM: xxhash.xxh3_128_hexdigest(state)},
+            **(shards or {}),
         },
     }
     _write_durably(directory / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
@@ -85,14 +88,22 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def read_checkpoint_files(directory: Path, manifest: dict) -> Any:
-    """Read and verify sizes and checksums; return the state tree. Raises CorruptCheckpointError."""
+def read_checkpoint_files(directory: Path, manifest: dict, verify_shards: bool = True) -> Any:
+    """Read and verify sizes and checksums; return the state tree. Raises CorruptCheckpointError.
+
+    The files of sharded state are verified too (read once, hashed) unless `verify_shards` is
+    false: another rank verified them already.
+    """
     files = manifest["files"]
     for name, entry in files.items():
         size = _size_or_none(directory / name)
         if size != entry["size"]:
             found = "missing" if size is None else f"{size} bytes"
             raise CorruptCheckpointError(f"{name} is {found}, the manifest says {entry['size']} bytes (truncated?)")
+    if verify_shards:
+        for name, entry in files.items():
+            if name not in (DATA_FILE, STATE_FILE) and _file_checksum(directory / name) != entry[CHECKSUM]:
+                raise CorruptCheckpointError(f"{name} does not match its checksum")
     state = (directory / STATE_FILE).read_bytes()
     if xxhash.xxh3_128_hexdigest(state) != files[STATE_FILE][CHECKSUM]:
         raise CorruptCheckpointError(f"{STATE_FILE} does not match its checksum")
@@ -136,6 +147,14 @@ def _read_exactly(f, view: memoryview) -> None:
         if not n:
             raise CorruptCheckpointError(f"{DATA_FILE} ended early")
         done += n
+
+
+def _file_checksum(path: Path) -> str:
+    digest = xxhash.xxh3_128()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _size_or_none(path: Path) -> int | None:

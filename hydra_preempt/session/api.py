@@ -32,12 +32,13 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..checkpoint.checkpointer import Checkpointer
+from ..checkpoint.layout import CorruptCheckpointError
 from ..checkpoint.store import CheckpointInfo, CheckpointStore
 from ..config import SessionConfig
 from ..distributed import agree, gather_to_rank0, world
-from ..errors import CheckpointDirError, ConfigError, HydraPreemptError
+from ..errors import CheckpointDirError, CheckpointReadError, ConfigError, HydraPreemptError
 from ..outcome import Status
-from ..rundir import RunHistory, RunLock, append_metrics, write_result
+from ..rundir import RESULT_FILE, RunHistory, RunLock, append_metrics, write_result
 from . import boundary
 from .divergence import Verdict
 from .signals import Request
@@ -150,14 +151,25 @@ class Session:
         """Load the newest good checkpoint into the registered objects; return the step to continue from."""
         if self._restored:
             return self.step
-        self._restored = True
         loaded = self.checkpointer.load_latest()
         if loaded is None:
             log.info("no checkpoint in %s: starting at step 0", self.checkpointer.store.directory)
+            self._restored = True
             return 0
-        info, tree = loaded
+        info, tree, metadata = loaded
         rank, size = world()
-        self.state.load(tree, rank, size, str(info.path))
+        where = str(info.path)
+        self.state.check(tree, info.sharded, rank, size, where)  # every check before anything is loaded
+        shards: dict[str, Any] = {}
+        if metadata is not None:
+            shards = self.state.sharded_template(info.sharded)
+            self.state.check_shards(shards, metadata, where)
+            try:
+                self.checkpointer.load_shards(info, metadata, shards)
+            except CorruptCheckpointError as e:
+                raise CheckpointReadError(f"{e}; nothing was loaded") from None
+        self.state.load(tree, shards, rank, size, where)
+        self._restored = True
         if self.detector is not None and tree["session"].get("detector"):
             self.detector.load_state_dict(tree["session"]["detector"])
         self.step = self.resumed_from = int(tree["session"]["step"])
@@ -196,7 +208,7 @@ class Session:
         """Write result.json atomically (rank 0 only)."""
         if world()[0] == 0:
             return write_result(self.run_dir, result)
-        return self.run_dir / "result.json"
+        return self.run_dir / RESULT_FILE
 
     @property
     def restarts(self) -> int:
@@ -302,7 +314,10 @@ class Session:
             return self.last_checkpoint  # this state is on disk already
         ranks = gather_to_rank0(self.state.rank_state())
         tree = self.state.tree(self.step, ranks, self._detector_state()) if ranks is not None else None
-        return self.checkpointer.save(self.step, reason, metrics, tree)
+        return self.checkpointer.save(self.step, reason, metrics, tree, self._shards())
+
+    def _shards(self) -> dict[str, Any] | None:
+        return self.state.sharded_state() if self.state.sharded else None
 
     def emergency_save(self) -> CheckpointInfo | None:
         """After an unhandled exception: save if the state is consistent, else explain why not."""
@@ -328,7 +343,7 @@ class Session:
             tree = self.state.tree_at(start, self._detector_state())
         step = tree["session"]["step"]
         try:
-            return self.checkpointer.save(step, "emergency", {}, tree)
+            return self.checkpointer.save(step, "emergency", {}, tree, self._shards())
         except HydraPreemptError as e:
             log.error("emergency checkpoint failed: %s", e)
             return None

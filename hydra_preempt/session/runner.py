@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from ..config import SessionConfig
 from ..distributed import world
-from ..errors import CheckpointWriteError, HydraPreemptError
+from ..errors import CheckpointReadError, CheckpointWriteError, HydraPreemptError
 from ..outcome import EXIT_CODES, ExitCode, Outcome, Status
 from ..rundir import JobIdentity, RunHistory, RunLog
 from ..slurm.env import SlurmTask
@@ -111,7 +111,7 @@ def run(
             signal=stop.signal,
             signal_time=stop.signal_time,
         )
-    except CheckpointWriteError as e:
+    except (CheckpointWriteError, CheckpointReadError) as e:
         log.error("%s", e)
         outcome = Outcome(Status.FAILED, session.step, ExitCode.FAILED, str(e))
     except HydraPreemptError as e:

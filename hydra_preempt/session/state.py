@@ -1,9 +1,23 @@
 """What a checkpoint holds: the registered objects, every rank's own state and RNGs, and how it goes back.
 
-The state tree of a checkpoint:
+The state tree of a checkpoint (written by rank 0):
     {"objects": {name: state_dict of each shared object},
      "ranks":   [{"objects": {name: state_dict of each per-rank object}, "rng": {...}} per rank],
      "session": {"step": completed steps, "detector": the divergence detector's state}}
+Sharded objects (a module whose parameters are DTensors, as with FSDP2 or
+tensor parallelism, and its optimizer) are not in the tree: every rank
+writes its own shards (checkpoint/sharded.py), taken and set with
+torch.distributed.checkpoint.state_dict, never gathered.
+
+Loading is planned in full before anything is loaded: every check runs
+first, then the objects are set.
+
+At another world size than the checkpoint's: sharded objects are resharded
+exactly, shared objects load as they are, each rank's RNGs come from the
+checkpoint's rank of the same number or, beyond it, are seeded from (step,
+rank); such a resume is exact in its parameters but its random streams
+differ from an uninterrupted run's (logged). Per-rank objects (a data
+shard's position) have no meaning at another world size: refused.
 
 `StateRegistry` also knows whether a step has changed the state yet, which
 decides whether an emergency checkpoint after an exception is consistent.
@@ -16,10 +30,13 @@ import logging
 import random
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_map
 
 from ..errors import CheckpointMismatchError, ConfigError
 
@@ -77,6 +94,8 @@ class StateRegistry:
     def __init__(self) -> None:
         self.objects: dict[str, Any] = {}
         self.per_rank: set[str] = set()  # names registered with register_per_rank
+        self.owners: dict[str, Any] = {}  # module or optimizer name -> the module its state functions take
+        self.sharded: set[str] = set()  # names of objects whose state is sharded (DTensor)
 
     def register(self, per_rank: bool, **objects: Any) -> None:
         for name, obj in objects.items():
@@ -91,6 +110,38 @@ class StateRegistry:
             self.objects[name] = obj
             if per_rank:
                 self.per_rank.add(name)
+        self._find_sharded()
+
+    def _find_sharded(self) -> None:
+        """Which modules and optimizers are sharded; refuse what cannot be saved consistently."""
+        modules = {n: o for n, o in self.objects.items() if isinstance(o, torch.nn.Module)}
+        self.owners = dict(modules)  # name -> the module whose state_dict functions take it
+        for name, obj in self.objects.items():
+            if isinstance(obj, torch.optim.Optimizer):
+                ids = {id(p) for group in obj.param_groups for p in group["params"]}
+                owner = next((m for m in modules.values() if ids <= {id(p) for p in m.parameters()}), None)
+                if owner is not None:
+                    self.owners[name] = owner
+                elif _has_dtensor(p for group in obj.param_groups for p in group["params"]):
+                    raise ConfigError(
+                        f"cannot register {name!r}: its parameters are sharded (DTensor); register the module "
+                        "that owns all of them too (in the same register() call or before)"
+                    )
+        self.sharded = {n for n, o in self.objects.items() if n in self.owners and _is_sharded(o)}
+        if bad := sorted(self.per_rank & self.sharded):
+            raise ConfigError(
+                f"{', '.join(bad)}: sharded state is saved by every rank already; use register(), not register_per_rank()"
+            )
+
+    def sharded_state(self, names: Iterable[str] | None = None) -> dict[str, Any]:
+        """This rank's part of each sharded object (or of `names`), as torch.distributed.checkpoint takes it."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        state = {}
+        for name in sorted(self.sharded if names is None else names):
+            obj, module = self.objects[name], self.owners[name]
+            state[name] = get_model_state_dict(obj) if obj is module else get_optimizer_state_dict(module, obj)
+        return state
 
     # -- the tree -------------------------------------------------------------------
     def rank_state(self, rng: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -98,17 +149,23 @@ class StateRegistry:
         return {"objects": {n: self.objects[n].state_dict() for n in self.per_rank}, "rng": rng or capture_rng()}
 
     def tree(self, step: int, ranks: list[dict[str, Any]], detector: dict | None) -> dict[str, Any]:
-        shared = {name: obj.state_dict() for name, obj in self.objects.items() if name not in self.per_rank}
+        shared = {
+            name: obj.state_dict()
+            for name, obj in self.objects.items()
+            if name not in self.per_rank and name not in self.sharded
+        }
         return {"objects": shared, "ranks": ranks, "session": {"step": step, "detector": detector}}
 
-    def load(self, tree: dict[str, Any], rank: int, world_size: int, where: str) -> None:
-        """Load `tree` into the objects and this rank's RNGs; every check runs before anything is loaded."""
-        if len(tree["ranks"]) != world_size:
+    def check(self, tree: dict[str, Any], sharded: tuple[str, ...], rank: int, world_size: int, where: str) -> None:
+        """Raise CheckpointMismatchError if the checkpoint cannot be loaded into this run (nothing is loaded)."""
+        saved_ranks = len(tree["ranks"])
+        if saved_ranks != world_size and self.per_rank:
             raise CheckpointMismatchError(
-                f"{where} was saved by {len(tree['ranks'])} rank(s), this run has {world_size}"
+                f"{where} was saved by {saved_ranks} rank(s), this run has {world_size}: the per-rank state of "
+                f"{', '.join(sorted(self.per_rank))} has no meaning at another world size (nothing was loaded)"
             )
-        own = tree["ranks"][rank]
-        saved = {**tree["objects"], **own["objects"]}
+        own = tree["ranks"][rank] if rank < saved_ranks else {"objects": {}}
+        saved = {**tree["objects"], **own["objects"], **dict.fromkeys(sharded)}
         missing, unexpected = sorted(self.objects.keys() - saved.keys()), sorted(saved.keys() - self.objects.keys())
         if missing or unexpected:
             raise CheckpointMismatchError(
@@ -116,17 +173,79 @@ class StateRegistry:
                 + (f"; not in the checkpoint: {missing}" if missing else "")
                 + (f"; only in the checkpoint: {unexpected}" if unexpected else "")
             )
-        problems = [p for name, obj in self.objects.items() for p in _mismatches(name, obj, saved[name])]
+        if unsharded := sorted(self.sharded - set(sharded)):
+            raise CheckpointMismatchError(
+                f"{where} holds {', '.join(unsharded)} unsharded (saved without FSDP/DTensor); this run shards "
+                "it: resume once at the world size and parallelism it was saved with"
+            )
+        if orphans := sorted(n for n in sharded if n not in self.owners):
+            raise CheckpointMismatchError(
+                f"{where}: {', '.join(orphans)} is sharded state of a module not registered here"
+            )
+        problems = [
+            p for name, obj in self.objects.items() if name not in sharded for p in _mismatches(name, obj, saved[name])
+        ]
         if problems:
             raise CheckpointMismatchError(
                 f"{where} does not fit this run's objects (nothing was loaded): " + "; ".join(problems)
             )
+
+    def sharded_template(self, names: Iterable[str]) -> dict[str, Any]:
+        """Copies of this rank's part of `names` to read a checkpoint into, so that a failed read changes nothing."""
+        return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, self.sharded_state(names))
+
+    def check_shards(self, template: dict[str, Any], metadata: Metadata, where: str) -> None:
+        """Every key of this run's sharded state is in the checkpoint, with the same global shape."""
+        from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+        flat, _ = flatten_state_dict(template)
+        saved = metadata.state_dict_metadata
+        problems = [f"{key}: not in the checkpoint" for key in sorted(flat.keys() - saved.keys())]
+        problems += [f"{key}: only in the checkpoint" for key in sorted(saved.keys() - flat.keys())]
+        for key in sorted(flat.keys() & saved.keys()):
+            value, entry = flat[key], saved[key]
+            if isinstance(value, torch.Tensor) != isinstance(entry, TensorStorageMetadata):
+                problems.append(f"{key}: a tensor in one of the checkpoint and this run, not in the other")
+            elif isinstance(entry, TensorStorageMetadata) and tuple(value.size()) != tuple(entry.size):
+                problems.append(
+                    f"{key}: shape {tuple(entry.size)} in the checkpoint, {tuple(value.size())} in this run"
+                )
+        if problems:
+            raise CheckpointMismatchError(
+                f"{where}: the sharded state does not fit this run (nothing was loaded): " + "; ".join(problems)
+            )
+
+    def load(self, tree: dict[str, Any], shards: dict[str, Any], rank: int, world_size: int, where: str) -> None:
+        """Set every object from a checked checkpoint: the tree's objects, the shards, this rank's RNGs."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        saved_ranks = len(tree["ranks"])
+        own = tree["ranks"][rank] if rank < saved_ranks else None
+        saved = {**tree["objects"], **(own["objects"] if own else {})}
         for name, obj in self.objects.items():
             try:
-                obj.load_state_dict(saved[name])
+                if name not in shards:
+                    obj.load_state_dict(saved[name])
+                elif self.owners[name] is obj:
+                    set_model_state_dict(obj, shards[name])
+                else:
+                    set_optimizer_state_dict(self.owners[name], obj, shards[name])
             except (KeyError, ValueError, TypeError, RuntimeError) as e:
                 raise CheckpointMismatchError(f"{where}: loading {name!r} failed: {e}") from None
-        restore_rng(own["rng"])
+        if saved_ranks != world_size:
+            log.warning(
+                "%s was saved by %d rank(s), this run has %d: parameters and optimizer state are resharded exactly; "
+                "the random streams of rank %d %s, so the trajectory will differ from an uninterrupted run",
+                where,
+                saved_ranks,
+                world_size,
+                rank,
+                "continue the checkpoint's rank of the same number" if own else "are seeded from (step, rank)",
+            )
+        if own is not None:
+            restore_rng(own["rng"])
+        else:
+            seed_rng(int(tree["session"]["step"]), rank)
 
     # -- emergency checkpoints --------------------------------------------------------
     def step_start(self, step: int) -> StepStart:
@@ -139,7 +258,11 @@ class StateRegistry:
 
     def tree_at(self, start: StepStart, detector: dict | None) -> dict[str, Any]:
         """The single-rank tree of the state `start` was taken at; valid while `unchanged_since(start)`."""
-        objects = {n: o.state_dict() if _checked_in_place(o) else start.copied[n] for n, o in self.objects.items()}
+        objects = {
+            n: o.state_dict() if _checked_in_place(o) else start.copied[n]
+            for n, o in self.objects.items()
+            if n not in self.sharded
+        }
         shared = {n: s for n, s in objects.items() if n not in self.per_rank}
         own = {n: s for n, s in objects.items() if n in self.per_rank}
         return {
@@ -161,6 +284,24 @@ class StateRegistry:
             elif isinstance(obj, torch.amp.GradScaler):
                 parts.extend(t._version if t is not None else None for t in (obj._scale, obj._growth_tracker))
         return tuple(parts)
+
+
+def seed_rng(step: int, rank: int) -> None:
+    """Random streams for a rank that has none in the checkpoint: derived from (step, rank) alone."""
+    seed = (step * 1_000_003 + rank * 7_919 + 1) % (2**31)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every CUDA device too
+
+
+def _has_dtensor(tensors: Iterable[Any]) -> bool:
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+def _is_sharded(obj: Any) -> bool:
+    if isinstance(obj, torch.nn.Module):
+        return _has_dtensor(obj.parameters())
+    return _has_dtensor(p for group in obj.param_groups for p in group["params"])
 
 
 def _checked_in_place(obj: Any) -> bool:

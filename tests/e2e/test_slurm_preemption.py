@@ -74,11 +74,14 @@ def test_preemption_budget_exhausted_ends_failed(tmp_path, preempt_mode):
 
 
 @pytest.mark.parametrize("preempt_mode", ["CANCEL"], indirect=True)
-def test_two_task_job_preempted_resumes_exactly(tmp_path, preempt_mode, request):
-    codes, out = finish(start_ranks(tmp_path / "reference", DDP_TRAIN))  # the same DDP run, uninterrupted
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_task_job_preempted_resumes_exactly(tmp_path, preempt_mode, parallel, request):
+    """DDP (rank 0 writes) and FSDP2 (every rank writes its shard) across a real preemption."""
+    train = [*DDP_TRAIN, f"trainer.parallel={parallel}"]
+    codes, out = finish(start_ranks(tmp_path / "reference", train))  # the same run, uninterrupted
     assert codes == [0, 0], out
     reference = json.loads((tmp_path / "reference" / "result.json").read_text())
-    job, run_dir = helpers.submit_training(tmp_path, DDP_TRAIN, tasks=2)
+    job, run_dir = helpers.submit_training(tmp_path, train, tasks=2)
     helpers.preempt_at_step(job.job_id, run_dir, 60)
     assert helpers.wait_until_final(job.job_id) == "COMPLETED"
     history = stops(run_dir)

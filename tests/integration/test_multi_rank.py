@@ -48,6 +48,15 @@ def finish(procs, timeout=180):
     return [p.returncode for p in procs], outputs
 
 
+def stop_rank_1_after(run_dir, procs, step):
+    """SIGTERM to rank 1 alone once training passed `step`; the exit codes and outputs of all ranks."""
+    deadline = time.monotonic() + 120
+    while last_step(run_dir) < step and time.monotonic() < deadline:
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    return finish(procs)
+
+
 def test_signal_to_one_rank_stops_all_and_resumes_exactly(tmp_path):
     reference = tmp_path / "reference"
     codes, out = finish(start_ranks(reference))
@@ -55,11 +64,7 @@ def test_signal_to_one_rank_stops_all_and_resumes_exactly(tmp_path):
 
     run_dir = tmp_path / "run"
     procs = start_ranks(run_dir)
-    deadline = time.monotonic() + 120
-    while last_step(run_dir) < 70 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    procs[1].send_signal(signal.SIGTERM)  # only rank 1 hears it
-    codes, out = finish(procs)
+    codes, out = stop_rank_1_after(run_dir, procs, 70)
     assert codes == [ExitCode.REQUEUE, ExitCode.REQUEUE], out
     steps = {line.split()[-1] for o in out for line in o.splitlines() if line.startswith("rank ")}
     assert len(steps) == 1, f"ranks stopped at different steps: {out}"
