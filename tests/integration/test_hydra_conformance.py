@@ -31,6 +31,15 @@ LAUNCHER = "preempt_local"
 OVERRIDES = ["hydra.launcher.check=false", "hydra.launcher.timeout_min=2", "hydra.launcher.signal_lead_s=30"]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_hydra_version_base(hydra_restore_singletons):
+    """The suites assume a fresh process, where Hydra's version base (a process-wide singleton) is unset
+    (compat 1.1: jobs chdir into their output directory); earlier tests in this process set it to 1.3."""
+    from hydra.version import _UNSPECIFIED_, VersionBase
+
+    VersionBase.instance().version_base = _UNSPECIFIED_  # hydra_restore_singletons puts it back afterwards
+
+
 def test_discovery() -> None:
     assert PreemptLauncher.__name__ in [x.__name__ for x in Plugins.instance().discover(Launcher)]
 
