@@ -31,7 +31,7 @@ from ..distributed import agree, broadcast_from_rank0, world
 from ..errors import CheckpointDirError, CheckpointWriteError
 from .layout import CHECKSUM, SHARDS_METADATA, CorruptCheckpointError, read_manifest
 from .sharded import ShardedFormatError, load_shards, read_shards_metadata, save_shards
-from .store import CheckpointInfo, CheckpointStore
+from .store import CheckpointInfo, CheckpointStore, disk_full_hint
 from .writer import Snapshot
 
 log = logging.getLogger("hydra_preempt")
@@ -105,7 +105,6 @@ class Checkpointer:
             info = self._save_tree(step, reason, metrics, tree)
         else:
             info = self._save_sharded(step, reason, metrics, tree, shards)
-            info = CheckpointInfo(step=step, reason=reason, metrics=metrics, path=self.store.step_path(step))
         self._saved_at_monotonic = time.monotonic()
         self.saved_at = time.time()
         self.last_save_s = self._saved_at_monotonic - started
@@ -134,17 +133,15 @@ class Checkpointer:
         rank = world()[0]
         tmp: Path | None = None
         error: str | None = None
-        if rank == 0:
-            existing = self.store.existing(step)
+        existing = self.store.existing(step) if rank == 0 else None
+        if rank == 0 and existing is None:
             try:
-                tmp = None if existing else self.store.begin(step)
+                tmp = self.store.begin(step)
             except CheckpointWriteError as e:
                 error = str(e)
         name = broadcast_from_rank0("" if error else tmp.name if tmp else None)
         if name is None:  # this state is on disk already
-            return self.store.existing(step) or CheckpointInfo(
-                step=step, reason=reason, path=self.store.step_path(step)
-            )
+            return existing or CheckpointInfo(step=step, reason=reason, path=self.store.step_path(step))
         if not name:
             raise CheckpointWriteError(error or f"rank 0 could not start the checkpoint of step {step}")
         tmp = self.store.directory / name
@@ -162,9 +159,7 @@ class Checkpointer:
         if agree([error is not None])[0]:
             if rank == 0:
                 self.store.abort(tmp)
-                previous = self.store.latest()
-                kept = f"checkpoint step {previous.step} is intact" if previous else "no earlier checkpoint exists"
-                error = f"{error or 'another rank failed'}; {kept}"
+                error = f"{error or 'another rank failed'}; {self.store.intact_note()}"
             raise CheckpointWriteError(
                 error or f"another rank could not write its part of the checkpoint of step {step}"
             )
@@ -194,6 +189,6 @@ def _first_line(e: BaseException) -> str:
             rank, failure = sorted(failures.items())[0]
             return f"rank {rank}: {_first_line(failure)}"
     if isinstance(e, OSError) and e.strerror:
-        return e.strerror + (" (disk full)" if e.errno in (28, 122) else "")
+        return e.strerror + disk_full_hint(e)
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__

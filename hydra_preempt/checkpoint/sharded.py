@@ -43,6 +43,7 @@ from torch.futures import Future
 
 from . import dcp_metadata
 from .layout import CHECKSUM, SHARD_FILE, SHARDS_METADATA
+from .writer import write_durably
 
 if sys.byteorder != "little":
     raise ImportError("the sharded checkpoint format stores raw little-endian tensor bytes")
@@ -201,10 +202,7 @@ class ShardWriter(StorageWriter):
         metadata.storage_meta = None
         metadata.version = "1.0.0"
         data = dcp_metadata.dumps(metadata)
-        with open(self.directory / SHARDS_METADATA, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_durably(self.directory / SHARDS_METADATA, data)
         files[SHARDS_METADATA] = {"size": len(data), CHECKSUM: xxhash.xxh3_128_hexdigest(data)}
         self.files = files
 

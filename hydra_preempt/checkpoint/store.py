@@ -174,12 +174,15 @@ class CheckpointStore:
         shutil.rmtree(tmp, ignore_errors=True)
 
     def _write_error(self, step: int, e: OSError) -> CheckpointWriteError:
-        previous = self.latest()
-        kept = f"checkpoint step {previous.step} is intact" if previous else "no earlier checkpoint exists"
-        hint = " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         return CheckpointWriteError(
-            f"could not write checkpoint for step {step} in {self.directory}{hint}: {e.strerror or e}; {kept}"
+            f"could not write checkpoint for step {step} in {self.directory}{disk_full_hint(e)}: "
+            f"{e.strerror or e}; {self.intact_note()}"
         )
+
+    def intact_note(self) -> str:
+        """What a failed save left standing, for its error message."""
+        previous = self.latest()
+        return f"checkpoint step {previous.step} is intact" if previous else "no earlier checkpoint exists"
 
     def apply_retention(self) -> RetentionPlan:
         """Record latest and best-N in index.json first, then delete what the policy lets go."""
@@ -245,6 +248,10 @@ class CheckpointStore:
         os.rename(path, target)
         fsync_dir(self.directory)
         log.warning("moved %s aside as %s: %s", path.name, target.name, why)
+
+
+def disk_full_hint(e: OSError) -> str:
+    return " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
 
 
 def _hostname() -> str:

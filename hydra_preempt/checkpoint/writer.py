@@ -66,7 +66,7 @@ def write_checkpoint_files(directory: Path, snapshot: Snapshot, meta: dict, shar
         f.flush()
         os.fsync(f.fileno())
     state = json.dumps({"format": FORMAT_VERSION, "skeleton": snapshot.skeleton, "arrays": specs}).encode()
-    _write_durably(directory / STATE_FILE, state)
+    write_durably(directory / STATE_FILE, state)
     manifest = {
         "format": FORMAT_VERSION,
         **meta,
@@ -77,11 +77,11 @@ def write_checkpoint_files(directory: Path, snapshot: Snapshot, meta: dict, shar
             **(shards or {}),
         },
     }
-    _write_durably(directory / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    write_durably(directory / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
     return manifest
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()

@@ -34,7 +34,14 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map
 
@@ -135,8 +142,6 @@ class StateRegistry:
 
     def sharded_state(self, names: Iterable[str] | None = None) -> dict[str, Any]:
         """This rank's part of each sharded object (or of `names`), as torch.distributed.checkpoint takes it."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
         state = {}
         for name in sorted(self.sharded if names is None else names):
             obj, module = self.objects[name], self.owners[name]
@@ -196,8 +201,6 @@ class StateRegistry:
 
     def check_shards(self, template: dict[str, Any], metadata: Metadata, where: str) -> None:
         """Every key of this run's sharded state is in the checkpoint, with the same global shape."""
-        from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-
         flat, _ = flatten_state_dict(template)
         saved = metadata.state_dict_metadata
         problems = [f"{key}: not in the checkpoint" for key in sorted(flat.keys() - saved.keys())]
@@ -217,8 +220,6 @@ class StateRegistry:
 
     def load(self, tree: dict[str, Any], shards: dict[str, Any], rank: int, world_size: int, where: str) -> None:
         """Set every object from a checked checkpoint: the tree's objects, the shards, this rank's RNGs."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
         saved_ranks = len(tree["ranks"])
         own = tree["ranks"][rank] if rank < saved_ranks else None
         saved = {**tree["objects"], **(own["objects"] if own else {})}
