@@ -187,6 +187,8 @@ def _first_line(e: BaseException) -> str:
         failures = getattr(e, "failures", {}) or {}
         if failures:
             rank, failure = sorted(failures.items())[0]
+            if isinstance(failure, tuple) and failure and isinstance(failure[0], BaseException):
+                failure = failure[0]  # DCP wraps each as (exception, traceback summary)
             return f"rank {rank}: {_first_line(failure)}"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror + disk_full_hint(e)

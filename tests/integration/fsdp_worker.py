@@ -2,6 +2,11 @@
 
     python -m tests.integration.fsdp_worker RUN_DIR STEPS OUT.json
 
+With FSDP_WORKER_RANK_WITHOUT_WRITES=N, rank N may not write any file (its
+RLIMIT_FSIZE is 0 from its last step on, so
+every write fails with EFBIG): a real rank that cannot
+write its shard.
+
 Trains a small MLP sharded with FSDP2 over all ranks (no per-rank objects: its
 data are drawn from (step, rank)), then writes the SHA-256 of every full
 parameter and optimizer tensor to OUT.json (rank 0), so that states written
@@ -11,6 +16,8 @@ and read at different world sizes can be compared.
 import hashlib
 import json
 import os
+import resource
+import signal
 import sys
 
 import torch
@@ -51,6 +58,9 @@ def train(session, steps: int, out: str) -> dict:
         loss.backward()
         optimizer.step()
         session.report(loss=loss.item())
+        if step == steps - 1 and os.environ.get("FSDP_WORKER_RANK_WITHOUT_WRITES") == str(rank):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # from the last step's save on
     hashes = full_state_hashes(model, optimizer)
     if rank == 0:
         with open(out, "w") as f:

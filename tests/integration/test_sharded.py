@@ -51,7 +51,7 @@ def test_fsdp2_every_rank_writes_its_shard_and_a_signal_resumes_exactly(tmp_path
     assert result["resumed_from"] == RunHistory.read(run_dir).stops[0]["step"] > 0
 
 
-def run_worker(run_dir, ranks, steps=3):
+def run_worker(run_dir, ranks, steps=3, env=None, expect=0):
     """tests/integration/fsdp_worker.py with `ranks` torchrun ranks (0: a plain process, no FSDP)."""
     out = run_dir.parent / f"{run_dir.name}-{ranks}.json"
     worker = ["-m", "tests.integration.fsdp_worker", str(run_dir), str(steps), str(out)]
@@ -66,9 +66,11 @@ def run_worker(run_dir, ranks, steps=3):
         ]
     else:
         args = [sys.executable, *worker]
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return json.loads(out.read_text()), done.stdout + done.stderr
+    done = subprocess.run(
+        args, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
+    assert done.returncode == expect, done.stdout + done.stderr
+    return (json.loads(out.read_text()) if expect == 0 else None), done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("saved_by, loaded_by", [(2, 1), (1, 2), (2, 4), (2, 0)])
@@ -79,6 +81,18 @@ def test_a_checkpoint_of_n_ranks_loads_into_m(tmp_path, saved_by, loaded_by):
     assert read == written  # every full parameter and AdamW moment, bit for bit
     assert len(read) == 4 + 4 * 3  # 4 parameters; step, exp_avg, exp_avg_sq of each
     assert "resharded exactly" in output and "trajectory will differ" in output
+
+
+def test_a_rank_that_cannot_write_stops_every_rank_and_the_previous_checkpoint_stands(tmp_path):
+    run_dir = tmp_path / "run"
+    written, _ = run_worker(run_dir, 2, steps=2)
+    _, output = run_worker(run_dir, 2, steps=4, env={"FSDP_WORKER_RANK_WITHOUT_WRITES": "1"}, expect=1)
+    lines = [line for line in output.splitlines() if line.startswith("rank ")]
+    assert len(lines) == 2 and all(": failed at step 4: " in line for line in lines), output
+    assert "rank 1: File too large" in output and "checkpoint step 2 is intact" in output, output
+    assert [c.name for c in (run_dir / "checkpoints").iterdir() if "step-" in c.name] == ["step-000000002"]
+    again, _ = run_worker(run_dir, 2, steps=2)  # step 2 still loads, bit for bit
+    assert again == written
 
 
 def test_a_pickle_planted_in_a_checkpoint_is_never_run(tmp_path):
