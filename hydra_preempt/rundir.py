@@ -149,9 +149,23 @@ def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
     return _read_json_lines(Path(run_dir) / METRICS_LOG)
 
 
-def append_metrics(run_dir: Path | str, record: dict[str, Any]) -> None:
-    with open(Path(run_dir) / METRICS_LOG, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl, appended one line per report; the file stays open (opening it for every
+    line cost ~50 us a step), each line is flushed as it is written."""
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.path = Path(run_dir) / METRICS_LOG
+        self._file: Any = None
+
+    def append(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed in close())
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class RunLock:

@@ -38,7 +38,7 @@ from ..config import SessionConfig
 from ..distributed import agree, gather_to_rank0, world
 from ..errors import CheckpointDirError, CheckpointReadError, ConfigError, HydraPreemptError
 from ..outcome import Status
-from ..rundir import RESULT_FILE, RunHistory, RunLock, append_metrics, write_result
+from ..rundir import RESULT_FILE, MetricsLog, RunHistory, RunLock, write_result
 from . import boundary
 from .divergence import Verdict
 from .signals import Request
@@ -88,6 +88,8 @@ class Session:
         self.metrics: dict[str, float] = {}  # latest value of every reported metric
         self.signal_to_saved_s: float | None = None
         self._lock = RunLock(self.run_dir)
+        self._metrics_log = MetricsLog(self.run_dir)
+        self._rank, self._world_size = world()  # torch.distributed is set up before a session starts
         self._restored = False
         self._step_metrics: dict[str, float] = {}
         self._last_step_metrics: dict[str, float] = {}
@@ -113,6 +115,7 @@ class Session:
 
     def close(self) -> None:
         self.signals.uninstall()
+        self._metrics_log.close()
         self._lock.release()
 
     def wait_for_run_lock(self, poll_s: float = 2.0) -> None:
@@ -189,8 +192,8 @@ class Session:
         values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
         self._step_metrics.update(values)
         self.metrics.update(values)
-        if world()[0] == 0:
-            append_metrics(self.run_dir, {"step": self.step + (1 if self._open_step else 0), **values})
+        if self._rank == 0:
+            self._metrics_log.append({"step": self.step + (1 if self._open_step else 0), **values})
 
     def save(self, reason: str = "manual") -> CheckpointInfo | None:
         """Save now; only valid between steps (before the loop, after it, or from a callback at a boundary)."""
@@ -217,9 +220,9 @@ class Session:
 
     # -- step boundaries ------------------------------------------------------
     def _start_step(self) -> None:
-        if self.config.checkpoint.emergency:
+        if self.config.checkpoint.emergency and self._world_size == 1:
             self._open_step = self.state.step_start(self.step)
-        else:
+        else:  # multi-rank runs write no emergency checkpoint: nothing to remember
             self._open_step = StepStart(self.step, (), {}, {})
 
     def _end_step(self) -> None:

@@ -1,0 +1,77 @@
+"""Whether a step has changed the registered state yet (it decides whether an emergency checkpoint is consistent).
+
+The fingerprint no longer walks every tensor: optimizer steps are counted by a hook, and
+only what may change outside an optimizer is watched. Each way a step can change state is here.
+"""
+
+import pytest
+import torch
+
+from hydra_preempt.session.state import StateRegistry
+
+
+def registry(**objects):
+    r = StateRegistry()
+    r.register(False, **objects)
+    return r
+
+
+def model_and_optimizer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+
+def test_forward_and_backward_in_eval_mode_change_nothing_an_optimizer_step_does():
+    model, optimizer = model_and_optimizer()
+    r = registry(model=model, optimizer=optimizer)
+    model.eval()
+    start = r.step_start(0)
+    model(torch.randn(8, 4)).sum().backward()
+    assert r.unchanged_since(start)
+    optimizer.step()
+    assert not r.unchanged_since(start)
+
+
+def test_a_failed_optimizer_step_counts_as_a_change():
+    model, optimizer = model_and_optimizer()
+    r = registry(model=model, optimizer=optimizer)
+    start = r.step_start(0)
+
+    def fail(*_):
+        raise RuntimeError("inside step()")
+
+    optimizer.register_step_pre_hook(fail)
+    with pytest.raises(RuntimeError):
+        optimizer.step()
+    assert not r.unchanged_since(start)
+
+
+def test_batch_norm_statistics_updated_in_forward_are_a_change():
+    model, optimizer = model_and_optimizer()
+    r = registry(model=model, optimizer=optimizer)
+    start = r.step_start(0)
+    model.train()
+    model(torch.randn(8, 4))
+    assert not r.unchanged_since(start)
+
+
+def test_parameters_updated_by_hand_without_a_registered_optimizer_are_a_change():
+    model, _ = model_and_optimizer()
+    r = registry(model=model)
+    start = r.step_start(0)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert not r.unchanged_since(start)
+
+
+def test_a_grad_scaler_created_and_updated_during_the_step_is_a_change():
+    model, optimizer = model_and_optimizer()
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    r = registry(model=model, optimizer=optimizer, scaler=scaler)
+    start = r.step_start(0)  # the scaler's tensors do not exist yet
+    scaler.scale(model[0].weight.sum())  # creates them lazily
+    assert not r.unchanged_since(start)
+    again = r.step_start(1)
+    scaler.update(2.0)  # a new scale, in place, with no optimizer step
+    assert not r.unchanged_since(again)
