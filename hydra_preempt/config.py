@@ -31,6 +31,7 @@ class CheckpointConfig:
     metric: Optional[str] = None  # reported metric that ranks the best checkpoints
     mode: str = "min"  # "min" or "max"
     emergency: bool = True  # save on an unhandled exception when the state is consistent
+    async_save: bool = True  # periodic saves written in the background (stop saves are always waited for)
 
     def retention_policy(self) -> RetentionPolicy:
         return RetentionPolicy(self.keep_last, self.keep_best, self.metric, self.mode)  # type: ignore[arg-type]

@@ -13,13 +13,24 @@ writes the manifest, with every file's size and checksum as its writer
 computed it, renames the directory into place and applies retention. Every
 rank learns whether the save worked; a failure anywhere leaves nothing that
 looks complete.
+
+A periodic save of a state without sharded objects may go to the background
+(`save_in_background`): at the boundary rank 0 copies the state into reused
+host buffers (tree.HostStaging), a thread writes, checksums, fsyncs, renames
+and applies retention while training goes on. At most one write is in
+flight; a periodic save due meanwhile is skipped. The thread runs no
+collective (it could deadlock with training's own): whether the write is
+done or failed is agreed at a later step boundary (`background_flags` and
+`settle`), and every other save waits for it first (`wait`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +43,27 @@ from ..errors import CheckpointDirError, CheckpointWriteError
 from .layout import CHECKSUM, SHARDS_METADATA, CorruptCheckpointError, read_manifest
 from .sharded import ShardedFormatError, load_shards, read_shards_metadata, save_shards
 from .store import CheckpointInfo, CheckpointStore, disk_full_hint
+from .tree import HostStaging
 from .writer import Snapshot
 
 log = logging.getLogger("hydra_preempt")
+
+
+@dataclass
+class _BackgroundWrite:
+    """A save being written by a thread (rank 0); the other ranks keep a record without a thread."""
+
+    step: int
+    reason: str
+    metrics: dict[str, float]
+    started: float  # time.monotonic() at the boundary
+    thread: threading.Thread | None = None
+    info: CheckpointInfo | None = None
+    error: str | None = None
+    finished: float | None = None  # time.monotonic() when the thread ended
+
+    def pending(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
 
 
 class Checkpointer:
@@ -46,6 +75,8 @@ class Checkpointer:
         self.saved_at: float = 0.0  # time.time() at the end of the last save
         self._saved_at_monotonic = time.monotonic()
         self._periodic_pending = False
+        self._background: _BackgroundWrite | None = None
+        self._staging = HostStaging()
 
     def prepare(self) -> None:
         """Create and check the directory, remove stale temporaries (rank 0; every rank learns the verdict)."""
@@ -97,21 +128,105 @@ class Checkpointer:
 
         A state already on disk is not written twice. Raises CheckpointWriteError on every rank when the write failed.
         """
+        self.wait()
         if self.last is not None and self.last.step == step:
             return self.last
         started = time.monotonic()
-        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        metrics = _finite(metrics)
         if shards is None:
             info = self._save_tree(step, reason, metrics, tree)
         else:
             info = self._save_sharded(step, reason, metrics, tree, shards)
-        self._saved_at_monotonic = time.monotonic()
-        self.saved_at = time.time()
-        self.last_save_s = self._saved_at_monotonic - started
+        self._saved(info, started, time.monotonic())
+        return info
+
+    def _saved(self, info: CheckpointInfo, started: float, finished: float) -> None:
+        self._saved_at_monotonic = finished
+        self.saved_at = time.time() - (time.monotonic() - finished)
+        self.last_save_s = finished - started
         self._periodic_pending = False
         self.last = info
-        log.info("saved %s (%s, %.1f MB in %.2f s)", info.path.name, reason, info.nbytes / 1e6, self.last_save_s)
-        return info
+        log.info("saved %s (%s, %.1f MB in %.2f s)", info.path.name, info.reason, info.nbytes / 1e6, self.last_save_s)
+
+    # -- background saves ----------------------------------------------------------
+    def save_in_background(self, step: int, reason: str, metrics: dict[str, float], tree: Any) -> bool:
+        """Stage the state of `step` (`tree` on rank 0, None elsewhere) and write it in a thread; False
+        if a write is still in flight (this save is skipped). A collective only in that every rank
+        calls it at the same boundary; it communicates nothing."""
+        self._periodic_pending = False
+        if self._background is not None:
+            log.info(
+                "step %d: periodic checkpoint skipped, the one of step %d is still being written",
+                step,
+                self._background.step,
+            )
+            return False
+        if self.last is not None and self.last.step == step:
+            return True
+        write = _BackgroundWrite(step, reason, _finite(metrics), time.monotonic())
+        if tree is not None:
+            snapshot = Snapshot.capture(tree, self._staging)  # the state at this boundary, in host memory
+            write.thread = threading.Thread(
+                target=self._write, args=(write, snapshot), name=f"checkpoint-{step}", daemon=True
+            )
+            write.thread.start()
+        self._background = write
+        return True
+
+    def _write(self, write: _BackgroundWrite, snapshot: Snapshot) -> None:
+        try:
+            write.info = self.store.save(snapshot, write.step, write.reason, write.metrics)
+        except CheckpointWriteError as e:
+            write.error = str(e)
+        except Exception as e:  # a bug, not an I/O error: still one line, on every rank
+            write.error = f"the background save of step {write.step} failed: {type(e).__name__}: {e}"
+        write.finished = time.monotonic()
+
+    def background_flags(self) -> list[int]:
+        """This rank's [write still in flight, write failed], to be agreed at a step boundary."""
+        w = self._background
+        if w is None or w.thread is None:
+            return [0, 0]
+        pending = w.pending()
+        return [int(pending), int(not pending and w.error is not None)]
+
+    def settle(self, pending: bool, failed: bool) -> None:
+        """Take the agreed state of the background write: done -> it is the newest checkpoint; failed ->
+        CheckpointWriteError on every rank (the previous checkpoint intact); in flight -> nothing."""
+        w = self._background
+        if w is None or pending:
+            return
+        self._background = None
+        if failed:
+            raise CheckpointWriteError(w.error or f"rank 0 could not write the checkpoint of step {w.step}")
+        info = w.info or CheckpointInfo(
+            step=w.step, reason=w.reason, metrics=w.metrics, path=self.store.step_path(w.step)
+        )
+        self._saved(info, w.started, w.finished or time.monotonic())
+
+    def wait(self) -> None:
+        """Let the write in flight end and settle it (a collective on multi-rank runs)."""
+        if self._background is None:
+            return
+        if self._background.thread is not None:
+            self._background.thread.join()
+        failed = agree(self.background_flags())[1]
+        self.settle(False, bool(failed))
+
+    def join(self) -> None:
+        """Let the write in flight end, without any collective (closing, maybe after an error); log a failure."""
+        w, self._background = self._background, None
+        if w is not None and w.thread is not None:
+            w.thread.join()
+            if w.error:
+                log.error("%s", w.error)
+
+    def in_flight_s(self) -> float:
+        """About how long until the write in flight is durable: the last save's duration less its age."""
+        w = self._background
+        if w is None or not w.pending():
+            return 0.0
+        return max(0.0, (self.last_save_s or 0.0) - (time.monotonic() - w.started))
 
     def _save_tree(self, step: int, reason: str, metrics: dict[str, float], tree: Any) -> CheckpointInfo:
         """Rank 0 writes the whole state; every rank learns whether it worked."""
@@ -166,6 +281,10 @@ class Checkpointer:
         return info or CheckpointInfo(
             step=step, reason=reason, metrics=metrics, path=self.store.step_path(step), sharded=tuple(shards)
         )
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
 def _shards_metadata(path: Path) -> Metadata:

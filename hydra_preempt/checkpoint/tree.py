@@ -45,12 +45,15 @@ class ArraySpec:
         return cls(d["kind"], d["dtype"], tuple(int(n) for n in d["shape"]), int(d["offset"]), int(d["nbytes"]))
 
 
-def flatten(tree: Any) -> tuple[Any, list[Array]]:
+def flatten(tree: Any, staging: HostStaging | None = None) -> tuple[Any, list[Array]]:
     """Return (skeleton, arrays): the skeleton is JSON-able; arrays are on the host, contiguous.
 
     CUDA tensors are copied to pinned host memory (one synchronize at the
     end), so the returned arrays are a snapshot that a writer may consume
     later while training goes on. CPU tensors are not copied.
+
+    With `staging`, every array is copied into its reused host buffers
+    instead, CUDA ones without waiting (`staging.wait()` before reading).
     """
     arrays: list[Array] = []
     has_cuda = [False]
@@ -63,14 +66,18 @@ def flatten(tree: Any) -> tuple[Any, list[Array]]:
         if isinstance(value, np.generic):  # NumPy scalar: keep its value, as a Python scalar
             return value.item()
         if isinstance(value, torch.Tensor):
-            arrays.append(_host_tensor(value, path, has_cuda))
+            if staging is not None:
+                _check_layout(value, path)
+                arrays.append(staging.copy(len(arrays), value.detach()))
+            else:
+                arrays.append(_host_tensor(value, path, has_cuda))
             return {_TENSOR: len(arrays) - 1}
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
                 raise UnsupportedStateError(
                     f"state at '{path}' is a NumPy array of Python objects, which cannot be stored without pickle"
                 )
-            arrays.append(np.ascontiguousarray(value))
+            arrays.append(staging.copy(len(arrays), value) if staging else np.ascontiguousarray(value))
             return {_NDARRAY: len(arrays) - 1}
         if isinstance(value, tuple):
             return {_TUPLE: [encode(v, f"{path}.{i}") for i, v in enumerate(value)]}
@@ -86,14 +93,69 @@ def flatten(tree: Any) -> tuple[Any, list[Array]]:
         )
 
     skeleton = encode(tree, "state")
-    if has_cuda[0]:
+    if staging is not None:
+        staging.copied(len(arrays))
+    elif has_cuda[0]:
         torch.cuda.synchronize()
     return skeleton, arrays
 
 
-def _host_tensor(t: torch.Tensor, path: str, has_cuda: list[bool]) -> torch.Tensor:
+class HostStaging:
+    """Host buffers a state is copied into for a background write, kept from one save to the next.
+
+    Allocating and page-faulting fresh memory costs about 5x a copy into
+    memory touched before (measured: ~260 vs ~50 ms per GB), and pinned
+    memory is slower still to allocate, so the buffers of one state are
+    kept: one state's worth of host memory for the life of the run. A
+    buffer is reused while its array keeps its dtype and shape. CUDA tensors
+    go to pinned buffers with non-blocking copies ordered on the current
+    stream; `wait()` (the writer, before it reads) waits for them.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[Array] = []
+        self._event: Any = None
+
+    def copy(self, index: int, array: Array) -> Array:
+        old = self._buffers[index] if index < len(self._buffers) else None
+        if isinstance(array, torch.Tensor):
+            if not (isinstance(old, torch.Tensor) and old.shape == array.shape and old.dtype == array.dtype):
+                old = torch.empty(array.shape, dtype=array.dtype, pin_memory=array.is_cuda)
+            old.copy_(array, non_blocking=array.is_cuda)
+        else:
+            if not (isinstance(old, np.ndarray) and old.shape == array.shape and old.dtype == array.dtype):
+                old = np.empty(array.shape, dtype=array.dtype)
+            np.copyto(old, array)
+        if index < len(self._buffers):
+            self._buffers[index] = old
+        else:
+            self._buffers.append(old)
+        return old
+
+    def copied(self, count: int) -> None:
+        """The state had `count` arrays: drop buffers beyond them; mark the point the copies must reach."""
+        del self._buffers[count:]
+        self._event = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array_bytes(b).nbytes for b in self._buffers)
+
+
+def _check_layout(t: torch.Tensor, path: str) -> None:
     if t.is_sparse or t.is_quantized or t.device.type == "meta" or t.is_nested:
         raise UnsupportedStateError(f"tensor at '{path}' has an unsupported layout ({t.layout}, {t.device.type})")
+
+
+def _host_tensor(t: torch.Tensor, path: str, has_cuda: list[bool]) -> torch.Tensor:
+    _check_layout(t, path)
     t = t.detach()
     if t.device.type != "cpu":
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())

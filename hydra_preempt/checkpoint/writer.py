@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import xxhash
 
 from .layout import CHECKSUM, DATA_FILE, FORMAT_VERSION, MANIFEST_FILE, STATE_FILE, CorruptCheckpointError
-from .tree import Array, ArraySpec, array_bytes, array_spec, empty_array, flatten, unflatten
+from .tree import Array, ArraySpec, HostStaging, array_bytes, array_spec, empty_array, flatten, unflatten
 
 
 @dataclass
@@ -32,14 +31,14 @@ class Snapshot:
 
     skeleton: Any
     arrays: list[Array]
+    staging: HostStaging | None = None
 
     @classmethod
-    def capture(cls, tree: Any, copy: bool = False) -> Snapshot:
-        """`copy=True` clones CPU tensors too, so training may go on while this snapshot is written."""
-        skeleton, arrays = flatten(tree)
-        if copy:
-            arrays = [a.clone() if isinstance(a, torch.Tensor) else a.copy() for a in arrays]
-        return cls(skeleton, arrays)
+    def capture(cls, tree: Any, staging: HostStaging | None = None) -> Snapshot:
+        """With `staging`, every array is copied into its host buffers, so training may go on while
+        this snapshot is written (until the next capture into the same staging)."""
+        skeleton, arrays = flatten(tree, staging)
+        return cls(skeleton, arrays, staging)
 
     @property
     def nbytes(self) -> int:
@@ -53,6 +52,8 @@ def write_checkpoint_files(directory: Path, snapshot: Snapshot, meta: dict, shar
     writer computed; the manifest lists them too. Returns the manifest. Raises OSError (ENOSPC
     included) with nothing marked complete.
     """
+    if snapshot.staging is not None:
+        snapshot.staging.wait()  # device-to-host copies done
     specs: list[dict] = []
     data_hash = xxhash.xxh3_128()
     offset = 0

@@ -94,6 +94,7 @@ class Session:
         self._step_metrics: dict[str, float] = {}
         self._last_step_metrics: dict[str, float] = {}
         self._open_step: StepStart | None = None  # set while a step runs
+        self._said_sharded_sync = False
 
     @property
     def last_checkpoint(self) -> CheckpointInfo | None:
@@ -114,6 +115,7 @@ class Session:
         self.signals.install()
 
     def close(self) -> None:
+        self.checkpointer.join()  # a periodic save still being written ends before the process does
         self.signals.uninstall()
         self._metrics_log.close()
         self._lock.release()
@@ -235,21 +237,19 @@ class Session:
         if not boundary.agrees_at(self.step, world()[1], self.config.distributed.sync_every):
             return  # requests stay pending until the ranks next agree
         requests = self.signals.take()
-        flags = boundary.BoundaryFlags(
-            *map(
-                bool,
-                agree(
-                    [
-                        Request.PREEMPT in requests,
-                        Request.CANCEL in requests,
-                        Request.CHECKPOINT in requests,
-                        periodic,
-                        verdict is Verdict.SUSPECT,
-                        verdict is Verdict.DIVERGED,
-                    ]
-                ),
-            )
+        agreed = agree(
+            [
+                Request.PREEMPT in requests,
+                Request.CANCEL in requests,
+                Request.CHECKPOINT in requests,
+                periodic,
+                verdict is Verdict.SUSPECT,
+                verdict is Verdict.DIVERGED,
+                *self.checkpointer.background_flags(),
+            ]
         )
+        self.checkpointer.settle(*map(bool, agreed[6:]))  # a background write's failure surfaces here
+        flags = boundary.BoundaryFlags(*map(bool, agreed[:6]))
         miss = bool(flags.stopping and agree([self._save_would_miss_deadline()])[0])
         action = boundary.decide(flags, miss)
         if action.stop is Status.DIVERGED:
@@ -264,14 +264,18 @@ class Session:
             log.warning("step %d: loss spike, deferring the periodic checkpoint until the loss recovers", self.step)
         stop: Status | None = action.stop
         if action.save:
-            self._save(action.save, metrics)
-            late = self.signals.take()  # requests that came during the save are covered by it
+            if action.save == "periodic" and self._background_saves():
+                self._save_in_background(metrics)  # staged at this boundary, written by a thread
+            else:
+                self._save(action.save, metrics)
+            late = self.signals.take()  # requests that came during the save (or its staging) are covered by it
             late_flags = agree([Request.PREEMPT in late, Request.CANCEL in late])
             stop = (
                 boundary.stop_status(flags.preempt or bool(late_flags[0]), flags.cancel or bool(late_flags[1])) or stop
             )
             requests = {**late, **requests}
         if stop is not None:
+            self.checkpointer.wait()  # a stop takes what is being written with it
             request = Request.CANCEL if stop is Status.CANCELLED else Request.PREEMPT
             self._note_signal_latency(request)
             name = requests[request].name if request in requests else "a signal to another rank"
@@ -289,6 +293,8 @@ class Session:
     def _save_would_miss_deadline(self) -> bool:
         left = self.seconds_left() if self.seconds_left is not None and self.last_checkpoint is not None else None
         last_save_s = self.checkpointer.last_save_s
+        if last_save_s is not None:  # a save now waits for the one in flight first
+            last_save_s += self.checkpointer.in_flight_s()
         if not boundary.save_would_miss_deadline(left, last_save_s, self.last_checkpoint is not None):
             return False
         assert left is not None and last_save_s is not None and self.last_checkpoint is not None
@@ -318,6 +324,25 @@ class Session:
         ranks = gather_to_rank0(self.state.rank_state())
         tree = self.state.tree(self.step, ranks, self._detector_state()) if ranks is not None else None
         return self.checkpointer.save(self.step, reason, metrics, tree, self._shards())
+
+    def _background_saves(self) -> bool:
+        if not self.config.checkpoint.async_save:
+            return False
+        if self.state.sharded:  # every rank writes its part through DCP's collectives: not from a thread
+            if not self._said_sharded_sync:
+                log.info(
+                    "periodic checkpoints of sharded state are written at the step boundary, not in the background"
+                )
+                self._said_sharded_sync = True
+            return False
+        return True
+
+    def _save_in_background(self, metrics: dict[str, float]) -> None:
+        if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
+            return
+        ranks = gather_to_rank0(self.state.rank_state())
+        tree = self.state.tree(self.step, ranks, self._detector_state()) if ranks is not None else None
+        self.checkpointer.save_in_background(self.step, "periodic", metrics, tree)
 
     def _shards(self) -> dict[str, Any] | None:
         return self.state.sharded_state() if self.state.sharded else None

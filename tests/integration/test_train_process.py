@@ -81,8 +81,10 @@ def test_sigint_saves_and_exits_cancelled(tmp_path):
 def test_sigkill_during_saves_never_leaves_an_unloadable_latest(tmp_path):
     """50 SIGKILLs at random moments of a run that saves a 14 MB state at every step.
 
-    Every next start must load a complete checkpoint (never a partial one) and
-    go on; the final result must equal an uninterrupted run's.
+    Starts take turns between background saves and saves at the boundary, so
+    kills land in both. Every next start must load a complete checkpoint
+    (never a partial one) and go on; the final result must equal an
+    uninterrupted run's.
     """
     overrides = [
         "trainer.max_steps=400",
@@ -97,8 +99,9 @@ def test_sigkill_during_saves_never_leaves_an_unloadable_latest(tmp_path):
     resumed = []
     interrupted_saves = 0
     trials = 0
-    for _ in range(50):
-        proc = TrainProcess(tmp_path, overrides).start()
+    for attempt in range(50):
+        mode = f"checkpoint.async_save={'true' if attempt % 2 else 'false'}"
+        proc = TrainProcess(tmp_path, [*overrides, mode]).start()
         start = proc.wait_for_line(r"starting at step (\d+)")
         resumed.append(int(start[1]))
         assert "unusable" not in proc.output and "Traceback" not in proc.output, proc.output

@@ -1,0 +1,147 @@
+"""How long a periodic checkpoint stalls training: background (checkpoint.async_save) vs at the boundary.
+
+    python benchmarks/background_save.py [--gb 1.0] [--steps 30] [--every 10] [--rounds 2] [--dir DIR]
+
+A training loop of an MLP whose parameters plus AdamW moments are about
+`--gb` GB, a periodic checkpoint every `--every` steps, run through
+hydra_preempt.run() with background saves on and off (modes take turns,
+`--rounds` times). Timed from inside the loop: each step's body (forward,
+backward, optimizer step, report) and each step boundary (from the end of
+one body to the start of the next: the session's work, a save included). A
+checkpoint's stall is its boundary's time less the median boundary without
+a save; the first background save allocates its host buffers, later ones
+reuse them, so both are shown. Against two references: copying the same
+tensors into preallocated host buffers that are reused (the least a
+snapshot can cost) and into fresh ones (clone). Also: how much slower the
+step bodies are while a write runs beside them (this machine has 2 cores,
+shared by training and the writer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hydra_preempt import SessionConfig, run
+
+
+def build(gb: float) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor]:
+    layers = 8
+    width = int((gb * 1e9 / (3 * 4 * layers)) ** 0.5)  # parameters + two AdamW moments, fp32
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-5), torch.randn(4, width)
+
+
+def training(args: argparse.Namespace, run_dir: Path, background: bool) -> dict[str, list[float]]:
+    model, optimizer, x = build(args.gb)
+    times: dict[str, list[float]] = {"first_save": [], "save": [], "boundary": [], "body": [], "body_beside_write": []}
+
+    def train(session) -> dict:
+        session.register(model=model, optimizer=optimizer)
+        session.restore()
+        body_end = None
+        for step in session.steps(args.steps):
+            started = time.perf_counter()
+            if body_end is not None:
+                kind = "boundary" if step % args.every else "first_save" if step == args.every else "save"
+                times[kind].append(started - body_end)
+            writing = bool(session.checkpointer.background_flags()[0])
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            session.report(loss=0.0)
+            body_end = time.perf_counter()
+            if step > 0:  # step 0 allocates AdamW's moments
+                times["body_beside_write" if writing else "body"].append(body_end - started)
+        return {}
+
+    config = SessionConfig.from_mapping(
+        {
+            "checkpoint": {"every_steps": args.every, "keep_last": 1, "async_save": background, "emergency": False},
+            "divergence": {"enabled": False},
+        }
+    )
+    outcome = run(train, run_dir, config)
+    assert outcome.exit_code == 0, outcome.message
+    return times
+
+
+def copy_reference(gb: float, repeats: int = 3) -> tuple[float, float]:
+    """Seconds to copy the state's tensors into reused buffers, and into fresh ones (clone)."""
+    model, optimizer, x = build(gb)
+    model(x).square().mean().backward()
+    optimizer.step()
+    tensors = list(model.state_dict().values()) + [
+        v for s in optimizer.state.values() for v in s.values() if v.dim() > 0
+    ]
+    buffers = [torch.empty_like(t) for t in tensors]
+    for b, t in zip(buffers, tensors):
+        b.copy_(t)  # touched once, as the staging buffers are after the first save
+    reused, fresh = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for b, t in zip(buffers, tensors):
+            b.copy_(t)
+        reused.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        clones = [t.clone() for t in tensors]
+        fresh.append(time.perf_counter() - started)
+        del clones
+    return statistics.median(reused), statistics.median(fresh)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, default=41)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dir", type=Path, default=None, help="where checkpoints go (default: under ./benchmarks)")
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="background-bench-", dir=args.dir or Path(__file__).parent))
+    results: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
+    try:
+        for r in range(args.rounds):
+            for background in (True, False) if r % 2 == 0 else (False, True):
+                times = training(args, base / f"run-{background}-{r}", background)
+                for kind, values in times.items():
+                    results[background].setdefault(kind, []).extend(values)
+                shutil.rmtree(base / f"run-{background}-{r}")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    reused, fresh = copy_reference(args.gb)
+    print(
+        f"state: {args.gb:.2f} GB (parameters + AdamW moments), a checkpoint every {args.every} steps, "
+        f"{args.steps} steps x {args.rounds} rounds per mode, in {args.dir or 'benchmarks/'}; medians"
+    )
+    print(f"  copy into reused host buffers: {reused * 1e3:7.0f} ms   (fresh clone(): {fresh * 1e3:.0f} ms)")
+    stalls = {}
+    for background in (True, False):
+        t = results[background]
+        boundary = statistics.median(t["boundary"])
+        stalls[background] = statistics.median(t["save"]) - boundary
+        first = statistics.median(t["first_save"]) - boundary
+        name = "background (async_save=true)" if background else "at the boundary (async_save=false)"
+        line = (
+            f"  {name:36s} stall per checkpoint {stalls[background] * 1e3:6.0f} ms "
+            f"(the first: {first * 1e3:.0f} ms); step body {statistics.median(t['body']) * 1e3:.0f} ms"
+        )
+        if t["body_beside_write"]:
+            slower = statistics.median(t["body_beside_write"]) / statistics.median(t["body"])
+            line += f", {slower:.2f}x beside a write ({len(t['body_beside_write'])} steps)"
+        print(line)
+    print(
+        f"  stall, background / copy into reused buffers: {stalls[True] / reused:.2f} (goal <= 1.25); "
+        f"at the boundary / background: {stalls[False] / max(stalls[True], 1e-9):.1f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
