@@ -8,6 +8,7 @@ it at every start to discover the plugin.
 
 # No `from __future__ import annotations`: OmegaConf reads these annotations as types.
 import re
+import unicodedata
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
@@ -15,9 +16,62 @@ from ..config import DEFAULT_TIMEOUT_SIGNAL
 from ..errors import ConfigError
 from ..session.signals import parse_signal
 
-_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
-_SBATCH_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
+# Always matched against the whole string (fullmatch): `$` would let a trailing line break through.
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
+_JOB_NAME = re.compile(r"[A-Za-z0-9_.+:@,=-]{1,200}")
+_SBATCH_KEY = re.compile(r"[a-z][a-z0-9-]*")
 CLUSTERS = (None, "slurm", "local", "debug")
+
+# sbatch options the protocol sets itself, and the setting to use instead (None: not settable).
+# sbatch also takes any unambiguous abbreviation of an option (--requ is --requeue), so a key that
+# begins one of these is refused too.
+PROTOCOL_OPTIONS: Dict[str, Optional[str]] = {
+    "qos": "qos",
+    "account": "account",
+    "partition": "partition",
+    "time": "timeout_min",
+    "nodes": "nodes",
+    "ntasks-per-node": "tasks_per_node",
+    "cpus-per-task": "cpus_per_task",
+    "gpus-per-node": "gpus_per_node",
+    "mem": "mem_gb",
+    "job-name": "name",
+    "signal": "signal and signal_lead_s",
+    "requeue": None,
+    "no-requeue": None,
+    "open-mode": None,
+    "output": None,
+    "error": None,
+    "array": "array_parallelism",
+    "wrap": None,
+}
+
+
+def control_character(text: str, allow_tab: bool = False) -> Optional[str]:
+    """The first control character or line/paragraph separator in `text`, as repr, or None."""
+    for c in text:
+        if c == "\t" and allow_tab:
+            continue
+        if unicodedata.category(c) in ("Cc", "Zl", "Zp"):
+            return repr(c)
+    return None
+
+
+def _no_control(where: str, text: str, allow_tab: bool = False) -> None:
+    bad = control_character(text, allow_tab)
+    if bad:
+        raise ConfigError(f"{where} must not contain a line break or control character (found {bad}): {text!r}")
+
+
+# sbatch options of their own that begin a protocol option's name (exact names are not abbreviations)
+_OWN_OPTIONS = frozenset({"gpus", "ntasks"})
+
+
+def protocol_option(key: str) -> Optional[str]:
+    """The protocol-owned sbatch option that `key` names or abbreviates, if any."""
+    if key in _OWN_OPTIONS:
+        return None
+    return next((option for option in PROTOCOL_OPTIONS if option.startswith(key)), None)
 
 
 @dataclass
@@ -69,8 +123,10 @@ class ExecutorSettings:
             raise ConfigError(f"cluster must be 'slurm' or 'local', got {self.cluster!r}")
         for key in ("qos", "account", "partition"):
             value = getattr(self, key)
-            if value is not None and not (isinstance(value, str) and _SLURM_NAME.match(value)):
+            if value is not None and not (isinstance(value, str) and _SLURM_NAME.fullmatch(value)):
                 raise ConfigError(f"{key} must be a SLURM name (letters, digits, _ . + -), got {value!r}")
+        if self.name is not None and not (isinstance(self.name, str) and _JOB_NAME.fullmatch(self.name)):
+            raise ConfigError(f"name must be a job name of letters, digits and _ . + : @ , = -, got {self.name!r}")
         for key, least in (
             ("timeout_min", 1),
             ("nodes", 1),
@@ -95,14 +151,23 @@ class ExecutorSettings:
         if not isinstance(sbatch_args, dict):
             raise ConfigError(f"sbatch_args must be a mapping of option: value, got {sbatch_args!r}")
         for key, value in sbatch_args.items():
-            if not (isinstance(key, str) and _SBATCH_KEY.match(key)):
+            if not (isinstance(key, str) and _SBATCH_KEY.fullmatch(key)):
                 raise ConfigError(f"sbatch_args: {key!r} is not an sbatch option name (like 'constraint' or 'gres')")
-            if "\n" in str(value) or "\r" in str(value):
-                raise ConfigError(f"sbatch_args.{key} must not contain a line break")
+            owned = protocol_option(key)
+            if owned is not None:
+                instead = PROTOCOL_OPTIONS[owned]
+                raise ConfigError(
+                    f"sbatch_args.{key}: --{owned} is set by the preemption protocol"
+                    + (f"; use the {instead} setting" if instead else " and cannot be changed")
+                )
+            text = str(value)
+            _no_control(f"sbatch_args.{key}", text)
+            if any(c.isspace() for c in text):
+                raise ConfigError(f"sbatch_args.{key} must not contain spaces (one option per key), got {text!r}")
         for key in ("srun_args", "setup"):
             values = [] if getattr(self, key) is None else getattr(self, key)
             if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
                 raise ConfigError(f"{key} must be a list of strings, got {values!r}")
-        if any("\n" in a or "\r" in a for a in self.srun_args or []):
-            raise ConfigError("srun_args must not contain line breaks")
+            for i, v in enumerate(values):
+                _no_control(f"{key}[{i}]", v, allow_tab=key == "setup")
         return name

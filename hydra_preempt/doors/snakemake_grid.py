@@ -20,12 +20,15 @@ from typing import Any, Mapping
 import yaml
 
 from ..errors import ConfigError
+from .settings import control_character
 
 # The workflow config's one declaration (keys, types, ranges, defaults): Snakemake's validate() checks
 # it in the Snakefile; this module checks what a schema cannot (duplicate names, Hydra key syntax).
 SCHEMA = Path(__file__).with_name("snakemake_grid.schema.yaml")
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_KEY = re.compile(r"^\+{0,2}~?[A-Za-z_][A-Za-z0-9_.]*$")
+# Matched against the whole string (fullmatch). A name is one safe path component: no "..", no
+# hidden directory, no separator, no line break.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_KEY = re.compile(r"(?P<prefix>\+{0,2}|~)(?P<key>[A-Za-z_][A-Za-z0-9_.]*)")
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ def load_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
         if extra:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)}; an experiment has name and overrides")
         name = entry.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ConfigError(f"{where}: name must be letters, digits, _ . - (it names a directory), got {name!r}")
         if name in experiments:
             raise ConfigError(f"{where}: duplicate experiment name {name!r}")
@@ -77,14 +80,39 @@ def _overrides(mapping: Any, where: str) -> tuple[str, ...]:
         raise ConfigError(f"{where} must be a mapping of key: value, got {mapping!r}")
     out = []
     for key, value in mapping.items():
-        if not isinstance(key, str) or not _KEY.match(key):
+        m = _KEY.fullmatch(key) if isinstance(key, str) else None
+        if m is None:
             raise ConfigError(f"{where}: {key!r} is not a Hydra config key")
-        if key.startswith("hydra.run") or key.startswith("hydra.sweep"):
-            raise ConfigError(f"{where}: {key} is set by the workflow (each experiment runs in runs_dir/NAME)")
+        bare = m["key"]
+        if bare == "hydra" or bare.startswith("hydra."):
+            raise ConfigError(
+                f"{where}: {key} is Hydra's own configuration, which the workflow sets (each experiment runs "
+                "in runs_dir/NAME); put training settings in the grid"
+            )
         if isinstance(value, (Mapping, list)):
             raise ConfigError(f"{where}.{key} must be a single value, got {value!r}")
         text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-        if "\n" in text:
-            raise ConfigError(f"{where}.{key} must not contain a line break")
-        out.append(f"{key}={text}")
+        bad = control_character(text)
+        if bad:
+            raise ConfigError(f"{where}.{key} must not contain a line break or control character (found {bad})")
+        override = f"{key}={text}"
+        problem = hydra_override_problem(override)
+        if problem:
+            raise ConfigError(f"{where}: {override!r} is not a valid Hydra override ({problem})")
+        out.append(override)
     return tuple(out)
+
+
+def hydra_override_problem(override: str) -> str | None:
+    """Why Hydra's own override parser refuses `override` (one line), or None. A sweep (a,b) is refused:
+    one experiment is one run."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        (parsed,) = OverridesParser.create().parse_overrides([override])
+    except HydraException as e:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if parsed.is_sweep_override():
+        return "a sweep; give each value its own experiment"
+    return None

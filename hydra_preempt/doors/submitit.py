@@ -143,9 +143,9 @@ def executor_for(folder: str | Path, s: ExecutorSettings) -> submitit.AutoExecut
             slurm_array_parallelism=s.array_parallelism,
             # "signal" replaces submitit's own --signal=USR2@lead line
             slurm_additional_parameters={
+                **(s.sbatch_args or {}),  # never a protocol option (validate), and the protocol's come last
                 "requeue": True,
                 "signal": f"{signal_name}@{s.signal_lead_s}",
-                **(s.sbatch_args or {}),
             },
             slurm_setup=list(s.setup or []),
             slurm_srun_args=list(s.srun_args or []),

@@ -1,8 +1,12 @@
 """Pure parts of the Snakemake grid and of the Hydra sweep manifest and status."""
 
 import json
+import re
+import unicodedata
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hydra_preempt.doors.hydra_sweep import (
     SweepJob,
@@ -48,7 +52,19 @@ def test_grid_builds_overrides_common_first():
             "experiments[0] (a).overrides.optim.lr must be a single value",
         ),
         ({"experiments": [{"name": "a", "overrides": {"a b": 1}}]}, "'a b' is not a Hydra config key"),
-        ({"experiments": [{"name": "a", "overrides": {"hydra.run.dir": "x"}}]}, "hydra.run.dir is set by the workflow"),
+        ({"experiments": [{"name": "a", "overrides": {"hydra.run.dir": "x"}}]}, "hydra.run.dir is Hydra's own"),
+        ({"experiments": [{"name": "a", "overrides": {"++hydra.run.dir": "x"}}]}, "++hydra.run.dir is Hydra's own"),
+        ({"experiments": [{"name": "a", "overrides": {"+hydra.job.chdir": "x"}}]}, "+hydra.job.chdir is Hydra's own"),
+        ({"experiments": [{"name": "a", "overrides": {"~hydra": None}}]}, "~hydra is Hydra's own"),
+        ({"common_overrides": {"hydra.verbose": True}, "experiments": [{"name": "a"}]}, "hydra.verbose is Hydra's own"),
+        ({"experiments": [{"name": "a", "overrides": {" hydra.run.dir": "x"}}]}, "is not a Hydra config key"),
+        ({"experiments": [{"name": ".."}]}, "experiments[0]: name must be"),
+        ({"experiments": [{"name": ".hidden"}]}, "experiments[0]: name must be"),
+        ({"experiments": [{"name": "a\n"}]}, "experiments[0]: name must be"),
+        ({"experiments": [{"name": "a", "overrides": {"optim.lr": "a,b"}}]}, "is not a valid Hydra override (a sweep"),
+        ({"experiments": [{"name": "a", "overrides": {"optim.lr": "$("}}]}, "is not a valid Hydra override"),
+        ({"experiments": [{"name": "a", "overrides": {"optim.lr": " ="}}]}, "is not a valid Hydra override"),
+        ({"experiments": [{"name": "a", "overrides": {"optim.lr": "1\x00"}}]}, "must not contain a line break"),
         ({"experiments": ["a"]}, "experiments[0] must be a mapping"),
     ],
 )
@@ -131,11 +147,51 @@ def test_executor_settings_refuse_script_injection():
     assert ExecutorSettings(**base).validate() == "USR2"
     for change, message in [
         ({"account": "x\n#SBATCH --qos=normal"}, "account must be a SLURM name"),
+        ({"qos": "preemptible\n"}, "qos must be a SLURM name"),  # `$` would have let this through
+        ({"name": "job\ntouch /tmp/x #"}, "name must be a job name"),
+        ({"name": "job name"}, "name must be a job name"),
         ({"sbatch_args": {"comment": "a\nrm -rf /"}}, "must not contain a line break"),
+        ({"sbatch_args": {"comment": "a --signal=B:KILL@1"}}, "must not contain spaces"),
+        ({"sbatch_args": {"constraint\n": "a100"}}, "is not an sbatch option name"),
         ({"sbatch_args": {"--qos": "normal"}}, "is not an sbatch option name"),
-        ({"srun_args": ["--x\n"]}, "srun_args must not contain line breaks"),
+        ({"sbatch_args": {"qos": "normal"}}, "--qos is set by the preemption protocol; use the qos setting"),
+        ({"sbatch_args": {"signal": "B:USR1@60"}}, "use the signal and signal_lead_s setting"),
+        ({"sbatch_args": {"requ": "x"}}, "--requeue is set by the preemption protocol and cannot be changed"),
+        ({"sbatch_args": {"open-mode": "truncate"}}, "--open-mode is set by the preemption protocol"),
+        ({"sbatch_args": {"no-requeue": True}}, "--no-requeue is set by the preemption protocol"),
+        ({"srun_args": ["--x\n"]}, "srun_args[0] must not contain a line break"),
+        ({"setup": ["module load cuda", "echo\x1b[2J"]}, "setup[1] must not contain"),
         ({"srun_args": "--exclusive"}, "srun_args must be a list of strings"),
         ({"tasks_per_node": True}, "tasks_per_node must be an integer >= 1"),
     ]:
-        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
             ExecutorSettings(**{**base, **change}).validate()
+    ok = {"sbatch_args": {"constraint": "a100", "gres": "gpu:1", "gpus": 2, "ntasks": 2}, "name": "lr-0.1_seed=1"}
+    assert ExecutorSettings(**{**base, **ok}).validate() == "USR2"
+
+
+_CONTROL = st.sampled_from([chr(c) for c in [*range(0, 32), 127]] + ["\x85", "\u2028", "\u2029"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    field=st.sampled_from(["qos", "account", "partition", "name", "sbatch", "srun", "setup"]),
+    before=st.text(alphabet="abcXYZ019_-", max_size=8),
+    control=_CONTROL,
+    after=st.text(max_size=8),
+)
+def test_no_control_character_reaches_a_job_script_from_any_setting(field, before, control, after):
+    value = before + control + after
+    if (
+        field == "setup"
+        and control == "\t"
+        and not any(unicodedata.category(c) in ("Cc", "Zl", "Zp") and c != "\t" for c in after)
+    ):
+        return  # a tab in a setup line is a shell blank, not a new line
+    change = {
+        "sbatch": {"sbatch_args": {"constraint": value}},
+        "srun": {"srun_args": [value]},
+        "setup": {"setup": [value]},
+    }.get(field, {field: value})
+    with pytest.raises(ConfigError):
+        ExecutorSettings(cluster="slurm", **change).validate()
