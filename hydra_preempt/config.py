@@ -7,6 +7,7 @@ rejects unknown keys and wrong types with the key's full name.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -123,4 +124,6 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
     }[base]
     if not ok:
         raise ConfigError(f"{key} must be {'null or ' if optional else ''}{base.__name__}, got {value!r}")
+    if base is float and not math.isfinite(value):  # nan compares false with every bound: never let one in
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     return float(value) if base is float else value

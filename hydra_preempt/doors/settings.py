@@ -7,6 +7,7 @@ it at every start to discover the plugin.
 """
 
 # No `from __future__ import annotations`: OmegaConf reads these annotations as types.
+import math
 import re
 import unicodedata
 from dataclasses import dataclass, field, fields
@@ -140,8 +141,10 @@ class ExecutorSettings:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
                 raise ConfigError(f"{key} must be an integer >= {least}, got {value!r}")
         mem_gb = self.mem_gb
-        if mem_gb is not None and (isinstance(mem_gb, bool) or not isinstance(mem_gb, (int, float)) or mem_gb <= 0):
-            raise ConfigError(f"mem_gb must be a number > 0, got {mem_gb!r}")
+        if mem_gb is not None and (
+            isinstance(mem_gb, bool) or not isinstance(mem_gb, (int, float)) or not 0 < mem_gb < math.inf
+        ):
+            raise ConfigError(f"mem_gb must be a finite number > 0, got {mem_gb!r}")
         if self.signal_lead_s >= self.timeout_min * 60:
             raise ConfigError(
                 f"signal_lead_s ({self.signal_lead_s}) must be shorter than the time limit ({self.timeout_min} min)"

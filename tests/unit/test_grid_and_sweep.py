@@ -195,3 +195,17 @@ def test_no_control_character_reaches_a_job_script_from_any_setting(field, befor
     }.get(field, {field: value})
     with pytest.raises(ConfigError):
         ExecutorSettings(cluster="slurm", **change).validate()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_numbers_are_refused_in_session_and_executor_settings(value):
+    from hydra_preempt import SessionConfig
+
+    for mapping, key in (
+        ({"checkpoint": {"every_seconds": value}}, "checkpoint.every_seconds must be a finite number"),
+        ({"divergence": {"factor": value}}, "divergence.factor must be a finite number"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            SessionConfig.from_mapping(mapping)
+    with pytest.raises(ConfigError, match="mem_gb must be a finite number > 0"):
+        ExecutorSettings(cluster="slurm", mem_gb=value).validate()
