@@ -30,7 +30,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 from ..config import CheckpointConfig
-from ..distributed import agree, broadcast_from_rank0, world
+from ..distributed import agree, broadcast_from_rank0, gather_to_rank0, world
 from ..errors import CheckpointDirError, CheckpointWriteError
 from .layout import CHECKSUM, SHARDS_METADATA, CorruptCheckpointError, read_manifest
-from .sharded import ShardedFormatError, load_shards, read_shards_metadata, save_shards
+from .sharded import ShardedFormatError, ShardWriter, load_shards, read_shards_metadata, save_shards
 from .store import CheckpointInfo, CheckpointStore, disk_full_hint
 from .tree import HostStaging
 from .writer import Snapshot
@@ -51,7 +51,8 @@ log = logging.getLogger("hydra_preempt")
 
 @dataclass
 class _BackgroundWrite:
-    """A save being written by a thread (rank 0); the other ranks keep a record without a thread."""
+    """A save being written by a thread: rank 0's (the whole tree), or every rank's (its shard file);
+    a rank with nothing to write keeps a record without a thread."""
 
     step: int
     reason: str
@@ -61,6 +62,13 @@ class _BackgroundWrite:
     info: CheckpointInfo | None = None
     error: str | None = None
     finished: float | None = None  # time.monotonic() when the thread ended
+    snapshot: Snapshot | None = None  # rank 0's staged tree
+    # sharded state: the temporary directory, DCP's writer (rank 0's knows shards.json) and this
+    # rank's file once written; rank 0 commits when every rank's is durable
+    sharded: tuple[str, ...] = ()
+    tmp: Path | None = None
+    writer: ShardWriter | None = None
+    files: dict[str, dict] = field(default_factory=dict)
 
     def pending(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
@@ -76,7 +84,8 @@ class Checkpointer:
         self._saved_at_monotonic = time.monotonic()
         self._periodic_pending = False
         self._background: _BackgroundWrite | None = None
-        self._staging = HostStaging()
+        self._staging = HostStaging()  # rank 0's tree
+        self._shard_staging = HostStaging()  # this rank's shards
 
     def prepare(self) -> None:
         """Create and check the directory, remove stale temporaries (rank 0; every rank learns the verdict)."""
@@ -149,10 +158,13 @@ class Checkpointer:
         log.info("saved %s (%s, %.1f MB in %.2f s)", info.path.name, info.reason, info.nbytes / 1e6, self.last_save_s)
 
     # -- background saves ----------------------------------------------------------
-    def save_in_background(self, step: int, reason: str, metrics: dict[str, float], tree: Any) -> bool:
-        """Stage the state of `step` (`tree` on rank 0, None elsewhere) and write it in a thread; False
-        if a write is still in flight (this save is skipped). A collective only in that every rank
-        calls it at the same boundary; it communicates nothing."""
+    def save_in_background(
+        self, step: int, reason: str, metrics: dict[str, float], tree: Any, shards: dict[str, Any] | None = None
+    ) -> bool:
+        """Stage the state of `step` (`tree` on rank 0, None elsewhere; `shards` as for `save`) and write
+        it in a thread; False if a write is still in flight (this save is skipped). Every rank calls it
+        at the same boundary; with sharded state it is a collective (DCP plans the save, rank 0
+        makes the directory), without, it communicates nothing."""
         self._periodic_pending = False
         if self._background is not None:
             log.info(
@@ -164,23 +176,60 @@ class Checkpointer:
         if self.last is not None and self.last.step == step:
             return True
         write = _BackgroundWrite(step, reason, _finite(metrics), time.monotonic())
-        if tree is not None:
-            snapshot = Snapshot.capture(tree, self._staging)  # the state at this boundary, in host memory
+        if shards is not None:
+            if not self._stage_sharded(write, tree, shards):
+                return True  # this state is on disk already
+            target = self._write_shard
+        elif tree is not None:
+            write.snapshot = Snapshot.capture(tree, self._staging)  # the state at this boundary, in host memory
+            target = self._write_tree
+        self._background = write
+        if write.snapshot is not None or write.writer is not None:
             write.thread = threading.Thread(
-                target=self._write, args=(write, snapshot), name=f"checkpoint-{step}", daemon=True
+                target=self._run, args=(write, target), name=f"checkpoint-{step}", daemon=True
             )
             write.thread.start()
-        self._background = write
         return True
 
-    def _write(self, write: _BackgroundWrite, snapshot: Snapshot) -> None:
+    def _stage_sharded(self, write: _BackgroundWrite, tree: Any, shards: dict[str, Any]) -> bool:
+        """DCP plans the save and every rank copies its items to host memory (collectives, at the
+        boundary); False if the checkpoint of this step is complete already."""
+        write.sharded = tuple(shards)
+        tmp = self._begin_sharded(write.step)
+        if tmp is None:
+            return False
+        write.tmp = tmp
+        error = None
         try:
-            write.info = self.store.save(snapshot, write.step, write.reason, write.metrics)
+            write.writer = save_shards(tmp, shards, self._shard_staging)
+        except (CheckpointException, OSError, RuntimeError, TypeError) as e:
+            error = f"could not stage the sharded state of step {write.step}: {_first_line(e)}"
+        if tree is not None:
+            write.snapshot = Snapshot.capture(tree, self._staging)
+        if agree([error is not None])[0]:
+            self._fail_sharded(tmp, error, write.step)
+        return True
+
+    def _run(self, write: _BackgroundWrite, target: Any) -> None:
+        try:
+            target(write)
         except CheckpointWriteError as e:
             write.error = str(e)
+        except OSError as e:
+            write.error = (
+                f"could not write the checkpoint of step {write.step} in {self.store.directory}: {_first_line(e)}"
+            )
         except Exception as e:  # a bug, not an I/O error: still one line, on every rank
             write.error = f"the background save of step {write.step} failed: {type(e).__name__}: {e}"
         write.finished = time.monotonic()
+
+    def _write_tree(self, write: _BackgroundWrite) -> None:
+        assert write.snapshot is not None
+        write.info = self.store.save(write.snapshot, write.step, write.reason, write.metrics)
+
+    def _write_shard(self, write: _BackgroundWrite) -> None:
+        assert write.writer is not None
+        write.files = write.writer.write_staged()
 
     def background_flags(self) -> list[int]:
         """This rank's [write still in flight, write failed], to be agreed at a step boundary."""
@@ -197,12 +246,43 @@ class Checkpointer:
         if w is None or pending:
             return
         self._background = None
-        if failed:
+        if w.tmp is not None:
+            info = self._commit_sharded(w, failed)
+        elif failed:
             raise CheckpointWriteError(w.error or f"rank 0 could not write the checkpoint of step {w.step}")
-        info = w.info or CheckpointInfo(
-            step=w.step, reason=w.reason, metrics=w.metrics, path=self.store.step_path(w.step)
-        )
+        else:
+            info = w.info or CheckpointInfo(
+                step=w.step, reason=w.reason, metrics=w.metrics, path=self.store.step_path(w.step)
+            )
         self._saved(info, w.started, w.finished or time.monotonic())
+
+    def _commit_sharded(self, w: _BackgroundWrite, failed: bool) -> CheckpointInfo:
+        """Every rank's shard is durable: rank 0 gathers their sizes and checksums, writes the rest and
+        the manifest, renames (a collective, at a step boundary)."""
+        assert w.tmp is not None
+        parts = gather_to_rank0((w.files, w.error))  # every rank's file, or why it has none
+        error = None
+        info = None
+        if world()[0] == 0:
+            assert parts is not None and w.writer is not None and w.snapshot is not None
+            failures = [f"rank {rank}: {why}" for rank, (_, why) in enumerate(parts) if why]
+            if failures or failed:
+                error = (
+                    failures[0] if failures else f"a rank could not write its part of the checkpoint of step {w.step}"
+                )
+            else:
+                files = dict(w.writer.files)
+                for part, _ in parts:
+                    files.update(part)
+                try:
+                    info = self.store.commit(w.tmp, w.snapshot, w.step, w.reason, w.metrics, files, list(w.sharded))
+                except CheckpointWriteError as e:
+                    error = str(e)
+        if agree([error is not None])[0]:
+            self._fail_sharded(w.tmp, error or w.error, w.step)
+        return info or CheckpointInfo(
+            step=w.step, reason=w.reason, metrics=w.metrics, path=self.store.step_path(w.step), sharded=w.sharded
+        )
 
     def wait(self) -> None:
         """Let the write in flight end and settle it (a collective on multi-rank runs)."""
@@ -246,23 +326,15 @@ class Checkpointer:
     ) -> CheckpointInfo:
         """Every rank writes its shards into rank 0's temporary directory; rank 0 writes the rest and the manifest."""
         rank = world()[0]
-        tmp: Path | None = None
+        tmp = self._begin_sharded(step)
+        if tmp is None:  # this state is on disk already
+            return self.store.existing(step) or CheckpointInfo(
+                step=step, reason=reason, path=self.store.step_path(step)
+            )
         error: str | None = None
-        existing = self.store.existing(step) if rank == 0 else None
-        if rank == 0 and existing is None:
-            try:
-                tmp = self.store.begin(step)
-            except CheckpointWriteError as e:
-                error = str(e)
-        name = broadcast_from_rank0("" if error else tmp.name if tmp else None)
-        if name is None:  # this state is on disk already
-            return existing or CheckpointInfo(step=step, reason=reason, path=self.store.step_path(step))
-        if not name:
-            raise CheckpointWriteError(error or f"rank 0 could not start the checkpoint of step {step}")
-        tmp = self.store.directory / name
         files: dict[str, dict] = {}
         try:
-            files = save_shards(tmp, shards)
+            files = save_shards(tmp, shards).files
         except (CheckpointException, OSError, RuntimeError, TypeError) as e:
             error = f"could not write the sharded state of step {step} in {self.store.directory}: {_first_line(e)}"
         info = None
@@ -272,15 +344,34 @@ class Checkpointer:
             except CheckpointWriteError as e:
                 error = str(e)
         if agree([error is not None])[0]:
-            if rank == 0:
-                self.store.abort(tmp)
-                error = f"{error or 'another rank failed'}; {self.store.intact_note()}"
-            raise CheckpointWriteError(
-                error or f"another rank could not write its part of the checkpoint of step {step}"
-            )
+            self._fail_sharded(tmp, error, step)
         return info or CheckpointInfo(
             step=step, reason=reason, metrics=metrics, path=self.store.step_path(step), sharded=tuple(shards)
         )
+
+    def _begin_sharded(self, step: int) -> Path | None:
+        """Rank 0 makes the temporary directory every rank writes into (a collective); None if the
+        checkpoint of `step` is complete already. Raises CheckpointWriteError on every rank."""
+        tmp: Path | None = None
+        error: str | None = None
+        if world()[0] == 0 and self.store.existing(step) is None:
+            try:
+                tmp = self.store.begin(step)
+            except CheckpointWriteError as e:
+                error = str(e)
+        name = broadcast_from_rank0("" if error else tmp.name if tmp else None)
+        if name is None:
+            return None
+        if not name:
+            raise CheckpointWriteError(error or f"rank 0 could not start the checkpoint of step {step}")
+        return self.store.directory / name
+
+    def _fail_sharded(self, tmp: Path, error: str | None, step: int) -> None:
+        """After every rank agreed that a sharded save failed: rank 0 removes it; every rank raises."""
+        if world()[0] == 0:
+            self.store.abort(tmp)
+            error = f"{error or 'another rank failed'}; {self.store.intact_note()}"
+        raise CheckpointWriteError(error or f"another rank could not write its part of the checkpoint of step {step}")
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:

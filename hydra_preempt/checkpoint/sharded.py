@@ -43,6 +43,7 @@ from torch.futures import Future
 
 from . import dcp_metadata
 from .layout import CHECKSUM, SHARD_FILE, SHARDS_METADATA
+from .tree import HostStaging
 from .writer import write_durably
 
 if sys.byteorder != "little":
@@ -135,12 +136,20 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 class ShardWriter(StorageWriter):
-    """DCP storage writer: rank r writes shard-r.bin; rank 0 writes shards.json in finish()."""
+    """DCP storage writer: rank r writes shard-r.bin; rank 0 writes shards.json in finish().
 
-    def __init__(self, directory: Path) -> None:
+    With `staging`, write_data copies this rank's items into host buffers instead of writing
+    them (their places in the file are known from their sizes), and `write_staged()` writes
+    the file later, from a thread, with no collective. The shard files' checksums in `files`
+    are then empty until each rank reports its own.
+    """
+
+    def __init__(self, directory: Path, staging: HostStaging | None = None) -> None:
         super().__init__()
         self.directory = Path(directory)
+        self.staging = staging
         self.files: dict[str, dict[str, Any]] = {}  # rank 0, after finish(): name -> size and checksum
+        self.staged: tuple[str, list[Any]] | None = None  # (file name, host copies of this rank's items)
 
     def reset(self, checkpoint_id: Any = None) -> None:
         pass
@@ -165,27 +174,33 @@ class ShardWriter(StorageWriter):
         if not isinstance(planner, JsonSavePlanner):
             raise TypeError("sharded checkpoints are written with JsonSavePlanner (DCP's default pickles values)")
         name = str(plan.storage_data)
-        digest = xxhash.xxh3_128()
         spans = []
         position = 0
-        with open(self.directory / name, "wb") as f:
-            for item in plan.items:
-                data = planner.resolve_data(item)
-                if isinstance(data, io.BytesIO):
-                    view = memoryview(data.getbuffer())
-                else:
-                    view = _tensor_bytes(data)
-                    assert item.tensor_data is not None
-                    expected = math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
-                    if view.nbytes != expected:
-                        raise RuntimeError(f"{item.index.fqn}: {view.nbytes} bytes, the plan says {expected}")
-                f.write(view)
-                digest.update(view)
-                spans.append((item.index, position, view.nbytes))
-                position += view.nbytes
-            f.flush()
-            os.fsync(f.fileno())
-        checksum = digest.hexdigest()
+        views = []
+        for i, item in enumerate(plan.items):
+            data = planner.resolve_data(item)
+            if isinstance(data, io.BytesIO):
+                view = memoryview(data.getvalue())
+            else:
+                tensor = data
+                if self.staging is not None:  # a copy: training may change the tensor once this returns
+                    staged = self.staging.copy(i, data.detach())
+                    assert isinstance(staged, torch.Tensor)
+                    tensor = staged
+                view = _tensor_bytes(tensor)
+                assert item.tensor_data is not None
+                expected = math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+                if view.nbytes != expected:
+                    raise RuntimeError(f"{item.index.fqn}: {view.nbytes} bytes, the plan says {expected}")
+            views.append(view)
+            spans.append((item.index, position, view.nbytes))
+            position += view.nbytes
+        checksum = ""
+        if self.staging is not None:
+            self.staging.copied(len(plan.items))
+            self.staged = (name, views)
+        else:
+            checksum = _write_file(self.directory / name, views)
         future.set_result(
             [WriteResult(index, n, _Written(name, offset, n, position, checksum)) for index, offset, n in spans]
         )
@@ -210,12 +225,37 @@ class ShardWriter(StorageWriter):
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
         return False  # never picked by DCP on its own: passed explicitly
 
+    def write_staged(self) -> dict[str, dict[str, Any]]:
+        """Write this rank's staged items (no collective: safe in a thread); its file's size and checksum."""
+        if self.staged is None:
+            return {}
+        name, views = self.staged
+        if self.staging is not None:
+            self.staging.wait()
+        checksum = _write_file(self.directory / name, views)
+        return {name: {"size": sum(v.nbytes for v in views), CHECKSUM: checksum}}
 
-def save_shards(directory: Path, state: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Write `state` (a collective: every rank its own part); on rank 0, return every file written."""
-    writer = ShardWriter(directory)
+
+def _write_file(path: Path, views: list[Any]) -> str:
+    """Write the views one after the other, fsync; their xxh3-128."""
+    digest = xxhash.xxh3_128()
+    with open(path, "wb") as f:
+        for view in views:
+            f.write(view)
+            digest.update(view)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def save_shards(directory: Path, state: dict[str, Any], staging: HostStaging | None = None) -> ShardWriter:
+    """Write `state` (a collective: every rank its own part); rank 0's writer knows every file written.
+
+    With `staging`, only shards.json is written: every rank's items are copied to host memory
+    for `writer.write_staged()`."""
+    writer = ShardWriter(directory, staging)
     dcp.save(state, storage_writer=writer, planner=JsonSavePlanner(), no_dist=not dist.is_initialized())
-    return writer.files
+    return writer
 
 
 # -- reading --------------------------------------------------------------------------------------

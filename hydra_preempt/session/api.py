@@ -94,7 +94,6 @@ class Session:
         self._step_metrics: dict[str, float] = {}
         self._last_step_metrics: dict[str, float] = {}
         self._open_step: StepStart | None = None  # set while a step runs
-        self._said_sharded_sync = False
 
     @property
     def last_checkpoint(self) -> CheckpointInfo | None:
@@ -264,7 +263,7 @@ class Session:
             log.warning("step %d: loss spike, deferring the periodic checkpoint until the loss recovers", self.step)
         stop: Status | None = action.stop
         if action.save:
-            if action.save == "periodic" and self._background_saves():
+            if action.save == "periodic" and self.config.checkpoint.async_save:
                 self._save_in_background(metrics)  # staged at this boundary, written by a thread
             else:
                 self._save(action.save, metrics)
@@ -325,24 +324,12 @@ class Session:
         tree = self.state.tree(self.step, ranks, self._detector_state()) if ranks is not None else None
         return self.checkpointer.save(self.step, reason, metrics, tree, self._shards())
 
-    def _background_saves(self) -> bool:
-        if not self.config.checkpoint.async_save:
-            return False
-        if self.state.sharded:  # every rank writes its part through DCP's collectives: not from a thread
-            if not self._said_sharded_sync:
-                log.info(
-                    "periodic checkpoints of sharded state are written at the step boundary, not in the background"
-                )
-                self._said_sharded_sync = True
-            return False
-        return True
-
     def _save_in_background(self, metrics: dict[str, float]) -> None:
         if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
             return
         ranks = gather_to_rank0(self.state.rank_state())
         tree = self.state.tree(self.step, ranks, self._detector_state()) if ranks is not None else None
-        self.checkpointer.save_in_background(self.step, "periodic", metrics, tree)
+        self.checkpointer.save_in_background(self.step, "periodic", metrics, tree, self._shards())
 
     def _shards(self) -> dict[str, Any] | None:
         return self.state.sharded_state() if self.state.sharded else None

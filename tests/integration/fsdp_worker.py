@@ -2,7 +2,8 @@
 
     python -m tests.integration.fsdp_worker RUN_DIR STEPS OUT.json
 
-With FSDP_WORKER_RANK_WITHOUT_WRITES=N, rank N may not write any file (its
+With FSDP_WORKER_EVERY=K, a periodic checkpoint every K steps (written in the
+background). With FSDP_WORKER_RANK_WITHOUT_WRITES=N, rank N may not write any file (its
 RLIMIT_FSIZE is 0 from its last step on, so
 every write fails with EFBIG): a real rank that cannot
 write its shard.
@@ -72,7 +73,8 @@ if __name__ == "__main__":
     run_dir, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
-    config = SessionConfig.from_mapping({"divergence": {"enabled": False}})
+    every = int(os.environ.get("FSDP_WORKER_EVERY", "0")) or None  # periodic saves (in the background)
+    config = SessionConfig.from_mapping({"divergence": {"enabled": False}, "checkpoint": {"every_steps": every}})
     outcome = run(lambda session: train(session, steps, out), run_dir, config)
     print(
         f"rank {dist.get_rank() if dist.is_initialized() else 0}: {outcome.status.value} at step {outcome.step}: {outcome.message}",

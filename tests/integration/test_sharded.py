@@ -35,12 +35,15 @@ def test_fsdp2_every_rank_writes_its_shard_and_a_signal_resumes_exactly(tmp_path
     procs = start_ranks(run_dir, FSDP)
     codes, out = stop_rank_1_after(run_dir, procs, 70)
     assert codes == [ExitCode.REQUEUE, ExitCode.REQUEUE], out
-    saved = checkpoints(run_dir)[-1]
-    manifest = json.loads((saved / MANIFEST_FILE).read_text())
-    assert manifest["sharded"] == ["model", "optimizer"]
-    assert {"shard-00000.bin", "shard-00001.bin", SHARDS_METADATA} <= set(manifest["files"])
-    for name, entry in manifest["files"].items():  # each rank's checksum, as its writer computed it
-        assert xxhash.xxh3_128_hexdigest((saved / name).read_bytes()) == entry[CHECKSUM]
+    reasons = []
+    for saved in checkpoints(run_dir):  # periodic ones written in the background, the stop's at the boundary
+        manifest = json.loads((saved / MANIFEST_FILE).read_text())
+        reasons.append(manifest["reason"])
+        assert manifest["sharded"] == ["model", "optimizer"]
+        assert {"shard-00000.bin", "shard-00001.bin", SHARDS_METADATA} <= set(manifest["files"])
+        for name, entry in manifest["files"].items():  # each rank's checksum, as its writer computed it
+            assert xxhash.xxh3_128_hexdigest((saved / name).read_bytes()) == entry[CHECKSUM]
+    assert reasons == ["periodic", "preempt"], reasons
     state = json.loads((saved / "state.json").read_text())
     assert set(state["skeleton"]["objects"]) == {"scheduler"}  # sharded objects are not gathered to rank 0
 
@@ -83,15 +86,16 @@ def test_a_checkpoint_of_n_ranks_loads_into_m(tmp_path, saved_by, loaded_by):
     assert "resharded exactly" in output and "trajectory will differ" in output
 
 
-def test_a_rank_that_cannot_write_stops_every_rank_and_the_previous_checkpoint_stands(tmp_path):
+@pytest.mark.parametrize("every", ["0", "2"], ids=["final-save", "background-save"])
+def test_a_rank_that_cannot_write_stops_every_rank_and_the_previous_checkpoint_stands(tmp_path, every):
     run_dir = tmp_path / "run"
-    written, _ = run_worker(run_dir, 2, steps=2)
-    _, output = run_worker(run_dir, 2, steps=4, env={"FSDP_WORKER_RANK_WITHOUT_WRITES": "1"}, expect=1)
-    lines = [line for line in output.splitlines() if line.startswith("rank ")]
-    assert len(lines) == 2 and all(": failed at step 4: " in line for line in lines), output
-    assert "rank 1: File too large" in output and "checkpoint step 2 is intact" in output, output
+    env = {"FSDP_WORKER_EVERY": every}
+    written, _ = run_worker(run_dir, 2, steps=2, env=env)
+    _, output = run_worker(run_dir, 2, steps=4, env={**env, "FSDP_WORKER_RANK_WITHOUT_WRITES": "1"}, expect=1)
+    assert "rank 0: failed at step 4: " in output and "rank 1: failed at step 4: " in output, output
+    assert "File too large" in output and "checkpoint step 2 is intact" in output, output
     assert [c.name for c in (run_dir / "checkpoints").iterdir() if "step-" in c.name] == ["step-000000002"]
-    again, _ = run_worker(run_dir, 2, steps=2)  # step 2 still loads, bit for bit
+    again, _ = run_worker(run_dir, 2, steps=2, env=env)  # step 2 still loads, bit for bit
     assert again == written
 
 

@@ -51,7 +51,7 @@ def sample_state():
 
 
 def test_a_real_metadata_round_trips_exactly(tmp_path):
-    files = save_shards(tmp_path, sample_state())
+    files = save_shards(tmp_path, sample_state()).files
     data = (tmp_path / SHARDS_METADATA).read_bytes()
     metadata = dcp_metadata.loads(data)
     assert dcp_metadata.dumps(metadata) == data
@@ -62,7 +62,7 @@ def test_a_real_metadata_round_trips_exactly(tmp_path):
 
 def test_sharded_state_reads_back_bit_for_bit(tmp_path):
     state = sample_state()
-    files = save_shards(tmp_path, state)
+    files = save_shards(tmp_path, state).files
     entry = files[SHARDS_METADATA]
     metadata = read_shards_metadata(tmp_path, entry["size"], entry[CHECKSUM])
     template = sample_state()
@@ -100,7 +100,7 @@ def test_malformed_metadata_is_refused_before_any_read(tmp_path, mutate):
 
 
 def test_metadata_that_does_not_match_the_manifest_is_not_parsed(tmp_path):
-    files = save_shards(tmp_path, sample_state())
+    files = save_shards(tmp_path, sample_state()).files
     entry = files[SHARDS_METADATA]
     with pytest.raises(ShardedFormatError, match="size and checksum"):
         read_shards_metadata(tmp_path, entry["size"], "0" * 32)
