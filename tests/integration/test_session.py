@@ -111,18 +111,17 @@ def test_repeated_signals_make_one_save(tmp_path):
     assert [(s["step"], s["reason"]) for s in saves(tmp_path)] == [(10, "periodic"), (14, "preempt")]
 
 
-def test_sigusr1_saves_and_keeps_training(tmp_path, reference):
+def test_sigusr1_saves_and_keeps_training(tmp_path, reference, async_save):
     outcome = run(
         trainer(40, kill_self_at(14, signal.SIGUSR1, phase="forward")), tmp_path, config(checkpoint={"keep_last": 10})
     )
     assert outcome.status is Status.FINISHED and outcome.result == reference
-    assert [(s["step"], s["reason"]) for s in saves(tmp_path)] == [
-        (10, "periodic"),
-        (15, "manual"),
-        (20, "periodic"),
-        (30, "periodic"),
-        (40, "periodic"),
-    ]
+    saved = [(s["step"], s["reason"]) for s in saves(tmp_path)]
+    every = [(10, "periodic"), (15, "manual"), (20, "periodic"), (30, "periodic"), (40, "periodic")]
+    if async_save:  # a periodic save due while the previous one is still being written is skipped
+        assert saved[:2] == every[:2] and set(saved[2:-1]) <= set(every[2:]) and saved[-1][0] == 40
+    else:
+        assert saved == every
 
 
 def test_sigint_saves_and_cancels_without_requeue(tmp_path):
