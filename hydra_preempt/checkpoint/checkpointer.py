@@ -181,7 +181,10 @@ class Checkpointer:
                 return True  # this state is on disk already
             target = self._write_shard
         elif tree is not None:
-            write.snapshot = Snapshot.capture(tree, self._staging)  # the state at this boundary, in host memory
+            try:
+                write.snapshot = Snapshot.capture(tree, self._staging)  # the state at this boundary, in host memory
+            except Exception as e:  # surfaces at the next agreement, like a failed write: no rank is left waiting
+                write.error = f"could not stage the checkpoint of step {step}: {_first_line(e)}"
             target = self._write_tree
         self._background = write
         if write.snapshot is not None or write.writer is not None:
@@ -202,10 +205,10 @@ class Checkpointer:
         error = None
         try:
             write.writer = save_shards(tmp, shards, self._shard_staging)
-        except (CheckpointException, OSError, RuntimeError, TypeError) as e:
+            if tree is not None:
+                write.snapshot = Snapshot.capture(tree, self._staging)
+        except Exception as e:  # every rank reaches the agreement below
             error = f"could not stage the sharded state of step {write.step}: {_first_line(e)}"
-        if tree is not None:
-            write.snapshot = Snapshot.capture(tree, self._staging)
         if agree([error is not None])[0]:
             self._fail_sharded(tmp, error, write.step)
         return True
@@ -234,8 +237,10 @@ class Checkpointer:
     def background_flags(self) -> list[int]:
         """This rank's [write still in flight, write failed], to be agreed at a step boundary."""
         w = self._background
-        if w is None or w.thread is None:
+        if w is None:
             return [0, 0]
+        if w.thread is None:
+            return [0, int(w.error is not None)]
         pending = w.pending()
         return [int(pending), int(not pending and w.error is not None)]
 
@@ -276,8 +281,8 @@ class Checkpointer:
                     files.update(part)
                 try:
                     info = self.store.commit(w.tmp, w.snapshot, w.step, w.reason, w.metrics, files, list(w.sharded))
-                except CheckpointWriteError as e:
-                    error = str(e)
+                except Exception as e:  # every rank reaches the agreement below
+                    error = _first_line(e)
         if agree([error is not None])[0]:
             self._fail_sharded(w.tmp, error or w.error, w.step)
         return info or CheckpointInfo(
@@ -291,7 +296,10 @@ class Checkpointer:
         if self._background.thread is not None:
             self._background.thread.join()
         failed = agree(self.background_flags())[1]
-        self.settle(False, bool(failed))
+        try:
+            self.settle(False, bool(failed))
+        except CheckpointWriteError as e:  # the save that waits is still made (and fails on its own if it must)
+            log.error("%s", e)
 
     def join(self) -> None:
         """Let the write in flight end, without any collective (closing, maybe after an error); log a failure."""
@@ -310,12 +318,12 @@ class Checkpointer:
 
     def _save_tree(self, step: int, reason: str, metrics: dict[str, float], tree: Any) -> CheckpointInfo:
         """Rank 0 writes the whole state; every rank learns whether it worked."""
-        error: CheckpointWriteError | None = None
+        error: Exception | None = None
         info = None
         if tree is not None:
             try:
                 info = self.store.save(Snapshot.capture(tree), step, reason, metrics)
-            except CheckpointWriteError as e:
+            except Exception as e:  # raised after the agreement: the other ranks must not be left waiting
                 error = e
         if agree([error is not None])[0]:
             raise error or CheckpointWriteError(f"rank 0 could not write the checkpoint of step {step}")
@@ -341,8 +349,8 @@ class Checkpointer:
         if rank == 0 and error is None:
             try:
                 info = self.store.commit(tmp, Snapshot.capture(tree), step, reason, metrics, files, list(shards))
-            except CheckpointWriteError as e:
-                error = str(e)
+            except Exception as e:  # every rank reaches the agreement below
+                error = _first_line(e)
         if agree([error is not None])[0]:
             self._fail_sharded(tmp, error, step)
         return info or CheckpointInfo(

@@ -177,14 +177,16 @@ class ShardWriter(StorageWriter):
         spans = []
         position = 0
         views = []
-        for i, item in enumerate(plan.items):
+        slots = 0  # staging buffers are numbered by tensor, so that they line up from one save to the next
+        for item in plan.items:
             data = planner.resolve_data(item)
             if isinstance(data, io.BytesIO):
                 view = memoryview(data.getvalue())
             else:
                 tensor = data
                 if self.staging is not None:  # a copy: training may change the tensor once this returns
-                    staged = self.staging.copy(i, data.detach())
+                    staged = self.staging.copy(slots, data.detach())
+                    slots += 1
                     assert isinstance(staged, torch.Tensor)
                     tensor = staged
                 view = _tensor_bytes(tensor)
@@ -197,7 +199,7 @@ class ShardWriter(StorageWriter):
             position += view.nbytes
         checksum = ""
         if self.staging is not None:
-            self.staging.copied(len(plan.items))
+            self.staging.copied(slots)
             self.staged = (name, views)
         else:
             checksum = _write_file(self.directory / name, views)

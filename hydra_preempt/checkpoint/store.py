@@ -167,7 +167,15 @@ class CheckpointStore:
             self.abort(tmp)
             raise self._write_error(step, e) from e
         info = checkpoint_info(final, manifest)
-        self.apply_retention()
+        try:
+            self.apply_retention()
+        except OSError as e:  # the new checkpoint is complete and durable: that stands
+            log.warning(
+                "checkpoint step %d is complete, but retention failed%s: %s; older checkpoints are kept",
+                step,
+                disk_full_hint(e),
+                e.strerror or e,
+            )
         return info
 
     def abort(self, tmp: Path) -> None:

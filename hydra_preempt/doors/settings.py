@@ -48,6 +48,11 @@ PROTOCOL_OPTIONS: Dict[str, Optional[str]] = {
 }
 
 
+# srun options the protocol sets for the job step (submitit's logs, appended to across requeues)
+_SRUN_PROTOCOL = ("output", "error", "open-mode", "signal")
+_SRUN_SHORT = frozenset({"-o", "-e"})
+
+
 def control_character(text: str, allow_tab: bool = False) -> Optional[str]:
     """The first control character or line/paragraph separator in `text`, as repr, or None."""
     for c in text:
@@ -173,4 +178,12 @@ class ExecutorSettings:
                 raise ConfigError(f"{key} must be a list of strings, got {values!r}")
             for i, v in enumerate(values):
                 _no_control(f"{key}[{i}]", v, allow_tab=key == "setup")
+        for arg in self.srun_args or []:
+            option = arg.split("=", 1)[0]
+            long = option[2:] if option.startswith("--") else None
+            if option in _SRUN_SHORT or (long and any(o.startswith(long) for o in _SRUN_PROTOCOL)):
+                raise ConfigError(
+                    f"srun_args: {arg!r} would change the job step's log files or signals, which the "
+                    "preemption protocol sets"
+                )
         return name

@@ -285,10 +285,12 @@ class StateRegistry:
         may update in place.
 
         Walking every parameter and optimizer tensor costs ~0.5 us each, every step (a model of
-        thousands of tensors would pay milliseconds). A registered optimizer's parameters and
+        thousands of tensors would pay milliseconds). A torch.optim optimizer's parameters and
         state change only in its step(), which a hook counts; so only the rest is watched: module
-        buffers (batch-norm statistics change in forward), parameters no registered optimizer
-        owns (updated by hand), a GradScaler's scale.
+        buffers (batch-norm statistics change in forward), parameters no registered torch.optim
+        optimizer owns (updated by hand, or by another optimizer class such as SAM, whose
+        first_step() perturbs them), a GradScaler's scale. The list is built at the first step:
+        a buffer later replaced by a new tensor (not updated in place) is not seen.
         """
         if self._watched is None:
             self._watched = self._tensors_changed_outside_optimizers()
@@ -300,10 +302,10 @@ class StateRegistry:
         )
 
     def _tensors_changed_outside_optimizers(self) -> list[torch.Tensor]:
-        stepped = {
-            id(p)
+        stepped = {  # torch's own optimizers change their parameters in step() only; others (SAM's
+            id(p)  # first_step(), ...) may change them elsewhere, so their parameters are watched too
             for o in self.objects.values()
-            if isinstance(o, torch.optim.Optimizer)
+            if isinstance(o, torch.optim.Optimizer) and type(o).__module__.startswith("torch.optim")
             for group in o.param_groups
             for p in group["params"]
         }

@@ -161,12 +161,19 @@ def test_executor_settings_refuse_script_injection():
         ({"sbatch_args": {"no-requeue": True}}, "--no-requeue is set by the preemption protocol"),
         ({"srun_args": ["--x\n"]}, "srun_args[0] must not contain a line break"),
         ({"setup": ["module load cuda", "echo\x1b[2J"]}, "setup[1] must not contain"),
+        ({"srun_args": ["--open-mode=truncate"]}, "would change the job step's log files or signals"),
+        ({"srun_args": ["--out", "x.log"]}, "would change the job step's log files or signals"),
+        ({"srun_args": ["-e", "x.log"]}, "would change the job step's log files or signals"),
         ({"srun_args": "--exclusive"}, "srun_args must be a list of strings"),
         ({"tasks_per_node": True}, "tasks_per_node must be an integer >= 1"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             ExecutorSettings(**{**base, **change}).validate()
-    ok = {"sbatch_args": {"constraint": "a100", "gres": "gpu:1", "gpus": 2, "ntasks": 2}, "name": "lr-0.1_seed=1"}
+    ok = {
+        "sbatch_args": {"constraint": "a100", "gres": "gpu:1", "gpus": 2, "ntasks": 2},
+        "name": "lr-0.1_seed=1",
+        "srun_args": ["--cpu-bind", "cores", "--exclusive"],
+    }
     assert ExecutorSettings(**{**base, **ok}).validate() == "USR2"
 
 

@@ -75,3 +75,20 @@ def test_a_grad_scaler_created_and_updated_during_the_step_is_a_change():
     again = r.step_start(1)
     scaler.update(2.0)  # a new scale, in place, with no optimizer step
     assert not r.unchanged_since(again)
+
+
+def test_parameters_changed_outside_step_by_an_optimizer_of_another_library_are_a_change():
+    class SAMLike(torch.optim.SGD):  # like SAM: first_step() perturbs the weights before step()
+        def first_step(self):
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.add_(0.01)
+
+    SAMLike.__module__ = "sam"
+    model, _ = model_and_optimizer()
+    optimizer = SAMLike(model.parameters(), lr=0.1)
+    r = registry(model=model, optimizer=optimizer)
+    start = r.step_start(0)
+    optimizer.first_step()
+    assert not r.unchanged_since(start)
