@@ -59,7 +59,9 @@ def load_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)}; an experiment has name and overrides")
         name = entry.get("name")
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ConfigError(f"{where}: name must be letters, digits, _ . - (it names a directory), got {name!r}")
+            raise ConfigError(
+                f"{where}: name must be letters, digits, _ . - not starting with . (it names one directory), got {name!r}"
+            )
         if name in experiments:
             raise ConfigError(f"{where}: duplicate experiment name {name!r}")
         experiments[name] = Experiment(

@@ -101,7 +101,7 @@ def test_a_failed_experiment_does_not_stop_the_others_and_keeps_its_checkpoint(t
         ),
         ([{"name": "a", "overides": {"optim.lr": 0.1}}], {}, "overides"),
         ([{"name": "a b"}], {}, "a b"),
-        ([{"name": "a", "overrides": {"hydra.run.dir": "/x"}}], {}, "hydra.run.dir is set by the workflow"),
+        ([{"name": "a", "overrides": {"hydra.run.dir": "/x"}}], {}, "hydra.run.dir is Hydra's own configuration"),
     ],
 )
 def test_an_invalid_grid_fails_at_parse_time_naming_the_entry(tmp_path, experiments, extra, message):
