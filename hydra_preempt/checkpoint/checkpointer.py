@@ -14,10 +14,12 @@ computed it, renames the directory into place and applies retention. Every
 rank learns whether the save worked; a failure anywhere leaves nothing that
 looks complete.
 
-A periodic save of a state without sharded objects may go to the background
-(`save_in_background`): at the boundary rank 0 copies the state into reused
-host buffers (tree.HostStaging), a thread writes, checksums, fsyncs, renames
-and applies retention while training goes on. At most one write is in
+A periodic save may go to the background (`save_in_background`): at the
+boundary the state is copied into reused host buffers (tree.HostStaging: rank
+0's tree, and every rank's shards after DCP planned them), then threads write,
+checksum and fsync while training goes on; rank 0's thread also renames and
+applies retention, or, with sharded state, rank 0 commits once every rank's
+file is durable. At most one write is in
 flight; a periodic save due meanwhile is skipped. The thread runs no
 collective (it could deadlock with training's own): whether the write is
 done or failed is agreed at a later step boundary (`background_flags` and
@@ -198,7 +200,7 @@ class Checkpointer:
         """DCP plans the save and every rank copies its items to host memory (collectives, at the
         boundary); False if the checkpoint of this step is complete already."""
         write.sharded = tuple(shards)
-        tmp = self._begin_sharded(write.step)
+        tmp, _ = self._begin_sharded(write.step)
         if tmp is None:
             return False
         write.tmp = tmp
@@ -334,11 +336,9 @@ class Checkpointer:
     ) -> CheckpointInfo:
         """Every rank writes its shards into rank 0's temporary directory; rank 0 writes the rest and the manifest."""
         rank = world()[0]
-        tmp = self._begin_sharded(step)
+        tmp, existing = self._begin_sharded(step)
         if tmp is None:  # this state is on disk already
-            return self.store.existing(step) or CheckpointInfo(
-                step=step, reason=reason, path=self.store.step_path(step)
-            )
+            return existing or CheckpointInfo(step=step, reason=reason, path=self.store.step_path(step))
         error: str | None = None
         files: dict[str, dict] = {}
         try:
@@ -357,22 +357,26 @@ class Checkpointer:
             step=step, reason=reason, metrics=metrics, path=self.store.step_path(step), sharded=tuple(shards)
         )
 
-    def _begin_sharded(self, step: int) -> Path | None:
-        """Rank 0 makes the temporary directory every rank writes into (a collective); None if the
-        checkpoint of `step` is complete already. Raises CheckpointWriteError on every rank."""
+    def _begin_sharded(self, step: int) -> tuple[Path | None, CheckpointInfo | None]:
+        """Rank 0 makes the temporary directory every rank writes into (a collective): (its path, None),
+        or (None, the complete checkpoint of `step` as rank 0 read it; None on other ranks) if there is
+        one already. Raises CheckpointWriteError on every rank."""
         tmp: Path | None = None
+        existing: CheckpointInfo | None = None
         error: str | None = None
-        if world()[0] == 0 and self.store.existing(step) is None:
-            try:
-                tmp = self.store.begin(step)
-            except CheckpointWriteError as e:
-                error = str(e)
+        if world()[0] == 0:
+            existing = self.store.existing(step)
+            if existing is None:
+                try:
+                    tmp = self.store.begin(step)
+                except CheckpointWriteError as e:
+                    error = str(e)
         name = broadcast_from_rank0("" if error else tmp.name if tmp else None)
         if name is None:
-            return None
+            return None, existing
         if not name:
             raise CheckpointWriteError(error or f"rank 0 could not start the checkpoint of step {step}")
-        return self.store.directory / name
+        return self.store.directory / name, None
 
     def _fail_sharded(self, tmp: Path, error: str | None, step: int) -> None:
         """After every rank agreed that a sharded save failed: rank 0 removes it; every rank raises."""

@@ -320,16 +320,17 @@ class Session:
         """Save the current state: a collective on multi-rank runs (every rank's own part goes to rank 0)."""
         if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
             return self.last_checkpoint  # this state is on disk already
-        ranks = gather_to_rank0(self.state.rank_state())
-        tree = self.state.tree(self.step, ranks, self._detector_state()) if ranks is not None else None
-        return self.checkpointer.save(self.step, reason, metrics, tree, self._shards())
+        return self.checkpointer.save(self.step, reason, metrics, self._tree(), self._shards())
 
     def _save_in_background(self, metrics: dict[str, float]) -> None:
         if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
             return
+        self.checkpointer.save_in_background(self.step, "periodic", metrics, self._tree(), self._shards())
+
+    def _tree(self) -> dict[str, Any] | None:
+        """The state tree of this step on rank 0 (None elsewhere): a collective, every rank's own part goes to rank 0."""
         ranks = gather_to_rank0(self.state.rank_state())
-        tree = self.state.tree(self.step, ranks, self._detector_state()) if ranks is not None else None
-        self.checkpointer.save_in_background(self.step, "periodic", metrics, tree, self._shards())
+        return self.state.tree(self.step, ranks, self._detector_state()) if ranks is not None else None
 
     def _shards(self) -> dict[str, Any] | None:
         return self.state.sharded_state() if self.state.sharded else None
