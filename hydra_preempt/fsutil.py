@@ -1,9 +1,47 @@
-"""Durable file-system primitives: fsync of files and directories, atomic small-file writes."""
+"""File-system primitives: fsync of files and directories, atomic small-file writes, and reads
+that open only regular files (no symlink, FIFO or device can stand in for a file we wrote)."""
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import stat
 from pathlib import Path
+
+
+class NotRegularFileError(OSError):
+    """A path that should be a file we wrote is a symlink, a directory, a FIFO, a device, or too large."""
+
+
+def open_regular(path: Path) -> tuple[io.BufferedReader, int]:
+    """Open a regular file for reading, never through a symlink and never blocking on a FIFO; (file, size).
+
+    Raises FileNotFoundError if there is nothing, NotRegularFileError if it is not a regular file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW on a symlink
+            raise NotRegularFileError(f"{path.name} is a symlink") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotRegularFileError(f"{path.name} is not a regular file")
+    return os.fdopen(fd, "rb"), st.st_size
+
+
+def read_regular(path: Path, max_size: int) -> bytes:
+    """The contents of a regular file of at most `max_size` bytes (NotRegularFileError otherwise)."""
+    f, size = open_regular(path)
+    with f:
+        if size > max_size:
+            raise NotRegularFileError(f"{path.name} is {size} bytes, more than the {max_size} expected")
+        data = f.read(max_size + 1)
+    if len(data) > max_size:  # grew while read
+        raise NotRegularFileError(f"{path.name} is larger than the {max_size} bytes expected")
+    return data
 
 
 def fsync_dir(path: Path) -> None:

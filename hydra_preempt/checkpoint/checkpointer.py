@@ -29,12 +29,11 @@ done or failed is agreed at a later step boundary (`background_flags` and
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
@@ -42,7 +41,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from ..config import CheckpointConfig
 from ..distributed import agree, broadcast_from_rank0, gather_to_rank0, world
 from ..errors import CheckpointDirError, CheckpointWriteError
-from .layout import CHECKSUM, SHARDS_METADATA, CorruptCheckpointError, read_manifest
+from .layout import CHECKSUM, SHARDS_METADATA, CorruptCheckpointError, checkpoint_info, read_manifest
 from .sharded import ShardedFormatError, ShardWriter, load_shards, read_shards_metadata, save_shards
 from .store import CheckpointInfo, CheckpointStore, disk_full_hint
 from .tree import HostStaging
@@ -100,10 +99,22 @@ class Checkpointer:
         if agree([error is not None])[0]:
             raise error or CheckpointDirError(f"rank 0 cannot use the checkpoint directory {self.store.directory}")
 
-    def load_latest(self) -> tuple[CheckpointInfo, Any, Metadata | None] | None:
+    def load_latest(
+        self, check_tree: Callable[[Any, CheckpointInfo], None] | None = None
+    ) -> tuple[CheckpointInfo, Any, Metadata | None] | None:
         """The newest checkpoint that verifies, the same on every rank: (info, state tree, metadata of its
-        sharded state or None); None if there is none."""
-        loaded = self.store.load_latest(check=_decode_shards_metadata) if world()[0] == 0 else None
+        sharded state or None); None if there is none. `check_tree(tree, info)` raises ValueError for a
+        tree that does not decode into a state: such a checkpoint is corrupt, like one that fails its checksums."""
+
+        def check(path: Path, manifest: dict, tree: Any) -> None:
+            _decode_shards_metadata(path, manifest)
+            if check_tree is not None:
+                try:
+                    check_tree(tree, checkpoint_info(path, manifest))
+                except ValueError as e:
+                    raise CorruptCheckpointError(str(e)) from None
+
+        loaded = self.store.load_latest(check=check) if world()[0] == 0 else None
         chosen = broadcast_from_rank0(loaded[0].path.name if loaded else None)
         if chosen is None:
             return None
@@ -143,7 +154,6 @@ class Checkpointer:
         if self.last is not None and self.last.step == step:
             return self.last
         started = time.monotonic()
-        metrics = _finite(metrics)
         if shards is None:
             info = self._save_tree(step, reason, metrics, tree)
         else:
@@ -177,7 +187,7 @@ class Checkpointer:
             return False
         if self.last is not None and self.last.step == step:
             return True
-        write = _BackgroundWrite(step, reason, _finite(metrics), time.monotonic())
+        write = _BackgroundWrite(step, reason, metrics, time.monotonic())
         if shards is not None:
             if not self._stage_sharded(write, tree, shards):
                 return True  # this state is on disk already
@@ -384,10 +394,6 @@ class Checkpointer:
             self.store.abort(tmp)
             error = f"{error or 'another rank failed'}; {self.store.intact_note()}"
         raise CheckpointWriteError(error or f"another rank could not write its part of the checkpoint of step {step}")
-
-
-def _finite(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
 def _shards_metadata(path: Path) -> Metadata:

@@ -13,24 +13,33 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import xxhash
+
+from ..fsutil import read_regular
 from .retention import CheckpointRecord
 
 log = logging.getLogger("hydra_preempt.checkpoint")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum; 1 (without it) is still read
 DATA_FILE = "tensors.bin"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "MANIFEST.json"
 CHECKSUM = "xxh3_128"
 SHARDS_METADATA = "shards.json"  # sharded state (sharded.py): DCP's metadata as JSON, beside shard-NNNNN.bin
-SHARD_FILE = re.compile(r"^shard-\d{5}\.bin$")
+SHARD_FILE = re.compile(r"shard-\d{5}\.bin")  # fullmatch
+REASONS = ("periodic", "preempt", "manual", "emergency", "final")
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists one file per rank: far below this even at 100k ranks
+_HEX128 = re.compile(r"[0-9a-f]{32}")
+_MAX_STEP = 10**15
 
 
-FINAL_DIR = re.compile(r"^step-(\d{9,})$")
+FINAL_DIR = re.compile(r"step-(\d{9,})")  # fullmatch
 
 
 class CorruptCheckpointError(Exception):
@@ -49,48 +58,105 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:09d}"
 
 
+def sign_manifest(manifest: dict) -> dict:
+    """The manifest with its own checksum, over a canonical form of everything else in it."""
+    body = {k: v for k, v in manifest.items() if k != CHECKSUM}
+    return {**body, CHECKSUM: xxhash.xxh3_128_hexdigest(_canonical(body))}
+
+
+def _canonical(body: dict) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
 def read_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST_FILE
+    """The verified manifest of a checkpoint directory (see `verify_manifest`). Raises CorruptCheckpointError.
+
+    Only a regular file is read (not a symlink, FIFO or device), and at most MAX_MANIFEST_BYTES of it.
+    """
     try:
-        manifest = json.loads(path.read_bytes())
+        data = read_regular(directory / MANIFEST_FILE, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise CorruptCheckpointError("no MANIFEST.json (the save did not finish)") from None
-    except (OSError, ValueError) as e:
-        raise CorruptCheckpointError(f"unreadable MANIFEST.json ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-        raise CorruptCheckpointError(
-            f"MANIFEST.json has an unknown format {manifest.get('format') if isinstance(manifest, dict) else manifest!r}"
-        )
+    except OSError as e:
+        raise CorruptCheckpointError(f"unreadable MANIFEST.json ({e.strerror or e})") from None
     try:
-        int(manifest["step"])
-        for name in (DATA_FILE, STATE_FILE):
-            entry = manifest["files"][name]
-            int(entry["size"]), str(entry[CHECKSUM])
-        for name, entry in manifest["files"].items():
-            if not (name in (DATA_FILE, STATE_FILE, SHARDS_METADATA) or SHARD_FILE.match(name)):
-                raise ValueError(f"unknown file name {name!r}")
-            if not isinstance(entry["size"], int) or entry["size"] < 0 or not isinstance(entry[CHECKSUM], str):
-                raise ValueError(f"bad entry for {name}")
+        manifest = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise CorruptCheckpointError(f"unreadable MANIFEST.json ({e})") from None
+    return verify_manifest(manifest, directory.name)
+
+
+def verify_manifest(manifest: Any, directory_name: str) -> dict:
+    """Check a decoded manifest: its own checksum, every field's type and range, its step against the
+    directory's name. Anything retention or status reads from it is then well-formed. Raises
+    CorruptCheckpointError (the directory is then treated like any corrupt checkpoint)."""
+    if not isinstance(manifest, dict) or manifest.get("format") not in (1, FORMAT_VERSION):
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CorruptCheckpointError(f"MANIFEST.json has an unknown format {found!r:.40}")
+    try:
+        if manifest["format"] >= 2:
+            body = {k: v for k, v in manifest.items() if k != CHECKSUM}
+            if manifest.get(CHECKSUM) != xxhash.xxh3_128_hexdigest(_canonical(body)):
+                raise ValueError("it does not match its own checksum")
+        step = manifest["step"]
+        if not _is_int(step) or not 0 <= step < _MAX_STEP:
+            raise ValueError(f"step {step!r:.40} is not a step number")
+        named = FINAL_DIR.fullmatch(directory_name)
+        if named and int(named[1]) != step:
+            raise ValueError(f"its step {step} is not the step of its directory")
+        if manifest.get("reason") not in REASONS:
+            raise ValueError(f"unknown reason {manifest.get('reason')!r:.40}")
+        if not _is_finite(manifest.get("created")):
+            raise ValueError("created is not a time")
+        metrics = manifest.get("metrics")
+        if not isinstance(metrics, dict) or not all(isinstance(k, str) and _is_finite(v) for k, v in metrics.items()):
+            raise ValueError("metrics must map names to finite numbers")
+        files = manifest["files"]
+        if not isinstance(files, dict) or not {DATA_FILE, STATE_FILE} <= files.keys():
+            raise ValueError(f"files must list {DATA_FILE} and {STATE_FILE}")
         sharded = manifest.get("sharded", [])
         if not isinstance(sharded, list) or not all(isinstance(name, str) for name in sharded):
             raise ValueError("sharded must be a list of object names")
-        if sharded and SHARDS_METADATA not in manifest["files"]:
+        for name, entry in files.items():
+            known = name in (DATA_FILE, STATE_FILE) or (
+                sharded and (name == SHARDS_METADATA or SHARD_FILE.fullmatch(name))
+            )
+            if not known:
+                raise ValueError(f"unknown file name {name!r:.60}")
+            if not (isinstance(entry, dict) and _is_int(entry.get("size")) and entry["size"] >= 0):
+                raise ValueError(f"bad size for {name}")
+            if not (isinstance(entry.get(CHECKSUM), str) and _HEX128.fullmatch(entry[CHECKSUM])):
+                raise ValueError(f"bad checksum for {name}")
+        if sharded and SHARDS_METADATA not in files:
             raise ValueError(f"sharded state without {SHARDS_METADATA}")
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptCheckpointError(f"MANIFEST.json is malformed ({e})") from None
     return manifest
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
 def checkpoint_info(path: Path, manifest: dict) -> CheckpointInfo:
-    metrics: dict[str, float] = manifest["metrics"] if isinstance(manifest.get("metrics"), dict) else {}
+    """The record of a verified manifest (`read_manifest`)."""
     return CheckpointInfo(
-        step=int(manifest["step"]),
-        reason=str(manifest.get("reason", "")),
-        metrics=metrics,
+        step=manifest["step"],
+        reason=manifest["reason"],
+        metrics={k: float(v) for k, v in manifest["metrics"].items()},
         path=path,
-        created=float(manifest.get("created", 0.0)),
-        nbytes=sum(int(f["size"]) for f in manifest["files"].values()),
-        sharded=tuple(str(name) for name in manifest.get("sharded") or ()),
+        created=float(manifest["created"]),
+        nbytes=sum(f["size"] for f in manifest["files"].values()),
+        sharded=tuple(manifest.get("sharded") or ()),
     )
 
 
@@ -98,7 +164,7 @@ def final_dirs(directory: Path) -> list[Path]:
     """Directories named like a complete checkpoint (whether they are is up to their manifest)."""
     if not directory.is_dir():
         return []
-    return [p for p in directory.iterdir() if FINAL_DIR.match(p.name) and p.is_dir()]
+    return [p for p in directory.iterdir() if FINAL_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
 
 
 def complete_checkpoints(directory: Path) -> list[CheckpointInfo]:

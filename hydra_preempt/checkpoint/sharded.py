@@ -22,7 +22,6 @@ import io
 import json
 import math
 import os
-import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, SavePla
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
+from ..fsutil import open_regular, read_regular
 from . import dcp_metadata
 from .layout import CHECKSUM, SHARD_FILE, SHARDS_METADATA
 from .tree import HostStaging
@@ -261,22 +261,13 @@ def save_shards(directory: Path, state: dict[str, Any], staging: HostStaging | N
 
 
 # -- reading --------------------------------------------------------------------------------------
-def open_regular(path: Path) -> tuple[io.BufferedReader, int]:
-    """Open a regular file without following a symlink; (file, size)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise ShardedFormatError(f"{path.name} is not a regular file")
-    return os.fdopen(fd, "rb"), st.st_size
-
-
 def read_shards_metadata(directory: Path, size: int, checksum: str) -> Metadata:
     """shards.json, checked against the manifest's size and checksum on the very bytes that are parsed."""
-    f, found = open_regular(directory / SHARDS_METADATA)
-    with f:
-        data = f.read(size + 1)
-    if found != size or len(data) != size or xxhash.xxh3_128_hexdigest(data) != checksum:
+    try:
+        data = read_regular(directory / SHARDS_METADATA, size)
+    except OSError as e:
+        raise ShardedFormatError(f"{SHARDS_METADATA} cannot be read ({e.strerror or e})") from None
+    if len(data) != size or xxhash.xxh3_128_hexdigest(data) != checksum:
         raise ShardedFormatError(f"{SHARDS_METADATA} does not match its size and checksum")
     try:
         metadata = dcp_metadata.loads(data)

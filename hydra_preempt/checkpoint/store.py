@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from ..config import CheckpointConfig
 from ..errors import CheckpointDirError, CheckpointWriteError
 from ..fsutil import atomic_write_text, fsync_dir
 from .layout import (
+    REASONS,
     CheckpointInfo,
     CorruptCheckpointError,
     checkpoint_info,
@@ -42,7 +44,6 @@ from .writer import Snapshot, read_checkpoint_files, write_checkpoint_files
 
 log = logging.getLogger("hydra_preempt.checkpoint")
 
-REASONS = ("periodic", "preempt", "manual", "emergency", "final")
 INDEX_FILE = "index.json"
 _TMP = re.compile(r"^\.tmp-step-\d+\.(?P<host>[^.]*)\.(?P<pid>\d+)$")
 
@@ -155,7 +156,7 @@ class CheckpointStore:
         if reason not in REASONS:
             raise ValueError(f"unknown checkpoint reason {reason!r}; one of {REASONS}")
         final = self.step_path(step)
-        meta = {"step": step, "reason": reason, "metrics": dict(metrics or {})}
+        meta = {"step": step, "reason": reason, "metrics": finite_metrics(metrics or {}, step)}
         if sharded:
             meta["sharded"] = sorted(sharded)
         try:
@@ -231,8 +232,8 @@ class CheckpointStore:
         manifest = read_manifest(path)
         return checkpoint_info(path, manifest), read_checkpoint_files(path, manifest, verify_shards=False)
 
-    def load_latest(self, check: Callable[[Path, dict], None] | None = None) -> tuple[CheckpointInfo, Any] | None:
-        """The newest checkpoint that verifies (and passes `check`), falling back to older ones.
+    def load_latest(self, check: Callable[[Path, dict, Any], None] | None = None) -> tuple[CheckpointInfo, Any] | None:
+        """The newest checkpoint that verifies (and passes `check(path, manifest, tree)`), falling back to older ones.
 
         Any newer directory that fails verification is reported and moved
         aside as corrupt-step-..., so that it is never picked again and
@@ -243,7 +244,7 @@ class CheckpointStore:
                 manifest = read_manifest(path)
                 tree = read_checkpoint_files(path, manifest)
                 if check is not None:
-                    check(path, manifest)
+                    check(path, manifest, tree)
             except CorruptCheckpointError as e:
                 log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path.name, e)
                 self._quarantine(path, str(e))
@@ -256,6 +257,14 @@ class CheckpointStore:
         os.rename(path, target)
         fsync_dir(self.directory)
         log.warning("moved %s aside as %s: %s", path.name, target.name, why)
+
+
+def finite_metrics(metrics: dict[str, float], step: int) -> dict[str, float]:
+    """The metrics a manifest records: finite ones (a NaN loss is no ranking; the manifest verifies them)."""
+    dropped = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if dropped:
+        log.warning("checkpoint step %d: metrics %s are not finite and are left out of its manifest", step, dropped)
+    return {k: v for k, v in metrics.items() if k not in dropped}
 
 
 def disk_full_hint(e: OSError) -> str:

@@ -7,6 +7,7 @@ these types, so a checkpoint cannot run code (no pickle anywhere).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -41,8 +42,50 @@ class ArraySpec:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> ArraySpec:
-        return cls(d["kind"], d["dtype"], tuple(int(n) for n in d["shape"]), int(d["offset"]), int(d["nbytes"]))
+    def from_json(cls, d: Any) -> ArraySpec:
+        """Raises ValueError/TypeError/KeyError on anything but the form `to_json` writes."""
+        if not isinstance(d, dict) or d.get("kind") not in ("torch", "numpy") or not isinstance(d.get("dtype"), str):
+            raise ValueError(f"bad array description {d!r:.80}")
+        shape, numbers = d["shape"], (d["offset"], d["nbytes"])
+        if not isinstance(shape, list) or not all(_is_count(n) for n in (*shape, *numbers)):
+            raise ValueError(f"bad shape, offset or size in {d!r:.80}")
+        return cls(d["kind"], d["dtype"], tuple(shape), *numbers)
+
+    @property
+    def itemsize(self) -> int:
+        if self.kind == "torch":
+            dtype = getattr(torch, self.dtype, None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"unknown torch dtype {self.dtype!r:.40}")
+            return dtype.itemsize
+        dtype = np.dtype(self.dtype)
+        if dtype.kind not in NUMPY_KINDS or dtype.str != self.dtype:
+            raise ValueError(f"unsupported NumPy dtype {self.dtype!r:.40}")
+        return dtype.itemsize
+
+
+NUMPY_KINDS = "biufc"  # NumPy arrays of plain numbers only: no objects, records or dates
+MAX_DEPTH = 100  # containers inside containers: deeper states are refused on save and corrupt on load
+
+
+def _is_count(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
+def check_layout(specs: list[ArraySpec], data_size: int) -> None:
+    """The arrays lie one after the other and fill exactly `data_size` bytes, each of the size its
+    dtype and shape give, so that reading them allocates no more than the (verified) data file holds."""
+    position = 0
+    for spec in specs:
+        if spec.offset != position:
+            raise ValueError("the arrays are not laid out one after the other")
+        if math.prod(spec.shape) * spec.itemsize != spec.nbytes:
+            raise ValueError(f"an array of shape {spec.shape} and dtype {spec.dtype} is not {spec.nbytes} bytes")
+        position += spec.nbytes
+        if position > data_size:
+            raise ValueError(f"the arrays need more than the {data_size} bytes of the data file")
+    if position != data_size:
+        raise ValueError(f"the arrays fill {position} of the {data_size} bytes of the data file")
 
 
 def flatten(tree: Any, staging: HostStaging | None = None) -> tuple[Any, list[Array]]:
@@ -58,7 +101,9 @@ def flatten(tree: Any, staging: HostStaging | None = None) -> tuple[Any, list[Ar
     arrays: list[Array] = []
     has_cuda = [False]
 
-    def encode(value: Any, path: str) -> Any:
+    def encode(value: Any, path: str, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise UnsupportedStateError(f"state at '{path}' is nested more than {MAX_DEPTH} containers deep")
         if value is None or isinstance(value, (bool, str)):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, np.generic):
@@ -73,20 +118,24 @@ def flatten(tree: Any, staging: HostStaging | None = None) -> tuple[Any, list[Ar
                 arrays.append(_host_tensor(value, path, has_cuda))
             return {_TENSOR: len(arrays) - 1}
         if isinstance(value, np.ndarray):
-            if value.dtype.hasobject:
+            if value.dtype.kind not in NUMPY_KINDS:
                 raise UnsupportedStateError(
-                    f"state at '{path}' is a NumPy array of Python objects, which cannot be stored without pickle"
+                    f"state at '{path}' is a NumPy array of dtype {value.dtype}; a checkpoint stores arrays of "
+                    "numbers (Python objects would need pickle)"
                 )
             arrays.append(staging.copy(len(arrays), value) if staging else np.ascontiguousarray(value))
             return {_NDARRAY: len(arrays) - 1}
+        inner = depth + 1
         if isinstance(value, tuple):
-            return {_TUPLE: [encode(v, f"{path}.{i}") for i, v in enumerate(value)]}
+            return {_TUPLE: [encode(v, f"{path}.{i}", inner) for i, v in enumerate(value)]}
         if isinstance(value, list):
-            return [encode(v, f"{path}.{i}") for i, v in enumerate(value)]
+            return [encode(v, f"{path}.{i}", inner) for i, v in enumerate(value)]
         if isinstance(value, dict):
             if all(isinstance(k, str) for k in value) and not (_MARKERS & value.keys()):
-                return {k: encode(v, f"{path}.{k}") for k, v in value.items()}
-            return {_DICT: [[encode(k, f"{path}.<key>"), encode(v, f"{path}.{k}")] for k, v in value.items()]}
+                return {k: encode(v, f"{path}.{k}", inner) for k, v in value.items()}
+            return {
+                _DICT: [[encode(k, f"{path}.<key>", inner), encode(v, f"{path}.{k}", inner)] for k, v in value.items()]
+            }
         raise UnsupportedStateError(
             f"state at '{path}' has type {type(value).__name__}, which a checkpoint cannot store; "
             "state_dict() values must be tensors, arrays, numbers, strings, None, or lists/tuples/dicts of them"
@@ -166,26 +215,47 @@ def _host_tensor(t: torch.Tensor, path: str, has_cuda: list[bool]) -> torch.Tens
 
 
 def unflatten(skeleton: Any, arrays: list[Array]) -> Any:
-    def decode(node: Any) -> Any:
-        if isinstance(node, list):
-            return [decode(v) for v in node]
-        if isinstance(node, dict):
-            if len(node) == 1:
-                ((key, value),) = node.items()
-                if key in (_TENSOR, _NDARRAY):
-                    return arrays[value]
-                if key == _TUPLE:
-                    return tuple(decode(v) for v in value)
-                if key == _DICT:
-                    return {_hashable(decode(k)): decode(v) for k, v in value}
-            return {k: decode(v) for k, v in node.items()}
-        return node
+    """The tree `flatten` split. Raises ValueError/TypeError on a skeleton it could not have written:
+    an array index out of range, used twice or of the other kind, a malformed marker, an unhashable
+    dict key, nesting deeper than MAX_DEPTH."""
+    used: set[int] = set()
 
-    return decode(skeleton)
+    def array(index: Any, kind: type) -> Array:
+        if not (_is_count(index) and index < len(arrays)) or index in used or not isinstance(arrays[index], kind):
+            raise ValueError(f"bad array reference {index!r:.40}")
+        used.add(index)
+        return arrays[index]
+
+    def decode(node: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested more than {MAX_DEPTH} containers deep")
+        inner = depth + 1
+        if isinstance(node, list):
+            return [decode(v, inner) for v in node]
+        if not isinstance(node, dict):
+            return node
+        if len(node) == 1 and _MARKERS & node.keys():
+            ((key, value),) = node.items()
+            if key == _TENSOR:
+                return array(value, torch.Tensor)
+            if key == _NDARRAY:
+                return array(value, np.ndarray)
+            if not isinstance(value, list):
+                raise ValueError(f"{key} holds {type(value).__name__}, not a list")
+            if key == _TUPLE:
+                return tuple(decode(v, inner) for v in value)
+            if not all(isinstance(pair, list) and len(pair) == 2 for pair in value):
+                raise ValueError(f"{_DICT} holds something other than [key, value] pairs")
+            return {_hashable(decode(k, inner)): decode(v, inner) for k, v in value}
+        return {k: decode(v, inner) for k, v in node.items()}
+
+    return decode(skeleton, 0)
 
 
 def _hashable(key: Any) -> Any:
-    return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
+    key = tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
+    hash(key)  # TypeError for a dict or an array: not a key flatten could have written
+    return key
 
 
 def array_bytes(array: Array) -> memoryview:
@@ -212,15 +282,11 @@ def array_spec(array: Array, offset: int) -> ArraySpec:
 
 def empty_array(spec: ArraySpec) -> tuple[Array, memoryview]:
     """An uninitialised array for `spec` and a writable byte view of it to read into."""
+    spec.itemsize  # noqa: B018 (raises on a dtype we would not write)
     if spec.kind == "torch":
-        dtype = getattr(torch, spec.dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown torch dtype {spec.dtype!r}")
-        t = torch.empty(spec.shape, dtype=dtype)
+        t = torch.empty(spec.shape, dtype=getattr(torch, spec.dtype))
         return t, (array_bytes(t) if spec.nbytes else memoryview(bytearray()))
     if spec.kind == "numpy":
         a = np.empty(spec.shape, dtype=np.dtype(spec.dtype))
-        if a.dtype.hasobject:
-            raise ValueError("object arrays are not allowed")
         return a, a.reshape(-1).view(np.uint8).data
     raise ValueError(f"unknown array kind {spec.kind!r}")

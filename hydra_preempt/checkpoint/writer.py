@@ -12,8 +12,10 @@ so that a writer can run in the background after an in-memory snapshot.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +23,27 @@ from typing import Any
 
 import xxhash
 
-from .layout import CHECKSUM, DATA_FILE, FORMAT_VERSION, MANIFEST_FILE, STATE_FILE, CorruptCheckpointError
-from .tree import Array, ArraySpec, HostStaging, array_bytes, array_spec, empty_array, flatten, unflatten
+from ..fsutil import open_regular, read_regular
+from .layout import (
+    CHECKSUM,
+    DATA_FILE,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    STATE_FILE,
+    CorruptCheckpointError,
+    sign_manifest,
+)
+from .tree import (
+    Array,
+    ArraySpec,
+    HostStaging,
+    array_bytes,
+    array_spec,
+    check_layout,
+    empty_array,
+    flatten,
+    unflatten,
+)
 
 
 @dataclass
@@ -68,16 +89,18 @@ def write_checkpoint_files(directory: Path, snapshot: Snapshot, meta: dict, shar
         os.fsync(f.fileno())
     state = json.dumps({"format": FORMAT_VERSION, "skeleton": snapshot.skeleton, "arrays": specs}).encode()
     write_durably(directory / STATE_FILE, state)
-    manifest = {
-        "format": FORMAT_VERSION,
-        **meta,
-        "created": time.time(),
-        "files": {
-            DATA_FILE: {"size": offset, CHECKSUM: data_hash.hexdigest()},
-            STATE_FILE: {"size": len(state), CHECKSUM: xxhash.xxh3_128_hexdigest(state)},
-            **(shards or {}),
-        },
-    }
+    manifest = sign_manifest(
+        {
+            "format": FORMAT_VERSION,
+            **meta,
+            "created": time.time(),
+            "files": {
+                DATA_FILE: {"size": offset, CHECKSUM: data_hash.hexdigest()},
+                STATE_FILE: {"size": len(state), CHECKSUM: xxhash.xxh3_128_hexdigest(state)},
+                **(shards or {}),
+            },
+        }
+    )
     write_durably(directory / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
     return manifest
 
@@ -90,14 +113,16 @@ def write_durably(path: Path, data: bytes) -> None:
 
 
 def read_checkpoint_files(directory: Path, manifest: dict, verify_shards: bool = True) -> Any:
-    """Read and verify sizes and checksums; return the state tree. Raises CorruptCheckpointError.
+    """Read and verify sizes and checksums; decode and check the whole tree before returning it.
+    Raises CorruptCheckpointError.
 
-    The files of sharded state are verified too (read once, hashed) unless `verify_shards` is
-    false: another rank verified them already.
+    Only regular files inside `directory` are read, and no more bytes than the manifest lists. The
+    files of sharded state are verified too (read once, hashed) unless `verify_shards` is false:
+    another rank verified them already.
     """
     files = manifest["files"]
     for name, entry in files.items():
-        size = _size_or_none(directory / name)
+        size = _regular_size(directory / name)
         if size != entry["size"]:
             found = "missing" if size is None else f"{size} bytes"
             raise CorruptCheckpointError(f"{name} is {found}, the manifest says {entry['size']} bytes (truncated?)")
@@ -105,37 +130,38 @@ def read_checkpoint_files(directory: Path, manifest: dict, verify_shards: bool =
         for name, entry in files.items():
             if name not in (DATA_FILE, STATE_FILE) and _file_checksum(directory / name) != entry[CHECKSUM]:
                 raise CorruptCheckpointError(f"{name} does not match its checksum")
-    state = (directory / STATE_FILE).read_bytes()
+    state = _read(directory / STATE_FILE, files[STATE_FILE]["size"])
     if xxhash.xxh3_128_hexdigest(state) != files[STATE_FILE][CHECKSUM]:
         raise CorruptCheckpointError(f"{STATE_FILE} does not match its checksum")
     try:
         parsed = json.loads(state)
         specs = [ArraySpec.from_json(s) for s in parsed["arrays"]]
         skeleton = parsed["skeleton"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpointError(f"{STATE_FILE} cannot be parsed ({e})") from None
+        check_layout(specs, files[DATA_FILE]["size"])
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{STATE_FILE} cannot be parsed ({_short(e)})") from None
     arrays = _read_arrays(directory / DATA_FILE, specs, files[DATA_FILE][CHECKSUM])
-    return unflatten(skeleton, arrays)
+    try:
+        return unflatten(skeleton, arrays)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{STATE_FILE} does not decode ({_short(e)})") from None
+
+
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:200]
 
 
 def _read_arrays(path: Path, specs: list[ArraySpec], checksum: str) -> list[Array]:
+    """The arrays of `specs` (checked by `check_layout` against the file's verified size)."""
     data_hash = xxhash.xxh3_128()
     arrays: list[Array] = []
-    with open(path, "rb", buffering=0) as f:
-        position = 0
+    f = _open(path)
+    with f:
         for spec in specs:
-            if spec.offset != position:
-                raise CorruptCheckpointError(f"array layout in {STATE_FILE} is not contiguous")
-            try:
-                array, view = empty_array(spec)
-            except (ValueError, TypeError, RuntimeError) as e:
-                raise CorruptCheckpointError(f"bad array description in {STATE_FILE} ({e})") from None
-            if view.nbytes != spec.nbytes:
-                raise CorruptCheckpointError(f"array size mismatch in {STATE_FILE}")
+            array, view = empty_array(spec)
             _read_exactly(f, view)
             data_hash.update(view)
             arrays.append(array)
-            position += spec.nbytes
     if data_hash.hexdigest() != checksum:
         raise CorruptCheckpointError(f"{DATA_FILE} does not match its checksum")
     return arrays
@@ -150,16 +176,36 @@ def _read_exactly(f, view: memoryview) -> None:
         done += n
 
 
+def _open(path: Path) -> io.BufferedReader:
+    try:
+        return open_regular(path)[0]
+    except OSError as e:
+        raise CorruptCheckpointError(f"{path.name} cannot be read ({e.strerror or e})") from None
+
+
+def _read(path: Path, size: int) -> bytes:
+    try:
+        return read_regular(path, size)
+    except OSError as e:
+        raise CorruptCheckpointError(f"{path.name} cannot be read ({e.strerror or e})") from None
+
+
 def _file_checksum(path: Path) -> str:
     digest = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as f:
+    with _open(path) as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def _size_or_none(path: Path) -> int | None:
+def _regular_size(path: Path) -> int | None:
+    """The size of a regular file; None if missing; CorruptCheckpointError if something else stands there."""
     try:
-        return path.stat().st_size
+        st = path.lstat()
     except FileNotFoundError:
         return None
+    except OSError as e:
+        raise CorruptCheckpointError(f"{path.name} cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptCheckpointError(f"{path.name} is not a regular file")
+    return st.st_size

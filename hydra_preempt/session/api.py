@@ -42,7 +42,7 @@ from ..rundir import RESULT_FILE, MetricsLog, RunHistory, RunLock, write_result
 from . import boundary
 from .divergence import Verdict
 from .signals import Request
-from .state import StateRegistry, StepStart
+from .state import StateRegistry, StepStart, check_tree
 
 log = logging.getLogger("hydra_preempt")
 
@@ -91,6 +91,7 @@ class Session:
         self._metrics_log = MetricsLog(self.run_dir)
         self._rank, self._world_size = world()  # torch.distributed is set up before a session starts
         self._restored = False
+        self._loading = False  # set while restore() sets the objects
         self._step_metrics: dict[str, float] = {}
         self._last_step_metrics: dict[str, float] = {}
         self._open_step: StepStart | None = None  # set while a step runs
@@ -155,7 +156,7 @@ class Session:
         """Load the newest good checkpoint into the registered objects; return the step to continue from."""
         if self._restored:
             return self.step
-        loaded = self.checkpointer.load_latest()
+        loaded = self.checkpointer.load_latest(self._check_tree)
         if loaded is None:
             log.info("no checkpoint in %s: starting at step 0", self.checkpointer.store.directory)
             self._restored = True
@@ -172,13 +173,19 @@ class Session:
                 self.checkpointer.load_shards(info, metadata, shards)
             except CorruptCheckpointError as e:
                 raise CheckpointReadError(f"{e}; nothing was loaded") from None
+        self._loading = True  # until every object is set: no checkpoint may be written from a half-loaded state
         self.state.load(tree, shards, rank, size, where)
-        self._restored = True
         if self.detector is not None and tree["session"].get("detector"):
             self.detector.load_state_dict(tree["session"]["detector"])
+        self._loading = False
+        self._restored = True
         self.step = self.resumed_from = int(tree["session"]["step"])
         log.info("resumed from %s (step %d, saved on %s)", info.path.name, self.step, info.reason)
         return self.step
+
+    def _check_tree(self, tree: Any, info: CheckpointInfo) -> None:
+        """Raises ValueError for a state tree this library could not have written (see state.check_tree)."""
+        check_tree(tree, info.step, self.config.divergence.detector() if self.detector is not None else None)
 
     def steps(self, max_steps: int) -> Iterator[int]:
         """Yield the index of each step to run, from the restored step up to `max_steps`."""
@@ -329,6 +336,10 @@ class Session:
 
     def _tree(self) -> dict[str, Any] | None:
         """The state tree of this step on rank 0 (None elsewhere): a collective, every rank's own part goes to rank 0."""
+        if self._loading:
+            raise CheckpointReadError(
+                "restoring the checkpoint failed part way: no checkpoint is written from this state"
+            )
         ranks = gather_to_rank0(self.state.rank_state())
         return self.state.tree(self.step, ranks, self._detector_state()) if ranks is not None else None
 

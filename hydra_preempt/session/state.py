@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map
 
-from ..errors import CheckpointMismatchError, ConfigError
+from ..errors import CheckpointMismatchError, CheckpointReadError, ConfigError
 
 log = logging.getLogger("hydra_preempt")
 
@@ -83,6 +83,50 @@ def restore_rng(state: dict[str, Any]) -> None:
         )
     for i, s in enumerate(saved[:available]):
         torch.cuda.set_rng_state(s, i)
+
+
+def check_tree(tree: Any, step: int, detector: Any = None) -> None:
+    """Raise ValueError unless `tree` has the form `StateRegistry.tree` writes, for `step`.
+
+    What the session itself put there is checked in full before anything is loaded: the envelope,
+    the step (against the manifest's), every rank's RNG states (set on throwaway generators) and,
+    given a fresh `detector`, the divergence detector's state (loaded into it). The registered
+    objects' own states are compared with the live objects by `StateRegistry.check`.
+    """
+    if not isinstance(tree, dict) or not {"objects", "ranks", "session"} <= tree.keys():
+        raise ValueError("the state has no objects, ranks or session")
+    session, ranks = tree["session"], tree["ranks"]
+    if not isinstance(tree["objects"], dict) or not isinstance(session, dict):
+        raise ValueError("objects and session must be mappings")
+    if session.get("step") != step or isinstance(session.get("step"), bool):
+        raise ValueError(f"the state is of step {session.get('step')!r:.40}, its manifest says {step}")
+    if not isinstance(ranks, list) or not ranks:
+        raise ValueError("the state holds no rank")
+    for rank, own in enumerate(ranks):
+        if not (isinstance(own, dict) and isinstance(own.get("objects"), dict) and isinstance(own.get("rng"), dict)):
+            raise ValueError(f"rank {rank}'s state has no objects or rng")
+        try:
+            _check_rng(own["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise ValueError(f"rank {rank}'s RNG state is not valid ({type(e).__name__}: {e})"[:300]) from None
+    saved_detector = session.get("detector")
+    if detector is not None and saved_detector is not None:
+        try:
+            detector.load_state_dict(saved_detector)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"the divergence detector's state is not valid ({type(e).__name__})") from None
+
+
+def _check_rng(state: dict[str, Any]) -> None:
+    """Set each saved generator state on a throwaway generator: what restore_rng would reject, raises."""
+    random.Random().setstate(state["python"])
+    np.random.RandomState().set_state(state["numpy"])
+    torch.Generator().set_state(state["torch_cpu"])
+    cuda = state.get("torch_cuda") or []
+    if not isinstance(cuda, list) or not all(
+        isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 for t in cuda
+    ):
+        raise ValueError("torch_cuda must be a list of byte tensors")
 
 
 @dataclass
@@ -251,10 +295,13 @@ class StateRegistry:
                 rank,
                 "continue the checkpoint's rank of the same number" if own else "are seeded from (step, rank)",
             )
-        if own is not None:
-            restore_rng(own["rng"])
-        else:
-            seed_rng(int(tree["session"]["step"]), rank)
+        try:
+            if own is not None:
+                restore_rng(own["rng"])
+            else:
+                seed_rng(int(tree["session"]["step"]), rank)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointReadError(f"{where}: setting the random generators failed ({e})") from None
 
     # -- emergency checkpoints --------------------------------------------------------
     def step_start(self, step: int) -> StepStart:

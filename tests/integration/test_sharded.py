@@ -11,7 +11,7 @@ import pytest
 import torch
 import xxhash
 
-from hydra_preempt.checkpoint.layout import CHECKSUM, MANIFEST_FILE, SHARDS_METADATA
+from hydra_preempt.checkpoint.layout import CHECKSUM, MANIFEST_FILE, SHARDS_METADATA, sign_manifest
 from hydra_preempt.outcome import ExitCode
 from hydra_preempt.rundir import RunHistory
 from tests.e2e.helpers import ROOT
@@ -115,7 +115,7 @@ def test_a_pickle_planted_in_a_checkpoint_is_never_run(tmp_path):
     (newest / ".metadata").write_bytes(payload)  # what DCP's own reader would unpickle
     manifest = json.loads((newest / MANIFEST_FILE).read_text())
     manifest["files"][SHARDS_METADATA] = {"size": len(payload), CHECKSUM: xxhash.xxh3_128_hexdigest(payload)}
-    (newest / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (newest / MANIFEST_FILE).write_text(json.dumps(sign_manifest(manifest)))
 
     _, output = run_worker(tmp_path / "run", 1, steps=4)
     assert not marker.exists()
