@@ -43,6 +43,7 @@ def outside_body_us(tensors: int, steps: int, emergency: bool | None) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
         session = Session(run_dir, config)
         session.open()
+        session.prepare()
         session.register(model=model, optimizer=optimizer)
         report = session.report if emergency is not None else lambda **_: None
         body_s = 0.0
@@ -74,6 +75,7 @@ def warm_us(tensors: int, emergency: bool, calls: int = 3000) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
         session = Session(run_dir, config)
         session.open()
+        session.prepare()
         session.register(model=model, optimizer=optimizer)
         steps = session.steps(calls + 1)
         next(steps)

@@ -5,6 +5,7 @@
       run_log.jsonl    one JSON line per start, stop and requeue of the run
       metrics.jsonl    one JSON line per report() of rank 0
       result.json      written atomically when training finished
+      run_id           the run's stable id, made at its first start (trackers resume with it)
       .run.lock        held (flock) by the one live process of the run
 
 The run directory, not the job id, is a run's identity: the run log
@@ -19,18 +20,23 @@ import datetime as dt
 import fcntl
 import json
 import os
+import re
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .fsutil import append_line_durably, atomic_write_text
+from .errors import CheckpointDirError
+from .fsutil import append_line_durably, atomic_write_text, read_regular
 
 RUN_LOG = "run_log.jsonl"
 METRICS_LOG = "metrics.jsonl"
 RESULT_FILE = "result.json"
 RUN_LOCK = ".run.lock"
+RUN_ID_FILE = "run_id"
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -207,3 +213,35 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+
+def run_id(run_dir: Path | str, create: bool = True) -> str:
+    """The run's stable id, kept in RUN_DIR/run_id: made at the first start (with `create`, under the
+    run lock), the same after every requeue. Raises CheckpointDirError if the file is not a run id."""
+    path = Path(run_dir) / RUN_ID_FILE
+    try:
+        text = read_regular(path, 64).decode(errors="replace").strip()
+    except FileNotFoundError:
+        if not create:
+            raise CheckpointDirError(f"{path} does not exist: the run was never started") from None
+        text = uuid.uuid4().hex
+        try:
+            atomic_write_text(path, text + "\n")
+        except OSError as e:
+            raise CheckpointDirError(f"run directory {path.parent} is not usable: {e.strerror or e}") from None
+        return text
+    except OSError as e:
+        raise CheckpointDirError(f"{path} cannot be read: {e.strerror or e}") from None
+    if not _RUN_ID.fullmatch(text):
+        raise CheckpointDirError(f"{path} holds no run id ({text[:40]!r}); restore it, or remove it to start a new run")
+    return text
+
+
+def remove_stale_temporaries(run_dir: Path | str) -> list[str]:
+    """Files an atomic write left when it was killed (.NAME.tmp-PID); only under the run lock."""
+    removed = []
+    for entry in Path(run_dir).glob(".*.tmp-*"):
+        if entry.is_file() or entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return removed

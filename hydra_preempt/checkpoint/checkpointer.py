@@ -88,12 +88,13 @@ class Checkpointer:
         self._staging = HostStaging()  # rank 0's tree
         self._shard_staging = HostStaging()  # this rank's shards
 
-    def prepare(self) -> None:
-        """Create and check the directory, remove stale temporaries (rank 0; every rank learns the verdict)."""
+    def prepare(self, owner: Callable[[], dict[str, str]] | None = None) -> None:
+        """Create the directory, claim it for `owner()` and check it, remove stale temporaries (rank 0,
+        under the run lock; every rank learns the verdict)."""
         error = None
         if world()[0] == 0:
             try:
-                self.store.prepare()
+                self.store.prepare(owner() if owner else None)
             except CheckpointDirError as e:
                 error = e
         if agree([error is not None])[0]:

@@ -4,6 +4,7 @@ checkpoints/
   step-000000100/          one complete checkpoint (see writer.py)
   step-000000150/
   index.json               latest and best-N, rewritten before any deletion
+  OWNER.json               the run this directory belongs to (run id and run directory)
   .tmp-step-...            a save in progress (or interrupted: removed on start)
   .deleting-step-...       a checkpoint being deleted (renamed first, so no
                            half-deleted directory ever carries a final name)
@@ -27,7 +28,7 @@ from typing import Any, Callable
 
 from ..config import CheckpointConfig
 from ..errors import CheckpointDirError, CheckpointWriteError
-from ..fsutil import atomic_write_text, fsync_dir
+from ..fsutil import atomic_write_text, fsync_dir, read_regular
 from .layout import (
     REASONS,
     CheckpointInfo,
@@ -45,7 +46,9 @@ from .writer import Snapshot, read_checkpoint_files, write_checkpoint_files
 log = logging.getLogger("hydra_preempt.checkpoint")
 
 INDEX_FILE = "index.json"
-_TMP = re.compile(r"^\.tmp-step-\d+\.(?P<host>[^.]*)\.(?P<pid>\d+)$")
+OWNER_FILE = "OWNER.json"  # {"run_id", "run_dir"} of the run the directory belongs to
+# Temporaries: a save in progress, a deletion, an index rewrite (fsutil.atomic_write_bytes), a probe
+_STALE_PREFIXES = (".tmp-step-", ".deleting-", f".{INDEX_FILE}.tmp-", ".write-probe.")
 
 
 class CheckpointStore:
@@ -54,10 +57,15 @@ class CheckpointStore:
         self.policy = policy or CheckpointConfig().retention_policy()
 
     # -- start-up -------------------------------------------------------
-    def prepare(self) -> list[str]:
-        """Create the directory, check it is writable, remove stale temporary directories.
+    def prepare(self, owner: dict[str, str] | None = None) -> list[str]:
+        """Create the directory, check it is writable, claim it for `owner`, remove stale temporaries.
 
-        Returns the names removed. Raises CheckpointDirError with the reason.
+        Called only while the run lock is held: no other process of this run is alive, so every
+        temporary (a save or deletion in progress, an index being rewritten, from this host or any
+        other) was left by an interrupted one. `owner` ({"run_id", "run_dir"}) marks the directory
+        as this run's (OWNER_FILE); a directory marked by another run is refused, as two runs
+        writing one directory would resume from each other's state. Returns the names removed.
+        Raises CheckpointDirError with the reason.
         """
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -68,28 +76,54 @@ class CheckpointStore:
             raise CheckpointDirError(
                 f"checkpoint directory {self.directory} is not usable: {e.strerror or e}"
             ) from None
+        if owner is not None:
+            self._claim(owner)
         removed = []
         for entry in sorted(self.directory.iterdir()):
-            if entry.name.startswith(".deleting-") or (
-                entry.name.startswith(".tmp-step-") and not self._writer_alive(entry.name)
-            ):
-                shutil.rmtree(entry, ignore_errors=True)
+            if entry.name.startswith(_STALE_PREFIXES):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
                 removed.append(entry.name)
-                log.info("removed %s left by an interrupted save or deletion", entry.name)
+                log.info("removed %s left by an interrupted save, deletion or index update", entry.name)
         return removed
 
-    @staticmethod
-    def _writer_alive(name: str) -> bool:
-        m = _TMP.match(name)
-        if not m or m["host"] != _hostname() or int(m["pid"]) == os.getpid():
-            return False
+    def _claim(self, owner: dict[str, str]) -> None:
+        """Mark the directory as `owner`'s run, or refuse it if another run's mark is there."""
+        path = self.directory / OWNER_FILE
         try:
-            os.kill(int(m["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                mark = json.loads(read_regular(path, 4096))
+                holder = mark["run_id"], mark["run_dir"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise CheckpointDirError(
+                    f"checkpoint directory {self.directory} has an unreadable {OWNER_FILE}: which run it "
+                    "belongs to is unknown; remove that file if the directory is this run's"
+                ) from None
+            if holder[0] != owner["run_id"]:
+                raise CheckpointDirError(
+                    f"checkpoint directory {self.directory} belongs to another run ({holder[1]}, run id "
+                    f"{holder[0]}): give each run its own checkpoint.dir"
+                ) from None
+            return
+        except OSError as e:
+            raise CheckpointDirError(
+                f"checkpoint directory {self.directory} is not usable: {e.strerror or e}"
+            ) from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(owner) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(self.directory)
+        except OSError as e:
+            path.unlink(missing_ok=True)
+            raise CheckpointDirError(
+                f"checkpoint directory {self.directory} is not usable{disk_full_hint(e)}: {e.strerror or e}"
+            ) from None
 
     # -- listing --------------------------------------------------------
     def complete(self) -> list[CheckpointInfo]:

@@ -35,10 +35,10 @@ from ..checkpoint.checkpointer import Checkpointer
 from ..checkpoint.layout import CorruptCheckpointError
 from ..checkpoint.store import CheckpointInfo, CheckpointStore
 from ..config import SessionConfig
-from ..distributed import agree, gather_to_rank0, world
+from ..distributed import agree, broadcast_from_rank0, gather_to_rank0, world
 from ..errors import CheckpointDirError, CheckpointReadError, ConfigError, HydraPreemptError
 from ..outcome import Status
-from ..rundir import RESULT_FILE, MetricsLog, RunHistory, RunLock, write_result
+from ..rundir import RESULT_FILE, MetricsLog, RunHistory, RunLock, remove_stale_temporaries, run_id, write_result
 from . import boundary
 from .divergence import Verdict
 from .signals import Request
@@ -90,6 +90,7 @@ class Session:
         self._lock = RunLock(self.run_dir)
         self._metrics_log = MetricsLog(self.run_dir)
         self._rank, self._world_size = world()  # torch.distributed is set up before a session starts
+        self.run_id = ""  # the run's stable id (rundir.run_id), known once prepare() ran
         self._restored = False
         self._loading = False  # set while restore() sets the objects
         self._step_metrics: dict[str, float] = {}
@@ -106,13 +107,25 @@ class Session:
 
     # -- life cycle (driven by run()) -------------------------------------
     def open(self) -> None:
-        """Create the run directory, check the checkpoint directory, install the signal handlers."""
+        """Create the run directory, install the signal handlers (then: wait_for_run_lock, prepare)."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CheckpointDirError(f"run directory {self.run_dir} is not usable: {e.strerror or e}") from None
-        self.checkpointer.prepare()
         self.signals.install()
+
+    def prepare(self) -> None:
+        """Under the run lock: clean what interrupted writes left, learn the run id, claim and check the
+        checkpoint directory (a collective). Nothing in either directory is touched before the lock."""
+        self.checkpointer.prepare(self._claim_run_dir)  # calls it on rank 0
+        self.run_id = broadcast_from_rank0(self.run_id)
+
+    def _claim_run_dir(self) -> dict[str, str]:
+        """Rank 0: clean the run directory, learn (or make) the run id; the owner mark of the checkpoint directory."""
+        for name in remove_stale_temporaries(self.run_dir):
+            log.info("removed %s left by an interrupted write", name)
+        self.run_id = run_id(self.run_dir)
+        return {"run_id": self.run_id, "run_dir": str(self.run_dir.absolute())}
 
     def close(self) -> None:
         self.checkpointer.join()  # a periodic save still being written ends before the process does

@@ -77,6 +77,12 @@ def run(
     except RunStopped as stop:  # the run belongs to another process: leave its log alone
         session.close()
         return Outcome(stop.status, 0, EXIT_CODES[stop.status], stop.message, run_dir=str(session.run_dir))
+    try:
+        session.prepare()
+    except HydraPreemptError as e:
+        log.error("%s", e)
+        session.close()
+        return Outcome(Status.FAILED, 0, ExitCode.USAGE, str(e), run_dir=str(run_dir))
     history = RunHistory.read(session.run_dir)  # read under the lock: no other process adds to it now
     budget = job.budget or config.requeue
     policy = None

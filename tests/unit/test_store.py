@@ -3,7 +3,6 @@
 import json
 import logging
 import random
-import subprocess
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch
 
 from hydra_preempt.checkpoint.layout import DATA_FILE, MANIFEST_FILE, STATE_FILE
 from hydra_preempt.checkpoint.retention import RetentionPolicy
-from hydra_preempt.checkpoint.store import CheckpointStore
+from hydra_preempt.checkpoint.store import OWNER_FILE, CheckpointStore
 from hydra_preempt.checkpoint.writer import Snapshot
 from hydra_preempt.errors import CheckpointDirError, CheckpointWriteError, UnsupportedStateError
 
@@ -130,26 +129,38 @@ def test_nothing_loadable_returns_none(tmp_path):
     assert store.load_latest() is None
 
 
-def test_stale_temporary_directories_are_removed_but_live_writers_kept(tmp_path):
+def test_every_temporary_is_stale_under_the_run_lock(tmp_path):
+    """prepare() runs only under the run lock: saves in progress of any host or pid, deletions, index
+    rewrites and probes were all left by a process that is gone."""
     store = CheckpointStore(tmp_path)
     save(store, 1)
-    import socket
+    leftovers = [
+        ".tmp-step-000000002.otherhost.123",
+        ".deleting-step-000000000",
+        ".index.json.tmp-77",
+        ".write-probe.5",
+    ]
+    for name in leftovers[:2]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / DATA_FILE).write_bytes(b"half")
+    for name in leftovers[2:]:
+        (tmp_path / name).write_text("{")
+    assert sorted(store.prepare()) == sorted(leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "step-000000001"]
+    assert store.load_latest()[0].step == 1
 
-    host = socket.gethostname()
-    dead = tmp_path / f".tmp-step-000000002.{host}.99999999"
-    dead.mkdir()
-    (dead / DATA_FILE).write_bytes(b"half")
-    deleting = tmp_path / ".deleting-step-000000000"
-    deleting.mkdir()
-    sleeper = subprocess.Popen(["sleep", "30"])
-    try:
-        alive = tmp_path / f".tmp-step-000000003.{host}.{sleeper.pid}"
-        alive.mkdir()
-        removed = store.prepare()
-        assert sorted(removed) == sorted([dead.name, deleting.name])
-        assert alive.exists() and not dead.exists()
-    finally:
-        sleeper.kill()
+
+def test_a_checkpoint_directory_belongs_to_one_run(tmp_path):
+    a = {"run_id": "a" * 32, "run_dir": "/runs/a"}
+    store = CheckpointStore(tmp_path / "shared")
+    store.prepare(a)
+    save(store, 1)
+    store.prepare(a)  # the same run, restarted
+    with pytest.raises(CheckpointDirError, match=r"belongs to another run \(/runs/a, run id a{32}\)"):
+        CheckpointStore(tmp_path / "shared").prepare({"run_id": "b" * 32, "run_dir": "/runs/b"})
+    (tmp_path / "shared" / OWNER_FILE).write_text("{garbage")
+    with pytest.raises(CheckpointDirError, match=r"unreadable OWNER\.json"):
+        store.prepare(a)
     assert store.load_latest()[0].step == 1
 
 
