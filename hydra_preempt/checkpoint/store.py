@@ -9,6 +9,8 @@ checkpoints/
                            half-deleted directory ever carries a final name)
   corrupt-step-...         a checkpoint that failed verification, kept for
                            inspection and never loaded again
+  diverged-step-...        a checkpoint of a run that diverged, newer than its
+                           last healthy one (session/divergence.py): never loaded again
 """
 
 from __future__ import annotations
@@ -252,10 +254,15 @@ class CheckpointStore:
         return None
 
     def _quarantine(self, path: Path, why: str) -> None:
-        target = path.with_name(f"corrupt-{path.name}-{int(time.time())}")
+        self.set_aside(path, "corrupt", why)
+
+    def set_aside(self, path: Path, label: str, why: str) -> Path:
+        """Rename a checkpoint to LABEL-step-...-TIME: never loaded or counted by retention again, nothing deleted."""
+        target = path.with_name(f"{label}-{path.name}-{int(time.time())}")
         os.rename(path, target)
         fsync_dir(self.directory)
         log.warning("moved %s aside as %s: %s", path.name, target.name, why)
+        return target
 
 
 def disk_full_hint(e: OSError) -> str:

@@ -26,8 +26,9 @@ Rank 0 writes one checkpoint holding the shared objects (registered with
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 
@@ -40,7 +41,7 @@ from ..errors import CheckpointDirError, CheckpointReadError, ConfigError, Hydra
 from ..outcome import Status
 from ..rundir import RESULT_FILE, MetricsLog, RunHistory, RunLock, write_result
 from . import boundary
-from .divergence import Verdict
+from .divergence import HealthRule, Verdict
 from .signals import Request
 from .state import StateRegistry, StepStart
 
@@ -93,6 +94,7 @@ class Session:
         self._restored = False
         self._step_metrics: dict[str, float] = {}
         self._last_step_metrics: dict[str, float] = {}
+        self._non_finite_since: int | None = None  # first step of the current run of nan/inf watched metrics
         self._open_step: StepStart | None = None  # set while a step runs
 
     @property
@@ -197,15 +199,25 @@ class Session:
             self._metrics_log.append({"step": self.step + (1 if self._open_step else 0), **values})
 
     def save(self, reason: str = "manual") -> CheckpointInfo | None:
-        """Save now; only valid between steps (before the loop, after it, or from a callback at a boundary)."""
+        """Save now; only valid between steps (before the loop, after it, or from a callback at a boundary).
+        None, with a warning, while a watched metric is not finite (such a state is never saved)."""
         if self._open_step is not None:
             raise ConfigError(
                 "save() inside a step would save a half-updated state; it runs at the step boundary by itself"
             )
+        bad = self._non_finite()
+        if bad is not None:
+            log.warning("save() at step %d skipped: %s; a non-finite state is never saved", self.step, bad)
+            return None
         return self._save(reason, self._last_step_metrics)
 
     def save_final(self) -> CheckpointInfo | None:
-        """The checkpoint of a finished run (nothing is written if this state is on disk already)."""
+        """The checkpoint of a finished run (nothing is written if this state is on disk already).
+
+        A run that ends with a non-finite watched metric stops as diverged instead (RunStopped)."""
+        bad = self._non_finite()
+        if bad is not None:
+            self._stop_diverged(f"training ended with {bad} at step {self.step}")
         return self._save("final", self._last_step_metrics)
 
     def write_result(self, result: dict[str, Any]) -> Path:
@@ -232,6 +244,11 @@ class Session:
         metrics, self._step_metrics = self._step_metrics, {}
         self._last_step_metrics = metrics
         verdict = self._judge(metrics)
+        non_finite = self._non_finite()
+        if non_finite is None:
+            self._non_finite_since = None
+        elif self._non_finite_since is None:
+            self._non_finite_since = self.step
         periodic = self.checkpointer.periodic_due(self.step)
         if not boundary.agrees_at(self.step, world()[1], self.config.distributed.sync_every):
             return  # requests stay pending until the ranks next agree
@@ -244,22 +261,29 @@ class Session:
                 periodic,
                 verdict is Verdict.SUSPECT,
                 verdict is Verdict.DIVERGED,
+                non_finite is not None,
                 *self.checkpointer.background_flags(),
             ]
         )
-        self.checkpointer.settle(*map(bool, agreed[6:]))  # a background write's failure surfaces here
-        flags = boundary.BoundaryFlags(*map(bool, agreed[:6]))
+        self.checkpointer.settle(*map(bool, agreed[7:]))  # a background write's failure surfaces here
+        flags = boundary.BoundaryFlags(*map(bool, agreed[:7]))
         miss = bool(flags.stopping and agree([self._save_would_miss_deadline()])[0])
         action = boundary.decide(flags, miss)
+        bad = f"{non_finite or 'a watched metric is not finite on another rank'} at step {self.step}"
         if action.stop is Status.DIVERGED:
-            why = (
-                self.detector.diverged_reason
-                if self.detector and self.detector.diverged_reason
-                else "the loss diverged on another rank"
-            )
-            log.error("%s; stopping without saving this state (best checkpoints kept)", why)
-            raise RunStopped(Status.DIVERGED, why)
-        if action.deferred:
+            if flags.diverged:
+                why = (
+                    self.detector.diverged_reason
+                    if self.detector and self.detector.diverged_reason
+                    else "the loss diverged on another rank"
+                )
+            else:
+                name = next((r.name for r in requests.values()), "a stop signal to another rank")
+                why = f"{name} received with {bad}: a non-finite state is not saved for a restart"
+            self._stop_diverged(why)
+        if action.unsaved_non_finite:
+            log.warning("%s: not saving this state; a due periodic checkpoint waits for finite values", bad)
+        elif action.deferred:
             log.warning("step %d: loss spike, deferring the periodic checkpoint until the loss recovers", self.step)
         stop: Status | None = action.stop
         if action.save:
@@ -283,6 +307,29 @@ class Session:
                 f"state saved at step {self.step}" if saved == self.step else f"the checkpoint of step {saved} stands"
             )
             raise RunStopped(stop, f"{name} received: {state}", name, self.signals.first_received.get(request))
+
+    def _non_finite(self) -> str | None:
+        """'loss is nan' when the latest value of a watched metric (divergence.metric, checkpoint.metric)
+        is not finite: such a state is never saved."""
+        watched = sorted({m for m in (self.config.divergence.metric, self.config.checkpoint.metric) if m})
+        bad = [f"{k}={self.metrics[k]}" for k in watched if k in self.metrics and not math.isfinite(self.metrics[k])]
+        return ", ".join(bad) or None
+
+    def _stop_diverged(self, why: str) -> NoReturn:
+        """Stop as diverged without saving this state; the checkpoints newer than the last healthy one
+        (divergence.HealthRule) are set aside, so that a restart resumes from a healthy state."""
+        metric = self.config.divergence.metric
+        since = self._non_finite_since
+        rule = self.detector.health_rule(since) if self.detector else HealthRule(since)
+        resume = self.checkpointer.set_aside(
+            lambda infos: rule.suspect_tail(infos, metric),
+            f"newer than the last healthy checkpoint of a run that diverged at step {self.step}",
+        )
+        where = (
+            f"a restart resumes from step {resume}" if resume else "a restart starts at step 0 (no healthy checkpoint)"
+        )
+        log.error("%s; this state is not saved, %s", why, where)
+        raise RunStopped(Status.DIVERGED, f"{why}; {where}")
 
     def _judge(self, metrics: dict[str, float]) -> Verdict:
         if self.detector is None or self.config.divergence.metric not in metrics:
@@ -338,6 +385,10 @@ class Session:
     def emergency_save(self) -> CheckpointInfo | None:
         """After an unhandled exception: save if the state is consistent, else explain why not."""
         if not self.config.checkpoint.emergency or not self._restored:
+            return None
+        bad = self._non_finite()
+        if bad is not None:
+            log.error("no emergency checkpoint: %s; a non-finite state is never saved", bad)
             return None
         if world()[1] > 1:
             log.error(
