@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def disk_full_hint(e: OSError) -> str:
+    return " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
 
 
 def append_line_durably(path: Path, line: str) -> None:

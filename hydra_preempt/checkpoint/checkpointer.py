@@ -42,9 +42,10 @@ from torch.distributed.checkpoint.metadata import Metadata
 from ..config import CheckpointConfig
 from ..distributed import agree, broadcast_from_rank0, gather_to_rank0, world
 from ..errors import CheckpointDirError, CheckpointWriteError
+from ..fsutil import disk_full_hint
 from .layout import CHECKSUM, SHARDS_METADATA, CorruptCheckpointError, read_manifest
 from .sharded import ShardedFormatError, ShardWriter, load_shards, read_shards_metadata, save_shards
-from .store import CheckpointInfo, CheckpointStore, disk_full_hint
+from .store import CheckpointInfo, CheckpointStore
 from .tree import HostStaging
 from .writer import Snapshot
 

@@ -15,7 +15,6 @@ checkpoints/
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from typing import Any, Callable
 
 from ..config import CheckpointConfig
 from ..errors import CheckpointDirError, CheckpointWriteError
-from ..fsutil import atomic_write_text, fsync_dir
+from ..fsutil import atomic_write_text, disk_full_hint, fsync_dir
 from .layout import (
     CheckpointInfo,
     CorruptCheckpointError,
@@ -263,10 +262,6 @@ class CheckpointStore:
         fsync_dir(self.directory)
         log.warning("moved %s aside as %s: %s", path.name, target.name, why)
         return target
-
-
-def disk_full_hint(e: OSError) -> str:
-    return " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
 
 
 def _hostname() -> str:

@@ -37,7 +37,7 @@ from ..checkpoint.layout import CorruptCheckpointError
 from ..checkpoint.store import CheckpointInfo, CheckpointStore
 from ..config import SessionConfig
 from ..distributed import agree, gather_to_rank0, world
-from ..errors import CheckpointDirError, CheckpointReadError, ConfigError, HydraPreemptError
+from ..errors import CheckpointDirError, CheckpointReadError, ConfigError, HydraPreemptError, RunDirWriteError
 from ..outcome import Status
 from ..rundir import RESULT_FILE, MetricsLog, RunHistory, RunLock, write_result
 from . import boundary
@@ -88,6 +88,7 @@ class Session:
         self.resumed_from: int | None = None
         self.metrics: dict[str, float] = {}  # latest value of every reported metric
         self.signal_to_saved_s: float | None = None
+        self.result_error: str | None = None  # why result.json could not be written
         self._lock = RunLock(self.run_dir)
         self._metrics_log = MetricsLog(self.run_dir)
         self._rank, self._world_size = world()  # torch.distributed is set up before a session starts
@@ -221,9 +222,15 @@ class Session:
         return self._save("final", self._last_step_metrics)
 
     def write_result(self, result: dict[str, Any]) -> Path:
-        """Write result.json atomically (rank 0 only)."""
+        """Write result.json atomically (rank 0 only). If it cannot be written (disk full) training is
+        not interrupted: the final checkpoint is still saved and run() ends FAILED, so that a restart,
+        which resumes at the last step, writes it again."""
         if world()[0] == 0:
-            return write_result(self.run_dir, result)
+            try:
+                return write_result(self.run_dir, result)
+            except RunDirWriteError as e:
+                log.error("%s", e)
+                self.result_error = str(e)
         return self.run_dir / RESULT_FILE
 
     @property
