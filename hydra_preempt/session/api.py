@@ -47,6 +47,8 @@ from .state import StateRegistry, StepStart
 
 log = logging.getLogger("hydra_preempt")
 
+_NON_FINITE_ELSEWHERE = "a watched metric not finite on another rank"
+
 
 class RunStopped(BaseException):
     """Raised out of `Session.steps()` at a step boundary to end the training function.
@@ -206,7 +208,7 @@ class Session:
             raise ConfigError(
                 "save() inside a step would save a half-updated state; it runs at the step boundary by itself"
             )
-        bad = self._non_finite()
+        bad = self._non_finite_on_any_rank()
         if bad is not None:
             log.warning("save() at step %d skipped: %s; a non-finite state is never saved", self.step, bad)
             return None
@@ -216,7 +218,7 @@ class Session:
         """The checkpoint of a finished run (nothing is written if this state is on disk already).
 
         A run that ends with a non-finite watched metric stops as diverged instead (RunStopped)."""
-        bad = self._non_finite()
+        bad = self._non_finite_on_any_rank()
         if bad is not None:
             self._stop_diverged(f"training ended with {bad} at step {self.step}")
         return self._save("final", self._last_step_metrics)
@@ -276,7 +278,6 @@ class Session:
         flags = boundary.BoundaryFlags(*map(bool, agreed[:7]))
         miss = bool(flags.stopping and agree([self._save_would_miss_deadline()])[0])
         action = boundary.decide(flags, miss)
-        bad = f"{non_finite or 'a watched metric is not finite on another rank'} at step {self.step}"
         if action.stop is Status.DIVERGED:
             if flags.diverged:
                 why = (
@@ -285,11 +286,18 @@ class Session:
                     else "the loss diverged on another rank"
                 )
             else:
-                name = next((r.name for r in requests.values()), "a stop signal to another rank")
-                why = f"{name} received with {bad}: a non-finite state is not saved for a restart"
+                stop_request = requests.get(Request.CANCEL) or requests.get(Request.PREEMPT)
+                why = (
+                    f"{stop_request.name if stop_request else 'a stop signal to another rank'} received with "
+                    f"{non_finite or _NON_FINITE_ELSEWHERE} at step {self.step}: a non-finite state is not saved"
+                )
             self._stop_diverged(why)
         if action.unsaved_non_finite:
-            log.warning("%s: not saving this state; a due periodic checkpoint waits for finite values", bad)
+            log.warning(
+                "%s at step %d: not saving this state; a due periodic checkpoint waits for finite values",
+                non_finite or _NON_FINITE_ELSEWHERE,
+                self.step,
+            )
         elif action.deferred:
             log.warning("step %d: loss spike, deferring the periodic checkpoint until the loss recovers", self.step)
         stop: Status | None = action.stop
@@ -321,6 +329,11 @@ class Session:
         watched = sorted({m for m in (self.config.divergence.metric, self.config.checkpoint.metric) if m})
         bad = [f"{k}={self.metrics[k]}" for k in watched if k in self.metrics and not math.isfinite(self.metrics[k])]
         return ", ".join(bad) or None
+
+    def _non_finite_on_any_rank(self) -> str | None:
+        """`_non_finite()`, agreed over the ranks (a collective): every rank skips the same save."""
+        bad = self._non_finite()
+        return bad or (_NON_FINITE_ELSEWHERE if agree([bad is not None])[0] else None)
 
     def _stop_diverged(self, why: str) -> NoReturn:
         """Stop as diverged without saving this state; the checkpoints newer than the last healthy one

@@ -72,7 +72,7 @@ class LossSpikeDetector:
         finite = math.isfinite(value)
         if finite and (baseline is None or value <= self._limit(baseline)):
             self.history.append(value)
-            if baseline is None:
+            if baseline is None and len(self.warmup) < self.min_history:  # bounded if window < min_history
                 self.warmup.append((step, value))
             self.spikes_in_a_row = 0
             self.streak_start = None
@@ -137,7 +137,9 @@ class HealthRule:
         if self.first_suspect is not None and record.step + 1 >= self.first_suspect:
             return False  # its state produced a suspect value (or came after one)
         value = record.metrics.get(metric)
-        return value is None or self.limit is None or (math.isfinite(value) and value <= self.limit)
+        if self.limit is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return True  # nothing to judge its own value by
+        return math.isfinite(value) and value <= self.limit
 
     def suspect_tail(self, records: Sequence[R], metric: str) -> list[R]:
         """The records newer than the newest healthy one (all of them if none is healthy), by step."""

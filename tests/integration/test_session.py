@@ -416,3 +416,16 @@ def test_a_stop_signal_at_a_nan_loss_saves_nothing_and_stops_as_diverged(tmp_pat
     assert "a restart resumes from step 3" in outcome.message
     assert [i.step for i in on_disk(tmp_path)] == [3]  # 6 and 9: nan, not saved; nothing saved for the stop
     assert "loss=nan at step 6: not saving this state" in caplog.text
+
+
+def test_a_run_that_ends_at_a_nan_loss_saves_no_final_checkpoint(tmp_path, async_save):
+    nan = float("nan")
+    outcome = run(scripted_loss([1.0, 0.9, 0.8, 0.7, nan]), tmp_path, config(checkpoint={"every_steps": 2}))
+    assert (outcome.status, outcome.exit_code) == (Status.DIVERGED, ExitCode.DIVERGED)
+    assert "training ended with loss=nan at step 5" in outcome.message
+    # step 4's state produced the nan of step 5: set aside (in the background it may have been skipped)
+    assert [i.step for i in on_disk(tmp_path)] == [2] and steps_of(tmp_path, "diverged-") in (
+        [4],
+        [] if async_save else [4],
+    )
+    assert "a restart resumes from step 2" in outcome.message
