@@ -98,6 +98,8 @@ class Session:
         self._step_metrics: dict[str, float] = {}
         self._last_step_metrics: dict[str, float] = {}
         self._non_finite_since: int | None = None  # first step of the current run of nan/inf watched metrics
+        watched = (self.config.divergence.metric, self.config.checkpoint.metric)
+        self._watched = tuple(sorted({m for m in watched if m}))  # a nan/inf value of these is never saved
         self._open_step: StepStart | None = None  # set while a step runs
 
     @property
@@ -324,10 +326,9 @@ class Session:
             raise RunStopped(stop, f"{name} received: {state}", name, self.signals.first_received.get(request))
 
     def _non_finite(self) -> str | None:
-        """'loss is nan' when the latest value of a watched metric (divergence.metric, checkpoint.metric)
+        """'loss=nan' when the latest value of a watched metric (divergence.metric, checkpoint.metric)
         is not finite: such a state is never saved."""
-        watched = sorted({m for m in (self.config.divergence.metric, self.config.checkpoint.metric) if m})
-        bad = [f"{k}={self.metrics[k]}" for k in watched if k in self.metrics and not math.isfinite(self.metrics[k])]
+        bad = [f"{k}={v}" for k in self._watched if not math.isfinite(v := self.metrics.get(k, 0.0))]
         return ", ".join(bad) or None
 
     def _non_finite_on_any_rank(self) -> str | None:
