@@ -17,6 +17,10 @@ class CheckpointWriteError(HydraPreemptError):
     """A checkpoint could not be written; the previous checkpoints are intact."""
 
 
+class RunDirWriteError(HydraPreemptError):
+    """A file of the run directory (result.json) could not be written (disk full, ...)."""
+
+
 class CheckpointReadError(HydraPreemptError):
     """A verified checkpoint could not be read into this run; nothing was loaded, the checkpoint stays."""
 

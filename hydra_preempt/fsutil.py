@@ -72,6 +72,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def disk_full_hint(e: OSError) -> str:
+    return " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+
+
 def append_line_durably(path: Path, line: str) -> None:
     """Append one line and fsync, so a log entry survives a SIGKILL right after."""
     with open(path, "a", encoding="utf-8") as f:

@@ -12,13 +12,21 @@ The run directory, not the job id, is a run's identity: the run log
 survives requeues (new job ids on some sites) and shows every restart with
 its reason. `RunHistory` is the one reader of the run log; everything that
 counts starts or stops uses it.
+
+A full disk never turns these files into a traceback or costs training:
+a run log event that cannot be appended is reported in one line and the run
+goes on (its outcome stands); metrics.jsonl stops being written after one
+warning (each checkpoint's manifest carries the metrics of its step);
+result.json raises RunDirWriteError, one line, for the session to report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
+import logging
 import os
 import re
 import socket
@@ -28,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import CheckpointDirError
-from .fsutil import append_line_durably, atomic_write_text, read_regular
+from .errors import CheckpointDirError, RunDirWriteError
+from .fsutil import append_line_durably, atomic_write_text, disk_full_hint, read_regular
 
 RUN_LOG = "run_log.jsonl"
 METRICS_LOG = "metrics.jsonl"
@@ -37,6 +45,13 @@ RESULT_FILE = "result.json"
 RUN_LOCK = ".run.lock"
 RUN_ID_FILE = "run_id"
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+log = logging.getLogger("hydra_preempt")
+
+
+def _write_failure(path: Path, what: str, e: OSError) -> str:
+    """One line naming the file and why: 'could not append to run_log.jsonl (disk full): ...'."""
+    return f"could not {what} {path}{disk_full_hint(e)}: {e.strerror or e}"
 
 
 @dataclass(frozen=True)
@@ -65,7 +80,10 @@ class RunLog:
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
         record = {"event": event, "time": now, **self.identity.fields(), **fields}
-        append_line_durably(self.path, json.dumps(record))
+        try:
+            append_line_durably(self.path, json.dumps(record))
+        except OSError as e:  # the run's own outcome stands: say what the log misses
+            log.error("%s; the %r event is not in the run log", _write_failure(self.path, "append to", e), event)
         return record
 
 
@@ -146,7 +164,10 @@ def read_result(run_dir: Path | str) -> dict[str, Any] | None:
 
 def write_result(run_dir: Path | str, result: dict[str, Any]) -> Path:
     path = Path(run_dir) / RESULT_FILE
-    atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True))
+    try:
+        atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True))
+    except OSError as e:
+        raise RunDirWriteError(_write_failure(path, "write", e)) from None
     return path
 
 
@@ -157,21 +178,37 @@ def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
 
 class MetricsLog:
     """RUN_DIR/metrics.jsonl, appended one line per report; the file stays open (opening it for every
-    line cost ~50 us a step), each line is flushed as it is written."""
+    line cost ~50 us a step), each line is flushed as it is written.
+
+    A write that fails (disk full) is warned about once and the log is given up for this process:
+    training goes on, and each checkpoint's manifest still carries the metrics of its step."""
 
     def __init__(self, run_dir: Path | str) -> None:
         self.path = Path(run_dir) / METRICS_LOG
         self._file: Any = None
+        self._failed = False
 
     def append(self, record: dict[str, Any]) -> None:
-        if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed in close())
-        self._file.write(json.dumps(record) + "\n")
+        if self._failed:
+            return
+        try:
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed in close())
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as e:
+            self._failed = True
+            log.warning(
+                "%s; metrics are no longer written there by this process (training goes on, "
+                "checkpoints still carry the metrics of their step)",
+                _write_failure(self.path, "append to", e),
+            )
+            self.close()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(OSError):  # a line that could not be written: append() has said so
+                file.close()
 
 
 class RunLock:
@@ -204,8 +241,9 @@ class RunLock:
                     os.close(fd)
                     return False
                 time.sleep(poll_s)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it only informs a waiting process: a full disk may drop it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
         self._fd = fd
         return True
 

@@ -41,9 +41,10 @@ from torch.distributed.checkpoint.metadata import Metadata
 from ..config import CheckpointConfig
 from ..distributed import agree, broadcast_from_rank0, gather_to_rank0, world
 from ..errors import CheckpointDirError, CheckpointWriteError
+from ..fsutil import disk_full_hint
 from .layout import CHECKSUM, SHARDS_METADATA, CorruptCheckpointError, checkpoint_info, read_manifest
 from .sharded import ShardedFormatError, ShardWriter, load_shards, read_shards_metadata, save_shards
-from .store import CheckpointInfo, CheckpointStore, disk_full_hint
+from .store import CheckpointInfo, CheckpointStore
 from .tree import HostStaging
 from .writer import Snapshot
 
@@ -321,6 +322,28 @@ class Checkpointer:
             w.thread.join()
             if w.error:
                 log.error("%s", w.error)
+
+    def set_aside(self, suspect: Callable[[list[CheckpointInfo]], list[CheckpointInfo]], why: str) -> int:
+        """After a divergence: let the write in flight end, then (rank 0) rename the checkpoints that
+        `suspect` picks from the complete ones as diverged-step-... (nothing is deleted; index.json is
+        rewritten). Returns the step a restart resumes from (0: none), on every rank (a collective)."""
+        self.wait()  # a background save of a suspect state would otherwise land after this
+        latest: CheckpointInfo | None = None
+        if world()[0] == 0:
+            doomed = suspect(self.store.complete())
+            try:
+                for info in doomed:
+                    self.store.set_aside(info.path, "diverged", why)
+                if doomed:
+                    self.store.apply_retention()  # index.json: the new latest; fewer checkpoints, none deleted
+            except OSError as e:
+                log.error("could not set suspect checkpoints aside: %s", _first_line(e))
+            latest = self.store.latest()
+        step = broadcast_from_rank0(latest.step if latest else None)
+        self.last = latest or (
+            None if step is None else CheckpointInfo(step=step, reason="", path=self.store.step_path(step))
+        )
+        return step or 0
 
     def in_flight_s(self) -> float:
         """About how long until the write in flight is durable: the last save's duration less its age."""

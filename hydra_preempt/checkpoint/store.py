@@ -10,11 +10,12 @@ checkpoints/
                            half-deleted directory ever carries a final name)
   corrupt-step-...         a checkpoint that failed verification, kept for
                            inspection and never loaded again
+  diverged-step-...        a checkpoint of a run that diverged, newer than its
+                           last healthy one (session/divergence.py): never loaded again
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from typing import Any, Callable
 
 from ..config import CheckpointConfig
 from ..errors import CheckpointDirError, CheckpointWriteError
-from ..fsutil import atomic_write_text, fsync_dir, read_regular
+from ..fsutil import atomic_write_text, disk_full_hint, fsync_dir, read_regular
 from .layout import (
     REASONS,
     CheckpointInfo,
@@ -287,10 +288,15 @@ class CheckpointStore:
         return None
 
     def _quarantine(self, path: Path, why: str) -> None:
-        target = path.with_name(f"corrupt-{path.name}-{int(time.time())}")
+        self.set_aside(path, "corrupt", why)
+
+    def set_aside(self, path: Path, label: str, why: str) -> Path:
+        """Rename a checkpoint to LABEL-step-...-TIME: never loaded or counted by retention again, nothing deleted."""
+        target = path.with_name(f"{label}-{path.name}-{int(time.time())}")
         os.rename(path, target)
         fsync_dir(self.directory)
         log.warning("moved %s aside as %s: %s", path.name, target.name, why)
+        return target
 
 
 def finite_metrics(metrics: dict[str, float], step: int) -> dict[str, float]:
@@ -299,10 +305,6 @@ def finite_metrics(metrics: dict[str, float], step: int) -> dict[str, float]:
     if dropped:
         log.warning("checkpoint step %d: metrics %s are not finite and are left out of its manifest", step, dropped)
     return {k: v for k, v in metrics.items() if k not in dropped}
-
-
-def disk_full_hint(e: OSError) -> str:
-    return " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
 
 
 def _hostname() -> str:

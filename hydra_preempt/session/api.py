@@ -26,8 +26,9 @@ Rank 0 writes one checkpoint holding the shared objects (registered with
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 
@@ -36,15 +37,17 @@ from ..checkpoint.layout import CorruptCheckpointError
 from ..checkpoint.store import CheckpointInfo, CheckpointStore
 from ..config import SessionConfig
 from ..distributed import agree, broadcast_from_rank0, gather_to_rank0, world
-from ..errors import CheckpointDirError, CheckpointReadError, ConfigError, HydraPreemptError
+from ..errors import CheckpointDirError, CheckpointReadError, ConfigError, HydraPreemptError, RunDirWriteError
 from ..outcome import Status
 from ..rundir import RESULT_FILE, MetricsLog, RunHistory, RunLock, remove_stale_temporaries, run_id, write_result
 from . import boundary
-from .divergence import Verdict
+from .divergence import HealthRule, Verdict
 from .signals import Request
 from .state import StateRegistry, StepStart, check_tree
 
 log = logging.getLogger("hydra_preempt")
+
+_NON_FINITE_ELSEWHERE = "a watched metric not finite on another rank"
 
 
 class RunStopped(BaseException):
@@ -87,6 +90,7 @@ class Session:
         self.resumed_from: int | None = None
         self.metrics: dict[str, float] = {}  # latest value of every reported metric
         self.signal_to_saved_s: float | None = None
+        self.result_error: str | None = None  # why result.json could not be written
         self._lock = RunLock(self.run_dir)
         self._metrics_log = MetricsLog(self.run_dir)
         self._rank, self._world_size = world()  # torch.distributed is set up before a session starts
@@ -95,6 +99,9 @@ class Session:
         self._loading = False  # set while restore() sets the objects
         self._step_metrics: dict[str, float] = {}
         self._last_step_metrics: dict[str, float] = {}
+        self._non_finite_since: int | None = None  # first step of the current run of nan/inf watched metrics
+        watched = (self.config.divergence.metric, self.config.checkpoint.metric)
+        self._watched = tuple(sorted({m for m in watched if m}))  # a nan/inf value of these is never saved
         self._open_step: StepStart | None = None  # set while a step runs
 
     @property
@@ -217,21 +224,37 @@ class Session:
             self._metrics_log.append({"step": self.step + (1 if self._open_step else 0), **values})
 
     def save(self, reason: str = "manual") -> CheckpointInfo | None:
-        """Save now; only valid between steps (before the loop, after it, or from a callback at a boundary)."""
+        """Save now; only valid between steps (before the loop, after it, or from a callback at a boundary).
+        None, with a warning, while a watched metric is not finite (such a state is never saved)."""
         if self._open_step is not None:
             raise ConfigError(
                 "save() inside a step would save a half-updated state; it runs at the step boundary by itself"
             )
+        bad = self._non_finite_on_any_rank()
+        if bad is not None:
+            log.warning("save() at step %d skipped: %s; a non-finite state is never saved", self.step, bad)
+            return None
         return self._save(reason, self._last_step_metrics)
 
     def save_final(self) -> CheckpointInfo | None:
-        """The checkpoint of a finished run (nothing is written if this state is on disk already)."""
+        """The checkpoint of a finished run (nothing is written if this state is on disk already).
+
+        A run that ends with a non-finite watched metric stops as diverged instead (RunStopped)."""
+        bad = self._non_finite_on_any_rank()
+        if bad is not None:
+            self._stop_diverged(f"training ended with {bad} at step {self.step}")
         return self._save("final", self._last_step_metrics)
 
     def write_result(self, result: dict[str, Any]) -> Path:
-        """Write result.json atomically (rank 0 only)."""
+        """Write result.json atomically (rank 0 only). If it cannot be written (disk full) training is
+        not interrupted: the final checkpoint is still saved and run() ends FAILED, so that a restart,
+        which resumes at the last step, writes it again."""
         if world()[0] == 0:
-            return write_result(self.run_dir, result)
+            try:
+                return write_result(self.run_dir, result)
+            except RunDirWriteError as e:
+                log.error("%s", e)
+                self.result_error = str(e)
         return self.run_dir / RESULT_FILE
 
     @property
@@ -252,6 +275,11 @@ class Session:
         metrics, self._step_metrics = self._step_metrics, {}
         self._last_step_metrics = metrics
         verdict = self._judge(metrics)
+        non_finite = self._non_finite()
+        if non_finite is None:
+            self._non_finite_since = None
+        elif self._non_finite_since is None:
+            self._non_finite_since = self.step
         periodic = self.checkpointer.periodic_due(self.step)
         if not boundary.agrees_at(self.step, world()[1], self.config.distributed.sync_every):
             return  # requests stay pending until the ranks next agree
@@ -264,22 +292,35 @@ class Session:
                 periodic,
                 verdict is Verdict.SUSPECT,
                 verdict is Verdict.DIVERGED,
+                non_finite is not None,
                 *self.checkpointer.background_flags(),
             ]
         )
-        self.checkpointer.settle(*map(bool, agreed[6:]))  # a background write's failure surfaces here
-        flags = boundary.BoundaryFlags(*map(bool, agreed[:6]))
+        self.checkpointer.settle(*map(bool, agreed[7:]))  # a background write's failure surfaces here
+        flags = boundary.BoundaryFlags(*map(bool, agreed[:7]))
         miss = bool(flags.stopping and agree([self._save_would_miss_deadline()])[0])
         action = boundary.decide(flags, miss)
         if action.stop is Status.DIVERGED:
-            why = (
-                self.detector.diverged_reason
-                if self.detector and self.detector.diverged_reason
-                else "the loss diverged on another rank"
+            if flags.diverged:
+                why = (
+                    self.detector.diverged_reason
+                    if self.detector and self.detector.diverged_reason
+                    else "the loss diverged on another rank"
+                )
+            else:
+                stop_request = requests.get(Request.CANCEL) or requests.get(Request.PREEMPT)
+                why = (
+                    f"{stop_request.name if stop_request else 'a stop signal to another rank'} received with "
+                    f"{non_finite or _NON_FINITE_ELSEWHERE} at step {self.step}: a non-finite state is not saved"
+                )
+            self._stop_diverged(why)
+        if action.unsaved_non_finite:
+            log.warning(
+                "%s at step %d: not saving this state; a due periodic checkpoint waits for finite values",
+                non_finite or _NON_FINITE_ELSEWHERE,
+                self.step,
             )
-            log.error("%s; stopping without saving this state (best checkpoints kept)", why)
-            raise RunStopped(Status.DIVERGED, why)
-        if action.deferred:
+        elif action.deferred:
             log.warning("step %d: loss spike, deferring the periodic checkpoint until the loss recovers", self.step)
         stop: Status | None = action.stop
         if action.save:
@@ -303,6 +344,33 @@ class Session:
                 f"state saved at step {self.step}" if saved == self.step else f"the checkpoint of step {saved} stands"
             )
             raise RunStopped(stop, f"{name} received: {state}", name, self.signals.first_received.get(request))
+
+    def _non_finite(self) -> str | None:
+        """'loss=nan' when the latest value of a watched metric (divergence.metric, checkpoint.metric)
+        is not finite: such a state is never saved."""
+        bad = [f"{k}={v}" for k in self._watched if not math.isfinite(v := self.metrics.get(k, 0.0))]
+        return ", ".join(bad) or None
+
+    def _non_finite_on_any_rank(self) -> str | None:
+        """`_non_finite()`, agreed over the ranks (a collective): every rank skips the same save."""
+        bad = self._non_finite()
+        return bad or (_NON_FINITE_ELSEWHERE if agree([bad is not None])[0] else None)
+
+    def _stop_diverged(self, why: str) -> NoReturn:
+        """Stop as diverged without saving this state; the checkpoints newer than the last healthy one
+        (divergence.HealthRule) are set aside, so that a restart resumes from a healthy state."""
+        metric = self.config.divergence.metric
+        since = self._non_finite_since
+        rule = self.detector.health_rule(since) if self.detector else HealthRule(since)
+        resume = self.checkpointer.set_aside(
+            lambda infos: rule.suspect_tail(infos, metric),
+            f"newer than the last healthy checkpoint of a run that diverged at step {self.step}",
+        )
+        where = (
+            f"a restart resumes from step {resume}" if resume else "a restart starts at step 0 (no healthy checkpoint)"
+        )
+        log.error("%s; this state is not saved, %s", why, where)
+        raise RunStopped(Status.DIVERGED, f"{why}; {where}")
 
     def _judge(self, metrics: dict[str, float]) -> Verdict:
         if self.detector is None or self.config.divergence.metric not in metrics:
@@ -362,6 +430,10 @@ class Session:
     def emergency_save(self) -> CheckpointInfo | None:
         """After an unhandled exception: save if the state is consistent, else explain why not."""
         if not self.config.checkpoint.emergency or not self._restored:
+            return None
+        bad = self._non_finite()
+        if bad is not None:
+            log.error("no emergency checkpoint: %s; a non-finite state is never saved", bad)
             return None
         if world()[1] > 1:
             log.error(

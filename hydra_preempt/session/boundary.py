@@ -5,6 +5,9 @@ due, the divergence verdict, agreed over all ranks) into `BoundaryFlags`,
 asks `decide`, and only executes the `Action` it returns:
 
     diverged                   -> stop DIVERGED, no save (the state is bad)
+    a watched metric is not finite (nan/inf): no save of this state; a preempt or cancel
+                               -> stop DIVERGED (a NaN state saved for a requeue is worse than
+                                  the steps lost since the last good checkpoint)
     cancel (SIGINT)            -> save "manual", stop CANCELLED
     preempt (TERM/USR2/HUP)    -> save "preempt", stop PREEMPTED
     checkpoint (SIGUSR1)       -> save "manual", go on
@@ -34,11 +37,12 @@ class BoundaryFlags:
     periodic: bool = False
     suspect: bool = False  # the loss spiked at this step: do not trust this state for a periodic save
     diverged: bool = False
+    non_finite: bool = False  # a watched metric's latest value is nan/inf: this state is never saved
 
     @property
     def stopping(self) -> bool:
         """A stop that saves first: only then does the deadline matter."""
-        return (self.preempt or self.cancel) and not self.diverged
+        return (self.preempt or self.cancel) and not self.diverged and not self.non_finite
 
 
 @dataclass(frozen=True)
@@ -46,12 +50,17 @@ class Action:
     save: str | None = None  # checkpoint reason: "preempt", "manual" or "periodic"; None: no save
     stop: Status | None = None  # after the save, if any
     deferred: bool = False  # a due periodic save waits (loss spike); it stays pending
+    unsaved_non_finite: bool = False  # a save was due but this state is not finite: not made
     skipped_for_deadline: bool = False  # a stop without its save: it would not finish before the kill
 
 
 def decide(flags: BoundaryFlags, save_would_miss_deadline: bool = False) -> Action:
     if flags.diverged:
         return Action(stop=Status.DIVERGED)
+    if flags.non_finite:
+        stop = Status.DIVERGED if flags.preempt or flags.cancel else None
+        due = flags.preempt or flags.cancel or flags.checkpoint or flags.periodic
+        return Action(stop=stop, deferred=flags.periodic, unsaved_non_finite=due)
     deferred = flags.periodic and flags.suspect
     periodic = flags.periodic and not flags.suspect
     stop = stop_status(flags.preempt, flags.cancel)

@@ -107,7 +107,11 @@ def run(
             raise RunStopped(Status.FAILED, spent)
         result = train_fn(session)
         session.save_final()
-        outcome = Outcome(Status.FINISHED, session.step, ExitCode.FINISHED, "finished", result)
+        if session.result_error:  # the work is in the final checkpoint: a restart writes the result again
+            why = f"{session.result_error}; the final checkpoint of step {session.step} is saved, run again to write it"
+            outcome = Outcome(Status.FAILED, session.step, ExitCode.FAILED, why, result)
+        else:
+            outcome = Outcome(Status.FINISHED, session.step, ExitCode.FINISHED, "finished", result)
     except RunStopped as stop:
         outcome = Outcome(
             stop.status,

@@ -3,9 +3,11 @@
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -343,3 +345,87 @@ def test_spike_scenario_stops_before_good_checkpoints_are_lost(tmp_path):
     assert [b["step"] for b in index["best"]] == [50, 25]
     stop = [e for e in read_events(tmp_path) if e["event"] == "stop"][-1]
     assert stop["reason"] == "diverged" and stop["exit_code"] == 3
+
+
+# -- divergence: what a diverged run leaves as its newest checkpoint ----------------
+
+
+def steps_of(run_dir, prefix):
+    """Steps of the checkpoint directories named PREFIX-step-NNNNNNNNN[...]."""
+    return sorted(int(p.name.split("step-")[1][:9]) for p in (run_dir / "checkpoints").glob(f"{prefix}step-*"))
+
+
+def stop_event(run_dir):
+    return [e for e in read_events(run_dir) if e["event"] == "stop"][-1]
+
+
+def test_a_loss_exploding_during_warm_up_leaves_a_healthy_newest_checkpoint(tmp_path, async_save):
+    nan = float("nan")
+    losses = [1.0, 0.9, 0.8, 3e28, 5e28, nan, nan, nan]  # 3e28 and 5e28 come before min_history: taken unjudged
+    cfg = config(
+        checkpoint={"every_steps": 1, "keep_last": 10, "keep_best": 2, "metric": "loss"},
+        divergence={"enabled": True, "window": 10, "factor": 2.0, "patience": 3, "min_history": 5},
+    )
+    # a short pause per step lets most background writes end before the next boundary
+    outcome = run(scripted_loss(losses, watch=lambda s, n: time.sleep(0.05)), tmp_path, cfg)
+    assert (outcome.status, outcome.exit_code, outcome.step) == (Status.DIVERGED, ExitCode.DIVERGED, 8)
+    # step 3's state produced the 3e28 of step 4: it and everything after are set aside, none deleted
+    kept, aside = [i.step for i in on_disk(tmp_path)], steps_of(tmp_path, "diverged-")
+    if async_save:  # a periodic save due while one is in flight is skipped
+        assert kept and max(kept) <= 2 and set(aside) <= {3, 4, 5}
+    else:
+        assert (kept, aside) == ([1, 2], [3, 4, 5])
+    newest = on_disk(tmp_path)[-1]
+    assert math.isfinite(newest.metrics["loss"]) and newest.metrics["loss"] <= 1.0
+    assert f"a restart resumes from step {newest.step}" in outcome.message and "\n" not in outcome.message
+    index = json.loads((tmp_path / "checkpoints" / "index.json").read_text())
+    assert index["latest"] == newest.step and {b["step"] for b in index["best"]} == set(kept)
+    assert stop_event(tmp_path)["checkpoint_step"] == newest.step
+    again = run(scripted_loss([1.0, 0.9, 0.8, 0.7, 0.6]), tmp_path, cfg)
+    assert again.status is Status.FINISHED and stop_event(tmp_path)["resumed_from"] == newest.step
+
+
+def test_a_save_in_flight_when_divergence_fires_is_waited_for_and_set_aside(tmp_path, monkeypatch):
+    slow_save = CheckpointStore.save
+
+    def save(self, *args, **kwargs):
+        time.sleep(0.3)  # the write of step 4 is still going on when step 5 diverges
+        return slow_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointStore, "save", save)
+    cfg = config(
+        checkpoint={"every_steps": 2, "keep_last": 10},
+        divergence={"enabled": True, "window": 10, "factor": 2.0, "patience": 1, "min_history": 3},
+    )
+    pause_in_3 = lambda s, n: n == 3 and time.sleep(0.5)  # noqa: E731 (the save of step 2 ends meanwhile)
+    outcome = run(scripted_loss([1.0, 0.9, 0.8, 0.7, 50.0], watch=pause_in_3), tmp_path, cfg)
+    assert (outcome.status, outcome.step) == (Status.DIVERGED, 5)
+    assert [i.step for i in on_disk(tmp_path)] == [2] and steps_of(tmp_path, "diverged-") == [4]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert "a restart resumes from step 2" in outcome.message
+
+
+def test_a_stop_signal_at_a_nan_loss_saves_nothing_and_stops_as_diverged(tmp_path, caplog):
+    nan = float("nan")
+    losses = [1.0, 0.9, 0.8, 0.7, 0.6, nan, nan, nan, nan, nan]
+    term_after_8 = lambda s, n: n == 8 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="hydra_preempt"):
+        outcome = run(scripted_loss(losses, watch=term_after_8), tmp_path, config(checkpoint={"every_steps": 3}))
+    assert (outcome.status, outcome.exit_code, outcome.step) == (Status.DIVERGED, ExitCode.DIVERGED, 8)
+    assert "SIGTERM received with loss=nan at step 8" in outcome.message
+    assert "a restart resumes from step 3" in outcome.message
+    assert [i.step for i in on_disk(tmp_path)] == [3]  # 6 and 9: nan, not saved; nothing saved for the stop
+    assert "loss=nan at step 6: not saving this state" in caplog.text
+
+
+def test_a_run_that_ends_at_a_nan_loss_saves_no_final_checkpoint(tmp_path, async_save):
+    nan = float("nan")
+    outcome = run(scripted_loss([1.0, 0.9, 0.8, 0.7, nan]), tmp_path, config(checkpoint={"every_steps": 2}))
+    assert (outcome.status, outcome.exit_code) == (Status.DIVERGED, ExitCode.DIVERGED)
+    assert "training ended with loss=nan at step 5" in outcome.message
+    # step 4's state produced the nan of step 5: set aside (in the background it may have been skipped)
+    assert [i.step for i in on_disk(tmp_path)] == [2] and steps_of(tmp_path, "diverged-") in (
+        [4],
+        [] if async_save else [4],
+    )
+    assert "a restart resumes from step 2" in outcome.message

@@ -215,3 +215,12 @@ def test_a_waiting_duplicate_stopped_by_a_signal_leaves_the_run_alone(tmp_path):
     assert second.wait() == ExitCode.REQUEUE, second.output
     assert first.wait() == ExitCode.FINISHED, first.output
     assert {e["pid"] for e in read_events(tmp_path)} == {first._proc.pid}
+
+
+def test_a_learning_rate_that_explodes_at_once_leaves_no_diverged_checkpoint_as_the_newest(tmp_path):
+    # lr=1e4: the loss is 3e28 at step 2 (inside min_history: taken unjudged), then inf and nan
+    proc = TrainProcess(tmp_path, ["optim.lr=1e4", "trainer.max_steps=20", "checkpoint.every_steps=1"])
+    assert proc.run() == ExitCode.DIVERGED, proc.output
+    checkpoints = tmp_path / "checkpoints"
+    assert not list(checkpoints.glob("step-*")) and list(checkpoints.glob("diverged-step-*"))
+    assert "a restart starts at step 0 (no healthy checkpoint)" in proc.output

@@ -16,8 +16,8 @@ from hydra_preempt.session.boundary import (
     stop_status,
 )
 
-FIELDS = ("preempt", "cancel", "checkpoint", "periodic", "suspect", "diverged")
-ALL_CASES = [(BoundaryFlags(*bits[:6]), bits[6]) for bits in itertools.product((False, True), repeat=7)]
+FIELDS = ("preempt", "cancel", "checkpoint", "periodic", "suspect", "diverged", "non_finite")
+ALL_CASES = [(BoundaryFlags(*bits[:7]), bits[7]) for bits in itertools.product((False, True), repeat=8)]
 
 
 @pytest.mark.parametrize("flags, miss", ALL_CASES)
@@ -25,6 +25,12 @@ def test_every_combination_obeys_the_rules(flags, miss):
     action = decide(flags, miss)
     if flags.diverged:  # nothing of a diverged state is saved, whatever else was asked
         assert action == Action(stop=Status.DIVERGED)
+        return
+    if flags.non_finite:  # a nan/inf state is never saved; a stop that would save it stops as diverged
+        assert action.save is None and not action.skipped_for_deadline
+        assert action.stop is (Status.DIVERGED if flags.preempt or flags.cancel else None)
+        assert action.deferred == flags.periodic
+        assert action.unsaved_non_finite == (flags.preempt or flags.cancel or flags.checkpoint or flags.periodic)
         return
     # a stop is exactly what the signals asked for; a cancel outranks a preemption
     expected_stop = Status.CANCELLED if flags.cancel else Status.PREEMPTED if flags.preempt else None
@@ -58,6 +64,9 @@ def test_every_combination_obeys_the_rules(flags, miss):
         (BoundaryFlags(preempt=True), True, Action(stop=Status.PREEMPTED, skipped_for_deadline=True)),
         (BoundaryFlags(checkpoint=True), True, Action(save="manual")),  # no stop: the deadline does not apply
         (BoundaryFlags(preempt=True, diverged=True), True, Action(stop=Status.DIVERGED)),
+        (BoundaryFlags(periodic=True, non_finite=True), False, Action(deferred=True, unsaved_non_finite=True)),
+        (BoundaryFlags(preempt=True, non_finite=True), False, Action(stop=Status.DIVERGED, unsaved_non_finite=True)),
+        (BoundaryFlags(non_finite=True), False, Action()),
     ],
 )
 def test_the_table(flags, miss, action):
@@ -66,7 +75,7 @@ def test_the_table(flags, miss, action):
 
 def test_the_deadline_matters_only_for_a_stop_that_saves():
     for flags, _ in ALL_CASES:
-        assert flags.stopping == ((flags.preempt or flags.cancel) and not flags.diverged)
+        assert flags.stopping == ((flags.preempt or flags.cancel) and not flags.diverged and not flags.non_finite)
         if not flags.stopping:
             assert decide(flags, True) == decide(flags, False)
 
