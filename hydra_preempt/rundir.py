@@ -25,12 +25,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import CheckpointDirError
 from .fsutil import append_line_durably, atomic_write_text
 
 RUN_LOG = "run_log.jsonl"
 METRICS_LOG = "metrics.jsonl"
 RESULT_FILE = "result.json"
 RUN_LOCK = ".run.lock"
+
+
+def create_run_dir(path: Path | str) -> Path:
+    """Create the run directory and its parents; CheckpointDirError naming it when it cannot be used."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointDirError(f"run directory {path} is not usable: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CheckpointDirError(f"run directory {path} is not usable: not writable")
+    return path
 
 
 @dataclass(frozen=True)

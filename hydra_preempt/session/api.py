@@ -36,9 +36,9 @@ from ..checkpoint.layout import CorruptCheckpointError
 from ..checkpoint.store import CheckpointInfo, CheckpointStore
 from ..config import SessionConfig
 from ..distributed import agree, gather_to_rank0, world
-from ..errors import CheckpointDirError, CheckpointReadError, ConfigError, HydraPreemptError
+from ..errors import CheckpointReadError, ConfigError, HydraPreemptError
 from ..outcome import Status
-from ..rundir import RESULT_FILE, MetricsLog, RunHistory, RunLock, write_result
+from ..rundir import RESULT_FILE, MetricsLog, RunHistory, RunLock, create_run_dir, write_result
 from . import boundary
 from .divergence import Verdict
 from .signals import Request
@@ -106,10 +106,7 @@ class Session:
     # -- life cycle (driven by run()) -------------------------------------
     def open(self) -> None:
         """Create the run directory, check the checkpoint directory, install the signal handlers."""
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CheckpointDirError(f"run directory {self.run_dir} is not usable: {e.strerror or e}") from None
+        create_run_dir(self.run_dir)
         self.checkpointer.prepare()
         self.signals.install()
 

@@ -141,6 +141,33 @@ def test_invalid_session_value_exits_2_with_the_key_named(tmp_path):
     assert "checkpoint.keep_last must be an integer >= 1" in proc.output and "Traceback" not in proc.output
 
 
+@pytest.mark.parametrize(
+    ("run_dir", "overrides", "message"),
+    [
+        ("run", ["+chekpoint.every_steps=5"], "invalid configuration: unknown section(s) chekpoint; known: checkpoint"),
+        (
+            "run",
+            ["trainer.max_steps=abc"],
+            "invalid configuration: trainer.max_steps must be a positive integer, got 'abc'",
+        ),
+        ("a-file/run", [], "Error in hydra.run.dir: run directory {tmp}/a-file/run is not usable: Not a directory"),
+        (
+            "run",
+            ["hydra.mode=MULTIRUN", "hydra.sweep.dir={tmp}/a-file/sweep"],
+            "run directory {tmp}/a-file/sweep is not usable",
+        ),
+    ],
+    ids=["unknown-section", "train-key", "run-dir", "sweep-dir"],
+)
+def test_bad_configuration_exits_2_before_the_run_starts(tmp_path, run_dir, overrides, message):
+    """One line naming the key or directory, exit 2, and no run started: no run log, no checkpoint."""
+    (tmp_path / "a-file").write_text("")
+    proc = TrainProcess(tmp_path / run_dir, [o.format(tmp=tmp_path) for o in ["trainer.max_steps=2", *overrides]])
+    assert proc.run() == ExitCode.USAGE, proc.output
+    assert message.format(tmp=tmp_path) in proc.output and "Traceback" not in proc.output
+    assert not list(tmp_path.glob("**/run_log.jsonl")) and not list(tmp_path.glob("**/checkpoints"))
+
+
 def test_unusable_checkpoint_directory_exits_2(tmp_path):
     (tmp_path / "a-file").write_text("")
     proc = TrainProcess(tmp_path / "run", [f"checkpoint.dir={tmp_path / 'a-file' / 'ckpt'}", "trainer.max_steps=5"])
