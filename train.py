@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import TensorDataset
 
-from hydra_preempt import ConfigError, ExitCode, ResumableLoader, Session, SessionConfig, exit_with, run
+from hydra_preempt import ConfigError, ExitCode, JobContext, ResumableLoader, Session, SessionConfig, exit_with, run
 from hydra_preempt.config import Rule, check_app_config
 
 log = logging.getLogger("train")
@@ -161,12 +161,14 @@ def main(cfg: DictConfig):
         log.error("invalid configuration: %s", e)
         sys.exit(ExitCode.USAGE)
     run_dir = HydraConfig.get().runtime.output_dir
-    outcome = run(lambda session: train(session, cfg), run_dir, config)
+    ends_process = HydraConfig.get().mode == RunMode.RUN  # a sweep: the launcher's job context (or none)
+    job = JobContext(ends_process=True) if ends_process else None
+    outcome = run(lambda session: train(session, cfg), run_dir, config, job)
     print(
         f"{outcome.status.value} at step {outcome.step} (exit code {int(outcome.exit_code)}): {outcome.message}",
         flush=True,
     )
-    if HydraConfig.get().mode == RunMode.RUN:
+    if ends_process:
         exit_with(outcome)  # under SLURM (srun python train.py): requeues when that is the job's part
     return outcome  # a sweep: the launcher concludes it
 

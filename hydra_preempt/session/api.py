@@ -110,9 +110,14 @@ class Session:
         self.checkpointer.prepare()
         self.signals.install()
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """`finished`: the run's outcome is decided, so stop signals are held (dropped) instead of
+        restored: the caller uninstalls them unless the process ends next (see run())."""
         self.checkpointer.join()  # a periodic save still being written ends before the process does
-        self.signals.uninstall()
+        if finished:
+            self.signals.hold()
+        else:
+            self.signals.uninstall()
         self._metrics_log.close()
         self._lock.release()
 

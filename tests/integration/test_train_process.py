@@ -1,5 +1,6 @@
 """train.py as a real process, stopped by real signals at random steps, SIGKILLed during saves."""
 
+import itertools
 import random
 import signal
 import time
@@ -242,3 +243,25 @@ def test_a_waiting_duplicate_stopped_by_a_signal_leaves_the_run_alone(tmp_path):
     assert second.wait() == ExitCode.REQUEUE, second.output
     assert first.wait() == ExitCode.FINISHED, first.output
     assert {e["pid"] for e in read_events(tmp_path)} == {first._proc.pid}
+
+
+def test_stop_signals_after_the_run_finished_leave_exit_code_0(tmp_path):
+    """From the moment result.json appears until the process is gone, a stop signal every 2 ms:
+    the finished run must still exit 0 (a late SIGTERM used to turn it into a kill, -15)."""
+    storm = itertools.cycle([signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2])
+    for attempt in range(2):
+        run_dir = tmp_path / str(attempt)
+        proc = TrainProcess(run_dir, ["trainer.max_steps=20", "checkpoint.every_steps=10"]).start()
+        assert proc._proc is not None
+        while not (run_dir / "result.json").exists():
+            assert proc._proc.poll() is None, proc.output
+            time.sleep(0.001)
+        sent = 0
+        while proc._proc.poll() is None:
+            proc.send(next(storm))
+            sent += 1
+            time.sleep(0.002)
+        assert proc.wait() == ExitCode.FINISHED, f"{sent} signals\n{proc.output}"
+        assert sent >= 4, "the process ended before the signals: the test did not test them"
+        assert proc.result()["step"] == 20
+        assert read_events(run_dir)[-1]["reason"] == "finished"
