@@ -22,14 +22,40 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import TensorDataset
 
-from hydra_preempt import ConfigError, ExitCode, ResumableLoader, Session, SessionConfig, exit_with, run
+from hydra_preempt import ConfigError, ExitCode, JobContext, ResumableLoader, Session, SessionConfig, exit_with, run
+from hydra_preempt.config import Rule, check_app_config
 
 log = logging.getLogger("train")
+
+POSITIVE_INT = Rule(int, "a positive integer", lambda v: v > 0)
+NATURAL = Rule(int, "an integer >= 0", lambda v: v >= 0)
+NON_NEGATIVE = Rule(float, "a finite number >= 0", lambda v: v >= 0)
+
+# Every key of train.py's own sections (conf/config.yaml); the session's sections are hydra_preempt's.
+KEYS = {
+    "trainer.max_steps": POSITIVE_INT,
+    "trainer.seed": NATURAL,
+    "trainer.batch_size": POSITIVE_INT,
+    "trainer.log_every": POSITIVE_INT,
+    "trainer.threads": POSITIVE_INT,
+    "trainer.step_sleep": NON_NEGATIVE,
+    "trainer.parallel": Rule(str, "ddp or fsdp", lambda v: v in ("ddp", "fsdp")),
+    "model.hidden": POSITIVE_INT,
+    "model.depth": NATURAL,  # 0: a linear model
+    "model.dropout": Rule(float, "a number in [0, 1)", lambda v: 0 <= v < 1),
+    "data.samples": POSITIVE_INT,
+    "data.features": POSITIVE_INT,
+    "data.noise": NON_NEGATIVE,
+    "data.seed": NATURAL,
+    "optim.lr": Rule(float, "a finite number > 0", lambda v: v > 0),
+    "optim.weight_decay": NON_NEGATIVE,
+}
 
 
 def make_dataset(cfg: DictConfig) -> TensorDataset:
@@ -74,8 +100,6 @@ def train(session: Session, cfg: DictConfig) -> dict:
     dataset = make_dataset(cfg.data)
     model = make_model(cfg.model, cfg.data.features)
     torch.manual_seed(t.seed + rank)  # but each rank its own dropout stream
-    if t.parallel not in ("ddp", "fsdp"):
-        raise ConfigError(f"trainer.parallel must be ddp or fsdp, got {t.parallel!r}")
     if distributed and t.parallel == "fsdp":
         fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
         forward = model
@@ -119,11 +143,14 @@ def train(session: Session, cfg: DictConfig) -> dict:
 
 
 def session_config(cfg: DictConfig) -> SessionConfig:
-    """The session's sections of the app config (checkpoint, divergence, signals, distributed, requeue)."""
-    sections = OmegaConf.to_container(
-        OmegaConf.masked_copy(cfg, ["checkpoint", "divergence", "signals", "distributed", "requeue"]), resolve=True
-    )
-    return SessionConfig.from_mapping(sections)  # type: ignore[arg-type]
+    """Check every key of the app config (KEYS, then the session's sections); return the session's part.
+
+    Before run(): a bad value ends with one line and exit 2, no run log entry, no checkpoint."""
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:  # an interpolation that does not resolve
+        raise ConfigError(str(e).splitlines()[0]) from None
+    return check_app_config(values, KEYS)  # type: ignore[arg-type]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -134,12 +161,14 @@ def main(cfg: DictConfig):
         log.error("invalid configuration: %s", e)
         sys.exit(ExitCode.USAGE)
     run_dir = HydraConfig.get().runtime.output_dir
-    outcome = run(lambda session: train(session, cfg), run_dir, config)
+    ends_process = HydraConfig.get().mode == RunMode.RUN  # a sweep: the launcher's job context (or none)
+    job = JobContext(ends_process=True) if ends_process else None
+    outcome = run(lambda session: train(session, cfg), run_dir, config, job)
     print(
         f"{outcome.status.value} at step {outcome.step} (exit code {int(outcome.exit_code)}): {outcome.message}",
         flush=True,
     )
-    if HydraConfig.get().mode == RunMode.RUN:
+    if ends_process:
         exit_with(outcome)  # under SLURM (srun python train.py): requeues when that is the job's part
     return outcome  # a sweep: the launcher concludes it
 

@@ -2,6 +2,8 @@
 
 `SessionConfig.from_mapping` builds one from a plain or OmegaConf mapping and
 rejects unknown keys and wrong types with the key's full name.
+`check_app_config` checks an app's whole config the same way: its own
+sections by a table of rules, the session's sections, no other section.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from .checkpoint.retention import RetentionPolicy
 from .errors import ConfigError
@@ -98,9 +100,7 @@ def _build(cls: type, mapping: Mapping[str, Any], prefix: str) -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(mapping).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(mapping) - names)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(names))}")
+    _refuse_unknown(mapping, names, prefix)
     values = {}
     for name, value in mapping.items():
         hint = hints[name]
@@ -109,6 +109,57 @@ def _build(cls: type, mapping: Mapping[str, Any], prefix: str) -> Any:
         else:
             values[name] = _check_type(value, hint, prefix + name)
     return cls(**values)
+
+
+def _refuse_unknown(given: Any, known: set[str], prefix: str, what: str = "key") -> None:
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown {what}(s) {', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(known))}"
+        )
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one key of an app's own section must be: a type, checked as the session's keys are
+    (no bool for a number, floats finite), and a range; `says` is the message's "must be ..."."""
+
+    type: type  # int, float, bool or str
+    says: str  # "a positive integer"
+    test: Callable[[Any], bool] = lambda value: True
+
+    def check(self, value: Any, key: str) -> None:
+        try:
+            ok = self.test(_check_type(value, self.type, key))
+        except ConfigError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key} must be {self.says}, got {value!r}")
+
+
+def check_app_config(config: Mapping[str, Any], rules: Mapping[str, Rule]) -> SessionConfig:
+    """Check an app's whole (resolved) config before anything runs; return its session part.
+
+    `rules` maps every key of the app's own sections ('trainer.max_steps') to its Rule; a key
+    missing or not in the table is refused. The session's sections (checkpoint, divergence, ...)
+    are checked by SessionConfig. Any other top-level key is refused: a section added with a typo
+    (`+chekpoint.every_steps=5`) would otherwise be silently ignored.
+    """
+    own = {key.split(".")[0] for key in rules}
+    session = {f.name for f in dataclasses.fields(SessionConfig)}
+    # "hydra": Hydra's own section, absent from the config a task function gets; present in a composed one
+    _refuse_unknown(config, own | session | {"hydra"}, "", "section")
+    for section in sorted(own):
+        values = config.get(section)
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{section} must be a mapping, got {values!r}")
+        _refuse_unknown(values, {key.split(".", 1)[1] for key in rules if key.startswith(section + ".")}, section + ".")
+    for key, rule in rules.items():
+        section, name = key.split(".", 1)
+        if name not in config[section]:
+            raise ConfigError(f"{key} is missing")
+        rule.check(config[section][name], key)
+    return SessionConfig.from_mapping({name: config[name] for name in session if name in config})
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:

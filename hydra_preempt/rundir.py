@@ -54,6 +54,18 @@ def _write_failure(path: Path, what: str, e: OSError) -> str:
     return f"could not {what} {path}{disk_full_hint(e)}: {e.strerror or e}"
 
 
+def create_run_dir(path: Path | str) -> Path:
+    """Create the run directory and its parents; CheckpointDirError naming it when it cannot be used."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointDirError(f"run directory {path} is not usable: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CheckpointDirError(f"run directory {path} is not usable: not writable")
+    return path
+
+
 @dataclass(frozen=True)
 class JobIdentity:
     """Which job and which start of it wrote an event (the scheduler's view; None outside a job)."""

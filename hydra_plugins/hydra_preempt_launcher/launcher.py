@@ -66,7 +66,7 @@ class PreemptLauncher(Launcher):
     ) -> JobReturn:
         import submitit
 
-        from hydra_preempt.doors.submitit import RunFailed, init_from_job
+        from hydra_preempt.doors.submitit import RunFailed, init_from_job, job_ends_process
         from hydra_preempt.outcome import Outcome, Status
         from hydra_preempt.session.runner import JobContext, current_job
         from hydra_preempt.slurm.policy import RESUME_EXIT_CODES, conclude
@@ -88,7 +88,7 @@ class PreemptLauncher(Launcher):
                     sweep_config.hydra.sweep[key] = value
         init_from_job("auto")
         outcomes: List[Outcome] = []
-        job = JobContext(budget=self._budget(), on_outcome=outcomes.append)
+        job = JobContext(budget=self._budget(), on_outcome=outcomes.append, ends_process=job_ends_process())
         token = current_job.set(job)
         try:
             ret = run_job(

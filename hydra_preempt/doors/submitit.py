@@ -76,7 +76,8 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> Any:
         init_from_job(self.distributed_backend)
-        outcome = run(self.train_fn, Path(self.run_dir), self.config, JobContext(budget=self.budget))
+        job = JobContext(budget=self.budget, ends_process=job_ends_process())
+        outcome = run(self.train_fn, Path(self.run_dir), self.config, job)
         if outcome.status is Status.FINISHED:
             return outcome.result
         code = conclude(outcome, before_requeue=self._resubmit_pickle)
@@ -173,3 +174,15 @@ def init_from_job(backend: str | None = "auto") -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     dist.init_process_group(backend)
+
+
+def job_ends_process() -> bool:
+    """True inside a job's own process (SLURM, submitit local), which exits after the task.
+
+    False for submitit's debug executor and outside a job: the task runs inside the caller's
+    program, which must get its signal handlers back (see JobContext.ends_process).
+    """
+    try:
+        return submitit.JobEnvironment().cluster != "debug"
+    except RuntimeError:  # not inside a submitit job
+        return False

@@ -37,9 +37,18 @@ from ..checkpoint.layout import CorruptCheckpointError
 from ..checkpoint.store import CheckpointInfo, CheckpointStore
 from ..config import SessionConfig
 from ..distributed import agree, broadcast_from_rank0, gather_to_rank0, world
-from ..errors import CheckpointDirError, CheckpointReadError, ConfigError, HydraPreemptError, RunDirWriteError
+from ..errors import CheckpointReadError, ConfigError, HydraPreemptError, RunDirWriteError
 from ..outcome import Status
-from ..rundir import RESULT_FILE, MetricsLog, RunHistory, RunLock, remove_stale_temporaries, run_id, write_result
+from ..rundir import (
+    RESULT_FILE,
+    MetricsLog,
+    RunHistory,
+    RunLock,
+    create_run_dir,
+    remove_stale_temporaries,
+    run_id,
+    write_result,
+)
 from . import boundary
 from .divergence import HealthRule, Verdict
 from .signals import Request
@@ -115,10 +124,7 @@ class Session:
     # -- life cycle (driven by run()) -------------------------------------
     def open(self) -> None:
         """Create the run directory, install the signal handlers (then: wait_for_run_lock, prepare)."""
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CheckpointDirError(f"run directory {self.run_dir} is not usable: {e.strerror or e}") from None
+        create_run_dir(self.run_dir)
         self.signals.install()
 
     def prepare(self) -> None:
@@ -134,9 +140,14 @@ class Session:
         self.run_id = run_id(self.run_dir)
         return {"run_id": self.run_id, "run_dir": str(self.run_dir.absolute())}
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """`finished`: the run's outcome is decided, so stop signals are held (dropped) instead of
+        restored: the caller uninstalls them unless the process ends next (see run())."""
         self.checkpointer.join()  # a periodic save still being written ends before the process does
-        self.signals.uninstall()
+        if finished:
+            self.signals.hold()
+        else:
+            self.signals.uninstall()
         self._metrics_log.close()
         self._lock.release()
 

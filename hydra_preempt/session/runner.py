@@ -37,11 +37,16 @@ class JobContext:
                  Inside SLURM, run() classifies stops and reads the job's restart count from the scheduler.
     on_outcome:  receives the outcome of run() (a launcher concludes it even if the task function
                  does not return it).
+    ends_process: the process exits right after run() (a job of a door, a script's main that calls
+                 exit_with). A finished run then keeps dropping stop signals until the exit, so that a
+                 late SIGTERM cannot turn exit code 0 into a kill; otherwise (run() inside a program
+                 that goes on) run() restores the program's own handlers before it returns.
     """
 
     budget: RequeueBudget | None = None
     slurm_task: SlurmTask | None = field(default_factory=SlurmTask.from_env)
     on_outcome: Callable[[Outcome], None] | None = None
+    ends_process: bool = False
 
 
 # Set by a door around user code that calls run() (the Hydra launcher around the task function).
@@ -102,6 +107,7 @@ def run(
     if run_log:
         run_log.append("start", checkpoint_dir=str(session.checkpointer.store.directory.absolute()))
     spent = budget.exhausted(history.stop_count("preempted"), history.stop_count("timeout"))
+    outcome: Outcome | None = None
     try:
         if spent:
             raise RunStopped(Status.FAILED, spent)
@@ -133,22 +139,29 @@ def run(
         note = f"; emergency checkpoint at step {saved.step}" if saved else ""
         outcome = Outcome(Status.FAILED, session.step, ExitCode.FAILED, f"{type(e).__name__}: {e}{note}")
     finally:
-        session.close()
-    outcome.run_dir = str(session.run_dir)
-    outcome.job = identity if job.slurm_task is not None else None
-    if policy is not None:
-        outcome = policy.classify(outcome)
-    if job.on_outcome is not None:
-        job.on_outcome(outcome)
-    if run_log:
-        run_log.append(
-            "stop",
-            reason=outcome.status.value,
-            exit_code=int(outcome.exit_code),
-            resumed_from=session.resumed_from,
-            step=outcome.step,
-            checkpoint_step=session.last_checkpoint.step if session.last_checkpoint else None,
-            signal_to_saved_s=session.signal_to_saved_s,
-            message=outcome.message,
-        )
-    return outcome
+        # Only a finished run holds its stop signals: after any other outcome there is work left
+        # (a requeue, waiting for SLURM's kill) that a second signal may still end.
+        session.close(finished=outcome is not None and outcome.status is Status.FINISHED)
+    assert outcome is not None  # every path of the try sets it or raises
+    try:
+        outcome.run_dir = str(session.run_dir)
+        outcome.job = identity if job.slurm_task is not None else None
+        if policy is not None:
+            outcome = policy.classify(outcome)
+        if job.on_outcome is not None:
+            job.on_outcome(outcome)
+        if run_log:
+            run_log.append(
+                "stop",
+                reason=outcome.status.value,
+                exit_code=int(outcome.exit_code),
+                resumed_from=session.resumed_from,
+                step=outcome.step,
+                checkpoint_step=session.last_checkpoint.step if session.last_checkpoint else None,
+                signal_to_saved_s=session.signal_to_saved_s,
+                message=outcome.message,
+            )
+        return outcome
+    finally:
+        if not job.ends_process:
+            session.signals.uninstall()  # the program goes on: its own handlers again (a no-op if restored)

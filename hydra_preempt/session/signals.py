@@ -12,6 +12,9 @@ afterwards from the scheduler's view of the job (see requeue.classify_stop).
 
 Handlers never do I/O or raise: a signal that lands in the middle of a save
 only sets a flag, and repeated signals set the same flag once.
+
+After a finished run, `hold()` keeps these signals from killing the process
+while it exits: a late SIGTERM must not turn exit code 0 into -15.
 """
 
 from __future__ import annotations
@@ -68,9 +71,21 @@ class SignalRequests:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:
+        """Restore the handlers that were there before install() (also after hold())."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)  # type: ignore[arg-type]
         self._previous.clear()
+
+    def hold(self) -> None:
+        """The run finished: from now on these signals are ignored, until uninstall().
+
+        Restoring the previous handlers here would hand a late SIGTERM to SIG_DFL, which kills the
+        finishing process (exit -15 instead of 0). SIG_IGN, not a Python handler: the interpreter
+        resets its Python handlers to SIG_DFL early in its shutdown, before the modules (torch) are
+        torn down, which would open the window again; an ignored signal stays ignored to the end.
+        """
+        for signum in self._previous:
+            signal.signal(signum, signal.SIG_IGN)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         request = self._meaning[signal.Signals(signum)]

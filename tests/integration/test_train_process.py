@@ -1,5 +1,6 @@
 """train.py as a real process, stopped by real signals at random steps, SIGKILLed during saves."""
 
+import itertools
 import random
 import signal
 import time
@@ -141,6 +142,33 @@ def test_invalid_session_value_exits_2_with_the_key_named(tmp_path):
     assert "checkpoint.keep_last must be an integer >= 1" in proc.output and "Traceback" not in proc.output
 
 
+@pytest.mark.parametrize(
+    ("run_dir", "overrides", "message"),
+    [
+        ("run", ["+chekpoint.every_steps=5"], "invalid configuration: unknown section(s) chekpoint; known: checkpoint"),
+        (
+            "run",
+            ["trainer.max_steps=abc"],
+            "invalid configuration: trainer.max_steps must be a positive integer, got 'abc'",
+        ),
+        ("a-file/run", [], "Error in hydra.run.dir: run directory {tmp}/a-file/run is not usable: Not a directory"),
+        (
+            "run",
+            ["hydra.mode=MULTIRUN", "hydra.sweep.dir={tmp}/a-file/sweep"],
+            "run directory {tmp}/a-file/sweep is not usable",
+        ),
+    ],
+    ids=["unknown-section", "train-key", "run-dir", "sweep-dir"],
+)
+def test_bad_configuration_exits_2_before_the_run_starts(tmp_path, run_dir, overrides, message):
+    """One line naming the key or directory, exit 2, and no run started: no run log, no checkpoint."""
+    (tmp_path / "a-file").write_text("")
+    proc = TrainProcess(tmp_path / run_dir, [o.format(tmp=tmp_path) for o in ["trainer.max_steps=2", *overrides]])
+    assert proc.run() == ExitCode.USAGE, proc.output
+    assert message.format(tmp=tmp_path) in proc.output and "Traceback" not in proc.output
+    assert not list(tmp_path.glob("**/run_log.jsonl")) and not list(tmp_path.glob("**/checkpoints"))
+
+
 def test_unusable_checkpoint_directory_exits_2(tmp_path):
     (tmp_path / "a-file").write_text("")
     proc = TrainProcess(tmp_path / "run", [f"checkpoint.dir={tmp_path / 'a-file' / 'ckpt'}", "trainer.max_steps=5"])
@@ -224,3 +252,25 @@ def test_a_learning_rate_that_explodes_at_once_leaves_no_diverged_checkpoint_as_
     checkpoints = tmp_path / "checkpoints"
     assert not list(checkpoints.glob("step-*")) and list(checkpoints.glob("diverged-step-*"))
     assert "a restart starts at step 0 (no healthy checkpoint)" in proc.output
+
+
+def test_stop_signals_after_the_run_finished_leave_exit_code_0(tmp_path):
+    """From the moment result.json appears until the process is gone, a stop signal every 2 ms:
+    the finished run must still exit 0 (a late SIGTERM used to turn it into a kill, -15)."""
+    storm = itertools.cycle([signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2])
+    for attempt in range(2):
+        run_dir = tmp_path / str(attempt)
+        proc = TrainProcess(run_dir, ["trainer.max_steps=20", "checkpoint.every_steps=10"]).start()
+        assert proc._proc is not None
+        while not (run_dir / "result.json").exists():
+            assert proc._proc.poll() is None, proc.output
+            time.sleep(0.001)
+        sent = 0
+        while proc._proc.poll() is None:
+            proc.send(next(storm))
+            sent += 1
+            time.sleep(0.002)
+        assert proc.wait() == ExitCode.FINISHED, f"{sent} signals\n{proc.output}"
+        assert sent >= 4, "the process ended before the signals: the test did not test them"
+        assert proc.result()["step"] == 20
+        assert read_events(run_dir)[-1]["reason"] == "finished"
