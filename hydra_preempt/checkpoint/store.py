@@ -16,6 +16,7 @@ checkpoints/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -244,7 +245,7 @@ class CheckpointStore:
                 {"step": i.step, "reason": i.reason, "metrics": dict(i.metrics)} for i in infos if i.step in plan.keep
             ],
         }
-        atomic_write_text(self.directory / INDEX_FILE, json.dumps(index, indent=1))
+        written = self._write_index(index, retry=False)
         for step in plan.delete:
             path = by_step[step].path
             doomed = path.with_name(f".deleting-{path.name}")
@@ -253,7 +254,29 @@ class CheckpointStore:
             log.debug("retention removed %s", path.name)
         if plan.delete:
             fsync_dir(self.directory)
+        if not written:
+            self._write_index(index, retry=True)
         return plan
+
+    def _write_index(self, index: dict, retry: bool) -> bool:
+        """Write index.json; on a failure (a full disk) remove the old one, so that it never names a
+        checkpoint retention is about to delete. The retry, after deletions freed space, only warns:
+        the index is a summary, the checkpoints themselves are complete, the next save writes it."""
+        path = self.directory / INDEX_FILE
+        try:
+            atomic_write_text(path, json.dumps(index, indent=1))
+            return True
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+            if retry:
+                log.warning(
+                    "%s could not be written%s: %s; the checkpoints are complete, the next save writes it",
+                    path,
+                    disk_full_hint(e),
+                    e.strerror or e,
+                )
+            return False
 
     # -- loading --------------------------------------------------------
     def load(self, info: CheckpointInfo) -> Any:

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import random
 
 import numpy as np
@@ -192,3 +193,52 @@ def test_unusable_directories_are_refused_clearly(tmp_path, tmpfs):
     read_only = tmpfs("1m", "ro")
     with pytest.raises(CheckpointDirError, match="Read-only file system"):
         CheckpointStore(read_only / "ckpt").prepare()
+
+
+def _fill_leaving(directory, pages: int) -> None:
+    """Fill a tmpfs until it is full, then free exactly `pages` pages (tmpfs allocates by page)."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096) == 4096:
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    os.truncate(filler, (filler.stat().st_size // 4096 - pages) * 4096)
+
+
+def test_disk_full_in_the_index_rewrite_leaves_a_consistent_directory(tmpfs, caplog):
+    """The new checkpoint fits, index.json does not: the old index is removed (it would name a deleted
+    checkpoint), retention deletes anyway (which frees space), and the index is written after."""
+    directory = tmpfs("1m")
+    store = CheckpointStore(directory / "ckpt", RetentionPolicy(keep_last=2))
+    store.prepare()
+    save(store, 1, size=100)
+    save(store, 2, size=100)
+    _fill_leaving(directory, pages=3)  # tensors.bin, state.json, MANIFEST.json of one more checkpoint
+    with caplog.at_level(logging.WARNING, logger="hydra_preempt.checkpoint"):
+        save(store, 3, size=100)
+    assert sorted(p.name for p in (directory / "ckpt").iterdir()) == ["index.json", "step-000000002", "step-000000003"]
+    index = json.loads((directory / "ckpt" / "index.json").read_text())
+    assert index["latest"] == 3 and [c["step"] for c in index["checkpoints"]] == [2, 3]
+    assert store.load_latest()[0].step == 3
+
+
+def test_disk_full_with_nothing_to_delete_leaves_no_stale_index(tmpfs, caplog):
+    directory = tmpfs("1m")
+    store = CheckpointStore(directory / "ckpt", RetentionPolicy(keep_last=5))
+    store.prepare()
+    save(store, 1, size=100)
+    _fill_leaving(directory, pages=3)
+    with caplog.at_level(logging.WARNING, logger="hydra_preempt.checkpoint"):
+        save(store, 2, size=100)
+    names = sorted(p.name for p in (directory / "ckpt").iterdir())
+    index = directory / "ckpt" / "index.json"
+    assert "step-000000002" in names and not any(".tmp-" in n for n in names)
+    # either no index (and a warning that says so), or an index that names the new checkpoint
+    assert (not index.exists() and "could not be written (disk full)" in caplog.text) or json.loads(
+        index.read_text()
+    )["latest"] == 2
+    assert store.load_latest()[0].step == 2
