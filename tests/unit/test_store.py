@@ -238,7 +238,7 @@ def test_disk_full_with_nothing_to_delete_leaves_no_stale_index(tmpfs, caplog):
     index = directory / "ckpt" / "index.json"
     assert "step-000000002" in names and not any(".tmp-" in n for n in names)
     # either no index (and a warning that says so), or an index that names the new checkpoint
-    assert (not index.exists() and "could not be written (disk full)" in caplog.text) or json.loads(
-        index.read_text()
-    )["latest"] == 2
+    assert (not index.exists() and "could not be written (disk full)" in caplog.text) or json.loads(index.read_text())[
+        "latest"
+    ] == 2
     assert store.load_latest()[0].step == 2
