@@ -303,25 +303,44 @@ class Checkpointer:
             step=w.step, reason=w.reason, metrics=w.metrics, path=self.store.step_path(w.step), sharded=w.sharded
         )
 
-    def wait(self) -> None:
-        """Let the write in flight end and settle it (a collective on multi-rank runs)."""
-        if self._background is None:
-            return
-        if self._background.thread is not None:
-            self._background.thread.join()
-        failed = agree(self.background_flags())[1]
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Let the write in flight end and settle it (a collective on multi-rank runs). With a timeout
+        (the time left before the kill): False if the write is still in flight on some rank after it,
+        agreed by every rank; it is then left to its thread (a stalled file system must not keep a
+        stopping job from ending; the previous checkpoint stands, and its temporary directory is
+        removed at the next start)."""
+        w = self._background
+        if w is None:
+            return True
+        if w.thread is not None:
+            w.thread.join(None if timeout_s is None else max(0.0, timeout_s))
+        pending, failed = agree(self.background_flags())
+        if pending:
+            log.error(
+                "the checkpoint of step %d is still being written after %.1f s; not waiting for it any longer",
+                w.step,
+                time.monotonic() - w.started,
+            )
+            return False
         try:
             self.settle(False, bool(failed))
         except CheckpointWriteError as e:  # the save that waits is still made (and fails on its own if it must)
             log.error("%s", e)
+        return True
 
-    def join(self) -> None:
-        """Let the write in flight end, without any collective (closing, maybe after an error); log a failure."""
+    def join(self, timeout_s: float | None = None) -> None:
+        """Let the write in flight end (for at most `timeout_s`), without any collective (closing, maybe
+        after an error); log a failure, or that it was left unfinished."""
         w, self._background = self._background, None
-        if w is not None and w.thread is not None:
-            w.thread.join()
-            if w.error:
-                log.error("%s", w.error)
+        if w is None or w.thread is None:
+            return
+        w.thread.join(None if timeout_s is None else max(0.0, timeout_s))
+        if w.thread.is_alive():
+            log.error("the checkpoint of step %d was not finished before the process ended", w.step)
+        elif w.error:
+            log.error("%s", w.error)
+        elif w.info is not None:  # rank 0's whole tree is complete (a sharded one needs the ranks' commit)
+            self._saved(w.info, w.started, w.finished or time.monotonic())
 
     def set_aside(self, suspect: Callable[[list[CheckpointInfo]], list[CheckpointInfo]], why: str) -> int:
         """After a divergence: let the write in flight end, then (rank 0) rename the checkpoints that

@@ -143,7 +143,7 @@ class Session:
     def close(self, finished: bool = False) -> None:
         """`finished`: the run's outcome is decided, so stop signals are held (dropped) instead of
         restored: the caller uninstalls them unless the process ends next (see run())."""
-        self.checkpointer.join()  # a periodic save still being written ends before the process does
+        self.checkpointer.join(self._time_to_kill_s())  # a save still being written ends before the process does
         if finished:
             self.signals.hold()
         else:
@@ -334,7 +334,9 @@ class Session:
         elif action.deferred:
             log.warning("step %d: loss spike, deferring the periodic checkpoint until the loss recovers", self.step)
         stop: Status | None = action.stop
-        if action.save:
+        if action.save and stop is not None and not self.checkpointer.wait(self._wait_before_stop_save_s()):
+            log.error("not saving at step %d: %s", self.step, self.checkpointer.store.intact_note())
+        elif action.save:
             if action.save == "periodic" and self.config.checkpoint.async_save:
                 self._save_in_background(metrics)  # staged at this boundary, written by a thread
             else:
@@ -346,7 +348,7 @@ class Session:
             )
             requests = {**late, **requests}
         if stop is not None:
-            self.checkpointer.wait()  # a stop takes what is being written with it
+            self.checkpointer.wait(self._time_to_kill_s())  # a stop takes what is being written with it
             request = Request.CANCEL if stop is Status.CANCELLED else Request.PREEMPT
             self._note_signal_latency(request)
             name = requests[request].name if request in requests else "a signal to another rank"
@@ -405,6 +407,18 @@ class Session:
             self.last_checkpoint.step,
         )
         return True
+
+    def _time_to_kill_s(self) -> float | None:
+        """How long a stopping process may wait for a write in flight: until shortly before the kill
+        (None: no kill is known, wait as long as it takes)."""
+        left = self.seconds_left() if self.seconds_left is not None else None
+        return None if left is None else left - boundary.DEADLINE_MARGIN_S
+
+    def _wait_before_stop_save_s(self) -> float | None:
+        """How long a stop save may wait for the write in flight and still have time for itself."""
+        left = self._time_to_kill_s()
+        last_save_s = self.checkpointer.last_save_s
+        return None if left is None else left - boundary.save_estimate_s(last_save_s or 0.0)
 
     def _note_signal_latency(self, request: Request) -> None:
         received = self.signals.first_received.get(request)

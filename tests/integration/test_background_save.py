@@ -85,3 +85,60 @@ def test_a_background_write_that_fails_stops_the_run_at_a_later_boundary(tmp_pat
     stop = [e for e in read_events(tmp_path) if e["event"] == "stop"][-1]
     assert stop["reason"] == "failed" and stop["exit_code"] == ExitCode.FAILED
     assert json.loads((small / "ckpt" / "step-000000010" / "MANIFEST.json").read_text())["step"] == 10
+
+
+def test_a_stop_does_not_wait_past_the_kill_for_a_stalled_write(tmp_path, monkeypatch):
+    """A background write that hangs (a stalled file system): the stop ends before the kill deadline,
+    exit 75, the previous checkpoint standing; nothing else is waited for."""
+    import threading
+    import time
+
+    from hydra_preempt.session import runner
+
+    release = threading.Event()
+    real_save = CheckpointStore.save
+
+    def stalled_at_step_20(self, snapshot, step, *args, **kwargs):
+        if step == 20:
+            release.wait(60)  # the file system stops answering
+        return real_save(self, snapshot, step, *args, **kwargs)
+
+    kill_at = []
+
+    class DeadlineSession(runner.Session):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.seconds_left = lambda: kill_at[0] - time.monotonic() if kill_at else None
+
+    def preempt_at_21(session, step):
+        if step == 21:
+            kill_at.append(time.monotonic() + 4.0)  # SLURM: SIGTERM now, SIGKILL in 4 s
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(CheckpointStore, "save", stalled_at_step_20)
+    monkeypatch.setattr(runner, "Session", DeadlineSession)
+    try:
+        outcome = run(filling(40, preempt_at_21), tmp_path, config())
+        ended = time.monotonic()
+    finally:
+        release.set()
+        for thread in threading.enumerate():  # in a real job the process is gone; here, let it end first
+            if thread.name == "checkpoint-20":
+                thread.join()
+    assert (outcome.status, outcome.exit_code) == (Status.PREEMPTED, ExitCode.REQUEUE)
+    assert ended < kill_at[0], "the stop waited past the kill"
+    assert "the checkpoint of step 10 stands" in outcome.message
+    assert read_events(tmp_path)[-1]["checkpoint_step"] == 10
+    monkeypatch.undo()
+    resumed = run(filling(40), tmp_path, config())
+    assert resumed.status is Status.FINISHED and resumed.result == {"blob": 40.0}
+
+
+def test_the_run_log_names_a_background_checkpoint_that_finished_while_the_run_failed(tmp_path):
+    def fail_at_11(session, step):
+        if step == 11:
+            raise RuntimeError("a bug at step 12")
+
+    outcome = run(filling(40, fail_at_11), tmp_path, config(emergency=False))
+    assert outcome.status is Status.FAILED
+    assert read_events(tmp_path)[-1]["checkpoint_step"] == 10
