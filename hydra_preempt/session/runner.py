@@ -9,7 +9,13 @@ one piece of context state in the library, a `contextvars.ContextVar`.
 from __future__ import annotations
 
 import contextvars
+import datetime as dt
+import faulthandler
 import logging
+import os
+import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +26,17 @@ from ..distributed import world
 from ..errors import CheckpointReadError, CheckpointWriteError, HydraPreemptError
 from ..outcome import EXIT_CODES, ExitCode, Outcome, Status
 from ..rundir import JobIdentity, RunHistory, RunLog
+from ..slurm.commands import SlurmError, requeue_job
 from ..slurm.env import SlurmTask
 from ..slurm.policy import SlurmStopPolicy
 from ..slurm.stop import RequeueBudget
 from .api import RunStopped, Session
+from .watchdog import HangReport
 
 log = logging.getLogger("hydra_preempt")
+
+# A hung process ends after this long even if ending it cleanly blocks (scontrol, a flush).
+HANG_EXIT_BACKSTOP_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,8 @@ def run(
     run_log = RunLog(session.run_dir, identity) if world()[0] == 0 else None  # one run log per run, not per rank
     if run_log:
         run_log.append("start", checkpoint_dir=str(session.checkpointer.store.directory.absolute()))
+    if config.watchdog.enabled:
+        session.watchdog.start(lambda report: _end_hung_process(session, report, run_log, job.slurm_task))
     spent = budget.exhausted(history.stop_count("preempted"), history.stop_count("timeout"))
     outcome: Outcome | None = None
     try:
@@ -165,3 +178,56 @@ def run(
     finally:
         if not job.ends_process:
             session.signals.uninstall()  # the program goes on: its own handlers again (a no-op if restored)
+
+
+def _end_hung_process(session: Session, report: HangReport, run_log: RunLog | None, task: SlurmTask | None) -> None:
+    """On the watchdog's thread: dump every thread's stack, record the hang, requeue, end the process.
+
+    Nothing is saved from a hung state: the last checkpoint stands. This takes no lock the hung
+    training thread may hold: the message goes to fd 2 with os.write, the run log and the stack file
+    are appended by file descriptor, scontrol is a subprocess; if any of it blocks all the same, a
+    backstop thread ends the process after HANG_EXIT_BACKSTOP_S. Only rank 0 writes the run log and
+    requeues (a hang of a collective hangs every rank); every rank dumps its stacks and exits.
+    """
+    code = int(ExitCode.HANG)
+    threading.Thread(target=_exit_after, args=(HANG_EXIT_BACKSTOP_S, code), daemon=True).start()
+    rank = world()[0]
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stacks = session.run_dir / f"hang-stacks-{stamp}{f'-rank{rank}' if rank else ''}.txt"
+    what = f"no progress for {report.waited_s:.0f} s in the {report.phase} after step {session.step}"
+    with open(stacks, "w", encoding="utf-8") as f:
+        f.write(f"{what} (allowed {report.allowed_s:.0f} s); the stack of every thread:\n")
+        f.flush()
+        faulthandler.dump_traceback(f, all_threads=True)
+        os.fsync(f.fileno())
+    checkpoint = session.last_checkpoint
+    where = f"the checkpoint of step {checkpoint.step} stands" if checkpoint else "no checkpoint yet"
+    message = f"hang: {what}; stacks in {stacks.name}; nothing saved, {where}"
+    os.write(2, f"hydra_preempt: {message}; ending the process (exit {code})\n".encode())
+    if run_log is not None:
+        run_log.append(
+            "stop",
+            reason=Status.HANG.value,
+            exit_code=code,
+            resumed_from=session.resumed_from,
+            step=session.step,
+            checkpoint_step=checkpoint.step if checkpoint else None,
+            message=message,
+            stacks=stacks.name,
+        )
+        if task is not None:
+            try:
+                requeue_job(task.job_id)
+                run_log.append("requeue", step=session.step)
+            except SlurmError as e:
+                os.write(2, f"hydra_preempt: requeueing job {task.job_id} failed: {e}\n".encode())
+    for handler in logging.getLogger().handlers + log.handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _exit_after(seconds: float, code: int) -> None:
+    time.sleep(seconds)
+    os._exit(code)

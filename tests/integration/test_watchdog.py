@@ -1,0 +1,52 @@
+"""The hang watchdog in a real process: a step that never ends is found, its stack dumped, the run restarts."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hydra_preempt.outcome import ExitCode
+from hydra_preempt.rundir import read_events
+from tests.e2e.helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def start(run_dir, *args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.hang_worker", str(run_dir), *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_a_hung_step_ends_the_process_with_its_stacks_and_a_rerun_resumes(tmp_path):
+    proc = start(tmp_path, 20, 12)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("blocking in step 12"):
+            break
+    blocked_at = time.monotonic()
+    output = proc.stdout.read()
+    assert proc.wait(timeout=60) == ExitCode.HANG, output
+    assert time.monotonic() - blocked_at < 15  # timeout_s=2, polled every 0.1 s
+    assert "Traceback" not in output and "hang: no progress" in output
+
+    [stacks] = tmp_path.glob("hang-stacks-*.txt")
+    text = stacks.read_text()
+    assert "in the step after step 12" in text
+    assert 'hang_worker.py", line' in text and "in train" in text  # the blocking frame
+    assert "threading.py" in text and "in wait" in text
+
+    stop = read_events(tmp_path)[-1]
+    assert stop["event"] == "stop" and stop["reason"] == "hang" and stop["exit_code"] == ExitCode.HANG
+    assert stop["step"] == 12 and stop["checkpoint_step"] == 10 and stop["stacks"] == stacks.name
+
+    rerun = start(tmp_path, 20)
+    output, _ = rerun.communicate(timeout=120)
+    assert rerun.returncode == ExitCode.FINISHED, output
+    last = read_events(tmp_path)[-1]
+    assert last["reason"] == "finished" and last["resumed_from"] == 10 and last["step"] == 20
