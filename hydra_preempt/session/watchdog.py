@@ -1,7 +1,7 @@
 """The hang watchdog: a thread that notices when the training loop stops making progress.
 
 The session beats the heartbeat at every step boundary (`Watchdog.beat`: one
-monotonic clock read and two stores, ~0.2 us). A daemon thread compares the
+monotonic clock read and two stores, ~0.3 us measured). A daemon thread compares the
 time since the last beat with the allowed time:
 
 - before the first step ends (start-up, restore): `startup_s`;
