@@ -19,6 +19,7 @@ from .errors import ConfigError
 from .session.divergence import LossSpikeDetector
 from .session.signals import SignalRequests
 from .session.watchdog import Watchdog
+from .slurm.failures import FailureTable
 from .slurm.stop import RequeueBudget
 
 # The time-limit warning: the app's signals.timeout and the executors' `signal` default to it.
@@ -86,6 +87,16 @@ class WatchdogConfig:
 
 
 @dataclass
+class FailuresConfig:
+    table: Optional[str] = (
+        None  # a YAML file that replaces the shipped failure table (hydra_preempt/slurm/failures.yaml)
+    )
+
+    def load(self) -> FailureTable:
+        return FailureTable.load(self.table)
+
+
+@dataclass
 class SessionConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
@@ -93,6 +104,7 @@ class SessionConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     requeue: RequeueBudget = field(default_factory=RequeueBudget)  # max_preemptions, max_timeouts
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    failures: FailuresConfig = field(default_factory=FailuresConfig)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> SessionConfig:
@@ -113,6 +125,7 @@ class SessionConfig:
         self.divergence.detector()
         self.signals.requests()
         self.watchdog.watchdog()
+        self.failures.load()
 
 
 def _build(cls: type, mapping: Mapping[str, Any], prefix: str) -> Any:

@@ -53,3 +53,6 @@ class Outcome:
     requeue_by: str | None = None  # under SLURM: "self", "slurm" or "none" (requeue.Requeuer)
     kill_deadline: float | None = None  # under SLURM: when the job will be killed (time.time())
     job: JobIdentity | None = None  # the job and start that ran, for the run log of what follows
+    failure: str | None = None  # a failure's class (slurm/failures.py), with the evidence and the restart decision
+    evidence: str | None = None
+    restart_reason: str | None = None

@@ -145,6 +145,10 @@ class RunHistory:
     def stop_count(self, reason: str) -> int:
         return sum(1 for e in self.stops if e.get("reason") == reason)
 
+    def failure_count(self, failure: str) -> int:
+        """Stops of the run classified as this failure class (slurm/failures.py): its restart attempts so far."""
+        return sum(1 for e in self.stops if e.get("failure") == failure)
+
     @property
     def status(self) -> str:
         """'not started', 'running' (a start without a stop: running, or killed without a word),

@@ -23,13 +23,14 @@ from typing import Any, Callable
 
 from ..config import SessionConfig
 from ..distributed import world
-from ..errors import CheckpointReadError, CheckpointWriteError, HydraPreemptError
+from ..errors import CheckpointReadError, CheckpointWriteError, ConfigError, HydraPreemptError
 from ..outcome import EXIT_CODES, ExitCode, Outcome, Status
 from ..rundir import JobIdentity, RunHistory, RunLog
 from ..slurm.commands import SlurmError, requeue_job
 from ..slurm.env import SlurmTask
+from ..slurm.failures import FailureTable, RestartDecision, classify, decide
 from ..slurm.policy import SlurmStopPolicy
-from ..slurm.stop import RequeueBudget
+from ..slurm.stop import RequeueBudget, Requeuer
 from .api import RunStopped, Session
 from .watchdog import HangReport
 
@@ -82,6 +83,11 @@ def run(
     """
     config = config or SessionConfig()
     job = job or current_job.get() or JobContext()
+    try:
+        failures = config.failures.load()
+    except ConfigError as e:
+        log.error("%s", e)
+        return Outcome(Status.FAILED, 0, ExitCode.USAGE, str(e), run_dir=str(run_dir))
     session = Session(run_dir, config)
     try:
         session.open()
@@ -118,7 +124,10 @@ def run(
     if run_log:
         run_log.append("start", checkpoint_dir=str(session.checkpointer.store.directory.absolute()))
     if config.watchdog.enabled:
-        session.watchdog.start(lambda report: _end_hung_process(session, report, run_log, job.slurm_task))
+        hang_decision = decide(failures, Status.HANG.value, history.failure_count(Status.HANG.value) + 1)
+        session.watchdog.start(
+            lambda report: _end_hung_process(session, report, run_log, job.slurm_task, hang_decision)
+        )
     spent = budget.exhausted(history.stop_count("preempted"), history.stop_count("timeout"))
     outcome: Outcome | None = None
     try:
@@ -147,10 +156,11 @@ def run(
         log.error("%s", e)
         outcome = Outcome(Status.FAILED, session.step, ExitCode.USAGE, str(e))
     except Exception as e:
-        log.error("training failed at step %d:\n%s", session.step, traceback.format_exc())
+        trace = traceback.format_exc()
+        log.error("training failed at step %d:\n%s", session.step, trace)
         saved = session.emergency_save()
         note = f"; emergency checkpoint at step {saved.step}" if saved else ""
-        outcome = Outcome(Status.FAILED, session.step, ExitCode.FAILED, f"{type(e).__name__}: {e}{note}")
+        outcome = _failed(session.step, f"{type(e).__name__}: {e}{note}", trace, failures, history)
     finally:
         # Only a finished run holds its stop signals: after any other outcome there is work left
         # (a requeue, waiting for SLURM's kill) that a second signal may still end.
@@ -173,6 +183,7 @@ def run(
                 checkpoint_step=session.last_checkpoint.step if session.last_checkpoint else None,
                 signal_to_saved_s=session.signal_to_saved_s,
                 message=outcome.message,
+                **_failure_fields(outcome),
             )
         return outcome
     finally:
@@ -180,7 +191,43 @@ def run(
             session.signals.uninstall()  # the program goes on: its own handlers again (a no-op if restored)
 
 
-def _end_hung_process(session: Session, report: HangReport, run_log: RunLog | None, task: SlurmTask | None) -> None:
+def _failed(step: int, message: str, trace: str, failures: FailureTable, history: RunHistory) -> Outcome:
+    """The outcome of an exception in the training function: its failure class (from the traceback's
+    text) and the restart policy's decision. A class to restart within its budget (an NCCL error)
+    ends like a preemption: exit 75, requeued inside SLURM; any other fails, with the reason."""
+    name, evidence = classify(failures, None, None, Status.FAILED.value, trace)
+    decision = decide(failures, name, history.failure_count(name) + 1)
+    code = ExitCode.REQUEUE if decision.restart else ExitCode.FAILED
+    return Outcome(
+        Status.FAILED,
+        step,
+        code,
+        f"{message}; {decision.reason}",
+        requeue_by=Requeuer.SELF.value if decision.restart else None,
+        failure=name,
+        evidence=evidence,
+        restart_reason=decision.reason,
+    )
+
+
+def _failure_fields(outcome: Outcome) -> dict[str, str]:
+    """The run log's record of a failure's class and restart decision (RunHistory.failure_count counts them)."""
+    if outcome.failure is None:
+        return {}
+    return {
+        "failure": outcome.failure,
+        "evidence": outcome.evidence or "",
+        "restart_reason": outcome.restart_reason or "",
+    }
+
+
+def _end_hung_process(
+    session: Session,
+    report: HangReport,
+    run_log: RunLog | None,
+    task: SlurmTask | None,
+    decision: RestartDecision,
+) -> None:
     """On the watchdog's thread: dump every thread's stack, record the hang, requeue, end the process.
 
     Nothing is saved from a hung state: the last checkpoint stands. This takes no lock the hung
@@ -202,7 +249,7 @@ def _end_hung_process(session: Session, report: HangReport, run_log: RunLog | No
         os.fsync(f.fileno())
     checkpoint = session.last_checkpoint
     where = f"the checkpoint of step {checkpoint.step} stands" if checkpoint else "no checkpoint yet"
-    message = f"hang: {what}; stacks in {stacks.name}; nothing saved, {where}"
+    message = f"hang: {what}; stacks in {stacks.name}; nothing saved, {where}; {decision.reason}"
     os.write(2, f"hydra_preempt: {message}; ending the process (exit {code})\n".encode())
     if run_log is not None:
         run_log.append(
@@ -214,8 +261,11 @@ def _end_hung_process(session: Session, report: HangReport, run_log: RunLog | No
             checkpoint_step=checkpoint.step if checkpoint else None,
             message=message,
             stacks=stacks.name,
+            failure=Status.HANG.value,
+            evidence=f"watchdog: {what}",
+            restart_reason=decision.reason,
         )
-        if task is not None:
+        if task is not None and decision.restart:
             try:
                 requeue_job(task.job_id)
                 run_log.append("requeue", step=session.step)

@@ -192,7 +192,7 @@ def decide(table: FailureTable, name: str, attempt: int) -> RestartDecision:
     'retry budget exhausted (attempt 4/3)' once attempts exceed the class's max_restarts."""
     failure = table.get(name)
     if failure is None or not failure.restart:
-        return RestartDecision(False, f"{name} is not restarted (policy of {table.source})")
+        return RestartDecision(False, f"{name}: not restarted")
     if failure.max_restarts is not None and attempt > failure.max_restarts:
         return RestartDecision(False, f"{name}: retry budget exhausted (attempt {attempt}/{failure.max_restarts})")
     budget = f"/{failure.max_restarts}" if failure.max_restarts is not None else ""

@@ -44,6 +44,7 @@ def test_a_hung_step_ends_the_process_with_its_stacks_and_a_rerun_resumes(tmp_pa
     stop = read_events(tmp_path)[-1]
     assert stop["event"] == "stop" and stop["reason"] == "hang" and stop["exit_code"] == ExitCode.HANG
     assert stop["step"] == 12 and stop["checkpoint_step"] == 10 and stop["stacks"] == stacks.name
+    assert stop["failure"] == "hang" and stop["restart_reason"] == "hang: restart (attempt 1/3)"
 
     rerun = start(tmp_path, 20)
     output, _ = rerun.communicate(timeout=120)
