@@ -146,8 +146,9 @@ class RunHistory:
         return sum(1 for e in self.stops if e.get("reason") == reason)
 
     def failure_count(self, failure: str) -> int:
-        """Stops of the run classified as this failure class (slurm/failures.py): its restart attempts so far."""
-        return sum(1 for e in self.stops if e.get("failure") == failure)
+        """Ends of the run classified as this failure class (slurm/failures.py), by the run itself (its stop)
+        or by the monitor (a `failure` event): the class's restart attempts so far."""
+        return sum(1 for e in self.events if e["event"] in ("stop", "failure") and e.get("failure") == failure)
 
     @property
     def status(self) -> str:

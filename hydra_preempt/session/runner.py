@@ -210,13 +210,14 @@ def _failed(step: int, message: str, trace: str, failures: FailureTable, history
     )
 
 
-def _failure_fields(outcome: Outcome) -> dict[str, str]:
+def _failure_fields(outcome: Outcome) -> dict[str, Any]:
     """The run log's record of a failure's class and restart decision (RunHistory.failure_count counts them)."""
     if outcome.failure is None:
         return {}
     return {
         "failure": outcome.failure,
         "evidence": outcome.evidence or "",
+        "restart": outcome.exit_code == ExitCode.REQUEUE,
         "restart_reason": outcome.restart_reason or "",
     }
 
@@ -263,6 +264,7 @@ def _end_hung_process(
             stacks=stacks.name,
             failure=Status.HANG.value,
             evidence=f"watchdog: {what}",
+            restart=decision.restart,
             restart_reason=decision.reason,
         )
         if task is not None and decision.restart:

@@ -51,7 +51,7 @@ def test_an_nccl_error_requeues_within_its_budget_then_fails_with_the_reason(tmp
     assert (first.status, first.exit_code, first.failure) == (Status.FAILED, ExitCode.REQUEUE, "nccl")
     assert first.restart_reason == "nccl: restart (attempt 1/1)" and first.requeue_by == "self"
     stop = read_events(run_dir)[-1]
-    assert stop["failure"] == "nccl" and stop["exit_code"] == ExitCode.REQUEUE
+    assert stop["failure"] == "nccl" and stop["exit_code"] == ExitCode.REQUEUE and stop["restart"] is True
     assert "DistBackendError: NCCL error in:" in stop["evidence"]
 
     second = run(trainer(9, error), run_dir, config(tmp_path, max_restarts=1), NO_SLURM)
