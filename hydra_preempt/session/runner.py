@@ -239,45 +239,65 @@ def _end_hung_process(
     """
     code = int(ExitCode.HANG)
     threading.Thread(target=_exit_after, args=(HANG_EXIT_BACKSTOP_S, code), daemon=True).start()
+    try:
+        _record_hang(session, report, run_log, task, decision, code)
+    finally:  # whatever failed on the way (a full disk), the hung process ends
+        for handler in logging.getLogger().handlers + log.handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _record_hang(
+    session: Session,
+    report: HangReport,
+    run_log: RunLog | None,
+    task: SlurmTask | None,
+    decision: RestartDecision,
+    code: int,
+) -> None:
     rank = world()[0]
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     stacks = session.run_dir / f"hang-stacks-{stamp}{f'-rank{rank}' if rank else ''}.txt"
     what = f"no progress for {report.waited_s:.0f} s in the {report.phase} after step {session.step}"
-    with open(stacks, "w", encoding="utf-8") as f:
-        f.write(f"{what} (allowed {report.allowed_s:.0f} s); the stack of every thread:\n")
-        f.flush()
-        faulthandler.dump_traceback(f, all_threads=True)
-        os.fsync(f.fileno())
+    try:
+        with open(stacks, "w", encoding="utf-8") as f:
+            f.write(f"{what} (allowed {report.allowed_s:.0f} s); the stack of every thread:\n")
+            f.flush()
+            faulthandler.dump_traceback(f, all_threads=True)
+            os.fsync(f.fileno())
+        stacks_at = stacks.name
+    except OSError as e:  # the run directory cannot take them: the job's log can
+        os.write(2, f"hydra_preempt: cannot write {stacks} ({e.strerror or e}); the stacks:\n".encode())
+        faulthandler.dump_traceback(2, all_threads=True)
+        stacks_at = "the job's stderr"
     checkpoint = session.last_checkpoint
     where = f"the checkpoint of step {checkpoint.step} stands" if checkpoint else "no checkpoint yet"
-    message = f"hang: {what}; stacks in {stacks.name}; nothing saved, {where}; {decision.reason}"
+    message = f"hang: {what}; stacks in {stacks_at}; nothing saved, {where}; {decision.reason}"
     os.write(2, f"hydra_preempt: {message}; ending the process (exit {code})\n".encode())
-    if run_log is not None:
-        run_log.append(
-            "stop",
-            reason=Status.HANG.value,
-            exit_code=code,
-            resumed_from=session.resumed_from,
-            step=session.step,
-            checkpoint_step=checkpoint.step if checkpoint else None,
-            message=message,
-            stacks=stacks.name,
-            failure=Status.HANG.value,
-            evidence=f"watchdog: {what}",
-            restart=decision.restart,
-            restart_reason=decision.reason,
-        )
-        if task is not None and decision.restart:
-            try:
-                requeue_job(task.job_id)
-                run_log.append("requeue", step=session.step)
-            except SlurmError as e:
-                os.write(2, f"hydra_preempt: requeueing job {task.job_id} failed: {e}\n".encode())
-    for handler in logging.getLogger().handlers + log.handlers:
-        handler.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    if run_log is None:
+        return
+    run_log.append(
+        "stop",
+        reason=Status.HANG.value,
+        exit_code=code,
+        resumed_from=session.resumed_from,
+        step=session.step,
+        checkpoint_step=checkpoint.step if checkpoint else None,
+        message=message,
+        stacks=stacks_at,
+        failure=Status.HANG.value,
+        evidence=f"watchdog: {what}",
+        restart=decision.restart,
+        restart_reason=decision.reason,
+    )
+    if task is not None and decision.restart:
+        try:
+            requeue_job(task.job_id)
+            run_log.append("requeue", step=session.step)
+        except SlurmError as e:
+            os.write(2, f"hydra_preempt: requeueing job {task.job_id} failed: {e}\n".encode())
 
 
 def _exit_after(seconds: float, code: int) -> None:
