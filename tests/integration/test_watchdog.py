@@ -1,5 +1,6 @@
 """The hang watchdog in a real process: a step that never ends is found, its stack dumped, the run restarts."""
 
+import os
 import subprocess
 import sys
 import time
@@ -9,14 +10,16 @@ import pytest
 from hydra_preempt.outcome import ExitCode
 from hydra_preempt.rundir import read_events
 from tests.e2e.helpers import ROOT
+from tests.integration.test_multi_rank import free_port
 
 pytestmark = pytest.mark.slow
 
 
-def start(run_dir, *args):
+def start(run_dir, *args, env=None):
     return subprocess.Popen(
         [sys.executable, "-m", "tests.integration.hang_worker", str(run_dir), *map(str, args)],
         cwd=ROOT,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -49,5 +52,32 @@ def test_a_hung_step_ends_the_process_with_its_stacks_and_a_rerun_resumes(tmp_pa
     rerun = start(tmp_path, 20)
     output, _ = rerun.communicate(timeout=120)
     assert rerun.returncode == ExitCode.FINISHED, output
+    last = read_events(tmp_path)[-1]
+    assert last["reason"] == "finished" and last["resumed_from"] == 10 and last["step"] == 20
+
+
+def start_ranks(run_dir, *args):
+    port = str(free_port())
+    ranks = []
+    for rank in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2"}
+        ranks.append(start(run_dir, *args, env=env))
+    return ranks
+
+
+def test_a_rank_that_hangs_ends_every_rank_and_the_run_resumes(tmp_path):
+    ranks = start_ranks(tmp_path, 20, 12)  # rank 1 blocks in step 12, rank 0 then waits in the boundary's all-reduce
+    outputs = [p.communicate(timeout=120)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [ExitCode.HANG, ExitCode.HANG], outputs
+    [rank0] = [p.read_text() for p in tmp_path.glob("hang-stacks-*.txt") if "-rank" not in p.name]
+    rank1 = next(tmp_path.glob("hang-stacks-*-rank1.txt")).read_text()
+    assert "in agree" in rank0  # the boundary's collective, waiting for rank 1
+    assert 'hang_worker.py", line' in rank1 and "in wait" in rank1
+    [stop] = [e for e in read_events(tmp_path) if e["event"] == "stop"]  # one entry, rank 0's
+    assert stop["reason"] == "hang" and stop["checkpoint_step"] == 10
+
+    rerun = start_ranks(tmp_path, 20)
+    outputs = [p.communicate(timeout=120)[0] for p in rerun]
+    assert [p.returncode for p in rerun] == [ExitCode.FINISHED] * 2, outputs
     last = read_events(tmp_path)[-1]
     assert last["reason"] == "finished" and last["resumed_from"] == 10 and last["step"] == 20
