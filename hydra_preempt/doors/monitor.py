@@ -212,6 +212,8 @@ class Monitor:
 
     def _poll_job(self, job: Watched, now: float) -> list[str]:
         state, exit_code, runs = self.scheduler.latest(job.job_id)
+        if runs == 0:  # the accounting does not know the job (yet: sacct lags sbatch by a moment)
+            return []
         history = RunHistory.read(job.run_dir)
         end = self._last_end[job.job_id] = f"{job.job_id}/{runs}"  # one end per run of the job
         judged = self.state["judged"].get(end)
