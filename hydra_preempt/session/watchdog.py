@@ -83,13 +83,14 @@ class Watchdog:
 
     @contextlib.contextmanager
     def slow_work(self) -> Iterator[None]:
-        """A save at a step boundary: allowed `startup_s`; the step clock starts again after it."""
+        """A save: allowed `startup_s`; then the phase it interrupted goes on, its clock started again
+        (a save before the first step leaves the start-up allowance to that step)."""
         phase = self._mark[1]
         self._mark = (time.monotonic(), "save" if phase is not None else None)
         try:
             yield
         finally:
-            self._mark = (time.monotonic(), "step" if phase is not None else None)
+            self._mark = (time.monotonic(), phase)
 
     def stop_watching(self) -> None:
         """The step loop ended: what follows is the training function's own business."""

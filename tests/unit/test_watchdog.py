@@ -79,6 +79,18 @@ def test_a_save_is_allowed_the_long_allowance_and_the_step_clock_restarts_after_
     assert list(dog._recent) and max(dog._recent) < 0.1  # the save is not a step's duration
 
 
+def test_a_save_before_the_first_step_leaves_it_the_start_up_allowance():
+    dog = Watchdog(0.05, 600.0, 0.5)
+    reports, fired = hang_reports(dog)
+    with dog.slow_work():
+        pass
+    time.sleep(0.2)  # the first step, slower than a step may be
+    dog.beat()
+    dog.stop_watching()
+    dog.close()
+    assert reports == [] and not fired.is_set()
+
+
 def test_after_the_step_loop_nothing_is_watched():
     dog = Watchdog(0.05, 600.0, 0.05)
     reports, _ = hang_reports(dog)
