@@ -8,7 +8,7 @@ import time
 import pytest
 
 from hydra_preempt.outcome import ExitCode
-from hydra_preempt.rundir import read_events
+from hydra_preempt.rundir import RunLog, read_events
 from tests.e2e.helpers import ROOT
 from tests.integration.test_multi_rank import free_port
 
@@ -81,3 +81,49 @@ def test_a_rank_that_hangs_ends_every_rank_and_the_run_resumes(tmp_path):
     assert [p.returncode for p in rerun] == [ExitCode.FINISHED] * 2, outputs
     last = read_events(tmp_path)[-1]
     assert last["reason"] == "finished" and last["resumed_from"] == 10 and last["step"] == 20
+
+
+def fake_slurm(tmp_path):
+    """scontrol and sacctmgr on PATH that answer as for a running job 4242 and note every call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {calls}\n'
+        'case "$1 $2" in\n'
+        '  "show job") echo "JobId=4242 JobState=RUNNING Restarts=0 Requeue=1 QOS=normal TimeLimit=UNLIMITED" ;;\n'
+        '  "show config") printf "KillWait = 30 sec\\nPreemptMode = OFF\\n" ;;\n'
+        "esac\n"
+    )
+    (bin_dir / "sacctmgr").write_text("#!/bin/sh\nexit 1\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0"}
+    return env, calls
+
+
+def test_inside_slurm_a_hang_requeues_the_job_from_the_watchdog_thread(tmp_path):
+    run_dir = tmp_path / "run"
+    env, calls = fake_slurm(tmp_path)
+    proc = start(run_dir, 20, 12, env=env)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.HANG, output
+    assert "requeue 4242" in calls.read_text().splitlines()
+    events = read_events(run_dir)
+    assert [e["event"] for e in events[-2:]] == ["stop", "requeue"] and events[-2]["reason"] == "hang"
+
+
+def test_a_hang_beyond_its_restart_budget_is_not_requeued(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for _ in range(3):  # three earlier hangs: the shipped table allows 3 restarts
+        RunLog(run_dir).append("stop", reason="hang", failure="hang")
+    env, calls = fake_slurm(tmp_path)
+    proc = start(run_dir, 20, 12, env=env)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.HANG, output
+    assert "requeue 4242" not in calls.read_text().splitlines()
+    stop = read_events(run_dir)[-1]
+    assert stop["reason"] == "hang" and stop["restart"] is False
+    assert stop["restart_reason"] == "hang: retry budget exhausted (attempt 4/3)"
