@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
     export.add_argument("--step", type=int, help="the checkpoint's step (default: the newest good checkpoint)")
     export.add_argument("--object", default="model", help="the registered object to export (default: model)")
+    watch = sub.add_parser("monitor", help="follow jobs, classify their ends and requeue per the restart policy")
+    watch.add_argument("dirs", type=Path, nargs="+", help="sweep directories or run directories")
+    watch.add_argument("--interval", type=float, default=60.0, help="seconds between rounds (default 60)")
+    watch.add_argument("--once", action="store_true", help="one round, then exit")
+    watch.add_argument("--failures", type=Path, help="a failure table replacing the shipped one")
     args = parser.parse_args(argv)
     try:
         if args.command == "status":
@@ -34,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
             step, count = export_weights(args.run_dir, args.out, args.step, args.object)
             print(f"wrote {count} tensors of {args.object!r} from the checkpoint of step {step} to {args.out}")
             return ExitCode.FINISHED
+        if args.command == "monitor":
+            from .doors.monitor import monitor
+            from .slurm.failures import FailureTable
+
+            return monitor(args.dirs, FailureTable.load(args.failures), args.interval, args.once)
     except HydraPreemptError as e:
         print(f"hydra-preempt: {e}", file=sys.stderr)
         return ExitCode.USAGE

@@ -18,6 +18,8 @@ from .checkpoint.retention import RetentionPolicy
 from .errors import ConfigError
 from .session.divergence import LossSpikeDetector
 from .session.signals import SignalRequests
+from .session.watchdog import Watchdog
+from .slurm.failures import FailureTable
 from .slurm.stop import RequeueBudget
 
 # The time-limit warning: the app's signals.timeout and the executors' `signal` default to it.
@@ -68,12 +70,41 @@ class DistributedConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    enabled: bool = True
+    timeout_s: Optional[float] = None  # a step longer than this is a hang; null: derived from step times
+    min_timeout_s: float = 600.0  # the derived timeout: max(10 x the slowest recent step, this)
+    startup_s: float = 1800.0  # allowed for start-up and restore (until the first step ends) and for a save
+
+    def watchdog(self) -> Watchdog:
+        for key in ("timeout_s", "min_timeout_s", "startup_s"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(
+                    f"watchdog.{key} must be > 0{' or null' if key == 'timeout_s' else ''}, got {value!r}"
+                )
+        return Watchdog(self.timeout_s, self.min_timeout_s, self.startup_s)
+
+
+@dataclass
+class FailuresConfig:
+    table: Optional[str] = (
+        None  # a YAML file that replaces the shipped failure table (hydra_preempt/slurm/failures.yaml)
+    )
+
+    def load(self) -> FailureTable:
+        return FailureTable.load(self.table)
+
+
+@dataclass
 class SessionConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     signals: SignalConfig = field(default_factory=SignalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     requeue: RequeueBudget = field(default_factory=RequeueBudget)  # max_preemptions, max_timeouts
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    failures: FailuresConfig = field(default_factory=FailuresConfig)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> SessionConfig:
@@ -93,6 +124,8 @@ class SessionConfig:
         c.retention_policy()
         self.divergence.detector()
         self.signals.requests()
+        self.watchdog.watchdog()
+        self.failures.load()
 
 
 def _build(cls: type, mapping: Mapping[str, Any], prefix: str) -> Any:

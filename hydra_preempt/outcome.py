@@ -15,6 +15,7 @@ class Status(str, enum.Enum):
     TIMEOUT = "timeout"  # stopped before the time limit, state saved; requeue to continue
     CANCELLED = "cancelled"  # state saved; the user asked to stop, no requeue
     DIVERGED = "diverged"  # stopped by the divergence detector; best checkpoints kept
+    HANG = "hang"  # the watchdog saw no progress: stacks dumped, nothing saved, restart from the last checkpoint
     FAILED = "failed"
 
 
@@ -24,6 +25,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # bad configuration or input; nothing was changed
     DIVERGED = 3
     REQUEUE = 75  # EX_TEMPFAIL: saved, run again to resume
+    HANG = 76  # the watchdog ended a hung process: nothing saved, run again to resume from the last checkpoint
     CANCELLED = 130  # 128 + SIGINT: saved, do not requeue
 
 
@@ -33,6 +35,7 @@ EXIT_CODES = {
     Status.TIMEOUT: ExitCode.REQUEUE,
     Status.CANCELLED: ExitCode.CANCELLED,
     Status.DIVERGED: ExitCode.DIVERGED,
+    Status.HANG: ExitCode.HANG,
     Status.FAILED: ExitCode.FAILED,
 }
 
@@ -50,3 +53,6 @@ class Outcome:
     requeue_by: str | None = None  # under SLURM: "self", "slurm" or "none" (requeue.Requeuer)
     kill_deadline: float | None = None  # under SLURM: when the job will be killed (time.time())
     job: JobIdentity | None = None  # the job and start that ran, for the run log of what follows
+    failure: str | None = None  # a failure's class (slurm/failures.py), with the evidence and the restart decision
+    evidence: str | None = None
+    restart_reason: str | None = None

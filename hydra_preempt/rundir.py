@@ -145,6 +145,11 @@ class RunHistory:
     def stop_count(self, reason: str) -> int:
         return sum(1 for e in self.stops if e.get("reason") == reason)
 
+    def failure_count(self, failure: str) -> int:
+        """Ends of the run classified as this failure class (slurm/failures.py), by the run itself (its stop)
+        or by the monitor (a `failure` event): the class's restart attempts so far."""
+        return sum(1 for e in self.events if e["event"] in ("stop", "failure") and e.get("failure") == failure)
+
     @property
     def status(self) -> str:
         """'not started', 'running' (a start without a stop: running, or killed without a word),

@@ -93,6 +93,7 @@ class RunStanding:
     checkpoint_step: int | None
     result: dict[str, Any] | None
     message: str = ""
+    restart: str = ""  # the restart policy's decision on the last stop's failure ('nccl: restart (attempt 1/3)')
 
     @property
     def finished(self) -> bool:
@@ -112,6 +113,7 @@ def run_standing(run_dir: Path) -> RunStanding:
         checkpoint_step=latest.step if latest else None,
         result=read_result(run_dir),
         message=last_stop.get("message", "") if last_stop else "",
+        restart=str(last_stop.get("restart_reason") or "") if last_stop else "",
     )
 
 
@@ -168,6 +170,7 @@ def status_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                 "preemptions": standing.preemptions,
                 "timeouts": standing.timeouts,
                 "checkpoint_step": standing.checkpoint_step,
+                "restart": standing.restart,
                 "result": standing.result,
                 "dir": job.dir,
             }
@@ -177,7 +180,18 @@ def status_rows(sweep_dir: Path) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of status_rows(); numeric final metrics shown as name=value."""
-    header = ["#", "job id", "scheduler", "run", "preempted", "timeouts", "ckpt step", "final metrics", "overrides"]
+    header = [
+        "#",
+        "job id",
+        "scheduler",
+        "run",
+        "preempted",
+        "timeouts",
+        "ckpt step",
+        "restart",
+        "final metrics",
+        "overrides",
+    ]
     lines = [header]
     for r in rows:
         metrics = " ".join(
@@ -194,6 +208,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 str(r["preemptions"]),
                 str(r["timeouts"]),
                 "-" if r["checkpoint_step"] is None else str(r["checkpoint_step"]),
+                r["restart"] or "-",
                 metrics or "-",
                 " ".join(r["overrides"]),
             ]

@@ -94,6 +94,7 @@ class Session:
         d = self.config.divergence
         self.detector = d.detector() if d.enabled else None
         self.signals = self.config.signals.requests()
+        self.watchdog = self.config.watchdog.watchdog()  # started by run() when watchdog.enabled
         self.state = StateRegistry()
         self.step = 0  # completed steps
         self.resumed_from: int | None = None
@@ -143,6 +144,7 @@ class Session:
     def close(self, finished: bool = False) -> None:
         """`finished`: the run's outcome is decided, so stop signals are held (dropped) instead of
         restored: the caller uninstalls them unless the process ends next (see run())."""
+        self.watchdog.close()
         self.checkpointer.join(self._time_to_kill_s())  # a save still being written ends before the process does
         if finished:
             self.signals.hold()
@@ -221,10 +223,13 @@ class Session:
     def steps(self, max_steps: int) -> Iterator[int]:
         """Yield the index of each step to run, from the restored step up to `max_steps`."""
         self.restore()
-        while self.step < max_steps:
-            self._start_step()
-            yield self.step
-            self._end_step()
+        try:
+            while self.step < max_steps:
+                self._start_step()
+                yield self.step
+                self._end_step()
+        finally:  # ended, stopped or raised: the watchdog no longer waits for steps
+            self.watchdog.stop_watching()
 
     def report(self, **metrics: Any) -> None:
         """Record metrics of the current step (floats, or 0-d tensors)."""
@@ -281,6 +286,7 @@ class Session:
             self._open_step = StepStart(self.step, (), {}, {})
 
     def _end_step(self) -> None:
+        self.watchdog.beat()
         self._open_step = None
         self.step += 1
         metrics, self._step_metrics = self._step_metrics, {}
@@ -334,9 +340,13 @@ class Session:
         elif action.deferred:
             log.warning("step %d: loss spike, deferring the periodic checkpoint until the loss recovers", self.step)
         stop: Status | None = action.stop
-        if action.save and stop is not None and not self.checkpointer.wait(self._wait_before_stop_save_s()):
-            log.error("not saving at step %d: %s", self.step, self.checkpointer.store.intact_note())
-        elif action.save:
+        stalled = False  # a stop save waits for the write in flight, only as long as it can itself still fit
+        if action.save and stop is not None:
+            with self.watchdog.slow_work():
+                stalled = not self.checkpointer.wait(self._wait_before_stop_save_s())
+            if stalled:
+                log.error("not saving at step %d: %s", self.step, self.checkpointer.store.intact_note())
+        if action.save and not stalled:
             if action.save == "periodic" and self.config.checkpoint.async_save:
                 self._save_in_background(metrics)  # staged at this boundary, written by a thread
             else:
@@ -348,7 +358,8 @@ class Session:
             )
             requests = {**late, **requests}
         if stop is not None:
-            self.checkpointer.wait(self._time_to_kill_s())  # a stop takes what is being written with it
+            with self.watchdog.slow_work():
+                self.checkpointer.wait(self._time_to_kill_s())  # a stop takes what is being written with it
             request = Request.CANCEL if stop is Status.CANCELLED else Request.PREEMPT
             self._note_signal_latency(request)
             name = requests[request].name if request in requests else "a signal to another rank"
@@ -433,12 +444,14 @@ class Session:
         """Save the current state: a collective on multi-rank runs (every rank's own part goes to rank 0)."""
         if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
             return self.last_checkpoint  # this state is on disk already
-        return self.checkpointer.save(self.step, reason, metrics, self._tree(), self._shards())
+        with self.watchdog.slow_work():
+            return self.checkpointer.save(self.step, reason, metrics, self._tree(), self._shards())
 
     def _save_in_background(self, metrics: dict[str, float]) -> None:
         if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
             return
-        self.checkpointer.save_in_background(self.step, "periodic", metrics, self._tree(), self._shards())
+        with self.watchdog.slow_work():  # waits for the save in flight, then stages this one
+            self.checkpointer.save_in_background(self.step, "periodic", metrics, self._tree(), self._shards())
 
     def _tree(self) -> dict[str, Any] | None:
         """The state tree of this step on rank 0 (None elsewhere): a collective, every rank's own part goes to rank 0."""

@@ -9,7 +9,13 @@ one piece of context state in the library, a `contextvars.ContextVar`.
 from __future__ import annotations
 
 import contextvars
+import datetime as dt
+import faulthandler
 import logging
+import os
+import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +23,21 @@ from typing import Any, Callable
 
 from ..config import SessionConfig
 from ..distributed import world
-from ..errors import CheckpointReadError, CheckpointWriteError, HydraPreemptError
+from ..errors import CheckpointReadError, CheckpointWriteError, ConfigError, HydraPreemptError
 from ..outcome import EXIT_CODES, ExitCode, Outcome, Status
 from ..rundir import JobIdentity, RunHistory, RunLog
+from ..slurm.commands import SlurmError, requeue_job
 from ..slurm.env import SlurmTask
+from ..slurm.failures import FailureTable, RestartDecision, classify, decide
 from ..slurm.policy import SlurmStopPolicy
-from ..slurm.stop import RequeueBudget
+from ..slurm.stop import RequeueBudget, Requeuer
 from .api import RunStopped, Session
+from .watchdog import HangReport
 
 log = logging.getLogger("hydra_preempt")
+
+# A hung process ends after this long even if ending it cleanly blocks (scontrol, a flush).
+HANG_EXIT_BACKSTOP_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,11 @@ def run(
     """
     config = config or SessionConfig()
     job = job or current_job.get() or JobContext()
+    try:
+        failures = config.failures.load()
+    except ConfigError as e:
+        log.error("%s", e)
+        return Outcome(Status.FAILED, 0, ExitCode.USAGE, str(e), run_dir=str(run_dir))
     session = Session(run_dir, config)
     try:
         session.open()
@@ -106,6 +123,11 @@ def run(
     run_log = RunLog(session.run_dir, identity) if world()[0] == 0 else None  # one run log per run, not per rank
     if run_log:
         run_log.append("start", checkpoint_dir=str(session.checkpointer.store.directory.absolute()))
+    if config.watchdog.enabled:
+        hang_decision = decide(failures, Status.HANG.value, history.failure_count(Status.HANG.value) + 1)
+        session.watchdog.start(
+            lambda report: _end_hung_process(session, report, run_log, job.slurm_task, hang_decision)
+        )
     spent = budget.exhausted(history.stop_count("preempted"), history.stop_count("timeout"))
     outcome: Outcome | None = None
     try:
@@ -134,10 +156,11 @@ def run(
         log.error("%s", e)
         outcome = Outcome(Status.FAILED, session.step, ExitCode.USAGE, str(e))
     except Exception as e:
-        log.error("training failed at step %d:\n%s", session.step, traceback.format_exc())
+        trace = traceback.format_exc()
+        log.error("training failed at step %d:\n%s", session.step, trace)
         saved = session.emergency_save()
         note = f"; emergency checkpoint at step {saved.step}" if saved else ""
-        outcome = Outcome(Status.FAILED, session.step, ExitCode.FAILED, f"{type(e).__name__}: {e}{note}")
+        outcome = _failed(session.step, f"{type(e).__name__}: {e}{note}", trace, failures, history)
     finally:
         # Only a finished run holds its stop signals: after any other outcome there is work left
         # (a requeue, waiting for SLURM's kill) that a second signal may still end.
@@ -160,8 +183,123 @@ def run(
                 checkpoint_step=session.last_checkpoint.step if session.last_checkpoint else None,
                 signal_to_saved_s=session.signal_to_saved_s,
                 message=outcome.message,
+                **_failure_fields(outcome),
             )
         return outcome
     finally:
         if not job.ends_process:
             session.signals.uninstall()  # the program goes on: its own handlers again (a no-op if restored)
+
+
+def _failed(step: int, message: str, trace: str, failures: FailureTable, history: RunHistory) -> Outcome:
+    """The outcome of an exception in the training function: its failure class (from the traceback's
+    text) and the restart policy's decision. A class to restart within its budget (an NCCL error)
+    ends like a preemption: exit 75, requeued inside SLURM; any other fails, with the reason."""
+    name, evidence = classify(failures, None, None, Status.FAILED.value, trace)
+    decision = decide(failures, name, history.failure_count(name) + 1)
+    code = ExitCode.REQUEUE if decision.restart else ExitCode.FAILED
+    return Outcome(
+        Status.FAILED,
+        step,
+        code,
+        f"{message}; {decision.reason}",
+        requeue_by=Requeuer.SELF.value if decision.restart else None,
+        failure=name,
+        evidence=evidence,
+        restart_reason=decision.reason,
+    )
+
+
+def _failure_fields(outcome: Outcome) -> dict[str, Any]:
+    """The run log's record of a failure's class and restart decision (RunHistory.failure_count counts them)."""
+    if outcome.failure is None:
+        return {}
+    return {
+        "failure": outcome.failure,
+        "evidence": outcome.evidence or "",
+        "restart": outcome.exit_code == ExitCode.REQUEUE,
+        "restart_reason": outcome.restart_reason or "",
+    }
+
+
+def _end_hung_process(
+    session: Session,
+    report: HangReport,
+    run_log: RunLog | None,
+    task: SlurmTask | None,
+    decision: RestartDecision,
+) -> None:
+    """On the watchdog's thread: dump every thread's stack, record the hang, requeue, end the process.
+
+    Nothing is saved from a hung state: the last checkpoint stands. This takes no lock the hung
+    training thread may hold: the message goes to fd 2 with os.write, the run log and the stack file
+    are appended by file descriptor, scontrol is a subprocess; if any of it blocks all the same, a
+    backstop thread ends the process after HANG_EXIT_BACKSTOP_S. Only rank 0 writes the run log and
+    requeues (a hang of a collective hangs every rank); every rank dumps its stacks and exits.
+    """
+    code = int(ExitCode.HANG)
+    threading.Thread(target=_exit_after, args=(HANG_EXIT_BACKSTOP_S, code), daemon=True).start()
+    try:
+        _record_hang(session, report, run_log, task, decision, code)
+    finally:  # whatever failed on the way (a full disk), the hung process ends
+        for handler in logging.getLogger().handlers + log.handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _record_hang(
+    session: Session,
+    report: HangReport,
+    run_log: RunLog | None,
+    task: SlurmTask | None,
+    decision: RestartDecision,
+    code: int,
+) -> None:
+    rank = world()[0]
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stacks = session.run_dir / f"hang-stacks-{stamp}{f'-rank{rank}' if rank else ''}.txt"
+    what = f"no progress for {report.waited_s:.0f} s in the {report.phase} after step {session.step}"
+    try:
+        with open(stacks, "w", encoding="utf-8") as f:
+            f.write(f"{what} (allowed {report.allowed_s:.0f} s); the stack of every thread:\n")
+            f.flush()
+            faulthandler.dump_traceback(f, all_threads=True)
+            os.fsync(f.fileno())
+        stacks_at = stacks.name
+    except OSError as e:  # the run directory cannot take them: the job's log can
+        os.write(2, f"hydra_preempt: cannot write {stacks} ({e.strerror or e}); the stacks:\n".encode())
+        faulthandler.dump_traceback(2, all_threads=True)
+        stacks_at = "the job's stderr"
+    checkpoint = session.last_checkpoint
+    where = f"the checkpoint of step {checkpoint.step} stands" if checkpoint else "no checkpoint yet"
+    message = f"hang: {what}; stacks in {stacks_at}; nothing saved, {where}; {decision.reason}"
+    os.write(2, f"hydra_preempt: {message}; ending the process (exit {code})\n".encode())
+    if run_log is None:
+        return
+    run_log.append(
+        "stop",
+        reason=Status.HANG.value,
+        exit_code=code,
+        resumed_from=session.resumed_from,
+        step=session.step,
+        checkpoint_step=checkpoint.step if checkpoint else None,
+        message=message,
+        stacks=stacks_at,
+        failure=Status.HANG.value,
+        evidence=f"watchdog: {what}",
+        restart=decision.restart,
+        restart_reason=decision.reason,
+    )
+    if task is not None and decision.restart:
+        try:
+            requeue_job(task.job_id)
+            run_log.append("requeue", step=session.step)
+        except SlurmError as e:
+            os.write(2, f"hydra_preempt: requeueing job {task.job_id} failed: {e}\n".encode())
+
+
+def _exit_after(seconds: float, code: int) -> None:
+    time.sleep(seconds)
+    os._exit(code)

@@ -159,7 +159,8 @@ def conclude(outcome: Outcome, before_requeue: Callable[[], None] | None = None)
     just before `scontrol requeue` (submitit rewrites its job pickle there).
     Under submitit's local executor a stop to resume exits 144, its requeue code.
     """
-    if outcome.status in (Status.PREEMPTED, Status.TIMEOUT):
+    # exit 75: saved and to run again (a preemption, a time limit, a failure the restart policy restarts)
+    if outcome.exit_code == ExitCode.REQUEUE:
         task = SlurmTask.from_env()
         if task is not None and outcome.requeue_by == Requeuer.SLURM.value:
             _await_slurm_requeue(task, outcome, before_requeue)

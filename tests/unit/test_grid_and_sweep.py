@@ -108,6 +108,10 @@ def test_run_standing_follows_the_run_log(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps({"loss": 0.5, "step": 10}))
     standing = run_standing(tmp_path)
     assert (standing.status, standing.starts, standing.preemptions, standing.finished) == ("finished", 2, 1, True)
+    assert standing.restart == ""
+    RunLog(tmp_path).append("start")
+    RunLog(tmp_path).append("stop", reason="failed", failure="nccl", restart_reason="nccl: restart (attempt 1/3)")
+    assert run_standing(tmp_path).restart == "nccl: restart (attempt 1/3)"
     rows = [
         {
             "num": 0,
@@ -117,12 +121,14 @@ def test_run_standing_follows_the_run_log(tmp_path):
             "preemptions": 1,
             "timeouts": 0,
             "checkpoint_step": 10,
+            "restart": "nccl: restart (attempt 1/3)",
             "result": standing.result,
             "overrides": ["lr=1"],
         }
     ]
     table = format_table(rows).splitlines()
     assert table[0].split()[:2] == ["#", "job"] and "loss=0.5 step=10" in table[1] and table[1].endswith("lr=1")
+    assert "restart" in table[0] and "nccl: restart (attempt 1/3)" in table[1]
 
 
 def test_executor_settings_refuse_script_injection():

@@ -1,0 +1,121 @@
+"""The hang watchdog: a thread that notices when the training loop stops making progress.
+
+The session beats the heartbeat at every step boundary (`Watchdog.beat`: one
+monotonic clock read and two stores, ~0.3 us measured). A daemon thread compares the
+time since the last beat with the allowed time:
+
+- before the first step ends (start-up, restore): `startup_s`;
+- while a step runs: `timeout_s`, or when null max(10 x the slowest of the
+  recent steps, `min_timeout_s`) (`hang_timeout`);
+- while the session saves at a boundary (`slow_work`): `startup_s`, a save
+  of a large state may take many steps' time;
+- after the step loop ended: not watched (user code the session knows nothing of).
+
+When the time is up the thread calls `on_hang(HangReport)` once (the runner
+dumps the stacks, records the stop and ends the process) and ends. The thread
+takes no lock the training thread may hold: it reads plain attributes that
+the training thread replaces whole (a tuple store is atomic under the GIL).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+# Step intervals that make up "recent" for the derived timeout.
+RECENT_STEPS = 100
+# The derived timeout is this many times the slowest recent step.
+SLOWEST_STEP_FACTOR = 10.0
+# The thread looks at the clock this often (at most), and at least 20 times per allowance.
+MAX_POLL_S = 1.0
+
+
+def hang_timeout(recent_steps: Sequence[float], timeout_s: Optional[float], min_timeout_s: float) -> float:
+    """Seconds a step may take before it counts as a hang.
+
+    `timeout_s` when given; else max(10 x the slowest recent step, `min_timeout_s`)
+    (`min_timeout_s` alone before any step was timed)."""
+    if timeout_s is not None:
+        return timeout_s
+    slowest = max(recent_steps, default=0.0)
+    return max(SLOWEST_STEP_FACTOR * slowest, min_timeout_s)
+
+
+@dataclass(frozen=True)
+class HangReport:
+    phase: str  # "start-up", "step", "save"
+    waited_s: float  # seconds since the last progress
+    allowed_s: float  # the allowance that ran out
+
+
+class Watchdog:
+    """Owns the heartbeat and the watchdog thread of one session.
+
+    `start(on_hang)` starts the thread; `beat()` at each step boundary; `slow_work()`
+    around a save at a boundary; `stop_watching()` when the step loop ended; `close()`."""
+
+    def __init__(self, timeout_s: Optional[float], min_timeout_s: float, startup_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.min_timeout_s = min_timeout_s
+        self.startup_s = startup_s
+        self._recent: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
+        # (since, phase): progress last seen at `since` (time.monotonic()); phase None: not watched
+        self._mark: tuple[float, Optional[str]] = (time.monotonic(), "start-up")
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, on_hang: Callable[[HangReport], None]) -> None:
+        self._mark = (time.monotonic(), "start-up")
+        self._thread = threading.Thread(target=self._watch, args=(on_hang,), name="hydra-preempt-watchdog", daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        """A step ended: the time since the previous beat is a step's duration (after a start-up or a save: not)."""
+        now = time.monotonic()
+        since, phase = self._mark
+        if phase == "step":
+            self._recent.append(now - since)
+        self._mark = (now, "step")
+
+    @contextlib.contextmanager
+    def slow_work(self) -> Iterator[None]:
+        """A save: allowed `startup_s`; then the phase it interrupted goes on, its clock started again
+        (a save before the first step leaves the start-up allowance to that step)."""
+        phase = self._mark[1]
+        self._mark = (time.monotonic(), "save" if phase is not None else None)
+        try:
+            yield
+        finally:
+            self._mark = (time.monotonic(), phase)
+
+    def stop_watching(self) -> None:
+        """The step loop ended: what follows is the training function's own business."""
+        self._mark = (time.monotonic(), None)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def allowance(self, phase: str) -> float:
+        if phase == "step":
+            return hang_timeout(tuple(self._recent), self.timeout_s, self.min_timeout_s)
+        return self.startup_s
+
+    def _watch(self, on_hang: Callable[[HangReport], None]) -> None:
+        poll = MAX_POLL_S
+        while not self._closed.wait(poll):
+            since, phase = self._mark
+            if phase is None:
+                poll = MAX_POLL_S
+                continue
+            allowed = self.allowance(phase)
+            waited = time.monotonic() - since
+            if waited > allowed and self._mark == (since, phase):  # no beat came while we looked
+                on_hang(HangReport(phase, waited, allowed))
+                return
+            poll = min(MAX_POLL_S, allowed / 20)

@@ -1,0 +1,51 @@
+"""A run whose training function blocks forever in a given step (started by test_watchdog.py).
+
+python -m tests.integration.hang_worker RUN_DIR MAX_STEPS [HANG_AT_STEP]
+
+With WORLD_SIZE set (and RANK, MASTER_ADDR, MASTER_PORT), one rank of a gloo group: only the last rank hangs.
+"""
+
+import os
+import sys
+import threading
+
+import torch
+import torch.distributed as dist
+
+from hydra_preempt import SessionConfig, run
+
+
+def train(session, max_steps, hang_at):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    session.register(model=model, optimizer=opt)
+    x = torch.ones(8, 4)
+    for step in session.steps(max_steps):
+        last_rank = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+        if step == hang_at and session.resumed_from is None and last_rank:  # only the first start hangs
+            print(f"blocking in step {step}", flush=True)
+            threading.Event().wait()  # a step that never ends: a lost collective, a stuck read
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        session.report(loss=loss)
+        print(f"step {step + 1}", flush=True)
+    return {"step": session.step}
+
+
+if __name__ == "__main__":
+    run_dir, max_steps = sys.argv[1], int(sys.argv[2])
+    hang_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo")
+    config = SessionConfig.from_mapping(
+        {
+            "checkpoint": {"every_steps": 5, "async_save": False},
+            "watchdog": {"timeout_s": 2.0, "startup_s": 60.0},
+        }
+    )
+    outcome = run(lambda session: train(session, max_steps, hang_at), run_dir, config)
+    print(f"{outcome.status.value} at step {outcome.step}", flush=True)
+    sys.exit(int(outcome.exit_code))

@@ -1,0 +1,164 @@
+"""The failure table: every pattern on a real-looking excerpt, precedence, the restart policy, a malformed table."""
+
+import pytest
+
+from hydra_preempt.errors import ConfigError
+from hydra_preempt.slurm.failures import UNKNOWN, FailureTable, classify, decide
+
+TABLE = FailureTable.load()
+
+CUDA_OOM = """\
+step 1200 loss 2.31
+Traceback (most recent call last):
+  File "/home/u/train.py", line 88, in train
+    loss.backward()
+torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 79.15 GiB total capacity; \
+77.02 GiB already allocated; 3.06 MiB free; 78.10 GiB reserved in total by PyTorch)
+"""
+CUDA_OOM_OLD = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.78 GiB total capacity)"
+NCCL = """\
+[rank3]: Traceback (most recent call last):
+[rank3]: torch.distributed.DistBackendError: NCCL error in: ../torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:1970, \
+unhandled system error (run with NCCL_DEBUG=INFO for details), NCCL version 2.21.5
+"""
+NCCL_TIMEOUT = (
+    "[rank1]:[E1127 10:02:11.812000 ProcessGroupNCCL.cpp:616] [Rank 1] Watchdog caught collective operation "
+    "timeout: WorkNCCL(SeqNum=88812, OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=600000) ran for 600081 "
+    "milliseconds before timing out."
+)
+NCCL_REMOTE = "gpu-12:31337:31420 [0] NCCL WARN NET/IB : Got completion from peer with error 12, remote process exited"
+DEVICE_ASSERT = """\
+../aten/src/ATen/native/cuda/Loss.cu:250: nll_loss_forward_reduce_cuda_kernel_2d: block: [0,0,0], thread: [5,0,0] \
+Assertion `t >= 0 && t < n_classes` failed.
+RuntimeError: CUDA error: device-side assert triggered
+CUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below might be incorrect.
+"""
+ILLEGAL = "RuntimeError: CUDA error: an illegal memory access was encountered\nCompile with `TORCH_USE_CUDA_DSA`"
+ECC = "RuntimeError: CUDA error: uncorrectable ECC error encountered"
+HOST_OOM = (
+    "slurmstepd: error: Detected 1 oom_kill event in StepId=4242.0. Some of the step tasks have been OOM Killed.\n"
+    "srun: error: gpu-07: task 0: Out Of Memory"
+)
+LAUNCH = "srun: error: Unable to create step for job 4242: Job/step already completing or completed"
+EXECVE = "slurmstepd: error: execve(): python: No such file or directory"
+NODE_FAIL = "slurmstepd: error: *** JOB 4242 ON gpu-07 CANCELLED AT 2026-11-27T10:00:00 DUE TO NODE FAILURE, SEE SLURMCTLD LOG ***"
+HANG = (
+    "hydra_preempt: hang: no progress for 612 s in the step after step 1200; stacks in hang-stacks-20261127T100000.txt"
+)
+
+
+@pytest.mark.parametrize(
+    ("log_text", "expected", "quoted"),
+    [
+        (CUDA_OOM, "cuda_oom", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB"),
+        (CUDA_OOM_OLD, "cuda_oom", "RuntimeError: CUDA out of memory"),
+        (NCCL, "nccl", "NCCL error in: ../torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:1970"),
+        (NCCL_TIMEOUT, "nccl", "Watchdog caught collective operation timeout"),
+        (NCCL_REMOTE, "nccl", "remote process exited"),
+        (DEVICE_ASSERT, "cuda_error", "RuntimeError: CUDA error: device-side assert triggered"),
+        (ILLEGAL, "cuda_error", "an illegal memory access was encountered"),
+        (ECC, "cuda_error", "uncorrectable ECC error encountered"),
+        (HOST_OOM, "oom_host", "Detected 1 oom_kill event in StepId=4242.0"),
+        (LAUNCH, "launch_failure", "Unable to create step for job 4242"),
+        (EXECVE, "launch_failure", "execve(): python"),
+        (NODE_FAIL, "node_fail", "DUE TO NODE FAILURE"),
+        (HANG, "hang", "no progress for 612 s"),
+    ],
+)
+def test_each_pattern_recognises_a_real_excerpt_of_a_failed_job(log_text, expected, quoted):
+    name, evidence = classify(TABLE, "FAILED", 1, "failed", log_text)
+    assert name == expected
+    assert evidence.startswith("log: ") and quoted in evidence
+
+
+@pytest.mark.parametrize(
+    ("state", "exit_code", "last_stop", "expected", "evidence"),
+    [
+        ("COMPLETED", 0, "finished", "finished", "run log: last stop finished"),
+        ("PREEMPTED", 0, None, "preempted", "SLURM state PREEMPTED"),
+        ("TIMEOUT", 0, None, "timeout", "SLURM state TIMEOUT"),
+        ("NODE_FAIL", 0, None, "node_fail", "SLURM state NODE_FAIL"),
+        ("OUT_OF_MEMORY", 0, None, "oom_host", "SLURM state OUT_OF_MEMORY"),
+        ("FAILED", 76, None, "hang", "exit code 76"),
+        ("FAILED", 3, "diverged", "diverged", "run log: last stop diverged"),
+        ("CANCELLED by 1000", 0, None, "cancelled", "SLURM state CANCELLED"),
+        ("FAILED", 1, "failed", "user_exception", "run log: last stop failed"),
+        (None, 130, "cancelled", "cancelled", "run log: last stop cancelled"),
+    ],
+)
+def test_states_exit_codes_and_stops_without_a_log(state, exit_code, last_stop, expected, evidence):
+    assert classify(TABLE, state, exit_code, last_stop, "") == (expected, evidence)
+
+
+def test_a_specific_log_line_wins_over_a_generic_failure_and_a_node_failure_over_everything_in_the_log():
+    assert classify(TABLE, "FAILED", 1, "failed", "ValueError: bad batch\n" + NCCL)[0] == "nccl"
+    assert classify(TABLE, "NODE_FAIL", 1, None, NCCL)[0] == "node_fail"
+
+
+def test_nothing_matching_is_unknown_and_not_restarted():
+    name, evidence = classify(TABLE, "RUNNING", None, None, "")
+    assert name == UNKNOWN and "no rule" in evidence
+    assert not decide(TABLE, name, 1).restart
+
+
+def test_restart_policy_defaults():
+    for name in ("node_fail", "nccl", "hang", "launch_failure"):
+        assert decide(TABLE, name, 1).restart, name
+    for name in ("oom_host", "cuda_oom", "diverged", "cancelled", "user_exception", "cuda_error", "finished"):
+        decision = decide(TABLE, name, 1)
+        assert not decision.restart and "not restarted" in decision.reason, name
+
+
+def test_a_class_restarts_within_its_budget_then_stops_with_the_reason():
+    ok = decide(TABLE, "nccl", 3)
+    assert ok.restart and ok.reason == "nccl: restart (attempt 3/3)" and ok.backoff_s == 30
+    spent = decide(TABLE, "nccl", 4)
+    assert not spent.restart and spent.reason == "nccl: retry budget exhausted (attempt 4/3)"
+
+
+def test_preemptions_have_no_budget_of_their_own_here():
+    assert decide(TABLE, "preempted", 500).restart
+
+
+def test_a_users_table_replaces_the_shipped_one(tmp_path):
+    path = tmp_path / "failures.yaml"
+    path.write_text(
+        "classes:\n  - name: nccl\n    log_patterns: ['my fabric broke']\n    restart: true\n    max_restarts: 1\n"
+    )
+    table = FailureTable.load(path)
+    assert classify(table, "FAILED", 1, "failed", "my fabric broke") == ("nccl", "log: my fabric broke")
+    assert classify(table, "FAILED", 1, "failed", NCCL)[0] == UNKNOWN
+    assert not decide(table, "nccl", 2).restart
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("classes: [", "not valid YAML"),
+        ("- name: nccl", "must be a mapping with one key, classes"),
+        ("classes:\n  - name: gpu_on_fire\n    restart: true", "classes[0]: name must be one of finished"),
+        ("classes:\n  - name: nccl\n    restart: yes please", "classes[0] (nccl): restart must be true or false"),
+        (
+            "classes:\n  - name: nccl\n    restart: true\n    log_patterns: ['NCCL (']",
+            "log_patterns[0] 'NCCL (' is not",
+        ),
+        ("classes:\n  - name: nccl\n    restart: true\n    max_restarts: -1", "max_restarts must be an integer >= 0"),
+        ("classes:\n  - name: nccl\n    restart: true\n    exit_codes: ['1']", "exit_codes must be a list of integers"),
+        ("classes:\n  - name: nccl\n    restart: true\n    pattern: x", "unknown key(s) pattern"),
+        (
+            "classes:\n  - {name: hang, restart: true}\n  - {name: hang, restart: false}",
+            "hang is listed more than once",
+        ),
+    ],
+)
+def test_a_malformed_table_is_one_line_naming_the_entry(tmp_path, text, message):
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        FailureTable.load(path)
+    assert message in str(e.value) and str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+def test_a_missing_table_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="cannot be read"):
+        FailureTable.load(tmp_path / "nope.yaml")

@@ -1,0 +1,179 @@
+"""The monitor over recorded sacct/scontrol outputs: judge each end once, requeue per policy, one monitor per directory."""
+
+import json
+
+import pytest
+
+from hydra_preempt import cli
+from hydra_preempt.doors.hydra_sweep import SweepJob, save_manifest
+from hydra_preempt.doors.monitor import Monitor, MonitorBusyError, Slurm, judge, parse_exit_code, watched_jobs
+from hydra_preempt.errors import HydraPreemptError
+from hydra_preempt.rundir import JobIdentity, RunHistory, RunLog, read_events
+from hydra_preempt.slurm import commands
+from hydra_preempt.slurm.failures import FailureTable
+
+TABLE = FailureTable.load()
+JOB = "4242"
+
+
+class RecordedSlurm:
+    """Answers SLURM's commands with recorded outputs; keeps the commands it was given."""
+
+    def __init__(self, monkeypatch, sacct: str, stderr_path=None):
+        self.sacct = sacct
+        self.stderr_path = stderr_path
+        self.calls: list[list[str]] = []
+        monkeypatch.setattr(commands, "slurm_command", self.answer)
+
+    def answer(self, args, timeout=30.0):
+        self.calls.append(args)
+        if args[0] == "sacct":
+            return self.sacct
+        if args[:3] == ["scontrol", "show", "job"]:
+            if self.stderr_path is None:
+                raise commands.SlurmError("scontrol: error: Invalid job id specified")
+            return f"JobId={JOB} JobName=train JobState=FAILED StdErr={self.stderr_path} StdOut={self.stderr_path}\n"
+        if args[:2] == ["scontrol", "requeue"]:
+            return ""
+        raise AssertionError(f"unexpected command {args}")
+
+    @property
+    def requeues(self):
+        return [c for c in self.calls if c[:2] == ["scontrol", "requeue"]]
+
+
+def started_run(run_dir, **stop):
+    run_dir.mkdir(exist_ok=True)
+    log = RunLog(run_dir, JobIdentity(JOB, 0))
+    log.append("start", checkpoint_dir=str(run_dir / "checkpoints"))
+    if stop:
+        log.append("stop", **stop)
+    return run_dir
+
+
+def test_sacct_exit_codes():
+    assert (parse_exit_code("0:0"), parse_exit_code("1:0"), parse_exit_code("0:9"), parse_exit_code("")) == (
+        0,
+        1,
+        0,
+        None,
+    )
+
+
+def test_a_node_failure_is_requeued_after_its_backoff_once(tmp_path, monkeypatch):
+    run_dir = started_run(tmp_path)
+    slurm = RecordedSlurm(monkeypatch, "")  # just submitted: not in the accounting yet
+    monitor = Monitor(run_dir, TABLE, Slurm())
+    assert monitor.poll(now=990.0) == [] and not monitor.settled
+    slurm.sacct = "RUNNING|0:0\n"
+    assert monitor.poll(now=1000.0) == [] and not monitor.settled
+
+    slurm.sacct = "NODE_FAIL|0:0\n"
+    [line] = monitor.poll(now=1010.0)
+    assert "ended NODE_FAIL: node_fail (SLURM state NODE_FAIL); node_fail: restart (attempt 1/3)" in line
+    assert slurm.requeues == []  # backoff_s 60
+    assert monitor.poll(now=1071.0) == [f"job {JOB} ({run_dir}): requeued"]
+    assert slurm.requeues == [["scontrol", "requeue", JOB]]
+    assert monitor.poll(now=1200.0) == [] and len(slurm.requeues) == 1
+    failure = next(e for e in read_events(run_dir) if e["event"] == "failure")
+    assert (failure["failure"], failure["by"], failure["job_state"]) == ("node_fail", "monitor", "NODE_FAIL")
+    assert RunHistory.read(run_dir).failure_count("node_fail") == 1
+    monitor.close()
+
+    # the state survives the monitor: a new one judges the same end no more
+    again = Monitor(run_dir, TABLE, Slurm())
+    assert again.poll(now=2000.0) == [] and len(slurm.requeues) == 1
+    again.close()
+
+
+def test_a_spent_budget_stops_with_the_reason(tmp_path, monkeypatch):
+    run_dir = started_run(tmp_path)
+    for _ in range(3):
+        RunLog(run_dir).append("failure", failure="node_fail")
+    slurm = RecordedSlurm(monkeypatch, "REQUEUED|0:0\nNODE_FAIL|0:0\n")
+    monitor = Monitor(run_dir, TABLE, Slurm())
+    [line] = monitor.poll(now=0.0)
+    assert line.endswith("node_fail: retry budget exhausted (attempt 4/3)")
+    assert monitor.poll(now=1e6) == [] and slurm.requeues == [] and monitor.settled
+    monitor.close()
+
+
+def test_the_jobs_own_decision_is_followed_not_made_again(tmp_path, monkeypatch):
+    why = "nccl: retry budget exhausted (attempt 4/3)"
+    run_dir = started_run(
+        tmp_path, reason="failed", exit_code=1, failure="nccl", evidence="log: ...", restart=False, restart_reason=why
+    )
+    slurm = RecordedSlurm(monkeypatch, "FAILED|1:0\n")
+    monitor = Monitor(run_dir, TABLE, Slurm())
+    [line] = monitor.poll(now=0.0)
+    assert line.endswith(f"decided by the job: {why}") and slurm.requeues == [] and monitor.settled
+    assert [e["event"] for e in read_events(run_dir)] == ["start", "stop"]
+    monitor.close()
+
+
+def test_a_host_oom_kill_is_read_from_the_jobs_log_and_not_restarted(tmp_path, monkeypatch):
+    log = tmp_path / "slurm-4242.out"
+    log.write_text(
+        "step 10 loss 0.3\nslurmstepd: error: Detected 1 oom_kill event in StepId=4242.0. "
+        "Some of the step tasks have been OOM Killed.\n"
+    )
+    run_dir = started_run(tmp_path / "run")
+    slurm = RecordedSlurm(monkeypatch, "FAILED|0:125\n", stderr_path=log)
+    monitor = Monitor(run_dir, TABLE, Slurm())
+    [line] = monitor.poll(now=0.0)
+    assert "oom_host (log: slurmstepd: error: Detected 1 oom_kill event" in line and line.endswith("not restarted")
+    assert slurm.requeues == []
+    monitor.close()
+
+
+def test_a_launch_failure_is_not_blamed_on_the_last_stop_of_an_earlier_start():
+    history = RunHistory(
+        (
+            {"event": "start", "job_id": JOB},
+            {"event": "stop", "reason": "hang", "failure": "hang", "restart": True, "restart_reason": "hang: restart"},
+        )
+    )
+    text = "srun: error: Unable to create step for job 4242: Job/step already completing or completed"
+    verdict = judge(TABLE, "FAILED", 1, history, text, started=False)
+    assert (verdict.action, verdict.failure, verdict.record) == ("restart", "launch_failure", True)
+    assert judge(TABLE, "FAILED", 1, history, text, started=True).reason == "decided by the job: hang: restart"
+
+
+def test_a_finished_run_is_settled(tmp_path, monkeypatch):
+    run_dir = started_run(tmp_path, reason="finished", exit_code=0)
+    RecordedSlurm(monkeypatch, "COMPLETED|0:0\n")
+    monitor = Monitor(run_dir, TABLE, Slurm())
+    assert "finished" in monitor.poll(now=0.0)[0] and monitor.settled
+    monitor.close()
+
+
+def test_a_sweep_directory_watches_its_slurm_jobs(tmp_path):
+    a, b = tmp_path / "0", tmp_path / "1"
+    save_manifest(tmp_path, {0: SweepJob(0, ["lr=1"], str(a), "slurm", "11"), 1: SweepJob(1, [], str(b), "slurm")})
+    assert [(w.run_dir, w.job_id) for w in watched_jobs(tmp_path)] == [(a, "11")]
+
+
+def test_a_second_monitor_of_a_directory_is_refused(tmp_path, capsys):
+    run_dir = started_run(tmp_path)
+    first = Monitor(run_dir, TABLE, Slurm())
+    with pytest.raises(MonitorBusyError, match="already monitored by pid"):
+        Monitor(run_dir, TABLE, Slurm())
+    assert cli.main(["monitor", str(run_dir), "--once"]) == 2
+    first.close()
+    err = capsys.readouterr().err
+    assert err.startswith("hydra-preempt: ") and "already monitored" in err and err.count("\n") == 1
+
+
+def test_a_directory_that_is_no_sweep_nor_run_is_one_line_exit_2(tmp_path, capsys):
+    assert cli.main(["monitor", str(tmp_path), "--once"]) == 2
+    err = capsys.readouterr().err
+    assert "is neither a sweep directory" in err and err.count("\n") == 1
+
+
+def test_a_broken_state_file_is_one_line(tmp_path):
+    run_dir = started_run(tmp_path)
+    (run_dir / ".monitor-state.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(HydraPreemptError, match="is not a monitor state; move it aside"):
+        Monitor(run_dir, TABLE, Slurm())
+    (run_dir / ".monitor-state.json").unlink()
+    Monitor(run_dir, TABLE, Slurm()).close()  # the refused one let go of the lock

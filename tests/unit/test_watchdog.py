@@ -1,0 +1,107 @@
+"""The hang timeout (pure) and the watchdog thread with a recording on_hang (no process ends)."""
+
+import threading
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hydra_preempt.config import SessionConfig
+from hydra_preempt.errors import ConfigError
+from hydra_preempt.session.watchdog import HangReport, Watchdog, hang_timeout
+
+
+def test_timeout_is_the_configured_one_when_given():
+    assert hang_timeout([5.0, 900.0], 3.0, 600.0) == 3.0
+
+
+def test_timeout_is_the_floor_before_any_step_and_for_fast_steps():
+    assert hang_timeout([], None, 600.0) == 600.0
+    assert hang_timeout([0.1, 2.0, 0.5], None, 600.0) == 600.0
+
+
+def test_timeout_is_ten_times_the_slowest_recent_step_above_the_floor():
+    assert hang_timeout([30.0, 95.0, 40.0], None, 600.0) == 950.0
+
+
+@given(st.lists(st.floats(0, 1e5), max_size=50), st.floats(1, 1e4))
+def test_derived_timeout_never_below_the_floor_nor_ten_steps(steps, floor):
+    timeout = hang_timeout(steps, None, floor)
+    assert timeout >= floor and all(timeout >= 10 * s for s in steps)
+
+
+def hang_reports(watchdog):
+    reports: list[HangReport] = []
+    fired = threading.Event()
+
+    def on_hang(report):
+        reports.append(report)
+        fired.set()
+
+    watchdog.start(on_hang)
+    return reports, fired
+
+
+def test_no_beat_within_the_step_timeout_is_a_hang_of_the_step():
+    dog = Watchdog(0.2, 600.0, 30.0)
+    reports, fired = hang_reports(dog)
+    for _ in range(5):
+        dog.beat()
+        time.sleep(0.02)
+    assert fired.wait(5)
+    dog.close()
+    [report] = reports
+    assert report.phase == "step" and report.allowed_s == 0.2 and report.waited_s > 0.2
+
+
+def test_start_up_has_its_own_allowance():
+    dog = Watchdog(0.05, 600.0, 0.3)
+    reports, fired = hang_reports(dog)
+    time.sleep(0.15)  # longer than a step may take: still starting up
+    assert not fired.is_set()
+    assert fired.wait(5)
+    dog.close()
+    assert reports[0].phase == "start-up" and reports[0].allowed_s == 0.3
+
+
+def test_a_save_is_allowed_the_long_allowance_and_the_step_clock_restarts_after_it():
+    dog = Watchdog(0.1, 600.0, 30.0)
+    reports, _ = hang_reports(dog)
+    dog.beat()
+    with dog.slow_work():
+        time.sleep(0.3)
+    dog.beat()
+    dog.stop_watching()
+    time.sleep(0.3)
+    dog.close()
+    assert reports == []
+    assert list(dog._recent) and max(dog._recent) < 0.1  # the save is not a step's duration
+
+
+def test_a_save_before_the_first_step_leaves_it_the_start_up_allowance():
+    dog = Watchdog(0.05, 600.0, 0.5)
+    reports, fired = hang_reports(dog)
+    with dog.slow_work():
+        pass
+    time.sleep(0.2)  # the first step, slower than a step may be
+    dog.beat()
+    dog.stop_watching()
+    dog.close()
+    assert reports == [] and not fired.is_set()
+
+
+def test_after_the_step_loop_nothing_is_watched():
+    dog = Watchdog(0.05, 600.0, 0.05)
+    reports, _ = hang_reports(dog)
+    dog.beat()
+    dog.stop_watching()
+    time.sleep(0.3)
+    dog.close()
+    assert reports == []
+
+
+@pytest.mark.parametrize("key", ["timeout_s", "min_timeout_s", "startup_s"])
+def test_a_non_positive_watchdog_time_is_refused_with_its_key(key):
+    with pytest.raises(ConfigError, match=f"watchdog.{key} must be > 0"):
+        SessionConfig.from_mapping({"watchdog": {key: 0}})
