@@ -33,8 +33,8 @@ from hydra_preempt.config import Rule, check_app_config
 
 log = logging.getLogger("train")
 
-POSITIVE_INT = Rule(int, "a positive integer", lambda v: v > 0)
-NATURAL = Rule(int, "an integer >= 0", lambda v: v >= 0)
+POSITIVE_INT = Rule(int, "a positive integer below 2**62", lambda v: 0 < v < 2**62)
+NATURAL = Rule(int, "an integer >= 0 below 2**62", lambda v: 0 <= v < 2**62)
 NON_NEGATIVE = Rule(float, "a finite number >= 0", lambda v: v >= 0)
 
 # Every key of train.py's own sections (conf/config.yaml); the session's sections are hydra_preempt's.
@@ -43,7 +43,7 @@ KEYS = {
     "trainer.seed": NATURAL,
     "trainer.batch_size": POSITIVE_INT,
     "trainer.log_every": POSITIVE_INT,
-    "trainer.threads": POSITIVE_INT,
+    "trainer.threads": Rule(int, "an integer from 1 to 4096", lambda v: 1 <= v <= 4096),
     "trainer.step_sleep": NON_NEGATIVE,
     "trainer.parallel": Rule(str, "ddp or fsdp", lambda v: v in ("ddp", "fsdp")),
     "model.hidden": POSITIVE_INT,

@@ -118,7 +118,20 @@ class ResumableLoader:
             "batch_size": self.batch_size,
         }
 
+    def check_state_dict(self, state: Any) -> list[str]:
+        """Why `state` cannot be loaded (checked before anything of a checkpoint is loaded)."""
+        keys = ("epoch", "index", "seed", "num_samples", "batch_size")
+        if not isinstance(state, dict) or not all(
+            isinstance(state.get(k), int) and not isinstance(state.get(k), bool) and 0 <= state[k] < 2**62 for k in keys
+        ):
+            return [f"the data loader's state must hold non-negative integers {', '.join(keys)}"]
+        if state["index"] > self.batches_per_epoch:
+            return [f"the data loader's position (batch {state['index']}) lies beyond its epoch"]
+        return []
+
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if problems := self.check_state_dict(state):
+            raise ValueError(problems[0])
         for key in ("seed", "num_samples", "batch_size"):
             if state[key] != getattr(self, key):
                 raise CheckpointMismatchError(

@@ -14,22 +14,30 @@ class NotRegularFileError(OSError):
     """A path that should be a file we wrote is a symlink, a directory, a FIFO, a device, or too large."""
 
 
-def open_regular(path: Path) -> tuple[io.BufferedReader, int]:
-    """Open a regular file for reading, never through a symlink and never blocking on a FIFO; (file, size).
-
-    Raises FileNotFoundError if there is nothing, NotRegularFileError if it is not a regular file.
-    """
+def open_regular_fd(path: Path, flags: int, mode: int = 0o644) -> int:
+    """os.open() that only ever opens a regular file: never through a symlink (whose target could be
+    any file), never blocking on a FIFO. Raises NotRegularFileError for anything else."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
     except OSError as e:
         if e.errno == errno.ELOOP:  # O_NOFOLLOW on a symlink
             raise NotRegularFileError(f"{path.name} is a symlink") from None
+        if e.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO without a reader; a directory
+            raise NotRegularFileError(f"{path.name} is not a regular file") from None
         raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise NotRegularFileError(f"{path.name} is not a regular file")
-    return os.fdopen(fd, "rb"), st.st_size
+    return fd
+
+
+def open_regular(path: Path) -> tuple[io.BufferedReader, int]:
+    """Open a regular file for reading (see open_regular_fd); (file, size).
+
+    Raises FileNotFoundError if there is nothing, NotRegularFileError if it is not a regular file.
+    """
+    fd = open_regular_fd(path, os.O_RDONLY)
+    return os.fdopen(fd, "rb"), os.fstat(fd).st_size
 
 
 def read_regular(path: Path, max_size: int) -> bytes:
@@ -78,7 +86,13 @@ def disk_full_hint(e: OSError) -> str:
 
 def append_line_durably(path: Path, line: str) -> None:
     """Append one line and fsync, so a log entry survives a SIGKILL right after."""
-    with open(path, "a", encoding="utf-8") as f:
+    with open_append(path) as f:
         f.write(line.rstrip("\n") + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def open_append(path: Path, buffering: int = -1) -> io.TextIOWrapper:
+    """A regular file opened for appending text (created if missing; see open_regular_fd)."""
+    fd = open_regular_fd(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    return open(fd, "a", encoding="utf-8", buffering=buffering)

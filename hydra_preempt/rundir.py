@@ -37,7 +37,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import CheckpointDirError, RunDirWriteError
-from .fsutil import append_line_durably, atomic_write_text, disk_full_hint, read_regular
+from .fsutil import (
+    append_line_durably,
+    atomic_write_text,
+    disk_full_hint,
+    open_append,
+    open_regular,
+    open_regular_fd,
+    read_regular,
+)
 
 RUN_LOG = "run_log.jsonl"
 METRICS_LOG = "metrics.jsonl"
@@ -106,10 +114,17 @@ def read_events(run_dir: Path | str) -> list[dict[str, Any]]:
 
 def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a file of JSON lines; a line cut short by a kill (or anything else) is skipped."""
-    if not path.exists():
+    try:
+        f, _ = open_regular(path)
+        with f:
+            text = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    except OSError as e:  # a FIFO or a symlink in its place: never block on it or follow it
+        log.warning("%s cannot be read: %s", path, e.strerror or e)
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
@@ -210,7 +225,7 @@ class MetricsLog:
             return
         try:
             if self._file is None:
-                self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed in close())
+                self._file = open_append(self.path, buffering=1)  # closed in close()
             self._file.write(json.dumps(record) + "\n")
         except OSError as e:
             self._failed = True
@@ -244,7 +259,10 @@ class RunLock:
 
         `on_wait(holder)` is called once, when waiting starts.
         """
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = open_regular_fd(self.path, os.O_RDWR | os.O_CREAT)
+        except OSError as e:  # a symlink there could point at any file, which the lock would overwrite
+            raise CheckpointDirError(f"run directory {self.path.parent} is not usable: {e.strerror or e}") from None
         announced = False
         while True:
             try:

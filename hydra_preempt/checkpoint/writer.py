@@ -158,7 +158,10 @@ def _read_arrays(path: Path, specs: list[ArraySpec], checksum: str) -> list[Arra
     f = _open(path)
     with f:
         for spec in specs:
-            array, view = empty_array(spec)
+            try:
+                array, view = empty_array(spec)
+            except (ValueError, TypeError, RuntimeError, MemoryError) as e:  # e.g. more dimensions than allowed
+                raise CorruptCheckpointError(f"{STATE_FILE}: an array cannot be made ({_short(e)})") from None
             _read_exactly(f, view)
             data_hash.update(view)
             arrays.append(array)

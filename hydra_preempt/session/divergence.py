@@ -117,13 +117,31 @@ class LossSpikeDetector:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.history = deque(state["history"], maxlen=self.window)
-        self.spikes_in_a_row = int(state["spikes_in_a_row"])
-        self.diverged_reason = str(state["diverged_reason"])
+        """Raises ValueError (nothing set) for a state `state_dict` could not have written: values that
+        are not finite numbers would make every later judgement wrong (a NaN baseline flags all)."""
+        history, spikes, reason = state["history"], state["spikes_in_a_row"], state["diverged_reason"]
         # checkpoints written before these were kept: no streak known, no warm-up to judge again
-        streak = state.get("streak_start")
-        self.streak_start = None if streak is None else int(streak)
-        self.warmup = [(int(step), float(value)) for step, value in state.get("warmup", [])]
+        streak, warmup = state.get("streak_start"), state.get("warmup", [])
+        if not (isinstance(history, list) and all(_finite_number(v) for v in history)):
+            raise ValueError("the detector's history must be a list of finite numbers")
+        if not (_count(spikes) and isinstance(reason, str) and (streak is None or _count(streak))):
+            raise ValueError("the detector's counters must be non-negative integers")
+        if not (
+            isinstance(warmup, list)
+            and all(isinstance(p, list) and len(p) == 2 and _count(p[0]) and _finite_number(p[1]) for p in warmup)
+        ):
+            raise ValueError("the detector's warm-up record must be [step, value] pairs")
+        self.history = deque(history, maxlen=self.window)
+        self.spikes_in_a_row, self.diverged_reason, self.streak_start = spikes, reason, streak
+        self.warmup = [(step, float(value)) for step, value in warmup]
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,10 @@ def run(
     except RunStopped as stop:  # the run belongs to another process: leave its log alone
         session.close()
         return Outcome(stop.status, 0, EXIT_CODES[stop.status], stop.message, run_dir=str(session.run_dir))
+    except HydraPreemptError as e:  # the lock file cannot be used
+        log.error("%s", e)
+        session.close()
+        return Outcome(Status.FAILED, 0, ExitCode.USAGE, str(e), run_dir=str(run_dir))
     try:
         session.prepare()
     except HydraPreemptError as e:

@@ -317,8 +317,11 @@ class StateRegistry:
                     set_model_state_dict(obj, shards[name])
                 else:
                     set_optimizer_state_dict(self.owners[name], obj, shards[name])
-            except (KeyError, ValueError, TypeError, RuntimeError) as e:
-                raise CheckpointMismatchError(f"{where}: loading {name!r} failed: {e}") from None
+            except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as e:
+                raise CheckpointReadError(
+                    f"{where}: loading {name!r} failed ({e}) after the objects before it were set: "
+                    "nothing is saved from this state"
+                ) from None
         if saved_ranks != world_size:
             log.warning(
                 "%s was saved by %d rank(s), this run has %d: parameters and optimizer state are resharded exactly; "
@@ -420,8 +423,13 @@ def _checked_in_place(obj: Any) -> bool:
 
 
 def _mismatches(name: str, obj: Any, saved: Any) -> list[str]:
-    """Why `saved` cannot be loaded into `obj`, checked before anything is loaded."""
+    """Why `saved` cannot be loaded into `obj`, checked before anything is loaded. An object may say
+    why itself, with a `check_state_dict(state) -> list[str]` method (ResumableLoader does)."""
+    if callable(check := getattr(obj, "check_state_dict", None)):
+        return [f"{name}: {problem}" for problem in check(saved)]
     if isinstance(obj, torch.nn.Module):
+        if not (isinstance(saved, dict) and all(isinstance(k, str) for k in saved)):
+            return [f"{name}: the checkpoint holds {type(saved).__name__}, not a module's state dict"]
         current = obj.state_dict()
         problems = []
         if missing := sorted(current.keys() - saved.keys()):
@@ -435,7 +443,15 @@ def _mismatches(name: str, obj: Any, saved: Any) -> list[str]:
                 )
         return problems
     if isinstance(obj, torch.optim.Optimizer):
-        mine, theirs = [len(g["params"]) for g in obj.param_groups], [len(g["params"]) for g in saved["param_groups"]]
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if not (
+            isinstance(saved, dict)
+            and isinstance(saved.get("state"), dict)
+            and isinstance(groups, list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+        ):
+            return [f"{name}: the checkpoint holds no optimizer state dict (state and param_groups)"]
+        mine, theirs = [len(g["params"]) for g in obj.param_groups], [len(g["params"]) for g in groups]
         if mine != theirs:
             return [f"{name}: parameter groups of sizes {theirs} in the checkpoint, {mine} in this optimizer"]
     return []

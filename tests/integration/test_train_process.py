@@ -149,7 +149,7 @@ def test_invalid_session_value_exits_2_with_the_key_named(tmp_path):
         (
             "run",
             ["trainer.max_steps=abc"],
-            "invalid configuration: trainer.max_steps must be a positive integer, got 'abc'",
+            "invalid configuration: trainer.max_steps must be a positive integer below 2**62, got 'abc'",
         ),
         ("a-file/run", [], "Error in hydra.run.dir: run directory {tmp}/a-file/run is not usable: Not a directory"),
         (
