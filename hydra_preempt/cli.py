@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -24,6 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
     export.add_argument("--step", type=int, help="the checkpoint's step (default: the newest good checkpoint)")
     export.add_argument("--object", default="model", help="the registered object to export (default: model)")
+    validate = sub.add_parser("validate", help="check the protocol on this machine: saves, signals, resume, disk")
+    validate.add_argument(
+        "--checkpoint-dir", type=Path, help="where checkpoints will go (default: a temporary directory)"
+    )
+    validate.add_argument(
+        "--state-gb", type=positive_gb, help="your training state's size in GB, to predict its save time"
+    )
+    validate.add_argument("--qos", help="the QoS whose GraceTime the save must fit (default: the shortest one)")
+    validate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     try:
         if args.command == "status":
@@ -34,10 +44,22 @@ def main(argv: list[str] | None = None) -> int:
             step, count = export_weights(args.run_dir, args.out, args.step, args.object)
             print(f"wrote {count} tensors of {args.object!r} from the checkpoint of step {step} to {args.out}")
             return ExitCode.FINISHED
+        if args.command == "validate":
+            from .validate import main as validate_main
+
+            return validate_main(args.checkpoint_dir, args.state_gb, args.json, args.qos)
     except HydraPreemptError as e:
         print(f"hydra-preempt: {e}", file=sys.stderr)
         return ExitCode.USAGE
     return ExitCode.USAGE
+
+
+def positive_gb(text: str) -> float:
+    """--state-gb: a finite number > 0 (argparse reports anything else in one line, exit 2)."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(text)
+    return value
 
 
 def show_status(sweep_dir: Path, as_json: bool) -> int:

@@ -1,0 +1,82 @@
+"""The pure parts of `hydra-preempt validate`: grace lookup, fit verdict, exit code, table; NVML readings."""
+
+from types import SimpleNamespace
+
+from hydra_preempt.gpumetrics import read_gpus, visible_indices
+from hydra_preempt.validate import FAIL, PASS, SKIP, Row, exit_code, format_rows, grace_fit, pick_grace
+
+QOS = "normal|\npreemptible|00:00:30\nscavenger|120\n"
+
+
+def test_pick_grace_takes_the_named_qos_or_the_shortest_non_zero():
+    assert pick_grace(QOS, "scavenger") == ("scavenger", 120.0)
+    assert pick_grace(QOS, None) == ("preemptible", 30.0)
+    assert pick_grace(QOS, "missing") is None
+    assert pick_grace("normal|\n", None) is None
+
+
+def test_grace_fit_says_whether_the_predicted_save_fits():
+    too_slow = grace_fit(40.0, 40 / 52, ("preemptible", 30.0), "")
+    assert too_slow.status == FAIL
+    assert too_slow.reason.startswith(
+        "a 40 GB state takes about 52 s to save here; GraceTime of QoS preemptible is 30 s"
+    )
+    assert "will not fit" in too_slow.reason and too_slow.figures["predicted_save_s"] == 52.0
+    assert grace_fit(1.0, 1.0, ("preemptible", 30.0), "").status == PASS
+    unknown = grace_fit(1.0, 0.5, None, "SLURM is not installed here")
+    assert unknown.status == SKIP and "about 2 s" in unknown.reason and "SLURM is not installed here" in unknown.reason
+    assert grace_fit(None, 1.0, ("preemptible", 30.0), "").status == SKIP
+
+
+def test_exit_code_is_zero_only_without_a_fail_and_the_table_has_one_line_per_row():
+    rows = [Row("a", PASS, "fine"), Row("longer name", SKIP, "no GPU")]
+    assert exit_code(rows) == 0
+    assert exit_code([*rows, Row("b", FAIL, "broken")]) == 1
+    assert format_rows(rows).splitlines() == ["PASS  a            fine", "SKIP  longer name  no GPU"]
+
+
+class FakeNvml:
+    NVML_TEMPERATURE_GPU = 0
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return SimpleNamespace(used=(handle + 1) * 2**30, total=80 * 2**30)
+
+    def nvmlDeviceGetName(self, handle):
+        return b"NVIDIA H100"
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return SimpleNamespace(gpu=50 + handle)
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        return 60
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 300_500  # milliwatts
+
+
+def test_read_gpus_reads_every_visible_gpu_in_plain_units():
+    gpus = read_gpus(FakeNvml(), [1])
+    assert gpus == [
+        {
+            "index": 1,
+            "name": "NVIDIA H100",
+            "memory_used_mib": 2048.0,
+            "memory_total_mib": 81920.0,
+            "utilization_pct": 51.0,
+            "temperature_c": 60.0,
+            "power_w": 300.5,
+        }
+    ]
+
+
+def test_visible_indices_follow_cuda_visible_devices_when_it_lists_numbers():
+    assert visible_indices(4, {}) == [0, 1, 2, 3]
+    assert visible_indices(4, {"CUDA_VISIBLE_DEVICES": "2,3,7"}) == [2, 3]
+    assert visible_indices(2, {"CUDA_VISIBLE_DEVICES": "GPU-1234"}) == [0, 1]
+    assert visible_indices(2, {"CUDA_VISIBLE_DEVICES": ""}) == []
