@@ -12,7 +12,6 @@ directory of their own, as they check the session's protocol rather than the dis
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
@@ -25,7 +24,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -496,17 +495,3 @@ def _guard_many(names: tuple[str, ...], check: Callable[[Path], list[Row]], run_
     except Exception as e:
         reason = str(e) if isinstance(e, CheckFailed) else f"{type(e).__name__}: {e}"
         return [Row(name, FAIL, reason) for name in names]
-
-
-def main(checkpoint_dir: Path | None, state_gb: float | None, as_json: bool, qos: str | None = None) -> int:
-    started = time.monotonic()
-    rows = validate(checkpoint_dir, state_gb, qos)
-    code = exit_code(rows)
-    if as_json:
-        report = {"ok": code == 0, "seconds": round(time.monotonic() - started, 1), "rows": [asdict(r) for r in rows]}
-        print(json.dumps(report, indent=1))
-    else:
-        print(format_rows(rows))
-        failed = sum(r.status == FAIL for r in rows)
-        print(f"{len(rows)} checks, {failed} failed, in {time.monotonic() - started:.0f} s")
-    return code

@@ -1,9 +1,13 @@
 """The pure parts of `hydra-preempt validate`: grace lookup, fit verdict, exit code, table; NVML readings."""
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 from hydra_preempt.gpumetrics import read_gpus, visible_indices
 from hydra_preempt.validate import FAIL, PASS, SKIP, Row, exit_code, format_rows, grace_fit, pick_grace
+from hydra_preempt.validate_slurm import settings_rows
 
 QOS = "normal|\npreemptible|00:00:30\nscavenger|120\n"
 
@@ -80,3 +84,45 @@ def test_visible_indices_follow_cuda_visible_devices_when_it_lists_numbers():
     assert visible_indices(4, {"CUDA_VISIBLE_DEVICES": "2,3,7"}) == [2, 3]
     assert visible_indices(2, {"CUDA_VISIBLE_DEVICES": "GPU-1234"}) == [0, 1]
     assert visible_indices(2, {"CUDA_VISIBLE_DEVICES": ""}) == []
+
+
+# What the test cluster (tests/cluster/slurm-cluster.sh) answered, verbatim
+CONFIG = "JobRequeue              = 1\nKillWait                = 10 sec\nPreemptMode             = CANCEL\n"
+QOS_MODES = "normal|00:00:00|cluster\npreemptible|00:00:30|cluster\n"
+ASSOC = "research|normal,preemptible\nroot|normal\n"
+
+
+def test_settings_rows_read_the_schedulers_answers():
+    rows = {r.name: r for r in settings_rows(CONFIG, QOS_MODES, ASSOC, None, None)}
+    assert [r.status for r in rows.values()] == [PASS] * 5
+    assert rows["slurm: QoS"].reason == "QoS preemptible may be used from account research"
+    assert rows["slurm: GraceTime"].figures == {"grace_s": 30.0}
+    assert rows["slurm: PreemptMode"].figures == {"mode": "CANCEL"}
+    assert rows["slurm: KillWait"].figures == {"kill_wait_s": 10.0}
+    assert rows["slurm: JobRequeue"].figures == {"job_requeue": 1}
+
+
+def test_settings_rows_fail_a_qos_the_account_may_not_use_or_without_grace():
+    rows = {r.name: r for r in settings_rows(CONFIG, QOS_MODES, ASSOC, "preemptible", "root")}
+    assert rows["slurm: QoS"].status == FAIL and "account root may not use it" in rows["slurm: QoS"].reason
+    rows = {r.name: r for r in settings_rows(CONFIG, QOS_MODES, ASSOC, "normal", None)}
+    assert rows["slurm: GraceTime"].status == FAIL
+    assert [r.status for r in settings_rows(CONFIG, QOS_MODES, ASSOC, "missing", None)] == [FAIL]
+    off = settings_rows(CONFIG.replace("CANCEL", "OFF"), QOS_MODES, ASSOC, None, None)
+    assert {r.name: r.status for r in off}["slurm: PreemptMode"] == FAIL
+
+
+def test_validate_slurm_without_slurm_says_so_in_one_line_and_exits_2(tmp_path):
+    # An empty PATH: no scontrol at all, whatever this machine has installed
+    done = subprocess.run(
+        [sys.executable, "-m", "hydra_preempt.cli", "validate", "--slurm"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": str(tmp_path)},
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "hydra-preempt: --slurm: SLURM does not answer here (scontrol not found: SLURM's commands are not installed here)"
+    ]
