@@ -68,12 +68,18 @@ class DistributedConfig:
 
 
 @dataclass
+class ProgressConfig:
+    every_s: float = 30.0  # seconds between progress lines in logs (a terminal gets a live bar instead)
+
+
+@dataclass
 class SessionConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     signals: SignalConfig = field(default_factory=SignalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     requeue: RequeueBudget = field(default_factory=RequeueBudget)  # max_preemptions, max_timeouts
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> SessionConfig:
@@ -87,6 +93,8 @@ class SessionConfig:
             value = getattr(c, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"checkpoint.{key} must be > 0 or null, got {value!r}")
+        if self.progress.every_s <= 0:
+            raise ConfigError(f"progress.every_s must be > 0, got {self.progress.every_s!r}")
         if self.distributed.sync_every < 1:
             raise ConfigError(f"distributed.sync_every must be >= 1, got {self.distributed.sync_every!r}")
         # The remaining checks live with the objects that use the values.

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
@@ -51,6 +52,7 @@ from ..rundir import (
 )
 from . import boundary
 from .divergence import HealthRule, Verdict
+from .progress import Progress
 from .signals import Request
 from .state import StateRegistry, StepStart, check_tree
 
@@ -112,6 +114,8 @@ class Session:
         watched = (self.config.divergence.metric, self.config.checkpoint.metric)
         self._watched = tuple(sorted({m for m in watched if m}))  # a nan/inf value of these is never saved
         self._open_step: StepStart | None = None  # set while a step runs
+        # One progress line per run, not per rank: rank 0's
+        self._progress = Progress(self.config.progress.every_s, sys.stderr) if self._rank == 0 else None
 
     @property
     def last_checkpoint(self) -> CheckpointInfo | None:
@@ -221,10 +225,23 @@ class Session:
     def steps(self, max_steps: int) -> Iterator[int]:
         """Yield the index of each step to run, from the restored step up to `max_steps`."""
         self.restore()
-        while self.step < max_steps:
-            self._start_step()
-            yield self.step
-            self._end_step()
+        progress = self._progress
+        if progress is not None:
+            progress.start(self.step)
+        try:
+            while self.step < max_steps:
+                self._start_step()
+                yield self.step
+                self._end_step()
+                if progress is not None:
+                    last = self.last_checkpoint
+                    if last is None:
+                        progress.update(self.step, max_steps, None, None)
+                    else:
+                        progress.update(self.step, max_steps, last.step, last.created)
+        finally:
+            if progress is not None:
+                progress.close()
 
     def report(self, **metrics: Any) -> None:
         """Record metrics of the current step (floats, or 0-d tensors)."""
