@@ -39,6 +39,7 @@ from ..checkpoint.store import CheckpointInfo, CheckpointStore
 from ..config import SessionConfig
 from ..distributed import agree, broadcast_from_rank0, gather_to_rank0, world
 from ..errors import CheckpointReadError, ConfigError, HydraPreemptError, RunDirWriteError
+from ..gpumetrics import GPU_METRICS_FILE, GpuSampler
 from ..outcome import Status
 from ..rundir import (
     RESULT_FILE,
@@ -116,6 +117,11 @@ class Session:
         self._open_step: StepStart | None = None  # set while a step runs
         # One progress line per run, not per rank: rank 0's
         self._progress = Progress(self.config.progress.every_s, sys.stderr) if self._rank == 0 else None
+        g = self.config.gpu_metrics
+        # Rank 0 samples the GPUs its node shows it (other nodes' GPUs are not in the file)
+        self._gpu_sampler = (
+            GpuSampler(self.run_dir / GPU_METRICS_FILE, g.every_s) if g.enabled and self._rank == 0 else None
+        )
 
     @property
     def last_checkpoint(self) -> CheckpointInfo | None:
@@ -136,6 +142,8 @@ class Session:
         checkpoint directory (a collective). Nothing in either directory is touched before the lock."""
         self.checkpointer.prepare(self._claim_run_dir)  # calls it on rank 0
         self.run_id = broadcast_from_rank0(self.run_id)
+        if self._gpu_sampler is not None:
+            self._gpu_sampler.start()
 
     def _claim_run_dir(self) -> dict[str, str]:
         """Rank 0: clean the run directory, learn (or make) the run id; the owner mark of the checkpoint directory."""
@@ -148,6 +156,8 @@ class Session:
         """`finished`: the run's outcome is decided, so stop signals are held (dropped) instead of
         restored: the caller uninstalls them unless the process ends next (see run())."""
         self.checkpointer.join()  # a periodic save still being written ends before the process does
+        if self._gpu_sampler is not None:
+            self._gpu_sampler.stop()
         if finished:
             self.signals.hold()
         else:

@@ -1,4 +1,4 @@
-"""Progress lines from a real run through the session, in the log (not a terminal here)."""
+"""A real run through the session: its progress lines in the log (not a terminal here), its GPU sampling."""
 
 import logging
 import re
@@ -7,6 +7,7 @@ import time
 import torch
 
 from hydra_preempt import SessionConfig, run
+from hydra_preempt.gpumetrics import GPU_METRICS_FILE, NvmlUnavailable, load_nvml
 
 
 def test_a_run_logs_progress_lines_with_its_checkpoints(tmp_path, caplog):
@@ -26,3 +27,23 @@ def test_a_run_logs_progress_lines_with_its_checkpoints(tmp_path, caplog):
     assert all("/40 (" in line and "steps/s ETA" in line for line in lines)
     assert re.search(r"\| checkpoint step [1-4]0, 0:0\d ago$", lines[-1]), lines[-1]
     assert not any(c in "".join(lines) for c in "\r\x1b")
+
+
+def test_a_run_samples_its_gpus_only_where_nvml_answers(tmp_path, caplog):
+    try:
+        load_nvml().nvmlShutdown()
+        nvml = True
+    except NvmlUnavailable:
+        nvml = False
+
+    def train(session):
+        session.register(model=torch.nn.Linear(2, 1))
+        for _ in session.steps(5):
+            time.sleep(0.01)
+
+    config = SessionConfig.from_mapping({"gpu_metrics": {"every_s": 0.01}})
+    with caplog.at_level(logging.INFO, logger="hydra_preempt"):
+        assert run(train, tmp_path, config).exit_code == 0
+    off = [r.getMessage() for r in caplog.records if r.getMessage().startswith("GPU metrics are off")]
+    assert (tmp_path / GPU_METRICS_FILE).exists() is nvml
+    assert len(off) == (0 if nvml else 1), off

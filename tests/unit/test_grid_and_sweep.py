@@ -118,11 +118,13 @@ def test_run_standing_follows_the_run_log(tmp_path):
             "timeouts": 0,
             "checkpoint_step": 10,
             "result": standing.result,
+            "gpu": {"0": {"peak_memory_mib": 9000.4, "mean_utilization_pct": 51.2, "samples": 3}},
             "overrides": ["lr=1"],
         }
     ]
     table = format_table(rows).splitlines()
     assert table[0].split()[:2] == ["#", "job"] and "loss=0.5 step=10" in table[1] and table[1].endswith("lr=1")
+    assert " 0:9000MiB/51% " in table[1]
 
 
 def test_executor_settings_refuse_script_injection():

@@ -1,11 +1,21 @@
 """The pure parts of `hydra-preempt validate`: grace lookup, fit verdict, exit code, table; NVML readings."""
 
+import json
+import logging
 import os
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
-from hydra_preempt.gpumetrics import read_gpus, visible_indices
+from hydra_preempt.gpumetrics import (
+    GPU_METRICS_FILE,
+    GpuSampler,
+    NvmlUnavailable,
+    read_gpus,
+    summarize,
+    visible_indices,
+)
 from hydra_preempt.validate import FAIL, PASS, SKIP, Row, exit_code, format_rows, grace_fit, pick_grace
 from hydra_preempt.validate_slurm import settings_rows
 
@@ -126,3 +136,43 @@ def test_validate_slurm_without_slurm_says_so_in_one_line_and_exits_2(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "hydra-preempt: --slurm: SLURM does not answer here (scontrol not found: SLURM's commands are not installed here)"
     ]
+
+
+def test_the_sampler_without_nvml_logs_one_line_and_writes_nothing(tmp_path, caplog):
+    def no_driver():
+        raise NvmlUnavailable("NVML does not answer: Driver Not Loaded")
+
+    sampler = GpuSampler(tmp_path / GPU_METRICS_FILE, 0.01, no_driver)
+    with caplog.at_level(logging.INFO, logger="hydra_preempt"):
+        assert sampler.start() is False
+        sampler.stop()
+    assert [r.getMessage() for r in caplog.records] == ["GPU metrics are off: NVML does not answer: Driver Not Loaded"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_sampler_writes_readings_until_stopped_and_summarizes_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    nvml = FakeNvml()
+    shutdowns = []
+    nvml.nvmlShutdown = lambda: shutdowns.append(True)
+    path = tmp_path / GPU_METRICS_FILE
+    sampler = GpuSampler(path, 0.01, lambda: nvml)
+    assert sampler.start() is True
+    deadline = time.monotonic() + 10
+    while (not path.exists() or len(path.read_text().splitlines()) < 3) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sampler.stop()
+    samples = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(samples) >= 3 and shutdowns == [True]
+    assert [g["index"] for g in samples[0]["gpus"]] == [0, 1] and samples[0]["time"] > 0
+    with path.open("a") as f:
+        f.write('{"time": 1, "gpus": [{"index": 0, "memory_used_mib": 9000.0, "utilization_pct": 10.0}]}\n{"cut')
+    summary = summarize(path)
+    n = len(samples) + 1
+    assert summary["0"] == {
+        "peak_memory_mib": 9000.0,
+        "mean_utilization_pct": round((50 * len(samples) + 10) / n, 1),
+        "samples": n,
+    }
+    assert summary["1"]["peak_memory_mib"] == 2048.0 and summary["1"]["samples"] == len(samples)
+    assert summarize(tmp_path / "missing.jsonl") is None
