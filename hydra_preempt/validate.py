@@ -325,7 +325,8 @@ def check_signals_and_resume(scratch: Path, steps: int = 60) -> list[Row]:
 
     run_dir = scratch / "usr1-term"
     reference = Child("train", str(scratch / "reference"), str(steps), "0")
-    child = Child("train", str(run_dir), str(steps), "0.02")
+    # Slow steps: under load the parent must still signal it long before its 60 steps are done
+    child = Child("train", str(run_dir), str(steps), "0.1")
     try:
         child.wait_for(r"^step 5$")
         child.send(signal.SIGUSR1)
