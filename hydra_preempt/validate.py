@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import HydraPreemptError
+from .outcome import ExitCode
+
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 SAMPLE_BYTES = 256 << 20  # the state measured for throughput, unless --state-gb is smaller
 _WAIT_S = 180.0  # the longest wait for one child's line: a start-up (torch import) on a crowded machine
@@ -43,7 +46,7 @@ class Row:
 
 # -- pure logic -------------------------------------------------------------
 def exit_code(rows: list[Row]) -> int:
-    return 1 if any(r.status == FAIL for r in rows) else 0
+    return ExitCode.FAILED if any(r.status == FAIL for r in rows) else ExitCode.FINISHED
 
 
 def format_rows(rows: list[Row]) -> str:
@@ -167,10 +170,13 @@ def _guard(name: str, check: Callable[[], Row]) -> Row:
     """A check that raised is a FAIL row with the reason, never a traceback."""
     try:
         return check()
-    except CheckFailed as e:
-        return Row(name, FAIL, str(e))
     except Exception as e:
-        return Row(name, FAIL, f"{type(e).__name__}: {e}")
+        return Row(name, FAIL, _reason(e))
+
+
+def _reason(e: Exception) -> str:
+    """A FAIL row's reason: the library's own messages as they are, anything else with its type."""
+    return str(e) if isinstance(e, (CheckFailed, HydraPreemptError)) else f"{type(e).__name__}: {e}"
 
 
 # -- checks on the checkpoint directory -------------------------------------
@@ -479,8 +485,8 @@ def validate(checkpoint_dir: Path | None, state_gb: float | None, qos: str | Non
             try:
                 throughput, save_gbps = measure_throughput(work / "throughput", nbytes)
                 fit = grace_fit(state_gb, save_gbps, found, why_unknown)
-            except (CheckFailed, OSError) as e:
-                reason = str(e) if isinstance(e, CheckFailed) else f"{e.strerror or e}"
+            except Exception as e:  # a full disk (CheckpointWriteError) included: a row, never a traceback
+                reason = _reason(e)
                 throughput = [Row(name, FAIL, reason) for name in DISK_ROWS[2:]]
                 fit = Row("grace period fit", FAIL, f"no save throughput measured: {reason}")
             disk = [atomic, retention, *throughput]
@@ -494,5 +500,4 @@ def _guard_many(names: tuple[str, ...], check: Callable[[Path], list[Row]], run_
     try:
         return check(run_dir)
     except Exception as e:
-        reason = str(e) if isinstance(e, CheckFailed) else f"{type(e).__name__}: {e}"
-        return [Row(name, FAIL, reason) for name in names]
+        return [Row(name, FAIL, _reason(e)) for name in names]

@@ -108,4 +108,10 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from .errors import HydraPreemptError
+
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except HydraPreemptError as e:  # a full or unusable disk: the parent shows this line as the reason
+        print(f"error: {e}", flush=True)
+        sys.exit(1)
