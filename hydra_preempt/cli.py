@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shutil
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 from .errors import HydraPreemptError
@@ -29,6 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     watch.add_argument("--interval", type=float, default=60.0, help="seconds between rounds (default 60)")
     watch.add_argument("--once", action="store_true", help="one round, then exit")
     watch.add_argument("--failures", type=Path, help="a failure table replacing the shipped one")
+    validate = sub.add_parser("validate", help="check the protocol on this machine: saves, signals, resume, disk")
+    validate.add_argument(
+        "--checkpoint-dir", type=Path, help="where checkpoints will go (default: a temporary directory)"
+    )
+    validate.add_argument(
+        "--state-gb", type=positive_gb, help="your training state's size in GB, to predict its save time"
+    )
+    validate.add_argument("--qos", help="the QoS whose GraceTime the save must fit (default: the shortest one)")
+    validate.add_argument("--slurm", action="store_true", help="also check SLURM's settings and run a tiny test job")
+    validate.add_argument("--account", help="with --slurm: the account to submit the test job with")
+    validate.add_argument("--partition", help="with --slurm: the partition to submit the test job to")
+    validate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     try:
         if args.command == "status":
@@ -44,10 +61,49 @@ def main(argv: list[str] | None = None) -> int:
             from .slurm.failures import FailureTable
 
             return monitor(args.dirs, FailureTable.load(args.failures), args.interval, args.once)
+        if args.command == "validate":
+            return validate_command(args)
     except HydraPreemptError as e:
         print(f"hydra-preempt: {e}", file=sys.stderr)
         return ExitCode.USAGE
     return ExitCode.USAGE
+
+
+def positive_gb(text: str) -> float:
+    """--state-gb: a finite number > 0 (argparse reports anything else in one line, exit 2)."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def validate_command(args: argparse.Namespace) -> int:
+    """Raises HydraPreemptError (exit 2) when --slurm is asked for and SLURM does not answer."""
+    from .validate import FAIL, exit_code, format_rows, validate
+
+    started = time.monotonic()
+    if args.slurm:
+        from .validate_slurm import require_slurm, slurm_rows
+
+        require_slurm()  # before anything runs: the one line a user without SLURM needs
+    rows = validate(args.checkpoint_dir, args.state_gb, args.qos)
+    if args.slurm:
+        # The job's log must be where the compute node can write it: the checkpoint directory (shared
+        # storage, by its purpose) or else the current directory, never this host's /tmp
+        workdir = (args.checkpoint_dir or Path.cwd()) / f"validate-slurm-{os.getpid()}"
+        try:
+            rows += slurm_rows(workdir, args.qos, args.account, args.partition)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    code = exit_code(rows)
+    if args.json:
+        report = {"ok": code == 0, "seconds": round(time.monotonic() - started, 1), "rows": [asdict(r) for r in rows]}
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_rows(rows))
+        failed = sum(r.status == FAIL for r in rows)
+        print(f"{len(rows)} checks, {failed} failed, in {time.monotonic() - started:.0f} s")
+    return code
 
 
 def show_status(sweep_dir: Path, as_json: bool) -> int:

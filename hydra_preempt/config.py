@@ -97,6 +97,17 @@ class FailuresConfig:
 
 
 @dataclass
+class ProgressConfig:
+    every_s: float = 30.0  # seconds between progress lines in logs (a terminal gets a live bar instead)
+
+
+@dataclass
+class GpuMetricsConfig:
+    enabled: bool = True  # sample every visible GPU through NVML into RUN_DIR/gpu_metrics.jsonl (if NVML answers)
+    every_s: float = 10.0  # seconds between samples
+
+
+@dataclass
 class SessionConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
@@ -105,6 +116,8 @@ class SessionConfig:
     requeue: RequeueBudget = field(default_factory=RequeueBudget)  # max_preemptions, max_timeouts
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     failures: FailuresConfig = field(default_factory=FailuresConfig)
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
+    gpu_metrics: GpuMetricsConfig = field(default_factory=GpuMetricsConfig)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> SessionConfig:
@@ -118,6 +131,10 @@ class SessionConfig:
             value = getattr(c, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"checkpoint.{key} must be > 0 or null, got {value!r}")
+        if self.progress.every_s <= 0:
+            raise ConfigError(f"progress.every_s must be > 0, got {self.progress.every_s!r}")
+        if self.gpu_metrics.every_s <= 0:
+            raise ConfigError(f"gpu_metrics.every_s must be > 0, got {self.gpu_metrics.every_s!r}")
         if self.distributed.sync_every < 1:
             raise ConfigError(f"distributed.sync_every must be >= 1, got {self.distributed.sync_every!r}")
         # The remaining checks live with the objects that use the values.

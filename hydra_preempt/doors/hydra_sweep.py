@@ -23,6 +23,8 @@ from typing import Any
 from ..checkpoint.layout import latest_checkpoint
 from ..errors import HydraPreemptError
 from ..fsutil import atomic_write_text
+from ..gpumetrics import GPU_METRICS_FILE
+from ..gpumetrics import summarize as summarize_gpus
 from ..rundir import RunHistory, read_result
 from ..slurm.commands import SlurmError, sacct_states, show_job, state_outcome
 
@@ -172,6 +174,7 @@ def status_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                 "checkpoint_step": standing.checkpoint_step,
                 "restart": standing.restart,
                 "result": standing.result,
+                "gpu": summarize_gpus(Path(job.dir) / GPU_METRICS_FILE),  # per GPU: peak memory, mean utilization
                 "dir": job.dir,
             }
         )
@@ -189,6 +192,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "timeouts",
         "ckpt step",
         "restart",
+        "gpu peak/util",
         "final metrics",
         "overrides",
     ]
@@ -209,6 +213,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 str(r["timeouts"]),
                 "-" if r["checkpoint_step"] is None else str(r["checkpoint_step"]),
                 r["restart"] or "-",
+                " ".join(
+                    f"{i}:{g['peak_memory_mib']:.0f}MiB/{g['mean_utilization_pct']:.0f}%"
+                    for i, g in (r.get("gpu") or {}).items()
+                )
+                or "-",
                 metrics or "-",
                 " ".join(r["overrides"]),
             ]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
@@ -38,6 +39,7 @@ from ..checkpoint.store import CheckpointInfo, CheckpointStore
 from ..config import SessionConfig
 from ..distributed import agree, broadcast_from_rank0, gather_to_rank0, world
 from ..errors import CheckpointReadError, ConfigError, HydraPreemptError, RunDirWriteError
+from ..gpumetrics import GPU_METRICS_FILE, GpuSampler
 from ..outcome import Status
 from ..rundir import (
     RESULT_FILE,
@@ -51,6 +53,7 @@ from ..rundir import (
 )
 from . import boundary
 from .divergence import HealthRule, Verdict
+from .progress import Progress
 from .signals import Request
 from .state import StateRegistry, StepStart, check_tree
 
@@ -113,6 +116,13 @@ class Session:
         watched = (self.config.divergence.metric, self.config.checkpoint.metric)
         self._watched = tuple(sorted({m for m in watched if m}))  # a nan/inf value of these is never saved
         self._open_step: StepStart | None = None  # set while a step runs
+        # One progress line per run, not per rank: rank 0's
+        self._progress = Progress(self.config.progress.every_s, sys.stderr) if self._rank == 0 else None
+        g = self.config.gpu_metrics
+        # Rank 0 samples the GPUs its node shows it (other nodes' GPUs are not in the file)
+        self._gpu_sampler = (
+            GpuSampler(self.run_dir / GPU_METRICS_FILE, g.every_s) if g.enabled and self._rank == 0 else None
+        )
 
     @property
     def last_checkpoint(self) -> CheckpointInfo | None:
@@ -133,6 +143,8 @@ class Session:
         checkpoint directory (a collective). Nothing in either directory is touched before the lock."""
         self.checkpointer.prepare(self._claim_run_dir)  # calls it on rank 0
         self.run_id = broadcast_from_rank0(self.run_id)
+        if self._gpu_sampler is not None:
+            self._gpu_sampler.start()
 
     def _claim_run_dir(self) -> dict[str, str]:
         """Rank 0: clean the run directory, learn (or make) the run id; the owner mark of the checkpoint directory."""
@@ -146,6 +158,8 @@ class Session:
         restored: the caller uninstalls them unless the process ends next (see run())."""
         self.watchdog.close()
         self.checkpointer.join(self._time_to_kill_s())  # a save still being written ends before the process does
+        if self._gpu_sampler is not None:
+            self._gpu_sampler.stop()
         if finished:
             self.signals.hold()
         else:
@@ -223,13 +237,24 @@ class Session:
     def steps(self, max_steps: int) -> Iterator[int]:
         """Yield the index of each step to run, from the restored step up to `max_steps`."""
         self.restore()
+        progress = self._progress
+        if progress is not None:
+            progress.start(self.step)
         try:
             while self.step < max_steps:
                 self._start_step()
                 yield self.step
                 self._end_step()
+                if progress is not None:
+                    last = self.last_checkpoint
+                    if last is None:
+                        progress.update(self.step, max_steps, None, None)
+                    else:
+                        progress.update(self.step, max_steps, last.step, last.created)
         finally:  # ended, stopped or raised: the watchdog no longer waits for steps
             self.watchdog.stop_watching()
+            if progress is not None:
+                progress.close()
 
     def report(self, **metrics: Any) -> None:
         """Record metrics of the current step (floats, or 0-d tensors)."""

@@ -123,12 +123,14 @@ def test_run_standing_follows_the_run_log(tmp_path):
             "checkpoint_step": 10,
             "restart": "nccl: restart (attempt 1/3)",
             "result": standing.result,
+            "gpu": {"0": {"peak_memory_mib": 9000.4, "mean_utilization_pct": 51.2, "samples": 3}},
             "overrides": ["lr=1"],
         }
     ]
     table = format_table(rows).splitlines()
     assert table[0].split()[:2] == ["#", "job"] and "loss=0.5 step=10" in table[1] and table[1].endswith("lr=1")
     assert "restart" in table[0] and "nccl: restart (attempt 1/3)" in table[1]
+    assert " 0:9000MiB/51% " in table[1]
 
 
 def test_executor_settings_refuse_script_injection():
