@@ -116,7 +116,7 @@ def ask_settings(qos: str | None, account: str | None) -> tuple[list[Row], str |
     config = slurm_command(["scontrol", "show", "config"])
     qos_text = slurm_command(["sacctmgr", "-n", "-P", "show", "qos", "format=Name,GraceTime,PreemptMode"])
     assoc = slurm_command(
-        ["sacctmgr", "-n", "-P", "show", "assoc", f"where user={getpass.getuser()}", "format=Account,QOS"]
+        ["sacctmgr", "-n", "-P", "show", "assoc", "where", f"user={getpass.getuser()}", "format=Account,QOS"]
     )
     rows = settings_rows(config, qos_text, assoc, qos, account)
     return rows, rows[0].figures.get("qos") if rows[0].status == PASS else None
