@@ -34,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeGuard
 
 from .errors import CheckpointDirError, RunDirWriteError
 from .fsutil import (
@@ -164,6 +164,30 @@ class RunHistory:
         """Ends of the run classified as this failure class (slurm/failures.py), by the run itself (its stop)
         or by the monitor (a `failure` event): the class's restart attempts so far."""
         return sum(1 for e in self.events if e["event"] in ("stop", "failure") and e.get("failure") == failure)
+
+    def interruptions(self) -> list[tuple[int, str]]:
+        """(step the next start resumed from, why the run stopped) for every stop that another start
+        followed, oldest first: where a plot of the run marks its restarts. The step is the one the
+        next start's own stop says it resumed from, else the stopped run's last checkpoint. A start
+        without a stop before it (the process was killed without a word) counts, as "killed"."""
+        marks: list[tuple[int, str]] = []
+        last_stop: dict[str, Any] | None = None
+        waiting: int | None = None  # the mark whose start has not stopped yet
+        started = False
+        for event in self.events:
+            if event["event"] == "stop":
+                resumed = event.get("resumed_from")
+                if waiting is not None and _is_step(resumed):
+                    marks[waiting] = (resumed, marks[waiting][1])
+                waiting, last_stop = None, event
+            elif event["event"] == "start":
+                if started:
+                    step = last_stop.get("checkpoint_step") if last_stop else None
+                    reason = str(last_stop.get("failure") or last_stop.get("reason")) if last_stop else "killed"
+                    marks.append((step if _is_step(step) else 0, reason))
+                    waiting = len(marks) - 1
+                started, last_stop = True, None
+        return marks
 
     @property
     def status(self) -> str:
@@ -318,3 +342,7 @@ def remove_stale_temporaries(run_dir: Path | str) -> list[str]:
             entry.unlink(missing_ok=True)
             removed.append(entry.name)
     return removed
+
+
+def _is_step(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

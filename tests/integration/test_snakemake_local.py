@@ -59,7 +59,8 @@ def test_local_run_completes_and_a_second_run_has_nothing_to_do(tmp_path):
 
 def test_a_failed_experiment_does_not_stop_the_others_and_keeps_its_checkpoint(tmp_path):
     """b diverges on purpose (learning rate 1.0, a touchy detector): it fails at step ~35 with checkpoints
-    at 10, 20, 30 on disk; they stay; a and c finish (keep-going)."""
+    at 10, 20, 30 on disk; they stay (maybe set aside as diverged-step-*, never deleted); a and c finish
+    (keep-going)."""
     experiments = [
         {"name": "a", "overrides": {"optim.lr": 0.01}},
         {
@@ -85,7 +86,9 @@ def test_a_failed_experiment_does_not_stop_the_others_and_keeps_its_checkpoint(t
     assert not (run_b / "result.json").exists()
     stop = [e for e in read_events(run_b) if e["event"] == "stop"][-1]
     assert stop["reason"] == "diverged" and stop["exit_code"] == 3, stop
-    assert list((run_b / "checkpoints").glob("step-*")), "the failed experiment's checkpoints were removed"
+    # kept: as they were, or moved aside as diverged-step-* when the detector judged them suspect
+    kept = [p.name for p in (run_b / "checkpoints").iterdir() if "step-" in p.name]
+    assert kept, "the failed experiment's checkpoints were removed"
     assert not (tmp_path / "results" / "summary.csv").exists()
 
 

@@ -28,7 +28,11 @@ def main(snakemake) -> None:
         preemptions = RunHistory.read(run_dir).stop_count("preempted")
         rows.append({"experiment": name, **{k: result.get(k) for k in ("step", "loss", "restarts", "params_sha256")},
                      "preemptions": preemptions, "overrides": overrides})
-        axes.plot(*loss_curve(run_dir), label=name, linewidth=1)
+        (line,) = axes.plot(*loss_curve(run_dir), label=name, linewidth=1)
+        for step, reason in RunHistory.read(run_dir).interruptions():  # each restart, where the curve resumes
+            axes.axvline(step, color=line.get_color(), linestyle=":", linewidth=0.8, alpha=0.7)
+            axes.annotate(reason, (step, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=6,
+                          color=line.get_color(), ha="right", va="top")
     axes.set(xlabel="step", ylabel="training loss", yscale="log", title="loss curves")
     axes.legend()
     figure.tight_layout()
