@@ -86,29 +86,25 @@ def run(
     try:
         failures = config.failures.load()
     except ConfigError as e:
-        log.error("%s", e)
-        return Outcome(Status.FAILED, 0, ExitCode.USAGE, str(e), run_dir=str(run_dir))
+        return _refused(e, run_dir)
     session = Session(run_dir, config)
     try:
         session.open()
     except HydraPreemptError as e:
-        log.error("%s", e)
-        return Outcome(Status.FAILED, 0, ExitCode.USAGE, str(e), run_dir=str(run_dir))
+        return _refused(e, run_dir)
     try:
         session.wait_for_run_lock()
     except RunStopped as stop:  # the run belongs to another process: leave its log alone
         session.close()
         return Outcome(stop.status, 0, EXIT_CODES[stop.status], stop.message, run_dir=str(session.run_dir))
     except HydraPreemptError as e:  # the lock file cannot be used
-        log.error("%s", e)
         session.close()
-        return Outcome(Status.FAILED, 0, ExitCode.USAGE, str(e), run_dir=str(run_dir))
+        return _refused(e, run_dir)
     try:
         session.prepare()
     except HydraPreemptError as e:
-        log.error("%s", e)
         session.close()
-        return Outcome(Status.FAILED, 0, ExitCode.USAGE, str(e), run_dir=str(run_dir))
+        return _refused(e, run_dir)
     history = RunHistory.read(session.run_dir)  # read under the lock: no other process adds to it now
     budget = job.budget or config.requeue
     policy = None
@@ -307,3 +303,9 @@ def _record_hang(
 def _exit_after(seconds: float, code: int) -> None:
     time.sleep(seconds)
     os._exit(code)
+
+
+def _refused(error: HydraPreemptError, run_dir: Path | str) -> Outcome:
+    """A run that could not start (bad configuration, unusable directories): one line, exit 2."""
+    log.error("%s", error)
+    return Outcome(Status.FAILED, 0, ExitCode.USAGE, str(error), run_dir=str(run_dir))
