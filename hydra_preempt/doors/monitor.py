@@ -31,7 +31,7 @@ from ..errors import HydraPreemptError
 from ..fsutil import atomic_write_text
 from ..rundir import RUN_LOG, RunHistory, RunLog
 from ..slurm.commands import SlurmError, requeue_job, sacct_states, show_job, state_outcome
-from ..slurm.failures import FailureTable, classify, decide
+from ..slurm.failures import NO_STOP, FailureTable, classify, decide
 from .hydra_sweep import MANIFEST, load_manifest
 
 STATE_FILE = ".monitor-state.json"
@@ -85,7 +85,7 @@ def judge(
         return Verdict("wait")
     stops = [e for e in latest_attempt(history) if e["event"] == "stop"] if started else []
     last_stop = stops[-1] if stops else None
-    reason = str(last_stop.get("reason")) if last_stop else None
+    reason = str(last_stop.get("reason")) if last_stop else NO_STOP if started else None
     if last_stop is not None and last_stop.get("restart_reason"):  # the job decided itself
         return Verdict(
             "restart" if last_stop.get("restart") is True else "stop",
@@ -106,7 +106,7 @@ class Scheduler(Protocol):
 
     def latest(self, job_id: str) -> tuple[str, int | None, int]: ...
 
-    def log_text(self, job_id: str) -> str: ...
+    def log_text(self, job_id: str, judged_up_to: dict[str, int]) -> str: ...
 
     def requeue(self, job_id: str) -> None: ...
 
@@ -120,8 +120,11 @@ class Slurm:
         state, code = states[-1]
         return state, parse_exit_code(code), len(states)
 
-    def log_text(self, job_id: str) -> str:
-        """The tail of the job's stderr and stdout (while the controller remembers where they are)."""
+    def log_text(self, job_id: str, judged_up_to: dict[str, int]) -> str:
+        """The job's stderr and stdout written since the last judged end (while the controller remembers
+        where they are): each file from its offset in `judged_up_to` (path -> bytes; updated to the
+        end), at most its last LOG_TAIL_BYTES. A log appended by every start of the job would
+        otherwise show an earlier start's last words (an NCCL error) as this start's."""
         try:
             fields = show_job(job_id).fields
         except SlurmError:
@@ -129,8 +132,11 @@ class Slurm:
         texts = []
         for path in dict.fromkeys(p for p in (fields.get("StdErr"), fields.get("StdOut")) if p):
             with contextlib.suppress(OSError), open(path, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - LOG_TAIL_BYTES))
-                texts.append(f.read().decode(errors="replace"))
+                size = os.fstat(f.fileno()).st_size
+                start = judged_up_to.get(path, 0)
+                f.seek(max(start if start <= size else 0, size - LOG_TAIL_BYTES))  # smaller: a new file
+                texts.append(f.read(size - f.tell()).decode(errors="replace"))
+                judged_up_to[path] = size
         return "\n".join(texts)
 
     def requeue(self, job_id: str) -> None:
@@ -222,7 +228,8 @@ class Monitor:
                 return []
             starts_seen = self.state.setdefault("starts_seen", {})
             started = len(history.starts) > starts_seen.get(str(job.run_dir), 0)
-            verdict = judge(self.table, state, exit_code, history, self.scheduler.log_text(job.job_id), started)
+            log_text = self.scheduler.log_text(job.job_id, self.state.setdefault("log_offsets", {}))
+            verdict = judge(self.table, state, exit_code, history, log_text, started)
             starts_seen[str(job.run_dir)] = len(history.starts)
             if verdict.record:
                 RunLog(job.run_dir).append(

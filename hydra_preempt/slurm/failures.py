@@ -33,8 +33,10 @@ CLASSES = (
     "diverged",
     "user_exception",
     "launch_failure",
+    "killed",
 )
 UNKNOWN = "unknown"  # nothing in the table matched: not restarted
+NO_STOP = "none"  # the `last_stop` of a start that wrote no stop: its process died without a word
 _KEYS = {"name", "last_stops", "slurm_states", "exit_codes", "log_patterns", "restart", "max_restarts", "backoff_s"}
 # Evidence quotes at most this much of a log line.
 _QUOTE = 200
@@ -57,7 +59,7 @@ class FailureClass:
         """What in the inputs shows this class, or None."""
         state = slurm_state.split()[0] if slurm_state else None
         if last_stop is not None and last_stop in self.last_stops:
-            return f"run log: last stop {last_stop}"
+            return "run log: this start wrote no stop" if last_stop == NO_STOP else f"run log: last stop {last_stop}"
         if state is not None and state in self.slurm_states:
             return f"SLURM state {state}"
         if exit_code is not None and exit_code in self.exit_codes:
@@ -167,7 +169,8 @@ def classify(
     """(class, evidence) of a job's end: the first class of the table that matches.
 
     `slurm_state` as sacct shows it ("CANCELLED by 1000"), None outside SLURM; `last_stop` the
-    reason of the run log's stop of this attempt (None if it wrote none: killed); `log_text`
+    reason of the run log's stop of this attempt (NO_STOP if it started and wrote none: killed; None
+    if nothing is known, e.g. it never started); `log_text`
     the job's output of this attempt."""
     for failure in table.classes:
         evidence = failure.evidence(slurm_state, exit_code, last_stop, log_text)

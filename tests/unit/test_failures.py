@@ -42,6 +42,9 @@ HOST_OOM = (
 LAUNCH = "srun: error: Unable to create step for job 4242: Job/step already completing or completed"
 EXECVE = "slurmstepd: error: execve(): python: No such file or directory"
 NODE_FAIL = "slurmstepd: error: *** JOB 4242 ON gpu-07 CANCELLED AT 2026-11-27T10:00:00 DUE TO NODE FAILURE, SEE SLURMCTLD LOG ***"
+KILLED = (
+    "fault kill in step 12\nsrun: error: vm: task 0: Killed\nsrun: Force Terminated StepId=516.0"  # the test cluster
+)
 HANG = (
     "hydra_preempt: hang: no progress for 612 s in the step after step 1200; stacks in hang-stacks-20261127T100000.txt"
 )
@@ -63,10 +66,11 @@ HANG = (
         (EXECVE, "launch_failure", "execve(): python"),
         (NODE_FAIL, "node_fail", "DUE TO NODE FAILURE"),
         (HANG, "hang", "no progress for 612 s"),
+        (KILLED, "killed", "srun: error: vm: task 0: Killed"),
     ],
 )
 def test_each_pattern_recognises_a_real_excerpt_of_a_failed_job(log_text, expected, quoted):
-    name, evidence = classify(TABLE, "FAILED", 1, "failed", log_text)
+    name, evidence = classify(TABLE, "FAILED", 1, "failed" if expected != "killed" else None, log_text)
     assert name == expected
     assert evidence.startswith("log: ") and quoted in evidence
 
@@ -84,6 +88,9 @@ def test_each_pattern_recognises_a_real_excerpt_of_a_failed_job(log_text, expect
         ("CANCELLED by 1000", 0, None, "cancelled", "SLURM state CANCELLED"),
         ("FAILED", 1, "failed", "user_exception", "run log: last stop failed"),
         (None, 130, "cancelled", "cancelled", "run log: last stop cancelled"),
+        ("FAILED", 9, "none", "killed", "run log: this start wrote no stop"),
+        ("CANCELLED by 0", 0, "none", "cancelled", "SLURM state CANCELLED"),
+        ("PREEMPTED", 0, "none", "preempted", "SLURM state PREEMPTED"),
     ],
 )
 def test_states_exit_codes_and_stops_without_a_log(state, exit_code, last_stop, expected, evidence):
@@ -102,7 +109,7 @@ def test_nothing_matching_is_unknown_and_not_restarted():
 
 
 def test_restart_policy_defaults():
-    for name in ("node_fail", "nccl", "hang", "launch_failure"):
+    for name in ("node_fail", "nccl", "hang", "launch_failure", "killed"):
         assert decide(TABLE, name, 1).restart, name
     for name in ("oom_host", "cuda_oom", "diverged", "cancelled", "user_exception", "cuda_error", "finished"):
         decision = decide(TABLE, name, 1)

@@ -126,6 +126,28 @@ def test_a_host_oom_kill_is_read_from_the_jobs_log_and_not_restarted(tmp_path, m
     monitor.close()
 
 
+def test_a_process_killed_without_a_word_is_restarted_and_an_earlier_starts_log_is_not_read_again(
+    tmp_path, monkeypatch
+):
+    log = tmp_path / "slurm-4242.out"
+    log.write_text("[rank0]:[E1127 10:02:11 ProcessGroupNCCL.cpp:616] Watchdog caught collective operation timeout\n")
+    run_dir = started_run(tmp_path / "run")
+    slurm = RecordedSlurm(monkeypatch, "FAILED|134:0\n", stderr_path=log)
+    monitor = Monitor(run_dir, TABLE, Slurm())
+    [line] = monitor.poll(now=0.0)
+    assert "nccl (log: [rank0]" in line and line.endswith("nccl: restart (attempt 1/3)")
+    assert monitor.poll(now=31.0) == [f"job {JOB} ({run_dir}): requeued"]  # after the backoff
+
+    RunLog(run_dir, JobIdentity(JOB, 1)).append("start", checkpoint_dir=str(run_dir / "checkpoints"))
+    with log.open("a") as f:
+        f.write("srun: error: vm: task 0: Killed\n")
+    slurm.sacct = "REQUEUED|0:0\nFAILED|9:0\n"
+    [line, requeued] = monitor.poll(now=40.0)
+    assert "ended FAILED: killed (run log: this start wrote no stop); killed: restart (attempt 1/3)" in line
+    assert requeued.endswith("requeued") and len(slurm.requeues) == 2
+    monitor.close()
+
+
 def test_a_launch_failure_is_not_blamed_on_the_last_stop_of_an_earlier_start():
     history = RunHistory(
         (
