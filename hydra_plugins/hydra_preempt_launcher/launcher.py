@@ -154,6 +154,7 @@ class PreemptLauncher(Launcher):
         settings = ExecutorSettings(**{k: p[k] for k in ExecutorSettings.keys()})  # noqa: SIM118 (a classmethod, not dict.keys)
         settings.validate()
         self._budget()
+        failures = self._failure_table()
         self._check_signal_matches_app()
         sweep_dir_as_given = str(self.config.hydra.sweep.dir)
         sweep_dir = Path(sweep_dir_as_given).absolute()
@@ -198,8 +199,37 @@ class PreemptLauncher(Launcher):
             return [
                 self._job_return(job, JobStatus.COMPLETED, {"job_id": job.job_id, "dir": job.dir}) for job in planned
             ]
+        if p["cluster"] == "slurm":
+            self._restart_failures(sweep_dir, [job for job in planned if job not in finished and job.job_id], failures)
         handles = {job.num: h for job, h in zip(to_submit, submitted)}
         return [self._wait_for(job, handles.get(job.num), job in finished) for job in planned]
+
+    def _failure_table(self) -> Any:
+        """The app's failure table (its `failures.table`, else the shipped one), checked before anything is submitted."""
+        from hydra_preempt.slurm.failures import FailureTable
+
+        assert self.config is not None
+        return FailureTable.load(OmegaConf.select(self.config, "failures.table", default=None))
+
+    def _restart_failures(self, sweep_dir: Path, jobs: list, failures: Any) -> None:
+        """Until every job has ended for good: judge each end and requeue the failures the restart policy
+        restarts (a killed process, a node failure), as `hydra-preempt monitor SWEEP_DIR` does."""
+        from hydra_preempt.doors.monitor import Monitor, MonitorBusyError, Slurm, Watched
+
+        try:
+            monitor = Monitor(sweep_dir, failures, Slurm(), [Watched(Path(job.dir), job.job_id) for job in jobs])
+        except MonitorBusyError as e:
+            log.info("%s: restarts after failures are left to it", e)
+            return
+        try:
+            while True:
+                for line in monitor.poll():
+                    log.info("%s", line)
+                if monitor.settled:
+                    return
+                time.sleep(_POLL_S)
+        finally:
+            monitor.close()
 
     def _triage(self, planned: list, recorded: dict) -> tuple[list, dict[int, str], list]:
         """(finished, {num: scheduler state of jobs still held}, to submit) for a run of the same sweep."""

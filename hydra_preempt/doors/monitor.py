@@ -113,11 +113,21 @@ class Scheduler(Protocol):
 
 class Slurm:
     def latest(self, job_id: str) -> tuple[str, int | None, int]:
-        """The state and exit code of the job's latest run, and how many runs it had (requeues add one)."""
+        """The state and exit code of the job's latest run, and how many runs it had (requeues add one).
+
+        The controller's state wins while it says the job is active: sacct shows a job that SLURM
+        itself requeues after a preemption as PREEMPTED (COMPLETING, then PENDING, in scontrol) until
+        its next run is recorded (measured: 14 s on the test cluster), which is no end to judge."""
         states = sacct_states(job_id)
         if not states:
             return "UNKNOWN", None, 0
         state, code = states[-1]
+        try:
+            live = show_job(job_id).state
+        except SlurmError:  # the controller forgot it (MinJobAge): sacct is all there is
+            live = ""
+        if state_outcome(live) in _ACTIVE:
+            return live, None, len(states)
         return state, parse_exit_code(code), len(states)
 
     def log_text(self, job_id: str, judged_up_to: dict[str, int]) -> str:
@@ -157,11 +167,15 @@ def watched_jobs(path: Path) -> list[Watched]:
 
 
 class Monitor:
-    """Watches one directory (a sweep or a run); holds its lock from construction until close()."""
+    """Watches one directory (a sweep or a run); holds its lock from construction until close().
 
-    def __init__(self, path: Path, table: FailureTable, scheduler: Scheduler) -> None:
+    `jobs`: these jobs of the directory only (the Hydra launcher's, submitted now); default: all."""
+
+    def __init__(
+        self, path: Path, table: FailureTable, scheduler: Scheduler, jobs: list[Watched] | None = None
+    ) -> None:
         self.path = Path(path)
-        self.jobs = watched_jobs(self.path)
+        self.jobs = watched_jobs(self.path) if jobs is None else jobs
         self.table = table
         self.scheduler = scheduler
         self._fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -248,6 +262,10 @@ class Monitor:
         else:
             lines = []
         if judged["action"] == "restart" and not judged["requeued"] and now >= judged["due"]:
+            if state_outcome(state) in _ACTIVE:  # it runs again already (SLURM's requeue, or a person's)
+                judged["requeued"] = True
+                lines.append(f"job {job.job_id} ({job.run_dir}): {state} again, not requeued")
+                return lines
             self.scheduler.requeue(job.job_id)
             judged["requeued"] = True
             RunLog(job.run_dir).append("requeue", by="monitor", failure=judged["failure"])

@@ -1,6 +1,8 @@
 """`python train.py -m hydra/launcher=preempt_slurm ...` on the real cluster, preempted by the scheduler."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,11 +45,19 @@ def test_sweep_with_two_preempted_jobs_finishes_identically_and_reruns_as_a_no_o
     )
     jobs = wait_for(lambda: manifest_jobs(sweep_dir), "the sweep manifest", 120)
     assert len(jobs) == 4 and all(j["job_id"] for j in jobs)
-    preempted = jobs[:2]
+    preempted, killed = jobs[:2], jobs[2]
     for job in preempted:
         helpers.preempt_at_step(job["job_id"], Path(job["dir"]), 60)
+    # The third job's training process is killed without a word (as the kernel's OOM killer does):
+    # the launcher's waiting loop classifies the end (killed) and requeues the job.
+    killed_dir = Path(killed["dir"])
+    checkpoint = killed_dir / "checkpoints" / "step-000000100"
+    wait_for(checkpoint.exists, "the third job's checkpoint of step 100", job_id=killed["job_id"])
+    os.kill([e for e in read_events(killed_dir) if e["event"] == "start"][-1]["pid"], signal.SIGKILL)
+    helpers.release_when_pending(killed["job_id"])
     out, _ = launcher.communicate(timeout=900)
     assert launcher.returncode == 0, out
+    assert f"job {killed['job_id']} ({killed_dir}) ended FAILED: killed" in out
 
     for job in jobs:
         run_dir = Path(job["dir"])
@@ -61,7 +71,11 @@ def test_sweep_with_two_preempted_jobs_finishes_identically_and_reruns_as_a_no_o
         starts = [e for e in read_events(run_dir) if e["event"] == "start"]
         assert all(s["job_id"] == starts[0]["job_id"] for s in starts)  # one job, requeued in place
         assert (run_dir / ".hydra" / "config.yaml").exists()  # the job's whole history lives in its own directory
-        if job in preempted:
+        if job is killed:
+            [failure] = [e for e in read_events(run_dir) if e["event"] == "failure"]
+            assert (failure["failure"], failure["by"]) == ("killed", "monitor")
+            assert [s["reason"] for s in history] == ["finished"] and history[0]["resumed_from"] == 100
+        elif job in preempted:
             assert [s["reason"] for s in history] == ["preempted", "finished"]
             assert history[1]["resumed_from"] == history[0]["step"] == history[0]["checkpoint_step"] >= 60
             assert [s["restart_count"] for s in starts] == [0, 1]

@@ -19,9 +19,10 @@ JOB = "4242"
 class RecordedSlurm:
     """Answers SLURM's commands with recorded outputs; keeps the commands it was given."""
 
-    def __init__(self, monkeypatch, sacct: str, stderr_path=None):
+    def __init__(self, monkeypatch, sacct: str, stderr_path=None, live_state=None):
         self.sacct = sacct
         self.stderr_path = stderr_path
+        self.live_state = live_state  # scontrol's JobState (None: the controller does not know the job)
         self.calls: list[list[str]] = []
         monkeypatch.setattr(commands, "slurm_command", self.answer)
 
@@ -30,9 +31,10 @@ class RecordedSlurm:
         if args[0] == "sacct":
             return self.sacct
         if args[:3] == ["scontrol", "show", "job"]:
-            if self.stderr_path is None:
+            if self.stderr_path is None and self.live_state is None:
                 raise commands.SlurmError("scontrol: error: Invalid job id specified")
-            return f"JobId={JOB} JobName=train JobState=FAILED StdErr={self.stderr_path} StdOut={self.stderr_path}\n"
+            state = self.live_state or "FAILED"
+            return f"JobId={JOB} JobName=train JobState={state} StdErr={self.stderr_path} StdOut={self.stderr_path}\n"
         if args[:2] == ["scontrol", "requeue"]:
             return ""
         raise AssertionError(f"unexpected command {args}")
@@ -145,6 +147,35 @@ def test_a_process_killed_without_a_word_is_restarted_and_an_earlier_starts_log_
     [line, requeued] = monitor.poll(now=40.0)
     assert "ended FAILED: killed (run log: this start wrote no stop); killed: restart (attempt 1/3)" in line
     assert requeued.endswith("requeued") and len(slurm.requeues) == 2
+    monitor.close()
+
+
+def test_a_preemption_slurm_requeues_itself_is_no_end_while_the_controller_says_the_job_is_active(
+    tmp_path, monkeypatch
+):
+    # PreemptMode=REQUEUE as measured: sacct says PREEMPTED ~14 s before the next run is recorded
+    run_dir = started_run(tmp_path, reason="preempted", exit_code=75)
+    slurm = RecordedSlurm(monkeypatch, "PREEMPTED|0:0\n", live_state="COMPLETING")
+    monitor = Monitor(run_dir, TABLE, Slurm())
+    assert monitor.poll(now=0.0) == [] and not monitor.settled
+    slurm.live_state = "PENDING"
+    assert monitor.poll(now=1.0) == [] and slurm.requeues == []
+    RunLog(run_dir, JobIdentity(JOB, 1)).append("start", checkpoint_dir=str(run_dir / "checkpoints"))
+    RunLog(run_dir, JobIdentity(JOB, 1)).append("stop", reason="finished", exit_code=0)
+    slurm.sacct, slurm.live_state = "PREEMPTED|0:0\nCOMPLETED|0:0\n", "COMPLETED"
+    [line] = monitor.poll(now=2.0)
+    assert "ended COMPLETED: finished" in line and monitor.settled and slurm.requeues == []
+    monitor.close()
+
+
+def test_a_restart_due_is_not_requeued_when_the_job_already_runs_again(tmp_path, monkeypatch):
+    run_dir = started_run(tmp_path)
+    slurm = RecordedSlurm(monkeypatch, "NODE_FAIL|0:0\n")
+    monitor = Monitor(run_dir, TABLE, Slurm())
+    assert "node_fail: restart (attempt 1/3)" in monitor.poll(now=0.0)[0]
+    slurm.live_state = "PENDING"  # requeued by a person during the backoff
+    assert monitor.poll(now=61.0) == [f"job {JOB} ({run_dir}): PENDING again, not requeued"]
+    assert slurm.requeues == [] and monitor.poll(now=62.0) == []
     monitor.close()
 
 
