@@ -29,7 +29,7 @@ def sbatch(script: str, log, cpus: int = 2) -> str:
     return slurm_command([*args, "-o", str(log), "-D", str(ROOT), "--wrap", script]).strip()
 
 
-def test_a_hung_step_is_requeued_by_the_watchdog_and_resumes(slurm_cluster, tmp_path):
+def test_a_hung_step_is_requeued_by_the_watchdog_and_finishes_identical(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     job_id = sbatch(f"srun {WORKER} {run_dir} 20 12", tmp_path / "job.log")
     wait_for(lambda: stops(run_dir), "the watchdog's hang stop", 120, job_id)
@@ -42,6 +42,9 @@ def test_a_hung_step_is_requeued_by_the_watchdog_and_resumes(slurm_cluster, tmp_
     assert stops(run_dir)[-1]["resumed_from"] == 10
     assert [e for e in read_events(run_dir) if e["event"] == "requeue"]
     assert [state for state, _ in sacct_states(job_id)][-1] == "COMPLETED"
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, "-m", "tests.integration.hang_worker", str(reference), "20"], cwd=ROOT, check=True)
+    assert read_result(run_dir) == read_result(reference)  # the same parameters as an uninterrupted run
 
 
 def test_each_kind_of_failure_is_classified_and_restarted_per_policy(slurm_cluster, tmp_path):

@@ -2,6 +2,7 @@
 
 python -m tests.integration.hang_worker RUN_DIR MAX_STEPS [HANG_AT_STEP]
 
+A finished run writes its result (step and final parameters) to RUN_DIR/result.json.
 With WORLD_SIZE set (and RANK, MASTER_ADDR, MASTER_PORT), one rank of a gloo group: only the last rank hangs.
 """
 
@@ -12,7 +13,8 @@ import threading
 import torch
 import torch.distributed as dist
 
-from hydra_preempt import SessionConfig, run
+from hydra_preempt import SessionConfig, Status, run
+from hydra_preempt.rundir import write_result
 
 
 def train(session, max_steps, hang_at):
@@ -32,7 +34,7 @@ def train(session, max_steps, hang_at):
         opt.step()
         session.report(loss=loss)
         print(f"step {step + 1}", flush=True)
-    return {"step": session.step}
+    return {"step": session.step, "weight": model.weight.tolist(), "bias": model.bias.tolist()}
 
 
 if __name__ == "__main__":
@@ -48,4 +50,6 @@ if __name__ == "__main__":
     )
     outcome = run(lambda session: train(session, max_steps, hang_at), run_dir, config)
     print(f"{outcome.status.value} at step {outcome.step}", flush=True)
+    if outcome.status == Status.FINISHED:
+        write_result(run_dir, outcome.result)
     sys.exit(int(outcome.exit_code))
