@@ -19,10 +19,10 @@ from .outcome import ExitCode
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hydra-preempt", description="Preemption-safe training on SLURM.")
     sub = parser.add_subparsers(dest="command", required=True)
-    status = sub.add_parser(
-        "status", help="where every job of a sweep stands (hydra/launcher=preempt_slurm or preempt_local)"
+    status = sub.add_parser("status", help="where every job of a sweep, or a run, stands")
+    status.add_argument(
+        "dirs", type=Path, nargs="+", help="sweep directories (hydra.sweep.dir) or run directories (Snakemake's, yours)"
     )
-    status.add_argument("sweep_dir", type=Path, help="the sweep directory (hydra.sweep.dir)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     export = sub.add_parser("export", help="write a model's full weights from a checkpoint as a safetensors file")
     export.add_argument("run_dir", type=Path, help="the run directory")
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "status":
-            return show_status(args.sweep_dir, args.json)
+            return show_status(args.dirs, args.json)
         if args.command == "export":
             from .checkpoint.export import export_weights
 
@@ -106,10 +106,10 @@ def validate_command(args: argparse.Namespace) -> int:
     return code
 
 
-def show_status(sweep_dir: Path, as_json: bool) -> int:
+def show_status(dirs: list[Path], as_json: bool) -> int:
     from .doors.hydra_sweep import format_table, status_rows
 
-    rows = status_rows(sweep_dir)
+    rows = [row for path in dirs for row in status_rows(path)]
     print(json.dumps(rows, indent=1) if as_json else format_table(rows))
     return ExitCode.FINISHED
 

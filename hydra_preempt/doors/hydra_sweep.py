@@ -25,7 +25,7 @@ from ..errors import HydraPreemptError
 from ..fsutil import atomic_write_text
 from ..gpumetrics import GPU_METRICS_FILE
 from ..gpumetrics import summarize as summarize_gpus
-from ..rundir import RunHistory, read_result
+from ..rundir import RUN_LOG, RunHistory, read_result
 from ..slurm.commands import SlurmError, sacct_states, show_job, state_outcome
 
 MANIFEST = "sweep_manifest.json"
@@ -150,24 +150,34 @@ def _local_job_alive(pid: str) -> bool:
     return b"submitit" in cmdline
 
 
-def status_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job of the sweep: what `hydra-preempt status` shows."""
-    jobs = load_manifest(sweep_dir)
-    if not jobs:
+def status_rows(path: Path) -> list[dict[str, Any]]:
+    """What `hydra-preempt status` shows: one row per job of a sweep directory, or one row for a run
+    directory (a Snakemake experiment, your own sbatch script: its job is the one of its latest start)."""
+    jobs = load_manifest(path)
+    one_run = not jobs and (path / RUN_LOG).is_file()
+    if one_run:
+        starts = RunHistory.read(path).starts
+        job_id = str(starts[-1].get("job_id") or "") if starts else ""
+        jobs = {0: SweepJob(0, [], str(path), "slurm", job_id or None)}
+    elif not jobs:
         raise HydraPreemptError(
-            f"{sweep_dir} holds no {MANIFEST}: not a sweep launched with hydra/launcher=preempt_slurm or preempt_local"
+            f"{path} is neither a sweep (no {MANIFEST}: launched with hydra/launcher=preempt_slurm or "
+            f"preempt_local) nor a run directory (no {RUN_LOG})"
         )
     rows = []
     for num in sorted(jobs):
         job = jobs[num]
         standing = run_standing(Path(job.dir))
+        scheduler = "-" if one_run and not job.job_id else scheduler_state(job)  # "-": not a SLURM job
+        ended = job.job_id and state_outcome(scheduler) in ("finished", "failed", "cancelled", "preempted")
         rows.append(
             {
-                "num": num,
+                "num": path.name if one_run else num,
                 "overrides": job.overrides,
                 "job_id": job.job_id,
-                "scheduler": scheduler_state(job),
-                "run": standing.status,
+                "scheduler": scheduler,
+                # a start without a stop in a job that ended: its process was killed without a word
+                "run": "killed" if standing.status == "running" and ended else standing.status,
                 "starts": standing.starts,
                 "preemptions": standing.preemptions,
                 "timeouts": standing.timeouts,

@@ -224,3 +224,27 @@ def test_non_finite_numbers_are_refused_in_session_and_executor_settings(value):
             SessionConfig.from_mapping(mapping)
     with pytest.raises(ConfigError, match="mem_gb must be a finite number > 0"):
         ExecutorSettings(cluster="slurm", mem_gb=value).validate()
+
+
+def test_status_of_run_directories_names_each_and_calls_a_start_without_a_stop_in_an_ended_job_killed(
+    tmp_path, monkeypatch, capsys
+):
+    from hydra_preempt import cli
+    from hydra_preempt.doors import hydra_sweep
+    from hydra_preempt.rundir import JobIdentity
+
+    local, killed = tmp_path / "local", tmp_path / "killed"
+    for run_dir in (local, killed):
+        run_dir.mkdir()
+    RunLog(local).append("start")
+    RunLog(local).append("stop", reason="finished")
+    RunLog(killed, JobIdentity("516", 0)).append("start")
+    monkeypatch.setattr(hydra_sweep, "scheduler_state", lambda job: {"516": "FAILED"}[job.job_id])
+    assert cli.main(["status", str(local), str(killed), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["num"], r["job_id"], r["scheduler"], r["run"]) for r in rows] == [
+        ("local", None, "-", "finished"),
+        ("killed", "516", "FAILED", "killed"),
+    ]
+    assert cli.main(["status", str(tmp_path)]) == 2
+    assert "is neither a sweep (no sweep_manifest.json" in capsys.readouterr().err
