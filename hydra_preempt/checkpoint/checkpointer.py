@@ -16,12 +16,12 @@ looks complete.
 
 A periodic save may go to the background (`save_in_background`): at the
 boundary the state is copied into reused host buffers (tree.HostStaging: rank
-0's tree, and every rank's shards after DCP planned them), then threads write,
-checksum and fsync while training goes on; rank 0's thread also renames and
-applies retention, or, with sharded state, rank 0 commits once every rank's
-file is durable. At most one write is in
-flight; a periodic save due meanwhile is skipped. The thread runs no
-collective (it could deadlock with training's own): whether the write is
+0's tree, and every rank's shards after DCP planned them), then each rank's
+writer thread (one for the life of the Checkpointer) writes, checksums and
+fsyncs while training goes on; rank 0's also renames and applies retention,
+or, with sharded state, rank 0 commits once every rank's file is durable. At
+most one write is in flight; a periodic save due meanwhile is skipped. The
+writer runs no collective (it could deadlock with training's own): whether the write is
 done or failed is agreed at a later step boundary (`background_flags` and
 `settle`), and every other save waits for it first (`wait`).
 """
@@ -29,6 +29,7 @@ done or failed is agreed at a later step boundary (`background_flags` and
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -53,17 +54,17 @@ log = logging.getLogger("hydra_preempt")
 
 @dataclass
 class _BackgroundWrite:
-    """A save being written by a thread: rank 0's (the whole tree), or every rank's (its shard file);
-    a rank with nothing to write keeps a record without a thread."""
+    """A save being written by the writer thread: rank 0's (the whole tree), or every rank's (its
+    shard file); a rank with nothing to write keeps a record without a write (`done` None)."""
 
     step: int
     reason: str
     metrics: dict[str, float]
     started: float  # time.monotonic() at the boundary
-    thread: threading.Thread | None = None
+    done: threading.Event | None = None  # set when the write ended, written or failed
     info: CheckpointInfo | None = None
     error: str | None = None
-    finished: float | None = None  # time.monotonic() when the thread ended
+    finished: float | None = None  # time.monotonic() when the write ended
     snapshot: Snapshot | None = None  # rank 0's staged tree
     # sharded state: the temporary directory, DCP's writer (rank 0's knows shards.json) and this
     # rank's file once written; rank 0 commits when every rank's is durable
@@ -73,7 +74,38 @@ class _BackgroundWrite:
     files: dict[str, dict] = field(default_factory=dict)
 
     def pending(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+        return self.done is not None and not self.done.is_set()
+
+    def join(self, timeout_s: float | None) -> None:
+        if self.done is not None:
+            self.done.wait(None if timeout_s is None else max(0.0, timeout_s))
+
+
+class _Writer:
+    """The thread that runs a Checkpointer's background writes, one after the other, kept from one
+    save to the next: starting a thread at each save cost the boundary up to a few ms on a busy
+    host (the new thread must run before start() returns); handing a write over does not wait for
+    it. A daemon, so that a write stalled on a dead file system cannot keep the process alive."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._serve, name="checkpoint-writer", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def stop(self) -> None:
+        """End the thread once it is idle (without waiting: a stalled write is left to it)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
 
 
 class Checkpointer:
@@ -86,6 +118,7 @@ class Checkpointer:
         self._saved_at_monotonic = time.monotonic()
         self._periodic_pending = False
         self._background: _BackgroundWrite | None = None
+        self._writer = _Writer()
         self._staging = HostStaging()  # rank 0's tree
         self._shard_staging = HostStaging()  # this rank's shards
 
@@ -175,8 +208,8 @@ class Checkpointer:
     def save_in_background(
         self, step: int, reason: str, metrics: dict[str, float], tree: Any, shards: dict[str, Any] | None = None
     ) -> bool:
-        """Stage the state of `step` (`tree` on rank 0, None elsewhere; `shards` as for `save`) and write
-        it in a thread; False if a write is still in flight (this save is skipped). Every rank calls it
+        """Stage the state of `step` (`tree` on rank 0, None elsewhere; `shards` as for `save`) and hand
+        it to the writer thread; False if a write is still in flight (this save is skipped). Every rank calls it
         at the same boundary; with sharded state it is a collective (DCP plans the save, rank 0
         makes the directory), without, it communicates nothing."""
         self._periodic_pending = False
@@ -202,10 +235,8 @@ class Checkpointer:
             target = self._write_tree
         self._background = write
         if write.snapshot is not None or write.writer is not None:
-            write.thread = threading.Thread(
-                target=self._run, args=(write, target), name=f"checkpoint-{step}", daemon=True
-            )
-            write.thread.start()
+            done = write.done = threading.Event()
+            self._writer.submit(lambda: self._run(write, target, done))
         return True
 
     def _stage_sharded(self, write: _BackgroundWrite, tree: Any, shards: dict[str, Any]) -> bool:
@@ -227,7 +258,7 @@ class Checkpointer:
             self._fail_sharded(tmp, error, write.step)
         return True
 
-    def _run(self, write: _BackgroundWrite, target: Any) -> None:
+    def _run(self, write: _BackgroundWrite, target: Any, done: threading.Event) -> None:
         try:
             target(write)
         except CheckpointWriteError as e:
@@ -238,7 +269,9 @@ class Checkpointer:
             )
         except Exception as e:  # a bug, not an I/O error: still one line, on every rank
             write.error = f"the background save of step {write.step} failed: {type(e).__name__}: {e}"
-        write.finished = time.monotonic()
+        finally:
+            write.finished = time.monotonic()
+            done.set()
 
     def _write_tree(self, write: _BackgroundWrite) -> None:
         assert write.snapshot is not None
@@ -253,7 +286,7 @@ class Checkpointer:
         w = self._background
         if w is None:
             return [0, 0]
-        if w.thread is None:
+        if w.done is None:
             return [0, int(w.error is not None)]
         pending = w.pending()
         return [int(pending), int(not pending and w.error is not None)]
@@ -306,14 +339,13 @@ class Checkpointer:
     def wait(self, timeout_s: float | None = None) -> bool:
         """Let the write in flight end and settle it (a collective on multi-rank runs). With a timeout
         (the time left before the kill): False if the write is still in flight on some rank after it,
-        agreed by every rank; it is then left to its thread (a stalled file system must not keep a
+        agreed by every rank; it is then left to the writer thread (a stalled file system must not keep a
         stopping job from ending; the previous checkpoint stands, and its temporary directory is
         removed at the next start)."""
         w = self._background
         if w is None:
             return True
-        if w.thread is not None:
-            w.thread.join(None if timeout_s is None else max(0.0, timeout_s))
+        w.join(timeout_s)
         pending, failed = agree(self.background_flags())
         if pending:
             log.error(
@@ -330,12 +362,13 @@ class Checkpointer:
 
     def join(self, timeout_s: float | None = None) -> None:
         """Let the write in flight end (for at most `timeout_s`), without any collective (closing, maybe
-        after an error); log a failure, or that it was left unfinished."""
+        after an error), and the writer thread with it; log a failure, or that it was left unfinished."""
         w, self._background = self._background, None
-        if w is None or w.thread is None:
+        self._writer.stop()  # ends once the write in flight (if any) has
+        if w is None or w.done is None:
             return
-        w.thread.join(None if timeout_s is None else max(0.0, timeout_s))
-        if w.thread.is_alive():
+        w.join(timeout_s)
+        if w.pending():
             log.error("the checkpoint of step %d was not finished before the process ended", w.step)
         elif w.error:
             log.error("%s", w.error)

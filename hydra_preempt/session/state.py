@@ -29,6 +29,7 @@ import copy
 import ctypes
 import logging
 import random
+import struct
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Iterable
@@ -51,22 +52,47 @@ from ..errors import CheckpointMismatchError, CheckpointReadError, ConfigError
 log = logging.getLogger("hydra_preempt")
 
 
-def capture_rng(numpy_state: Any = None) -> dict[str, Any]:
-    """Python, NumPy (`numpy_state` if given), torch CPU and every CUDA device's generator state."""
+def capture_rng(python_state: Any = None, numpy_state: Any = None) -> dict[str, Any]:
+    """Python, NumPy, torch CPU and every CUDA device's generator state (`python_state` and
+    `numpy_state`, when given, are what random.getstate() and np.random.get_state() return now)."""
     state: dict[str, Any] = {
-        "python": random.getstate(),
+        "python": random.getstate() if python_state is None else python_state,
         "numpy": np.random.get_state() if numpy_state is None else numpy_state,
         "torch_cpu": torch.get_rng_state(),
         "torch_cuda": [],
     }
-    # Only read CUDA generators that exist already: touching them would
-    # initialise CUDA in a process that never used it.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    # Only read CUDA generators that exist already: touching them would initialise CUDA in a
+    # process that never used it (initialised implies available: is_available() costs ~20 us).
+    if torch.cuda.is_initialized():
         state["torch_cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
     return state
 
 
-_MT19937_STATE_BYTES = 624 * 4 + 4  # NumPy's C struct: uint32_t key[624]; int pos
+class RawWords:
+    """The raw state words of a generator at a fixed address, compared with the last ones seen.
+
+    Without allocating: after a step's tensor work, the first large block (~1 KB or more) anyone
+    asks malloc for costs ~100 us more than the next (glibc then consolidates the small blocks the
+    step freed), and a step start should not be the one to pay it. (So the words are copied
+    through a memoryview: assigning to a bytearray's slice copies the source first.) The owner
+    keeps the generator alive.
+    """
+
+    def __init__(self, address: int, size: int) -> None:
+        self._words = memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+        self._seen, self._now = bytearray(size), bytearray(size)
+        self._seen_view, self._now_view = memoryview(self._seen), memoryview(self._now)
+        self._first = True
+
+    def moved(self) -> bool:
+        """Whether the words differ from those at the previous call (True at the first)."""
+        self._now_view[:] = self._words
+        if self._now == self._seen and not self._first:
+            return False
+        self._seen, self._now = self._now, self._seen
+        self._seen_view, self._now_view = self._now_view, self._seen_view
+        self._first = False
+        return True
 
 
 class NumpyRngWatch:
@@ -74,28 +100,86 @@ class NumpyRngWatch:
 
     `np.random.get_state()` costs ~80 us (building the key array and tuple), more than everything
     else an emergency checkpoint's bookkeeping does at a step start, while most training loops never
-    touch NumPy's global generator after setup. Its raw MT19937 words (2.5 KB) are copied in ~1 us
-    instead; unchanged words mean an unchanged state, except for the cached second Gaussian, which
-    is consumed without moving the words: a state holding one is read again every time.
+    touch NumPy's global generator after setup. Its raw MT19937 words (2.5 KB) are compared instead
+    (RawWords, at the address the generator object gives; `set_bit_generator()` replaces the
+    object); unchanged words mean an unchanged state, except for the cached second Gaussian, which
+    is consumed without moving the words: a state holding one is read again every time. A generator
+    other than MT19937 (whose state is smaller) is read every time.
     """
 
+    _SIZE = 624 * 4 + 4  # NumPy's C struct: uint32_t key[624]; int pos
+
     def __init__(self) -> None:
-        self._raw: bytes | None = None
         self._state: Any = None
+        self._generator: Any = None  # the bit generator behind np.random.*, kept alive while watched
+        self._words: RawWords | None = None
 
     def state(self) -> Any:
-        raw = _numpy_raw_state()
-        if raw is None or raw != self._raw or self._state is None or self._state[3]:  # [3]: has_gauss
-            self._state, self._raw = np.random.get_state(), raw
+        words = self._watched_words()
+        if words is None or words.moved() or self._state is None or self._state[3]:  # [3]: has_gauss
+            self._state = np.random.get_state()
         return self._state
 
+    def _watched_words(self) -> RawWords | None:
+        try:  # the legacy global RandomState; seed() and set_state() change its generator in place
+            generator = np.random.mtrand._rand._bit_generator
+        except AttributeError:  # another NumPy layout: no shortcut
+            return None
+        if generator is not self._generator:
+            self._generator = generator
+            self._words = (
+                RawWords(generator.ctypes.state_address, self._SIZE) if type(generator) is np.random.MT19937 else None
+            )
+        return self._words
 
-def _numpy_raw_state() -> bytes | None:
-    try:  # the legacy global RandomState behind np.random.*; seed() and set_state() change it in place
-        address = np.random.mtrand._rand._bit_generator.ctypes.state_address
-    except AttributeError:  # another NumPy layout: no shortcut
+
+class PythonRngWatch:
+    """The state of Python's `random` module functions, read again only when it moved.
+
+    `random.getstate()` builds a tuple of 625 ints (~12 us, ~100 us as the first large allocation
+    after a step's tensor work). Its parts are the Mersenne Twister's words and index, which
+    CPython keeps in the C struct behind `random.Random` (`int index; uint32_t state[624]` after the
+    object header), and `gauss_next`, a cached Gaussian kept as an attribute. The words are
+    compared (RawWords, at the object's address), `gauss_next` by identity. The layout is
+    CPython's, not a public API: it is checked against getstate() once per generator object, and
+    where it does not match (another interpreter or build), or where random.getstate is not
+    random.Random's own, the state is read every time.
+    """
+
+    _LAYOUT = "=i624I"  # index, then the words; getstate() gives (*words, index)
+
+    def __init__(self) -> None:
+        self._state: Any = None
+        self._generator: Any = None  # the random.Random behind random.*, kept alive while watched
+        self._words: RawWords | None = None
+
+    def state(self) -> Any:
+        words = self._watched_words()
+        if words is None or words.moved() or self._state is None or self._generator.gauss_next is not self._state[2]:
+            self._state = random.getstate()
+        return self._state
+
+    def _watched_words(self) -> RawWords | None:
+        getstate = random.getstate
+        generator = getattr(getstate, "__self__", None)
+        if type(generator) is not random.Random or getattr(getstate, "__func__", None) is not random.Random.getstate:
+            self._generator = self._words = None
+            return None
+        if generator is not self._generator:
+            self._generator, self._words = generator, _python_rng_words(generator, self._LAYOUT)
+        return self._words
+
+
+def _python_rng_words(generator: random.Random, layout: str) -> RawWords | None:
+    """The words and index of `generator`, if CPython's layout is the one getstate() shows."""
+    header, size = object.__basicsize__, struct.calcsize(layout)
+    if random.Random.__mro__[1].__basicsize__ < header + size:  # _random.Random, the C type
         return None
-    return ctypes.string_at(address, _MT19937_STATE_BYTES)
+    address = id(generator) + header
+    index, *words = struct.unpack(layout, ctypes.string_at(address, size))
+    if tuple(words) + (index,) != random.Random.getstate(generator)[1]:
+        return None
+    return RawWords(address, size)
 
 
 def restore_rng(state: dict[str, Any]) -> None:
@@ -182,6 +266,7 @@ class StateRegistry:
         self.sharded: set[str] = set()  # names of objects whose state is sharded (DTensor)
         self._optimizer_steps = 0  # optimizer.step() calls begun (a step pre-hook on each registered optimizer)
         self._watched: list[torch.Tensor] | None = None  # tensors whose version counters the fingerprint reads
+        self._python_rng = PythonRngWatch()
         self._numpy_rng = NumpyRngWatch()
 
     def register(self, per_rank: bool, **objects: Any) -> None:
@@ -237,7 +322,11 @@ class StateRegistry:
     # -- the tree -------------------------------------------------------------------
     def rank_state(self, rng: dict[str, Any] | None = None) -> dict[str, Any]:
         """This rank's own part: its per-rank objects and its RNGs."""
-        return {"objects": {n: self.objects[n].state_dict() for n in self.per_rank}, "rng": rng or capture_rng()}
+        return {"objects": {n: self.objects[n].state_dict() for n in self.per_rank}, "rng": rng or self.capture_rng()}
+
+    def capture_rng(self) -> dict[str, Any]:
+        """`capture_rng()`, Python's and NumPy's generators read only when they moved."""
+        return capture_rng(self._python_rng.state(), self._numpy_rng.state())
 
     def tree(self, step: int, ranks: list[dict[str, Any]], detector: dict | None) -> dict[str, Any]:
         shared = {
@@ -344,7 +433,7 @@ class StateRegistry:
     def step_start(self, step: int) -> StepStart:
         """Remember the state a step starts from, cheaply: version counters, RNGs, copies of the rest."""
         copied = {n: copy.deepcopy(o.state_dict()) for n, o in self.objects.items() if not _checked_in_place(o)}
-        return StepStart(step, self.fingerprint(), capture_rng(self._numpy_rng.state()), copied)
+        return StepStart(step, self.fingerprint(), self.capture_rng(), copied)
 
     def unchanged_since(self, start: StepStart) -> bool:
         return start.fingerprint == self.fingerprint()

@@ -29,3 +29,34 @@ def test_every_change_is_seen_and_an_unchanged_state_is_not_read_again(sequence)
         CHANGES[name]()
         assert same(watch.state(), np.random.get_state()), name
         assert same(watch.state(), np.random.get_state()), name  # and again, unchanged
+
+
+def test_a_replaced_bit_generator_is_followed():
+    np.random.seed(0)
+    watch = NumpyRngWatch()
+    watch.state()
+    old = np.random.get_bit_generator()
+    try:
+        np.random.set_bit_generator(np.random.MT19937(0))  # another object, same seed: other words
+        assert same(watch.state(), np.random.get_state())
+        np.random.rand(2)
+        assert same(watch.state(), np.random.get_state())
+    finally:
+        np.random.set_bit_generator(old)
+    assert same(watch.state(), np.random.get_state())
+
+
+def test_a_generator_other_than_mt19937_is_read_every_time_without_reading_past_its_state():
+    old = np.random.get_bit_generator()
+    watch = NumpyRngWatch()
+    try:
+        np.random.set_bit_generator(np.random.PCG64(1))
+        with pytest.warns(RuntimeWarning):  # NumPy: get_state() of a generator other than MT19937
+            first = watch.state()
+        with pytest.warns(RuntimeWarning):
+            assert watch.state() == first and watch.state() is not first  # read again, unchanged
+        np.random.rand(2)
+        with pytest.warns(RuntimeWarning):
+            assert watch.state() != first
+    finally:
+        np.random.set_bit_generator(old)
