@@ -93,19 +93,23 @@ class _Writer:
 
     def submit(self, job: Callable[[], None]) -> None:
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._serve, name="checkpoint-writer", daemon=True)
+            self._thread = threading.Thread(
+                target=self._serve, args=(self._jobs,), name="checkpoint-writer", daemon=True
+            )
             self._thread.start()
         self._jobs.put(job)
 
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
+    @staticmethod
+    def _serve(jobs: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+        while (job := jobs.get()) is not None:
             job()
 
     def stop(self) -> None:
-        """End the thread once it is idle (without waiting: a stalled write is left to it)."""
+        """End the thread once it is idle (without waiting: a stalled write is left to it). A thread
+        started later gets a queue of its own, so that the stalled one never takes its writes."""
         if self._thread is not None:
             self._jobs.put(None)
-            self._thread = None
+            self._jobs, self._thread = queue.SimpleQueue(), None
 
 
 class Checkpointer:

@@ -175,4 +175,8 @@ def test_status_of_a_directory_that_is_no_sweep(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "hydra_preempt.cli", "status", str(tmp_path)], capture_output=True, text=True
     )
-    assert done.returncode == 2 and "is neither a sweep (no sweep_manifest.json" in done.stderr and "Traceback" not in done.stderr
+    assert (
+        done.returncode == 2
+        and "is neither a sweep (no sweep_manifest.json" in done.stderr
+        and "Traceback" not in done.stderr
+    )
