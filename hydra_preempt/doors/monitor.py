@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from ..errors import HydraPreemptError
 from ..fsutil import atomic_write_text
 from ..rundir import RUN_LOG, RunHistory, RunLog
-from ..slurm.commands import SlurmError, requeue_job, sacct_states, show_job, state_outcome
+from ..slurm.commands import SlurmError, requeue_job, sacct_runs, show_job, state_outcome
 from ..slurm.failures import NO_STOP, FailureTable, classify, decide
 from .hydra_sweep import MANIFEST, load_manifest
 
@@ -39,6 +39,9 @@ LOCK_FILE = ".monitor.lock"
 # How much of the end of a job's log the patterns see (the log of every start, appended).
 LOG_TAIL_BYTES = 256 * 1024
 _ACTIVE = ("waiting", "running", "held")
+# A restart whose `scontrol requeue` failed this many times in a row is given up (the controller
+# forgot the job, MinJobAge, or the job may not be requeued): the monitor settles and says so.
+MAX_REQUEUE_ERRORS = 3
 
 
 class MonitorBusyError(HydraPreemptError):
@@ -61,11 +64,30 @@ class Verdict:
     record: bool = False  # the decision is the monitor's own: it goes into the run log
 
 
-def latest_attempt(history: RunHistory) -> list[dict[str, Any]]:
-    """The run log's events since the latest start."""
+@dataclass(frozen=True)
+class JobRun:
+    """The latest run of a job as the scheduler tells it."""
+
+    state: str  # sacct's, or the controller's while it says the job is active
+    exit_code: int | None
+    runs: int  # how many runs the job had (a requeue adds one); 0: the accounting does not know it yet
+    raw_id: str | None = None  # SLURM_JOB_ID inside the job (an array task's own number), as the run log has it
+
+
+def run_events(history: RunHistory, run: JobRun) -> list[dict[str, Any]] | None:
+    """The run log's events of this run of the job (from its start to the next start), or None if this
+    run wrote no start (it never started: a launch failure; or it was cancelled while pending). Its
+    start is the one with this job's id and restart count, so that an earlier run's stop, or an
+    earlier job's, is never read as this run's."""
     events = list(history.events)
     starts = [i for i, e in enumerate(events) if e["event"] == "start"]
-    return events[starts[-1] :] if starts else []
+    for n, i in enumerate(starts):
+        start = events[i]
+        if start.get("restart_count", 0) == run.runs - 1 and (
+            run.raw_id is None or str(start.get("job_id")) == run.raw_id
+        ):
+            return events[i : starts[n + 1] if n + 1 < len(starts) else len(events)]
+    return None
 
 
 def parse_exit_code(value: str) -> int | None:
@@ -75,17 +97,20 @@ def parse_exit_code(value: str) -> int | None:
 
 
 def judge(
-    table: FailureTable, state: str, exit_code: int | None, history: RunHistory, log_text: str, started: bool = True
+    table: FailureTable,
+    state: str,
+    exit_code: int | None,
+    history: RunHistory,
+    log_text: str,
+    attempt: list[dict[str, Any]] | None,
 ) -> Verdict:
-    """What to do about a job in `state` (sacct's latest) whose run log is `history`.
-
-    `started`: this attempt wrote a start into the run log (not so after a launch failure: the
-    run log's last stop then belongs to an earlier attempt and says nothing about this one)."""
+    """What to do about a job whose latest run ended in `state`; `history` is its run log and
+    `attempt` that run's part of it (run_events; None: the run never started)."""
     if state_outcome(state) in _ACTIVE:
         return Verdict("wait")
-    stops = [e for e in latest_attempt(history) if e["event"] == "stop"] if started else []
+    stops = [e for e in attempt or [] if e["event"] == "stop"]
     last_stop = stops[-1] if stops else None
-    reason = str(last_stop.get("reason")) if last_stop else NO_STOP if started else None
+    reason = str(last_stop.get("reason")) if last_stop else NO_STOP if attempt is not None else None
     if last_stop is not None and last_stop.get("restart_reason"):  # the job decided itself
         return Verdict(
             "restart" if last_stop.get("restart") is True else "stop",
@@ -104,7 +129,7 @@ def judge(
 class Scheduler(Protocol):
     """What the monitor asks of SLURM (commands.py; a recording in tests)."""
 
-    def latest(self, job_id: str) -> tuple[str, int | None, int]: ...
+    def latest(self, job_id: str) -> JobRun: ...
 
     def log_text(self, job_id: str, judged_up_to: dict[str, int]) -> str: ...
 
@@ -112,23 +137,24 @@ class Scheduler(Protocol):
 
 
 class Slurm:
-    def latest(self, job_id: str) -> tuple[str, int | None, int]:
-        """The state and exit code of the job's latest run, and how many runs it had (requeues add one).
+    def latest(self, job_id: str) -> JobRun:
+        """The job's latest run: its state and exit code, how many runs it had, its raw id.
 
         The controller's state wins while it says the job is active: sacct shows a job that SLURM
         itself requeues after a preemption as PREEMPTED (COMPLETING, then PENDING, in scontrol) until
         its next run is recorded (measured: 14 s on the test cluster), which is no end to judge."""
-        states = sacct_states(job_id)
-        if not states:
-            return "UNKNOWN", None, 0
-        state, code = states[-1]
+        rows = sacct_runs(job_id)
+        if not rows:
+            return JobRun("UNKNOWN", None, 0)
+        state, code, *raw = rows[-1]
+        raw_id = raw[0] if raw and raw[0] else None
         try:
             live = show_job(job_id).state
         except SlurmError:  # the controller forgot it (MinJobAge): sacct is all there is
             live = ""
         if state_outcome(live) in _ACTIVE:
-            return live, None, len(states)
-        return state, parse_exit_code(code), len(states)
+            return JobRun(live, None, len(rows), raw_id)
+        return JobRun(state, parse_exit_code(code), len(rows), raw_id)
 
     def log_text(self, job_id: str, judged_up_to: dict[str, int]) -> str:
         """The job's stderr and stdout written since the last judged end (while the controller remembers
@@ -166,6 +192,20 @@ def watched_jobs(path: Path) -> list[Watched]:
     raise HydraPreemptError(f"{path} is neither a sweep directory (no {MANIFEST}) nor a run directory (no {RUN_LOG})")
 
 
+def _lock(directory: Path) -> int:
+    """Hold `directory`'s monitor lock (flock on LOCK_FILE, naming this process); MonitorBusyError if held."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise MonitorBusyError(f"{directory} is already monitored by {holder}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+    return fd
+
+
 class Monitor:
     """Watches one directory (a sweep or a run); holds its lock from construction until close().
 
@@ -178,15 +218,16 @@ class Monitor:
         self.jobs = watched_jobs(self.path) if jobs is None else jobs
         self.table = table
         self.scheduler = scheduler
-        self._fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        # The directory and every run directory it watches: a monitor of a sweep and another of one
+        # of its runs would judge the same end twice and spend its restart budget twice.
+        self._fds: list[int] = []
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(self._fd)
-            raise MonitorBusyError(f"{self.path} is already monitored by {holder}") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"pid {os.getpid()}".encode(), 0)
+            for directory in dict.fromkeys([self.path, *(job.run_dir for job in self.jobs)]):
+                if directory == self.path or directory.is_dir():  # a run that has not started has none yet
+                    self._fds.append(_lock(directory))
+        except MonitorBusyError:
+            self.close()
+            raise
         self.state_path = self.path / STATE_FILE
         try:
             self.state: dict[str, Any] = self._read_state()
@@ -207,7 +248,9 @@ class Monitor:
         return state
 
     def close(self) -> None:
-        os.close(self._fd)
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
     @property
     def settled(self) -> bool:
@@ -231,20 +274,21 @@ class Monitor:
         return lines
 
     def _poll_job(self, job: Watched, now: float) -> list[str]:
-        state, exit_code, runs = self.scheduler.latest(job.job_id)
-        if runs == 0:  # the accounting does not know the job (yet: sacct lags sbatch by a moment)
+        run = self.scheduler.latest(job.job_id)
+        state = run.state
+        if run.runs == 0:  # the accounting does not know the job (yet: sacct lags sbatch by a moment)
             return []
-        history = RunHistory.read(job.run_dir)
-        end = self._last_end[job.job_id] = f"{job.job_id}/{runs}"  # one end per run of the job
+        end = self._last_end[job.job_id] = f"{job.job_id}/{run.runs}"  # one end per run of the job
         judged = self.state["judged"].get(end)
+        log_offsets = self.state.setdefault("log_offsets", {})
         if judged is None:
+            if state_outcome(state) == "waiting":  # the next run has not written yet: what is there is older
+                self.scheduler.log_text(job.job_id, log_offsets)
             if state_outcome(state) in _ACTIVE:
                 return []
-            starts_seen = self.state.setdefault("starts_seen", {})
-            started = len(history.starts) > starts_seen.get(str(job.run_dir), 0)
-            log_text = self.scheduler.log_text(job.job_id, self.state.setdefault("log_offsets", {}))
-            verdict = judge(self.table, state, exit_code, history, log_text, started)
-            starts_seen[str(job.run_dir)] = len(history.starts)
+            history = RunHistory.read(job.run_dir)
+            log_text = self.scheduler.log_text(job.job_id, log_offsets)
+            verdict = judge(self.table, state, run.exit_code, history, log_text, run_events(history, run))
             if verdict.record:
                 RunLog(job.run_dir).append(
                     "failure",
@@ -266,7 +310,17 @@ class Monitor:
                 judged["requeued"] = True
                 lines.append(f"job {job.job_id} ({job.run_dir}): {state} again, not requeued")
                 return lines
-            self.scheduler.requeue(job.job_id)
+            try:
+                self.scheduler.requeue(job.job_id)
+            except SlurmError as e:
+                judged["requeue_errors"] = judged.get("requeue_errors", 0) + 1
+                if judged["requeue_errors"] < MAX_REQUEUE_ERRORS:  # tried again at the next poll
+                    lines.append(f"job {job.job_id} ({job.run_dir}): {e}")
+                    return lines
+                judged["action"], judged["reason"] = "stop", f"not requeued: {e}"  # settled: resubmit it yourself
+                RunLog(job.run_dir).append("requeue_failed", failure=judged["failure"], error=str(e), by="monitor")
+                lines.append(f"job {job.job_id} ({job.run_dir}): {judged['reason']}; resubmit it")
+                return lines
             judged["requeued"] = True
             RunLog(job.run_dir).append("requeue", by="monitor", failure=judged["failure"])
             lines.append(f"job {job.job_id} ({job.run_dir}): requeued")

@@ -175,6 +175,13 @@ def sacct_states(job_id: str) -> list[tuple[str, str]]:
     return [tuple(line.split("|")[:2]) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
 
 
+def sacct_runs(job_id: str) -> list[list[str]]:
+    """[state, exit code, raw job id] of every run of a job, requeues included, oldest first (the raw id
+    is SLURM_JOB_ID inside the job: an array task's own number)."""
+    out = slurm_command(["sacct", "-j", str(job_id), "-D", "-X", "-n", "-P", "-o", "State,ExitCode,JobIDRaw"])
+    return [line.split("|") for line in out.splitlines() if line.strip()]
+
+
 def check_submission(qos: str | None, account: str | None, partition: str | None) -> None:
     """Ask the scheduler (`sbatch --test-only`) whether these settings are valid; raise with its reason."""
     args = ["sbatch", "--test-only", "--wrap", "true"]

@@ -42,9 +42,6 @@ HOST_OOM = (
 LAUNCH = "srun: error: Unable to create step for job 4242: Job/step already completing or completed"
 EXECVE = "slurmstepd: error: execve(): python: No such file or directory"
 NODE_FAIL = "slurmstepd: error: *** JOB 4242 ON gpu-07 CANCELLED AT 2026-11-27T10:00:00 DUE TO NODE FAILURE, SEE SLURMCTLD LOG ***"
-KILLED = (
-    "fault kill in step 12\nsrun: error: vm: task 0: Killed\nsrun: Force Terminated StepId=516.0"  # the test cluster
-)
 HANG = (
     "hydra_preempt: hang: no progress for 612 s in the step after step 1200; stacks in hang-stacks-20261127T100000.txt"
 )
@@ -66,11 +63,10 @@ HANG = (
         (EXECVE, "launch_failure", "execve(): python"),
         (NODE_FAIL, "node_fail", "DUE TO NODE FAILURE"),
         (HANG, "hang", "no progress for 612 s"),
-        (KILLED, "killed", "srun: error: vm: task 0: Killed"),
     ],
 )
 def test_each_pattern_recognises_a_real_excerpt_of_a_failed_job(log_text, expected, quoted):
-    name, evidence = classify(TABLE, "FAILED", 1, "failed" if expected != "killed" else None, log_text)
+    name, evidence = classify(TABLE, "FAILED", 1, "failed", log_text)
     assert name == expected
     assert evidence.startswith("log: ") and quoted in evidence
 
@@ -123,8 +119,19 @@ def test_a_class_restarts_within_its_budget_then_stops_with_the_reason():
     assert not spent.restart and spent.reason == "nccl: retry budget exhausted (attempt 4/3)"
 
 
-def test_preemptions_have_no_budget_of_their_own_here():
-    assert decide(TABLE, "preempted", 500).restart
+def test_the_monitors_own_restarts_of_preemptions_and_time_limits_have_a_budget():
+    # the stop protocol's requeues never come here; a run that ended PREEMPTED or TIMEOUT without requeueing does
+    assert decide(TABLE, "timeout", 3).restart and not decide(TABLE, "timeout", 4).restart
+    assert decide(TABLE, "preempted", 4).reason == "preempted: retry budget exhausted (attempt 4/3)"
+
+
+def test_a_cancelled_job_is_cancelled_whatever_its_log_says_and_a_stop_outranks_srun_noise():
+    nccl_lines = NCCL + NCCL_TIMEOUT  # a stuck job is cancelled for a reason
+    assert classify(TABLE, "CANCELLED by 1000", 0, "cancelled", nccl_lines)[0] == "cancelled"
+    assert classify(TABLE, "CANCELLED by 1000", 0, "none", nccl_lines)[0] == "cancelled"
+    killed_ranks = "srun: error: vm: tasks 1-3: Killed\n"  # srun ends the other ranks after rank 0 failed
+    assert classify(TABLE, "FAILED", 1, "failed", killed_ranks)[0] == "user_exception"
+    assert classify(TABLE, "FAILED", 9, "none", killed_ranks) == ("killed", "run log: this start wrote no stop")
 
 
 def test_a_users_table_replaces_the_shipped_one(tmp_path):

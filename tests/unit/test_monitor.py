@@ -6,7 +6,16 @@ import pytest
 
 from hydra_preempt import cli
 from hydra_preempt.doors.hydra_sweep import SweepJob, save_manifest
-from hydra_preempt.doors.monitor import Monitor, MonitorBusyError, Slurm, judge, parse_exit_code, watched_jobs
+from hydra_preempt.doors.monitor import (
+    JobRun,
+    Monitor,
+    MonitorBusyError,
+    Slurm,
+    judge,
+    parse_exit_code,
+    run_events,
+    watched_jobs,
+)
 from hydra_preempt.errors import HydraPreemptError
 from hydra_preempt.rundir import JobIdentity, RunHistory, RunLog, read_events
 from hydra_preempt.slurm import commands
@@ -187,9 +196,50 @@ def test_a_launch_failure_is_not_blamed_on_the_last_stop_of_an_earlier_start():
         )
     )
     text = "srun: error: Unable to create step for job 4242: Job/step already completing or completed"
-    verdict = judge(TABLE, "FAILED", 1, history, text, started=False)
+    # the job's second run (restart count 1) never started: the first run's stop says nothing about it
+    verdict = judge(TABLE, "FAILED", 1, history, text, run_events(history, JobRun("FAILED", 1, 2)))
     assert (verdict.action, verdict.failure, verdict.record) == ("restart", "launch_failure", True)
-    assert judge(TABLE, "FAILED", 1, history, text, started=True).reason == "decided by the job: hang: restart"
+    attempt = run_events(history, JobRun("FAILED", 1, 1))
+    assert judge(TABLE, "FAILED", 1, history, text, attempt).reason == "decided by the job: hang: restart"
+    assert run_events(history, JobRun("FAILED", 1, 1, raw_id="999")) is None  # another job's run
+
+
+def test_a_job_cancelled_while_pending_after_a_requeue_is_not_judged_by_the_earlier_runs_stop_or_log(
+    tmp_path, monkeypatch
+):
+    log = tmp_path / "slurm-4242.out"
+    log.write_text("hydra_preempt: hang: no progress for 612 s in the step after step 10\n")
+    run_dir = started_run(tmp_path / "run", reason="hang", failure="hang", restart=True, restart_reason="hang: restart")
+    slurm = RecordedSlurm(monkeypatch, "REQUEUED|0:0\n", stderr_path=log, live_state="PENDING")
+    monitor = Monitor(run_dir, TABLE, Slurm())
+    assert monitor.poll(now=0.0) == []  # requeued by the watchdog: pending, no end
+    slurm.sacct, slurm.live_state = "REQUEUED|0:0\nCANCELLED by 1000|0:0\n", "CANCELLED"  # scancel while pending
+    [line] = monitor.poll(now=1.0)
+    assert "ended CANCELLED by 1000: cancelled (SLURM state CANCELLED); cancelled: not restarted" in line
+    assert slurm.requeues == [] and monitor.settled
+    monitor.close()
+
+
+def test_a_requeue_that_keeps_failing_is_given_up_and_the_monitor_settles(tmp_path, monkeypatch):
+    run_dir = started_run(tmp_path)
+    slurm = RecordedSlurm(monkeypatch, "FAILED|9:0\n")
+    monitor = Monitor(run_dir, TABLE, Slurm())
+
+    def forgotten(args, timeout=30.0):
+        if args[:2] == ["scontrol", "requeue"]:
+            raise commands.SlurmError("scontrol: error: Invalid job id specified")
+        return slurm.answer(args, timeout)
+
+    monkeypatch.setattr(commands, "slurm_command", forgotten)
+    lines = [line for t in range(5) for line in monitor.poll(now=float(t))]
+    assert (
+        "killed: restart (attempt 1/3)" in lines[0]
+        and lines[1:3] == [f"job {JOB} ({run_dir}): scontrol: error: Invalid job id specified"] * 2
+    )
+    assert lines[3] == f"job {JOB} ({run_dir}): not requeued: scontrol: error: Invalid job id specified; resubmit it"
+    assert len(lines) == 4 and monitor.settled
+    assert [e["event"] for e in read_events(run_dir)][-1] == "requeue_failed"
+    monitor.close()
 
 
 def test_a_finished_run_is_settled(tmp_path, monkeypatch):
@@ -215,6 +265,22 @@ def test_a_second_monitor_of_a_directory_is_refused(tmp_path, capsys):
     first.close()
     err = capsys.readouterr().err
     assert err.startswith("hydra-preempt: ") and "already monitored" in err and err.count("\n") == 1
+
+
+def test_a_monitor_of_one_run_of_a_watched_sweep_is_refused_and_the_other_way_round(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    run_dir = started_run(sweep / "0")
+    save_manifest(sweep, {0: SweepJob(0, [], str(run_dir), "slurm", JOB)})
+    whole = Monitor(sweep, TABLE, Slurm())
+    with pytest.raises(MonitorBusyError, match=f"{run_dir} is already monitored by pid"):
+        Monitor(run_dir, TABLE, Slurm())
+    whole.close()
+    one = Monitor(run_dir, TABLE, Slurm())
+    with pytest.raises(MonitorBusyError):
+        Monitor(sweep, TABLE, Slurm())
+    Monitor(sweep, TABLE, Slurm(), jobs=[]).close()  # the launcher's monitor of other jobs of the sweep
+    one.close()
 
 
 def test_a_directory_that_is_no_sweep_nor_run_is_one_line_exit_2(tmp_path, capsys):
