@@ -52,7 +52,9 @@ def test_the_layout_is_checked_on_this_interpreter():
 
 
 def test_a_layout_that_does_not_match_getstate_reads_the_state_every_time(monkeypatch):
-    monkeypatch.setattr(PythonRngWatch, "_LAYOUT", "=624Ii")  # words before the index: not CPython's
+    # Words first, then the index, would read the same 625 values as CPython's layout whenever the
+    # last word is below 2**31 (half of all states): a layout one word short never matches.
+    monkeypatch.setattr(PythonRngWatch, "_LAYOUT", "=i623I")
     watch = PythonRngWatch()
     first = watch.state()
     assert watch._words is None
