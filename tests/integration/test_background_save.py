@@ -111,6 +111,11 @@ def test_a_stop_does_not_wait_past_the_kill_for_a_stalled_write(tmp_path, monkey
             self.seconds_left = lambda: kill_at[0] - time.monotonic() if kill_at else None
 
     def preempt_at_21(session, step):
+        if step == 18:  # step 10's write is done, so that step 20's is made (not skipped as one in flight)
+            deadline = time.monotonic() + 60
+            while not (tmp_path / "checkpoints" / "step-000000010" / "MANIFEST.json").exists():
+                assert time.monotonic() < deadline, "step 10's checkpoint was never written"
+                time.sleep(0.01)
         if step == 21:
             kill_at.append(time.monotonic() + 4.0)  # SLURM: SIGTERM now, SIGKILL in 4 s
             os.kill(os.getpid(), signal.SIGTERM)
@@ -123,8 +128,8 @@ def test_a_stop_does_not_wait_past_the_kill_for_a_stalled_write(tmp_path, monkey
     finally:
         release.set()
         for thread in threading.enumerate():  # in a real job the process is gone; here, let it end first
-            if thread.name == "checkpoint-20":
-                thread.join()
+            if thread.name == "checkpoint-writer":
+                thread.join(60)
     assert (outcome.status, outcome.exit_code) == (Status.PREEMPTED, ExitCode.REQUEUE)
     assert ended < kill_at[0], "the stop waited past the kill"
     assert "the checkpoint of step 10 stands" in outcome.message
