@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -79,8 +80,54 @@ def read_gpus(nvml: Any, indices: list[int] | None = None) -> list[dict[str, Any
 GPU_METRICS_FILE = "gpu_metrics.jsonl"  # in the run directory: one line per sample
 
 
+class GpuSummary:
+    """Per GPU, over the readings it was given: peak and total memory, mean utilization, peak
+    temperature, mean power, and how many readings. Pure: fed by the sampler as it samples (for
+    each checkpoint's manifest) and by `summarize` from a file (for `hydra-preempt status`)."""
+
+    def __init__(self) -> None:
+        self._per_gpu: dict[int, dict[str, Any]] = {}
+
+    def add(self, readings: list[dict[str, Any]]) -> None:
+        for r in readings:
+            s = self._per_gpu.setdefault(
+                int(r["index"]),
+                {"name": "", "samples": 0, "peak_memory_mib": 0.0, "memory_total_mib": 0.0, "peak_temperature_c": None,
+                 "utilization": 0.0, "power": 0.0},
+            )  # fmt: skip
+            s["name"] = str(r.get("name", s["name"]))[:200]
+            s["samples"] += 1
+            s["peak_memory_mib"] = max(s["peak_memory_mib"], float(r["memory_used_mib"]))
+            s["memory_total_mib"] = max(s["memory_total_mib"], float(r.get("memory_total_mib", 0.0)))
+            s["utilization"] += float(r["utilization_pct"])
+            s["power"] += float(r.get("power_w", 0.0))
+            if "temperature_c" in r:
+                s["peak_temperature_c"] = max(s["peak_temperature_c"] or 0.0, float(r["temperature_c"]))
+
+    def as_dict(self) -> dict[str, dict[str, Any]] | None:
+        """{"<index>": {...}} by NVML index (JSON keys), None without readings; every figure finite."""
+        if not self._per_gpu:
+            return None
+        summary = {}
+        for index, s in sorted(self._per_gpu.items()):
+            n = s["samples"]
+            figures = {
+                "samples": n,
+                "peak_memory_mib": round(s["peak_memory_mib"], 1),
+                "memory_total_mib": round(s["memory_total_mib"], 1),
+                "mean_utilization_pct": round(s["utilization"] / n, 1),
+                "peak_temperature_c": s["peak_temperature_c"],
+                "mean_power_w": round(s["power"] / n, 1),
+            }
+            summary[str(index)] = {"name": s["name"]} | {
+                k: v for k, v in figures.items() if v is not None and math.isfinite(v)
+            }
+        return summary
+
+
 class GpuSampler:
-    """Samples every visible GPU each `every_s` seconds into a JSON-lines file, from a daemon thread.
+    """Samples every visible GPU each `every_s` seconds into a JSON-lines file, from a daemon thread,
+    and keeps a running summary of the readings (`summary`, for each checkpoint's manifest).
 
     Without NVML (no library, no driver, no GPU) `start` logs one line and does nothing else. A
     failure while sampling stops the sampling (one warning), never the training.
@@ -93,6 +140,8 @@ class GpuSampler:
         self._nvml: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._summary = GpuSummary()
+        self._summary_lock = threading.Lock()  # the sampler thread adds; a checkpoint's writer reads
 
     def start(self) -> bool:
         try:
@@ -110,14 +159,20 @@ class GpuSampler:
         self._thread.start()
         return True
 
+    def summary(self) -> dict[str, dict[str, Any]] | None:
+        """The summary of this process's readings so far; None before the first (or without NVML)."""
+        with self._summary_lock:
+            return self._summary.as_dict()
+
     def _loop(self, indices: list[int]) -> None:
         try:
             with open(self.path, "a", encoding="utf-8") as out:
                 while True:
-                    out.write(
-                        json.dumps({"time": round(time.time(), 3), "gpus": read_gpus(self._nvml, indices)}) + "\n"
-                    )
+                    readings = read_gpus(self._nvml, indices)
+                    out.write(json.dumps({"time": round(time.time(), 3), "gpus": readings}) + "\n")
                     out.flush()
+                    with self._summary_lock:
+                        self._summary.add(readings)
                     if self._stop.wait(self.every_s):
                         return
         except Exception as e:  # NVML's errors or the disk's: the run goes on without GPU metrics
@@ -135,30 +190,16 @@ class GpuSampler:
             log.debug("nvmlShutdown: %s", e)
 
 
-def summarize(path: Path) -> dict[str, Any] | None:
-    """Peak memory used and mean utilization per GPU over a gpu_metrics.jsonl; None without samples."""
-    per_gpu: dict[int, dict[str, Any]] = {}
+def summarize(path: Path) -> dict[str, dict[str, Any]] | None:
+    """The GpuSummary of a gpu_metrics.jsonl (every run of the directory); None without samples."""
+    summary = GpuSummary()
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError:
         return None
     for line in lines:
         try:
-            sample = json.loads(line)
-            gpus = sample["gpus"]
+            summary.add(json.loads(line)["gpus"])
         except (ValueError, KeyError, TypeError):
-            continue  # a line cut by a kill
-        for g in gpus:
-            s = per_gpu.setdefault(g["index"], {"peak_memory_mib": 0.0, "utilization": []})
-            s["peak_memory_mib"] = max(s["peak_memory_mib"], g["memory_used_mib"])
-            s["utilization"].append(g["utilization_pct"])
-    if not per_gpu:
-        return None
-    return {
-        str(index): {
-            "peak_memory_mib": s["peak_memory_mib"],
-            "mean_utilization_pct": round(sum(s["utilization"]) / len(s["utilization"]), 1),
-            "samples": len(s["utilization"]),
-        }
-        for index, s in sorted(per_gpu.items())
-    }
+            continue  # a line cut by a kill, or not a sampler's
+    return summary.as_dict()

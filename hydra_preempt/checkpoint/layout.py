@@ -52,6 +52,8 @@ class CheckpointInfo(CheckpointRecord):
     created: float = 0.0
     nbytes: int = 0
     sharded: tuple[str, ...] = ()  # objects whose state is sharded (sharded.py), written by every rank
+    # per GPU of the writing process (gpumetrics.GpuSummary): its figures up to this checkpoint
+    gpus: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
 
 
 def step_dir_name(step: int) -> str:
@@ -129,9 +131,23 @@ def verify_manifest(manifest: Any, directory_name: str) -> dict:
                 raise ValueError(f"bad checksum for {name}")
         if sharded and SHARDS_METADATA not in files:
             raise ValueError(f"sharded state without {SHARDS_METADATA}")
+        _check_gpus(manifest.get("gpus", {}))
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptCheckpointError(f"MANIFEST.json is malformed ({e})") from None
     return manifest
+
+
+def _check_gpus(gpus: Any) -> None:
+    """The optional GPU summary: GPU index -> its name and finite figures (gpumetrics.GpuSummary)."""
+    if not isinstance(gpus, dict):
+        raise ValueError("gpus must map GPU indices to their figures")
+    for index, figures in gpus.items():
+        if not (isinstance(index, str) and index.isascii() and index.isdigit() and isinstance(figures, dict)):
+            raise ValueError(f"gpus has a bad entry {index!r:.40}")
+        for name, value in figures.items():
+            valid = isinstance(value, str) and len(value) <= 200 if name == "name" else _is_finite(value)
+            if not (isinstance(name, str) and valid):
+                raise ValueError(f"gpus[{index}] has a bad figure {name!r:.40}")
 
 
 def _is_int(value: Any) -> bool:
@@ -157,6 +173,7 @@ def checkpoint_info(path: Path, manifest: dict) -> CheckpointInfo:
         created=float(manifest["created"]),
         nbytes=sum(f["size"] for f in manifest["files"].values()),
         sharded=tuple(manifest.get("sharded") or ()),
+        gpus=manifest.get("gpus") or {},
     )
 
 

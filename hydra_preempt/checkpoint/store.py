@@ -54,9 +54,16 @@ _STALE_PREFIXES = (".tmp-step-", ".deleting-", f".{INDEX_FILE}.tmp-", ".write-pr
 
 
 class CheckpointStore:
-    def __init__(self, directory: Path | str, policy: RetentionPolicy | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path | str,
+        policy: RetentionPolicy | None = None,
+        gpu_summary: Callable[[], dict[str, dict[str, Any]] | None] | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.policy = policy or CheckpointConfig().retention_policy()
+        # the GPU figures of this process so far (GpuSampler.summary), written into each manifest
+        self.gpu_summary = gpu_summary
 
     # -- start-up -------------------------------------------------------
     def prepare(self, owner: dict[str, str] | None = None) -> list[str]:
@@ -195,6 +202,8 @@ class CheckpointStore:
         meta = {"step": step, "reason": reason, "metrics": finite_metrics(metrics or {}, step)}
         if sharded:
             meta["sharded"] = sorted(sharded)
+        if gpus := self._gpus():
+            meta["gpus"] = gpus
         try:
             manifest = write_checkpoint_files(tmp, snapshot, meta, shards)
             fsync_dir(tmp)
@@ -214,6 +223,13 @@ class CheckpointStore:
                 e.strerror or e,
             )
         return info
+
+    def _gpus(self) -> dict[str, dict[str, Any]] | None:
+        try:
+            return self.gpu_summary() if self.gpu_summary is not None else None
+        except Exception as e:  # figures about the run never cost a checkpoint
+            log.warning("no GPU figures in this checkpoint's manifest: %s", e)
+            return None
 
     def abort(self, tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -93,7 +93,17 @@ class Session:
         self.config = config or SessionConfig()
         c = self.config.checkpoint
         directory = Path(c.dir) if Path(c.dir).is_absolute() else self.run_dir / c.dir
-        self.checkpointer = Checkpointer(CheckpointStore(directory, c.retention_policy()), c)
+        self._rank, self._world_size = world()  # torch.distributed is set up before a session starts
+        g = self.config.gpu_metrics
+        # Rank 0 samples the GPUs its node shows it (other nodes' GPUs are not in the file); rank 0
+        # writes each checkpoint's manifest, with a summary of these samples in it
+        self._gpu_sampler = (
+            GpuSampler(self.run_dir / GPU_METRICS_FILE, g.every_s) if g.enabled and self._rank == 0 else None
+        )
+        store = CheckpointStore(
+            directory, c.retention_policy(), self._gpu_sampler.summary if self._gpu_sampler is not None else None
+        )
+        self.checkpointer = Checkpointer(store, c)
         d = self.config.divergence
         self.detector = d.detector() if d.enabled else None
         self.signals = self.config.signals.requests()
@@ -106,7 +116,6 @@ class Session:
         self.result_error: str | None = None  # why result.json could not be written
         self._lock = RunLock(self.run_dir)
         self._metrics_log = MetricsLog(self.run_dir)
-        self._rank, self._world_size = world()  # torch.distributed is set up before a session starts
         self.run_id = ""  # the run's stable id (rundir.run_id), known once prepare() ran
         self._restored = False
         self._loading = False  # set while restore() sets the objects
@@ -118,11 +127,6 @@ class Session:
         self._open_step: StepStart | None = None  # set while a step runs
         # One progress line per run, not per rank: rank 0's
         self._progress = Progress(self.config.progress.every_s, sys.stderr) if self._rank == 0 else None
-        g = self.config.gpu_metrics
-        # Rank 0 samples the GPUs its node shows it (other nodes' GPUs are not in the file)
-        self._gpu_sampler = (
-            GpuSampler(self.run_dir / GPU_METRICS_FILE, g.every_s) if g.enabled and self._rank == 0 else None
-        )
 
     @property
     def last_checkpoint(self) -> CheckpointInfo | None:

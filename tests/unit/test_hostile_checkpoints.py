@@ -109,6 +109,11 @@ MALFORMED = {
     "a shard without sharded state": lambda m: m["files"].update({"shard-00000.bin": {"size": 1, CHECKSUM: "0" * 32}}),
     "a checksum that is not hex": lambda m: m["files"][STATE_FILE].update({CHECKSUM: "zz"}),
     "files missing": lambda m: m.pop("files"),
+    "gpus a list": lambda m: m.update(gpus=[1]),
+    "a gpu index not a number": lambda m: m.update(gpus={"x": {"samples": 1}}),
+    "a gpu index of unicode digits": lambda m: m.update(gpus={"\u00b2": {"samples": 1}}),
+    "a gpu figure not a number": lambda m: m.update(gpus={"0": {"peak_memory_mib": "much"}}),
+    "a gpu name too long": lambda m: m.update(gpus={"0": {"name": "x" * 201}}),
 }
 
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from hydra_preempt.gpumetrics import (
     GPU_METRICS_FILE,
     GpuSampler,
+    GpuSummary,
     NvmlUnavailable,
     read_gpus,
     summarize,
@@ -50,7 +51,15 @@ def test_exit_code_is_zero_only_without_a_fail_and_the_table_has_one_line_per_ro
 
 
 class FakeNvml:
+    """pynvml's calls the project makes, answering for two GPUs."""
+
     NVML_TEMPERATURE_GPU = 0
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        pass
 
     def nvmlDeviceGetCount(self):
         return 2
@@ -165,14 +174,31 @@ def test_the_sampler_writes_readings_until_stopped_and_summarizes_them(tmp_path,
     samples = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(samples) >= 3 and shutdowns == [True]
     assert [g["index"] for g in samples[0]["gpus"]] == [0, 1] and samples[0]["time"] > 0
+    assert sampler.summary() == summarize(path)  # the running summary is the file's
     with path.open("a") as f:
-        f.write('{"time": 1, "gpus": [{"index": 0, "memory_used_mib": 9000.0, "utilization_pct": 10.0}]}\n{"cut')
+        f.write(
+            '{"time": 1, "gpus": [{"index": 0, "name": "NVIDIA H100", "memory_used_mib": 9000.0, '
+            '"memory_total_mib": 81920.0, "utilization_pct": 10.0, "temperature_c": 71.0, "power_w": 100.5}]}\n{"cut'
+        )
     summary = summarize(path)
     n = len(samples) + 1
     assert summary["0"] == {
-        "peak_memory_mib": 9000.0,
-        "mean_utilization_pct": round((50 * len(samples) + 10) / n, 1),
+        "name": "NVIDIA H100",
         "samples": n,
+        "peak_memory_mib": 9000.0,
+        "memory_total_mib": 81920.0,
+        "mean_utilization_pct": round((50 * len(samples) + 10) / n, 1),
+        "peak_temperature_c": 71.0,
+        "mean_power_w": round((300.5 * len(samples) + 100.5) / n, 1),
     }
     assert summary["1"]["peak_memory_mib"] == 2048.0 and summary["1"]["samples"] == len(samples)
     assert summarize(tmp_path / "missing.jsonl") is None
+
+
+def test_the_summary_keeps_only_finite_figures_and_is_none_without_readings():
+    summary = GpuSummary()
+    assert summary.as_dict() is None
+    summary.add([{"index": 3, "memory_used_mib": float("inf"), "utilization_pct": 20.0}])
+    assert summary.as_dict() == {
+        "3": {"name": "", "samples": 1, "memory_total_mib": 0.0, "mean_utilization_pct": 20.0, "mean_power_w": 0.0}
+    }
