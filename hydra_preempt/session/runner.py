@@ -155,12 +155,16 @@ def run(
     except HydraPreemptError as e:
         log.error("%s", e)
         outcome = Outcome(Status.FAILED, session.step, ExitCode.USAGE, str(e))
-    except Exception as e:
+    except (Exception, SystemExit, KeyboardInterrupt) as e:
+        # sys.exit() or a KeyboardInterrupt of the training function's own (SIGINT is the session's:
+        # a cancel) ends it like any exception in user code: written down and classified, so that a
+        # monitor does not take a run that stopped without a word for a killed one and restart it
         trace = traceback.format_exc()
         log.error("training failed at step %d:\n%s", session.step, trace)
         saved = session.emergency_save()
         note = f"; emergency checkpoint at step {saved.step}" if saved else ""
-        outcome = _failed(session.step, f"{type(e).__name__}: {e}{note}", trace, failures, history)
+        what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        outcome = _failed(session.step, f"{what}{note}", trace, failures, history)
     finally:
         # Only a finished run holds its stop signals: after any other outcome there is work left
         # (a requeue, waiting for SLURM's kill) that a second signal may still end.

@@ -1,6 +1,7 @@
 """In-job restart policy: an exception whose text is a restartable class (NCCL) ends like a preemption
 (exit 75) within its budget, then fails with the reason; other exceptions fail as before, classified."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -64,6 +65,22 @@ def test_an_ordinary_exception_fails_classified_as_a_user_exception(tmp_path):
     outcome = run(trainer(5, ValueError("bad batch")), tmp_path / "run", config(tmp_path), NO_SLURM)
     assert (outcome.exit_code, outcome.failure) == (ExitCode.FAILED, "user_exception")
     assert outcome.message.startswith("ValueError: bad batch") and "user_exception: not restarted" in outcome.message
+
+
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt()], ids=["sys.exit", "KeyboardInterrupt"])
+def test_a_training_function_that_exits_by_itself_is_written_down_as_a_user_exception(tmp_path, error):
+    """Not a run that stopped without a word (which a monitor takes for a killed one and restarts)."""
+    run_dir = tmp_path / "run"
+    outcome = run(trainer(5, error), run_dir, config(tmp_path), NO_SLURM)
+    assert (outcome.status, outcome.exit_code, outcome.failure) == (Status.FAILED, ExitCode.FAILED, "user_exception")
+    assert outcome.message.startswith(type(error).__name__) and "emergency checkpoint at step 5" in outcome.message
+    stop = read_events(run_dir)[-1]
+    assert (stop["event"], stop["failure"], stop["restart"], stop["checkpoint_step"]) == (
+        "stop",
+        "user_exception",
+        False,
+        5,
+    )
 
 
 def test_a_cuda_oom_is_not_restarted(tmp_path):
