@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import statistics
@@ -14,7 +15,7 @@ from hydra import compose, initialize_config_dir
 import train
 from hydra_preempt import PreemptibleTask, preemptible_executor, run
 from hydra_preempt.rundir import read_events
-from hydra_preempt.slurm.commands import sacct_states, show_job, slurm_command, state_outcome
+from hydra_preempt.slurm.commands import SlurmError, sacct_states, show_job, slurm_command, state_outcome
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCOUNT = "research"
@@ -44,8 +45,9 @@ def submit_training(
 
 
 def reference_result(tmp_path: Path, overrides: list[str]) -> dict:
-    """The same training, uninterrupted, in this process."""
-    cfg = compose_cfg(overrides)
+    """The same training, uninterrupted, in this process; without `trainer.step_sleep`, which only
+    slows a job down so that a signal lands mid-run (train.py sleeps after the step)."""
+    cfg = compose_cfg([o for o in overrides if not o.startswith("trainer.step_sleep=")])
     outcome = run(functools.partial(train.train, cfg=cfg), tmp_path / "reference", train.session_config(cfg))
     assert outcome.exit_code == 0, outcome.message
     return outcome.result
@@ -128,11 +130,15 @@ def preempt_at_step(job_id: str, run_dir: Path, step: int) -> None:
     release_when_pending(job_id)
 
 
-def wait_until_final(job_id: str, timeout: float = 600.0) -> str:
-    """The job's state once it has ended (a PREEMPTED job that is requeued has not)."""
+def wait_until_final(job_id: str, timeout: float = 600.0, release_requeues: bool = False) -> str:
+    """The job's state once it has ended (a PREEMPTED job that is requeued has not); with
+    `release_requeues`, each requeue of the job is made eligible at once (as release_when_pending)."""
 
     def done():
         state = job_state(job_id)
+        if state == "PENDING" and release_requeues:
+            with contextlib.suppress(SlurmError):  # it started meanwhile
+                slurm_command(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
         return state if state_outcome(state) in ("finished", "failed", "cancelled", "preempted") else None
 
     return wait_for(done, f"job {job_id} to end", timeout, job_id)
