@@ -5,9 +5,12 @@ VENV ?= .venv
 # A CPU build of torch is pinned here so that a fresh machine does not pull
 # several GB of CUDA packages; on a GPU machine: make TORCH_SPEC=torch ...
 TORCH_SPEC ?= torch==2.13.0
+# Test processes at once (pytest-xdist): most of the suite waits on SLURM, subprocesses and signals,
+# so three fit on two cores; the end-to-end tests of each get a partition of the test cluster.
+TEST_WORKERS ?= 3
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install flaky-check
 
 install: $(VENV)/.installed
 
@@ -22,10 +25,15 @@ demo: install
 	$(BIN)/python -m tools.demo
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist load --maxschedchunk 1
 
 # ruff (lint and format) and mypy, as configured in pyproject.toml; .ci/run runs it before the tests.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The tests that wait on time, signals, threads or SLURM, 5 runs in a row beside a busy process per
+# core (tools/flaky_check.py); pass FLAKY="--runs 3 tests/e2e" for another selection.
+flaky-check: install
+	$(BIN)/python -m tools.flaky_check $(FLAKY)

@@ -37,3 +37,41 @@ def _no_stray_signal_handlers():
     yield
     after = {s: signal.getsignal(s) for s in watched}
     assert after == before, "a test left a signal handler installed"
+
+
+def pytest_collection_modifyitems(items):
+    """The longest tests first (LONGEST_FIRST), then the rest in their order.
+
+    With pytest-xdist's load scheduling and `--maxschedchunk 1` (make test), each worker holds two
+    tests at a time and takes the next when one ends, so the long waits on SLURM spread over the
+    workers from the start instead of queueing behind each other on one.
+    """
+
+    def rank(item) -> int:
+        return next((i for i, name in enumerate(LONGEST_FIRST) if name in item.nodeid), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep their order
+
+
+# Test names (substrings of their ids), longest first as `make test` measures them (pytest's
+# --durations): the end-to-end tests, and the integration tests of more than 30 s.
+LONGEST_FIRST = [
+    "test_sweep_with_two_preempted_jobs",
+    "test_sigkill_during_saves_never_leaves_an_unloadable_latest",
+    "test_time_limit_inside_snakemake",
+    "test_time_limit_checkpoints_requeues_and_finishes",
+    "test_preempted_twice_resumes_exactly",
+    "test_preempted_experiment_resumes",
+    "test_killed_snakemake_started_again",
+    "test_time_limit_budget_exhausted",
+    "test_each_kind_of_failure_is_classified",
+    "test_two_task_job_preempted_resumes_exactly",
+    "test_validate_slurm_passes_on_the_test_cluster",
+    "test_fsdp2_every_rank_writes_its_shard_and_a_signal_resumes_exactly",
+    "test_rerun_resumes_an_unfinished_job_from_its_checkpoint",
+    "test_signal_to_one_rank_stops_all_and_resumes_exactly",
+    "test_a_rank_that_cannot_write_stops_every_rank",
+    "test_local_sweep_survives_a_signal_and_a_rerun_submits_nothing",
+    "test_validate_passes_here_and_fails_only_the_disk_rows",
+    "tests/e2e/",
+]

@@ -104,12 +104,15 @@ class _Writer:
         while (job := jobs.get()) is not None:
             job()
 
-    def stop(self) -> None:
-        """End the thread once it is idle (without waiting: a stalled write is left to it). A thread
-        started later gets a queue of its own, so that the stalled one never takes its writes."""
-        if self._thread is not None:
+    def stop(self) -> threading.Thread | None:
+        """End the thread once it is idle (without waiting: a stalled write is left to it); return it,
+        for the caller to join. A thread started later gets a queue of its own, so that the stalled
+        one never takes its writes."""
+        thread = self._thread
+        if thread is not None:
             self._jobs.put(None)
             self._jobs, self._thread = queue.SimpleQueue(), None
+        return thread
 
 
 class Checkpointer:
@@ -368,10 +371,17 @@ class Checkpointer:
         """Let the write in flight end (for at most `timeout_s`), without any collective (closing, maybe
         after an error), and the writer thread with it; log a failure, or that it was left unfinished."""
         w, self._background = self._background, None
-        self._writer.stop()  # ends once the write in flight (if any) has
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        thread = self._writer.stop()  # ends once the write in flight (if any) has
+        if w is not None and w.done is not None:
+            w.join(timeout_s)
+        if thread is not None and not (w is not None and w.pending()):
+            # The write is done, but the thread may still be releasing its buffers: a thread inside
+            # torch while the interpreter exits aborts the process ("terminate called without an
+            # active exception"), so it ends before the run does.
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if w is None or w.done is None:
             return
-        w.join(timeout_s)
         if w.pending():
             log.error("the checkpoint of step %d was not finished before the process ended", w.step)
         elif w.error:

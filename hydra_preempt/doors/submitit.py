@@ -75,9 +75,13 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         self.distributed_backend = distributed_backend
 
     def __call__(self) -> Any:
-        init_from_job(self.distributed_backend)
+        created_group = init_from_job(self.distributed_backend)
         job = JobContext(budget=self.budget, ends_process=job_ends_process())
-        outcome = run(self.train_fn, Path(self.run_dir), self.config, job)
+        try:
+            outcome = run(self.train_fn, Path(self.run_dir), self.config, job)
+        finally:
+            if created_group:  # its threads must end before the process does (an abort at exit otherwise)
+                dist.destroy_process_group()
         if outcome.status is Status.FINISHED:
             return outcome.result
         code = conclude(outcome, before_requeue=self._resubmit_pickle)
@@ -157,23 +161,25 @@ def executor_for(folder: str | Path, s: ExecutorSettings) -> submitit.AutoExecut
     return executor
 
 
-def init_from_job(backend: str | None = "auto") -> None:
-    """A process group for a job of several tasks (SLURM or submitit local), from its environment.
+def init_from_job(backend: str | None = "auto") -> bool:
+    """A process group for a job of several tasks (SLURM or submitit local), from its environment;
+    True if this created one (the caller destroys it).
 
     "auto" picks nccl with CUDA, else gloo; None leaves it to the training function.
     """
     if backend is None or dist.is_initialized():
-        return
+        return False
     try:
         env = submitit.JobEnvironment()
     except RuntimeError:  # not inside a submitit job
-        return
+        return False
     if env.num_tasks <= 1:
-        return
+        return False
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     dist.init_process_group(backend)
+    return True
 
 
 def job_ends_process() -> bool:

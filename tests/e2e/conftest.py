@@ -1,5 +1,6 @@
 """The real single-node SLURM cluster the end-to-end tests run against."""
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -27,20 +28,29 @@ def slurm_cluster():
         if os.environ.get("CI") == "true":
             pytest.fail(f"end-to-end tests must run in CI: {reason}")
         pytest.skip(reason)
-    done = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=900)
+    # One cluster for the whole run: every xdist worker asks for the same shape (a partition of
+    # helpers.NODES_PER_WORKER nodes each); the first starts it, the others find it up.
+    nodes = helpers.NODES_PER_WORKER * helpers.WORKERS
+    with open("/run/hydra-preempt-cluster.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = subprocess.run(
+            ["bash", str(SCRIPT), "up", "--nodes", str(nodes), "--partitions", str(helpers.WORKERS)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     assert done.returncode == 0, f"starting the test cluster failed:\n{done.stdout}\n{done.stderr}"
+    helpers.cancel_all_jobs()  # a partition left busy by an earlier run
     yield SCRIPT
     helpers.cancel_all_jobs()
 
 
 @pytest.fixture
 def preempt_mode(slurm_cluster, request):
-    """Switch the cluster's PreemptMode for one test (parametrize with indirect=True)."""
-    mode = request.param
+    """The PreemptMode a test's jobs are preempted with (parametrize with indirect=True): each mode has its
+    own QoS (helpers.QOS), so that tests of both modes run at once."""
     helpers.cancel_all_jobs()
-    done = subprocess.run(["bash", str(slurm_cluster), "mode", mode], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return mode
+    return request.param
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +21,14 @@ from hydra_preempt.slurm.commands import SlurmError, sacct_states, show_job, slu
 ROOT = Path(__file__).resolve().parents[2]
 ACCOUNT = "research"
 MEASUREMENTS: list[dict] = []
+# One QoS per PreemptMode (the QoS's own mode overrides the cluster's), so that tests of both modes
+# run at once; see tests/cluster/slurm-cluster.sh.
+QOS = {"REQUEUE": "preemptible", "CANCEL": "preemptible_cancel"}
+# pytest-xdist's workers each own a partition of NODES_PER_WORKER nodes, so that their tests never
+# preempt, cancel or wait for each other's jobs; without xdist the default partition holds them.
+NODES_PER_WORKER = 2
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+PARTITION = f"p{int(os.environ['PYTEST_XDIST_WORKER'].removeprefix('gw')) + 1}" if WORKERS > 1 else "debug"
 
 
 def compose_cfg(overrides: list[str]):
@@ -28,12 +37,21 @@ def compose_cfg(overrides: list[str]):
 
 
 def submit_training(
-    tmp_path: Path, overrides: list[str], timeout_min: int = 20, signal_lead_s: int = 60, tasks: int = 1, **task_kwargs
+    tmp_path: Path,
+    overrides: list[str],
+    mode: str,
+    timeout_min: int = 20,
+    signal_lead_s: int = 60,
+    tasks: int = 1,
+    **task_kwargs,
 ):
+    """train.py's training as a submitit job in this worker's partition, in the QoS of PreemptMode `mode`."""
     cfg = compose_cfg(overrides)
     executor = preemptible_executor(
         tmp_path / "submitit",
         account=ACCOUNT,
+        qos=QOS[mode],
+        partition=PARTITION,
         timeout_min=timeout_min,
         signal_lead_s=signal_lead_s,
         tasks_per_node=tasks,
@@ -96,23 +114,20 @@ def job_state(job_id: str) -> str:
         return states[-1][0] if states else ""
 
 
-def preempt_with_high_priority_job(seconds: int = 2) -> str:
-    """A QoS-normal job needing both CPUs: the scheduler preempts the preemptible one for it."""
-    args = [
-        "sbatch",
-        "--parsable",
-        "-q",
-        "normal",
-        "-A",
-        ACCOUNT,
-        "-c",
-        "2",
-        "-o",
-        "/dev/null",
-        "--wrap",
-        f"sleep {seconds}",
-    ]
-    return slurm_command(args).strip()
+def first_node(job_id: str) -> str:
+    nodes = show_job(job_id).fields.get("NodeList", "")
+    return slurm_command(["scontrol", "show", "hostnames", nodes]).split()[0]
+
+
+def preempt_with_high_priority_job(job_id: str, seconds: int = 2) -> str:
+    """A QoS-normal job needing both CPUs of the job's (first) node: the scheduler preempts the job for it."""
+    args = ["sbatch", "--parsable", "-q", "normal", "-A", ACCOUNT, "-p", PARTITION, "-w", first_node(job_id)]
+    return slurm_command([*args, "-N", "1", "-c", "2", "-o", "/dev/null", "--wrap", f"sleep {seconds}"]).strip()
+
+
+def queue() -> str:
+    """This worker's jobs, as squeue lists them (empty when none)."""
+    return slurm_command(["squeue", "-h", "-p", PARTITION]).strip()
 
 
 def release_when_pending(job_id: str, timeout: float = 300.0) -> None:
@@ -123,11 +138,26 @@ def release_when_pending(job_id: str, timeout: float = 300.0) -> None:
 
 def preempt_at_step(job_id: str, run_dir: Path, step: int) -> None:
     """Once training passed `step`, preempt it with a high-priority job; wait for the save; release the requeued job."""
-    before = len(stops(run_dir))
-    wait_for(lambda: last_step(run_dir) >= step, f"training to reach step {step}", job_id=job_id)
-    preempt_with_high_priority_job()
-    wait_for(lambda: len(stops(run_dir)) > before, f"the preemption after step {step} to be saved", job_id=job_id)
-    release_when_pending(job_id)
+    preempt_each_at_step([(job_id, run_dir)], step)
+
+
+def preempt_each_at_step(jobs: list[tuple[str, Path]], step: int) -> None:
+    """preempt_at_step for jobs that run at once: each is preempted as soon as it passed `step`."""
+    before = {job_id: len(stops(run_dir)) for job_id, run_dir in jobs}
+    waiting = dict(jobs)
+
+    def preempt_those_past_step() -> bool:
+        for job_id, run_dir in list(waiting.items()):
+            if last_step(run_dir) >= step:
+                preempt_with_high_priority_job(job_id)
+                del waiting[job_id]
+        return not waiting
+
+    wait_for(preempt_those_past_step, f"training to reach step {step}", job_id=jobs[0][0])
+    for job_id, run_dir in jobs:
+        what = f"the preemption after step {step} to be saved"
+        wait_for(lambda run_dir=run_dir, job_id=job_id: len(stops(run_dir)) > before[job_id], what, job_id=job_id)
+        release_when_pending(job_id)
 
 
 def wait_until_final(job_id: str, timeout: float = 600.0, release_requeues: bool = False) -> str:
@@ -145,11 +175,12 @@ def wait_until_final(job_id: str, timeout: float = 600.0, release_requeues: bool
 
 
 def cancel_all_jobs() -> None:
+    """Cancel this worker's jobs and wait until its partition is empty."""
     try:
-        slurm_command(["scancel", "-u", "root"])
+        slurm_command(["scancel", "-p", PARTITION])
     except Exception:
         return
-    wait_for(lambda: not slurm_command(["squeue", "-h", "-u", "root"]).strip(), "the queue to empty", 120)
+    wait_for(lambda: not queue(), f"partition {PARTITION} to empty", 120)
 
 
 def record(test: str, run_dir: Path) -> None:

@@ -25,7 +25,8 @@ WORKER = f"{sys.executable} -m tests.integration.hang_worker"
 
 
 def sbatch(script: str, log, cpus: int = 2) -> str:
-    args = ["sbatch", "--parsable", "-A", ACCOUNT, "-c", str(cpus), "--requeue", "--open-mode=append"]
+    args = ["sbatch", "--parsable", "-A", ACCOUNT, "-p", helpers.PARTITION, "-c", str(cpus), "--requeue"]
+    args += ["--open-mode=append"]
     return slurm_command([*args, "-o", str(log), "-D", str(ROOT), "--wrap", script]).strip()
 
 

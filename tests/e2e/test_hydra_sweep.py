@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hydra_preempt.rundir import read_events
-from hydra_preempt.slurm.commands import sacct_states, slurm_command
+from hydra_preempt.slurm.commands import sacct_states
 
 from . import helpers
 from .helpers import stops, wait_for
@@ -23,7 +23,9 @@ GRID = ["optim.lr=0.01,0.003", "trainer.seed=1,2"]  # 4 jobs
 LAUNCHER = [
     "hydra/launcher=preempt_slurm",
     f"hydra.launcher.account={helpers.ACCOUNT}",
-    "hydra.launcher.cpus_per_task=2",  # the whole node: one job at a time, and a 2-CPU high-priority job preempts it
+    f"hydra.launcher.partition={helpers.PARTITION}",
+    f"hydra.launcher.qos={helpers.QOS['REQUEUE']}",
+    "hydra.launcher.cpus_per_task=2",  # a whole node per job: a 2-CPU high-priority job preempts it
     "hydra.launcher.timeout_min=20",
 ]
 
@@ -46,8 +48,7 @@ def test_sweep_with_two_preempted_jobs_finishes_identically_and_reruns_as_a_no_o
     jobs = wait_for(lambda: manifest_jobs(sweep_dir), "the sweep manifest", 120)
     assert len(jobs) == 4 and all(j["job_id"] for j in jobs)
     preempted, killed = jobs[:2], jobs[2]
-    for job in preempted:
-        helpers.preempt_at_step(job["job_id"], Path(job["dir"]), 60)
+    helpers.preempt_each_at_step([(job["job_id"], Path(job["dir"])) for job in preempted], 60)
     # The third job's training process is killed without a word (as the kernel's OOM killer does):
     # the launcher's waiting loop classifies the end (killed) and requeues the job.
     killed_dir = Path(killed["dir"])
@@ -88,7 +89,7 @@ def test_sweep_with_two_preempted_jobs_finishes_identically_and_reruns_as_a_no_o
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "0 job(s) to submit, 4 finished" in rerun.stdout + rerun.stderr
     assert manifest_jobs(sweep_dir) == jobs
-    assert not slurm_command(["squeue", "-h"]).strip()  # nothing was submitted
+    assert not helpers.queue()  # nothing was submitted
 
 
 @pytest.mark.parametrize("preempt_mode", ["REQUEUE"], indirect=True)

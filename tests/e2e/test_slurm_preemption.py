@@ -26,7 +26,7 @@ TRAIN = ["trainer.max_steps=500", "trainer.step_sleep=0.03", "trainer.log_every=
 @pytest.mark.parametrize("preempt_mode", ["REQUEUE", "CANCEL"], indirect=True)
 def test_preempted_twice_resumes_exactly(tmp_path, preempt_mode, request):
     reference = helpers.reference_result(tmp_path, TRAIN)
-    job, run_dir = helpers.submit_training(tmp_path, TRAIN)
+    job, run_dir = helpers.submit_training(tmp_path, TRAIN, preempt_mode)
     for at_step in (120, 300):
         helpers.preempt_at_step(job.job_id, run_dir, at_step)
     assert helpers.wait_until_final(job.job_id) == "COMPLETED"
@@ -50,7 +50,7 @@ def test_preempted_twice_resumes_exactly(tmp_path, preempt_mode, request):
 
 @pytest.mark.parametrize("preempt_mode", ["CANCEL"], indirect=True)
 def test_scancel_saves_and_does_not_requeue(tmp_path, preempt_mode):
-    job, run_dir = helpers.submit_training(tmp_path, TRAIN)
+    job, run_dir = helpers.submit_training(tmp_path, TRAIN, preempt_mode)
     wait_for(lambda: last_step(run_dir) >= 100, "training to reach step 100", job_id=job.job_id)
     job.cancel()
     assert helpers.wait_until_final(job.job_id).startswith("CANCELLED")
@@ -64,7 +64,7 @@ def test_scancel_saves_and_does_not_requeue(tmp_path, preempt_mode):
 
 @pytest.mark.parametrize("preempt_mode", ["CANCEL"], indirect=True)
 def test_preemption_budget_exhausted_ends_failed(tmp_path, preempt_mode):
-    job, run_dir = helpers.submit_training(tmp_path, TRAIN, max_preemptions=0)
+    job, run_dir = helpers.submit_training(tmp_path, TRAIN, preempt_mode, max_preemptions=0)
     helpers.preempt_at_step(job.job_id, run_dir, 50)
     assert helpers.wait_until_final(job.job_id) == "FAILED"
     last = stops(run_dir)[-1]
@@ -81,7 +81,7 @@ def test_two_task_job_preempted_resumes_exactly(tmp_path, preempt_mode, parallel
     codes, out = finish(start_ranks(tmp_path / "reference", train))  # the same run, uninterrupted
     assert codes == [0, 0], out
     reference = json.loads((tmp_path / "reference" / "result.json").read_text())
-    job, run_dir = helpers.submit_training(tmp_path, train, tasks=2)
+    job, run_dir = helpers.submit_training(tmp_path, train, preempt_mode, tasks=2)
     helpers.preempt_at_step(job.job_id, run_dir, 60)
     assert helpers.wait_until_final(job.job_id) == "COMPLETED"
     history = stops(run_dir)
@@ -100,7 +100,7 @@ LONG = ["trainer.max_steps=2000", "trainer.step_sleep=0.05", "trainer.log_every=
 @pytest.mark.parametrize("preempt_mode", ["CANCEL"], indirect=True)
 def test_time_limit_checkpoints_requeues_and_finishes(tmp_path, preempt_mode, request):
     reference = helpers.reference_result(tmp_path, LONG)
-    job, run_dir = helpers.submit_training(tmp_path, LONG, timeout_min=2, signal_lead_s=60)
+    job, run_dir = helpers.submit_training(tmp_path, LONG, preempt_mode, timeout_min=2, signal_lead_s=60)
     wait_for(lambda: stops(run_dir), "the time-limit stop", 240, job.job_id)
     # SLURM sends the signal up to a minute early: two or three starts, each requeue released at once
     assert helpers.wait_until_final(job.job_id, timeout=600, release_requeues=True) == "COMPLETED"
@@ -114,7 +114,9 @@ def test_time_limit_checkpoints_requeues_and_finishes(tmp_path, preempt_mode, re
 
 @pytest.mark.parametrize("preempt_mode", ["CANCEL"], indirect=True)
 def test_time_limit_budget_exhausted_ends_failed(tmp_path, preempt_mode):
-    job, run_dir = helpers.submit_training(tmp_path, LONG, timeout_min=2, signal_lead_s=60, max_timeouts=0)
+    job, run_dir = helpers.submit_training(
+        tmp_path, LONG, preempt_mode, timeout_min=2, signal_lead_s=60, max_timeouts=0
+    )
     assert helpers.wait_until_final(job.job_id, timeout=300) == "FAILED"
     stop = stops(run_dir)[-1]
     assert stop["reason"] == "failed" and "time-limit budget exhausted" in stop["message"]

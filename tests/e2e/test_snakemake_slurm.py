@@ -31,7 +31,7 @@ def write_grid(tmp_path: Path) -> Path:
     config = {
         "runs_dir": str(tmp_path / "runs"),
         "results_dir": str(tmp_path / "results"),
-        "cpus_per_task": 2,  # the whole node: one job at a time, and a 2-CPU high-priority job preempts it
+        "cpus_per_task": 2,  # a whole node per job: a 2-CPU high-priority job preempts it
         "runtime_min": 20,
         "common_overrides": COMMON,
         "experiments": [{"name": name, "overrides": {"optim.lr": lr}} for name, lr in GRID.items()],
@@ -41,8 +41,12 @@ def write_grid(tmp_path: Path) -> Path:
     return path
 
 
-def snakemake(grid: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "--profile", "slurm", "--configfile", str(grid), *extra]
+def snakemake(grid: Path, *extra: str, mode: str = "REQUEUE") -> list[str]:
+    """The README's command, with this worker's partition and the QoS of PreemptMode `mode`."""
+    resources = [f"slurm_account={helpers.ACCOUNT}", f"slurm_partition={helpers.PARTITION}"]
+    resources += ["runtime=60", "mem_mb=2000", "cpus_per_task=1"]  # the rest of the profile's default-resources
+    command = [sys.executable, "-m", "snakemake", "--profile", "slurm", "--configfile", str(grid)]
+    return [*command, "--slurm-qos", helpers.QOS[mode], "--default-resources", *resources, *extra]
 
 
 def started_job_id(run_dir: Path) -> str:
@@ -61,7 +65,11 @@ def reference_sha(tmp_path: Path, name: str) -> str:
 def test_preempted_experiment_resumes_and_the_workflow_completes(tmp_path, preempt_mode, request):
     grid = write_grid(tmp_path)
     workflow = subprocess.Popen(
-        snakemake(grid), cwd=helpers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        snakemake(grid, mode=preempt_mode),
+        cwd=helpers.ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     run_a = tmp_path / "runs" / "a"
     job_id = started_job_id(run_a)
@@ -93,10 +101,12 @@ def test_preempted_experiment_resumes_and_the_workflow_completes(tmp_path, preem
     assert (results / "summary.md").read_text().startswith("| experiment |")
     assert (results / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    again = subprocess.run(snakemake(grid), cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        snakemake(grid, mode=preempt_mode), cwd=helpers.ROOT, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert "Nothing to be done" in again.stdout + again.stderr
-    assert not slurm_command(["squeue", "-h"]).strip()
+    assert not helpers.queue()
 
 
 @pytest.mark.parametrize("preempt_mode", ["REQUEUE"], indirect=True)
@@ -129,7 +139,7 @@ def test_killed_snakemake_started_again_finishes_without_retraining(tmp_path, pr
         assert json.loads((run_dir / "result.json").read_text())["params_sha256"] == reference_sha(tmp_path, name)
     assert (tmp_path / "results" / "summary.csv").exists()
     deadline = time.monotonic() + 60
-    while slurm_command(["squeue", "-h"]).strip() and time.monotonic() < deadline:
+    while helpers.queue() and time.monotonic() < deadline:
         time.sleep(1)
 
 

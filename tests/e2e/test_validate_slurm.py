@@ -24,10 +24,11 @@ SLURM_ROWS = [
 
 
 def test_validate_slurm_passes_on_the_test_cluster(slurm_cluster, tmp_path):
-    helpers.cancel_all_jobs()  # the node free for the test job
+    helpers.cancel_all_jobs()  # the partition free for the test job
     done = subprocess.run(
         [sys.executable, "-m", "hydra_preempt.cli", "validate", "--slurm", "--json"]
-        + ["--qos", "preemptible", "--account", helpers.ACCOUNT, "--checkpoint-dir", str(tmp_path)],
+        + ["--qos", "preemptible", "--account", helpers.ACCOUNT, "--partition", helpers.PARTITION]
+        + ["--checkpoint-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,

@@ -17,4 +17,5 @@ if __name__ == "__main__":
         cfg = compose("config", overrides=overrides)
     outcome = run(functools.partial(train.train, cfg=cfg), run_dir, train.session_config(cfg))
     print(f"rank {dist.get_rank()}: {outcome.status.value} at step {outcome.step}", flush=True)
+    dist.destroy_process_group()  # gloo's threads end before the process does
     sys.exit(int(outcome.exit_code))

@@ -80,4 +80,6 @@ if __name__ == "__main__":
         f"rank {dist.get_rank() if dist.is_initialized() else 0}: {outcome.status.value} at step {outcome.step}: {outcome.message}",
         flush=True,
     )
+    if dist.is_initialized():
+        dist.destroy_process_group()  # gloo's threads end before the process does
     sys.exit(int(outcome.exit_code))

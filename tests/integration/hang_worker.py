@@ -52,4 +52,6 @@ if __name__ == "__main__":
     print(f"{outcome.status.value} at step {outcome.step}", flush=True)
     if outcome.status == Status.FINISHED:
         write_result(run_dir, outcome.result)
+    if dist.is_initialized():
+        dist.destroy_process_group()  # gloo's threads end before the process does
     sys.exit(int(outcome.exit_code))
