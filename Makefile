@@ -6,8 +6,8 @@ VENV ?= .venv
 # several GB of CUDA packages; on a GPU machine: make TORCH_SPEC=torch ...
 TORCH_SPEC ?= torch==2.13.0
 # Test processes at once (pytest-xdist): most of the suite waits on SLURM, subprocesses and signals,
-# so three fit on two cores; the end-to-end tests of each get a partition of the test cluster.
-TEST_WORKERS ?= 3
+# so four fit on two cores; the end-to-end tests of each get a partition of the test cluster.
+TEST_WORKERS ?= 4
 BIN := $(VENV)/bin
 
 .PHONY: demo test lint install flaky-check

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--hogs", type=int, default=os.cpu_count() or 2, help="busy processes beside the tests")
-    parser.add_argument("--workers", type=int, default=3, help="pytest-xdist workers, as make test")
+    parser.add_argument("--workers", type=int, default=4, help="pytest-xdist workers, as make test")
     args, pytest_args = parser.parse_known_args(argv)
     pytest_args = pytest_args or DEFAULT_SELECTION
     hogs = start_hogs(args.hogs)
