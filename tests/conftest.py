@@ -1,8 +1,11 @@
+import json
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.e2e import helpers as e2e
 
 
 @pytest.fixture
@@ -75,3 +78,23 @@ LONGEST_FIRST = [
     "test_validate_passes_here_and_fails_only_the_disk_rows",
     "tests/e2e/",
 ]
+
+
+# The end-to-end tests' preemption figures (tests/e2e/helpers.record) are printed at the end of the
+# run. Under pytest-xdist each worker sends its own to the controller, which prints them all.
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["preemption_measurements"] = json.dumps(e2e.MEASUREMENTS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    e2e.MEASUREMENTS.extend(json.loads(getattr(node, "workeroutput", {}).get("preemption_measurements", "[]")))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if e2e.MEASUREMENTS:
+        terminalreporter.section("preemption measurements (end-to-end, real SLURM)")
+        for line in e2e.measurement_lines():
+            terminalreporter.write_line(line)

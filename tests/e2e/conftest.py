@@ -51,10 +51,3 @@ def preempt_mode(slurm_cluster, request):
     own QoS (helpers.QOS), so that tests of both modes run at once."""
     helpers.cancel_all_jobs()
     return request.param
-
-
-def pytest_terminal_summary(terminalreporter):
-    if helpers.MEASUREMENTS:
-        terminalreporter.section("preemption measurements (end-to-end, real SLURM)")
-        for line in helpers.measurement_lines():
-            terminalreporter.write_line(line)
