@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/python -m tools.demo
 
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist load --maxschedchunk 1
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # ruff (lint and format) and mypy, as configured in pyproject.toml; .ci/run runs it before the tests.
 lint: install

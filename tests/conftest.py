@@ -45,7 +45,7 @@ def _no_stray_signal_handlers():
 def pytest_collection_modifyitems(items):
     """The longest tests first (LONGEST_FIRST), then the rest in their order.
 
-    With pytest-xdist's load scheduling and `--maxschedchunk 1` (make test), each worker holds two
+    With pytest-xdist's load scheduling and `--maxschedchunk 1` (pyproject.toml), each worker holds two
     tests at a time and takes the next when one ends, so the long waits on SLURM spread over the
     workers from the start instead of queueing behind each other on one.
     """

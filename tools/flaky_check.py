@@ -2,8 +2,8 @@
 machine fails here before it fails in CI.
 
     make flaky-check                                      (the tests that wait on time, signals,
-                                                           threads or SLURM, 5 runs, 2 hogs)
-    python -m tools.flaky_check [--runs 5] [--hogs 2] [--workers 3] [PYTEST_ARGS...]
+                                                           threads or SLURM, 5 runs, a hog per core)
+    python -m tools.flaky_check [--runs 5] [--hogs N] [--workers 4] [PYTEST_ARGS...]
 
 Each run is one `pytest -n WORKERS` over the same selection; the hogs are busy Python processes,
 one per core by default, started before the first run and killed after the last. It prints one
@@ -38,10 +38,8 @@ def start_hogs(count: int) -> list[subprocess.Popen]:
 
 def run_once(pytest_args: list[str], workers: int) -> tuple[int, list[str], float]:
     started = time.monotonic()
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(workers)]
-    done = subprocess.run(
-        [*args, "--dist", "load", "--maxschedchunk", "1", *pytest_args], capture_output=True, text=True
-    )
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(workers), *pytest_args]
+    done = subprocess.run(args, capture_output=True, text=True)
     return done.returncode, sorted(set(_FAILED.findall(done.stdout))), time.monotonic() - started
 
 

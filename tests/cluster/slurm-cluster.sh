@@ -110,7 +110,6 @@ EOF
 }
 
 write_dbd_config() {
-  mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd "$LOG_DIR" /run/munge
   cat >/etc/slurm/slurmdbd.conf <<EOF
 AuthType=auth/munge
 DbdHost=localhost
@@ -267,6 +266,7 @@ cmd_up() {
     die "--partitions must divide the node count ($nodes), got $partitions"
   require_root
   install_packages
+  mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd "$LOG_DIR" /run/munge
   write_dbd_config
   wanted=$(cluster_config "$mode" "$nodes" "$partitions")
   if [ "$wanted" != "$(cat "$CONF" 2>/dev/null)" ]; then

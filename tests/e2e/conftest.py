@@ -1,4 +1,5 @@
-"""The real single-node SLURM cluster the end-to-end tests run against."""
+"""The real SLURM cluster the end-to-end tests run against (tests/cluster/slurm-cluster.sh): one start for the
+whole run, a partition per pytest-xdist worker."""
 
 import fcntl
 import os
