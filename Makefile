@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TEST_WORKERS ?= 4
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install flaky-check
+.PHONY: demo test lint install flaky-check gpu-wheels gpu-check
 
 install: $(VENV)/.installed
 
@@ -37,3 +37,14 @@ lint: install
 # core (tools/flaky_check.py); pass FLAKY="--runs 3 tests/e2e" for another selection.
 flaky-check: install
 	$(BIN)/python -m tools.flaky_check $(FLAKY)
+
+# The GPU kit (tools/gpu_kit.py). gpu-wheels, where PyPI can be reached: this project's wheel and what
+# a CUDA image lacks, into .whl/. gpu-check, on a CUDA machine that has torch (no network needed):
+# installs .whl/ beside its python3 without touching its torch, runs every CUDA check, writes a report.
+gpu-wheels: install
+	$(BIN)/python -m tools.gpu_wheels
+
+GPU_SITE ?= /tmp/hydra-preempt-site
+gpu-check:
+	python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl
+	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 python3 -m tools.gpu_kit $(GPU_KIT)

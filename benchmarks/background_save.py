@@ -1,6 +1,6 @@
 """How long a periodic checkpoint stalls training: background (checkpoint.async_save) vs at the boundary.
 
-    python benchmarks/background_save.py [--gb 1.0] [--steps 30] [--every 10] [--rounds 2] [--dir DIR]
+    python benchmarks/background_save.py [--gb 1.0] [--steps 30] [--every 10] [--rounds 2] [--dir DIR] [--device cuda]
 
 A training loop of an MLP whose parameters plus AdamW moments are about
 `--gb` GB, a periodic checkpoint every `--every` steps, run through
@@ -17,7 +17,9 @@ no write is in flight; not counted in the step bodies), so that it meets
 the same load as the saves on a shared machine; and, after the runs, the
 same copy and a copy into fresh buffers (clone). Also: how much slower the
 step bodies are while a write runs beside them (this machine has 2 cores,
-shared by training and the writer).
+shared by training and the writer). With `--device cuda` the state lives in
+GPU memory: the floor is a device-to-host copy into reused pinned buffers,
+and every timing waits for the GPU (tools/gpu_kit.py runs it so).
 """
 
 from __future__ import annotations
@@ -34,16 +36,22 @@ import torch
 from hydra_preempt import SessionConfig, run
 
 
-def build(gb: float) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor]:
+def build(gb: float, device: str = "cpu") -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor]:
     layers = 8
     width = int((gb * 1e9 / (3 * 4 * layers)) ** 0.5)  # parameters + two AdamW moments, fp32
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-5), torch.randn(4, width)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)]).to(device)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-5), torch.randn(4, width, device=device)
+
+
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work, so that a timing covers it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def training(args: argparse.Namespace, run_dir: Path, background: bool) -> dict[str, list[float]]:
-    model, optimizer, x = build(args.gb)
+    model, optimizer, x = build(args.gb, args.device)
     times: dict[str, list[float]] = {
         "first_save": [],
         "save": [],
@@ -52,7 +60,7 @@ def training(args: argparse.Namespace, run_dir: Path, background: bool) -> dict[
         "body_beside_write": [],
         "copy": [],
     }
-    floor = ReusedCopy()
+    floor = ReusedCopy(args.device)
 
     def train(session) -> dict:
         session.register(model=model, optimizer=optimizer)
@@ -71,6 +79,7 @@ def training(args: argparse.Namespace, run_dir: Path, background: bool) -> dict[
             optimizer.step()
             optimizer.zero_grad()
             session.report(loss=0.0)
+            sync(args.device)
             body_end = time.perf_counter()
             if step > 0:  # step 0 allocates AdamW's moments
                 times["body_beside_write" if writing else "body"].append(body_end - started)
@@ -92,35 +101,40 @@ def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> l
 
 
 class ReusedCopy:
-    """A copy of the state's tensors into host buffers allocated and touched once, then reused."""
+    """A copy of the state's tensors into host buffers allocated and touched once, then reused
+    (pinned for GPU tensors, copied without blocking and waited for at the end, as the staging is)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
         self.buffers: list[torch.Tensor] = []
 
     def copy(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
         tensors = state_tensors(model, optimizer)
+        gpu = self.device == "cuda"
         if not self.buffers:
-            self.buffers = [torch.empty_like(t) for t in tensors]
+            self.buffers = [torch.empty(t.shape, dtype=t.dtype, pin_memory=gpu) for t in tensors]
             for b, t in zip(self.buffers, tensors):
                 b.copy_(t)  # touched once, as the staging buffers are after the first save
+        sync(self.device)
         started = time.perf_counter()
         for b, t in zip(self.buffers, tensors):
-            b.copy_(t)
+            b.copy_(t, non_blocking=gpu)
+        sync(self.device)
         return time.perf_counter() - started
 
 
-def copy_reference(gb: float, repeats: int = 3) -> tuple[float, float]:
-    """Seconds to copy the state's tensors into reused buffers, and into fresh ones (clone)."""
-    model, optimizer, x = build(gb)
+def copy_reference(gb: float, device: str, repeats: int = 3) -> tuple[float, float]:
+    """Seconds to copy the state's tensors into reused host buffers, and into fresh ones (clone)."""
+    model, optimizer, x = build(gb, device)
     model(x).square().mean().backward()
     optimizer.step()
     tensors = state_tensors(model, optimizer)
-    floor = ReusedCopy()
+    floor = ReusedCopy(device)
     reused, fresh = [], []
     for _ in range(repeats):
         reused.append(floor.copy(model, optimizer))
         started = time.perf_counter()
-        clones = [t.clone() for t in tensors]
+        clones = [t.to("cpu", copy=True) for t in tensors]
         fresh.append(time.perf_counter() - started)
         del clones
     return statistics.median(reused), statistics.median(fresh)
@@ -133,6 +147,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=None, help="where checkpoints go (default: under ./benchmarks)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the state lives")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="background-bench-", dir=args.dir or Path(__file__).parent))
     results: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
@@ -145,17 +160,17 @@ def main() -> None:
                 shutil.rmtree(base / f"run-{background}-{r}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    reused, fresh = copy_reference(args.gb)
+    reused, fresh = copy_reference(args.gb, args.device)
     copies = results[True]["copy"] + results[False]["copy"]
     in_loop = statistics.median(copies)
     print(
-        f"state: {args.gb:.2f} GB (parameters + AdamW moments), a checkpoint every {args.every} steps, "
+        f"state: {args.gb:.2f} GB (parameters + AdamW moments) on {args.device}, a checkpoint every {args.every} steps, "
         f"{args.steps} steps x {args.rounds} rounds per mode, in {args.dir or 'benchmarks/'}; medians"
     )
     print(
         f"  copy into reused host buffers: {in_loop * 1e3:7.0f} ms in the loops ({len(copies)} copies, "
         f"{min(copies) * 1e3:.0f}-{max(copies) * 1e3:.0f} ms); after them {reused * 1e3:.0f} ms "
-        f"(fresh clone(): {fresh * 1e3:.0f} ms)"
+        f"(fresh host tensors: {fresh * 1e3:.0f} ms)"
     )
     stalls = {}
     for background in (True, False):
