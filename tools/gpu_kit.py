@@ -14,6 +14,7 @@ Sections, each under its own time limit, each written to the report as it ends:
                 write + fsync of the same bytes
 Writes DIR/gpu_report.txt and DIR/gpu_report.json (DIR: $OUT, else ./gpu-report). Without a CUDA
 device it says "no CUDA device" and exits 0; otherwise it exits 1 when a check failed.
+`--device cpu` runs the same sections on the CPU (tests/unit/test_gpu_kit.py): a check of the kit itself.
 """
 
 from __future__ import annotations
@@ -83,13 +84,13 @@ def environment(args: argparse.Namespace) -> tuple[bool, list[str], dict[str, An
     spec = declared_torch_range()
     version = torch.__version__.split("+")[0]
     in_range = Requirement(spec).specifier.contains(version, prereleases=True)
-    props = torch.cuda.get_device_properties(0)
+    gpu = torch.cuda.get_device_properties(0) if args.device == "cuda" else None
     figures = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "gpu": props.name,
-        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "gpu": gpu.name if gpu else "none (--device cpu)",
+        "gpu_memory_gib": round(gpu.total_memory / 2**30, 1) if gpu else 0,
         "torch_declared": spec,
         "torch_in_range": in_range,
     }
@@ -119,6 +120,8 @@ def filesystem(path: Path) -> str:
 
 
 def tests(args: argparse.Namespace) -> tuple[bool, list[str], dict[str, Any]]:
+    if args.device != "cuda":
+        return True, ["not run with --device cpu: every test of tests/cuda needs a GPU"], {}
     xml = args.scratch / "cuda-tests.xml"
     cmd = [sys.executable, "-m", "pytest", "tests/cuda", "-m", "cuda", "-n", "0", "-p", "no:cacheprovider"]
     code, out = run_capture([*cmd, "-q", "-rA", f"--junitxml={xml}"], timeout=args.section_s)
@@ -140,10 +143,13 @@ def tests(args: argparse.Namespace) -> tuple[bool, list[str], dict[str, Any]]:
     return passed, lines, {"exit_code": code, "tests": verdicts}
 
 
-def worker(run_dir: Path, steps: int, *flags: str, stop_at: int | None = None) -> tuple[int, str | None]:
+def worker(
+    args: argparse.Namespace, run_dir: Path, steps: int, *flags: str, stop_at: int | None = None
+) -> tuple[int, str | None]:
     """tests/cuda/cuda_worker.py; with `stop_at`, SIGTERM at that step. (exit code, parameter hash)."""
     out = run_dir.with_suffix(".json")
     cmd = [sys.executable, "-m", "tests.cuda.cuda_worker", str(run_dir), str(steps), str(out), *flags]
+    cmd += ["--device", args.device]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -157,10 +163,10 @@ def worker(run_dir: Path, steps: int, *flags: str, stop_at: int | None = None) -
 def determinism(args: argparse.Namespace) -> tuple[bool, list[str], dict[str, Any]]:
     """Without CUBLAS_WORKSPACE_CONFIG and use_deterministic_algorithms: is a run even repeatable?"""
     steps, flag, base = 300, "--no-determinism", args.scratch / "determinism"
-    _, first = worker(base / "first", steps, flag)
-    _, second = worker(base / "second", steps, flag)
-    codes = [worker(base / "stopped", steps, flag, stop_at=s)[0] for s in (100, 200)]
-    code, resumed = worker(base / "stopped", steps, flag)
+    _, first = worker(args, base / "first", steps, flag)
+    _, second = worker(args, base / "second", steps, flag)
+    codes = [worker(args, base / "stopped", steps, flag, stop_at=s)[0] for s in (100, 200)]
+    code, resumed = worker(args, base / "stopped", steps, flag)
     ran = first is not None and second is not None and resumed is not None and codes == [75, 75] and code == 0
     figures = {"repeatable": first == second, "resume_exact": resumed == first, "ran": ran}
     lines = [
@@ -174,7 +180,7 @@ def determinism(args: argparse.Namespace) -> tuple[bool, list[str], dict[str, An
 
 
 def background(args: argparse.Namespace) -> tuple[bool, list[str], dict[str, Any]]:
-    cmd = [sys.executable, "benchmarks/background_save.py", "--device", "cuda", "--gb", str(args.gb)]
+    cmd = [sys.executable, "benchmarks/background_save.py", "--device", args.device, "--gb", str(args.gb)]
     cmd += ["--steps", "31", "--every", "10", "--rounds", "1", "--dir", str(args.scratch)]
     code, out = run_capture(cmd, timeout=args.section_s)
     lines = [line for line in out.splitlines() if line.strip()][-8:]
@@ -188,7 +194,8 @@ import sys, time, torch
 sys.path.insert(0, "benchmarks")
 from background_save import build
 from hydra_preempt import SessionConfig, run
-model, optimizer, x = build(float(sys.argv[2]), "cuda")
+device = sys.argv[3]
+model, optimizer, x = build(float(sys.argv[2]), device)
 def train(session):
     session.register(model=model, optimizer=optimizer)
     session.restore()
@@ -196,7 +203,8 @@ def train(session):
         model(x).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         print(f"step {step + 1}", flush=True)
 config = SessionConfig.from_mapping({"checkpoint": {"every_steps": 10**9}, "divergence": {"enabled": False},
                                      "watchdog": {"enabled": False}})
@@ -209,7 +217,7 @@ sys.exit(int(outcome.exit_code))
 def sigterm(args: argparse.Namespace) -> tuple[bool, list[str], dict[str, Any]]:
     run_dir = args.scratch / "sigterm"
     proc = subprocess.Popen(
-        [sys.executable, "-c", SIGTERM_CHILD, str(run_dir), str(args.gb)],
+        [sys.executable, "-c", SIGTERM_CHILD, str(run_dir), str(args.gb), args.device],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -231,7 +239,7 @@ def sigterm(args: argparse.Namespace) -> tuple[bool, list[str], dict[str, Any]]:
     ok = code == 75 and bool(saved)
     figures = {"exit_code": code, "bytes": nbytes, "sigterm_to_exit_s": stop_s, "raw_write_s": raw_s}
     lines = [
-        f"state {nbytes / 1e9:.2f} GB in GPU memory: SIGTERM to exit {code} with a durable checkpoint in "
+        f"state {nbytes / 1e9:.2f} GB in {'GPU' if args.device == 'cuda' else 'host'} memory: SIGTERM to exit {code} with a durable checkpoint in "
         f"{stop_s:.1f} s ({nbytes / 1e9 / stop_s:.2f} GB/s)",
         f"raw write + fsync of the same bytes from host memory: {raw_s:.1f} s ({nbytes / 1e9 / raw_s:.2f} GB/s); "
         f"ratio {stop_s / raw_s:.2f}",
@@ -270,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gb", type=float, default=10.0, help="state size of the background and sigterm sections")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated, of: {', '.join(SECTIONS)}")
     parser.add_argument("--section-s", type=float, default=240.0, help="time limit of one section's subprocess")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a check of the kit itself")
     parser.add_argument("--scratch", type=Path, default=None, help="where checkpoints go (default: a temporary dir)")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -280,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(args.out)
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         report.add("environment", True, [f"no CUDA device (torch {torch.__version__}): nothing to check here"])
         return 0
     args.scratch = Path(tempfile.mkdtemp(prefix="gpu-kit-", dir=args.scratch))
