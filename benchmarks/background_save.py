@@ -89,6 +89,7 @@ def training(args: argparse.Namespace, run_dir: Path, background: bool) -> dict[
         {
             "checkpoint": {"every_steps": args.every, "keep_last": 1, "async_save": background, "emergency": False},
             "divergence": {"enabled": False},
+            "progress": {"console": False},  # the figures alone on the terminal
         }
     )
     outcome = run(train, run_dir, config)

@@ -99,6 +99,7 @@ class FailuresConfig:
 @dataclass
 class ProgressConfig:
     every_s: float = 30.0  # seconds between progress lines in logs (a terminal gets a live bar instead)
+    console: bool = True  # a program without logging set up shows progress and events on stderr (run())
 
 
 @dataclass

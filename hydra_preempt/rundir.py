@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import re
 import socket
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeGuard
@@ -218,10 +220,16 @@ def read_result(run_dir: Path | str) -> dict[str, Any] | None:
     return result if isinstance(result, dict) else None
 
 
+def _plain(value: Any) -> Any:
+    """A JSON value for what json cannot write: a tensor's or array's numbers, else its text."""
+    tolist = getattr(value, "tolist", None)  # torch tensors, NumPy arrays and scalars
+    return tolist() if callable(tolist) else str(value)
+
+
 def write_result(run_dir: Path | str, result: dict[str, Any]) -> Path:
     path = Path(run_dir) / RESULT_FILE
     try:
-        atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True))
+        atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True, default=_plain))
     except OSError as e:
         raise RunDirWriteError(_write_failure(path, "write", e)) from None
     return path
@@ -272,11 +280,15 @@ class RunLock:
 
     A second process (a duplicate job, e.g. after an interrupted workflow was
     started again) waits until the first one ends, then resumes from its state.
+    A process forked while the lock is held (a DataLoader worker) closes its copy of the
+    descriptor at once: a flock belongs to the descriptor, so a persistent worker that outlives
+    its run would otherwise hold the run directory from the next start.
     """
 
     def __init__(self, run_dir: Path | str) -> None:
         self.path = Path(run_dir) / RUN_LOCK
         self._fd: int | None = None
+        self._closes_in_children = False
 
     def acquire(self, give_up: Callable[[], bool], on_wait: Callable[[str], None], poll_s: float = 2.0) -> bool:
         """Take the lock, waiting while another process holds it; False if `give_up()` turned true first.
@@ -304,12 +316,24 @@ class RunLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
         self._fd = fd
+        if not self._closes_in_children:
+            os.register_at_fork(after_in_child=functools.partial(_forget_in_child, weakref.ref(self)))
+            self._closes_in_children = True
         return True
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+
+def _forget_in_child(lock: weakref.ref[RunLock]) -> None:
+    """In a forked child: close the copy of the parent's lock descriptor (the parent keeps the lock)."""
+    held = lock()
+    if held is not None and held._fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(held._fd)
+        held._fd = None
 
 
 def run_id(run_dir: Path | str, create: bool = True) -> str:

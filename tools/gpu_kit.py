@@ -35,6 +35,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+from tools.train_process import run_signalled
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("environment", "tests", "determinism", "sigterm", "background")
 
@@ -150,13 +152,7 @@ def worker(
     out = run_dir.with_suffix(".json")
     cmd = [sys.executable, "-m", "tests.cuda.cuda_worker", str(run_dir), str(steps), str(out), *flags]
     cmd += ["--device", args.device]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if stop_at is not None and line.strip() == f"step {stop_at}":
-            proc.send_signal(signal.SIGTERM)
-            stop_at = None
-    code = proc.wait()
+    code, _ = run_signalled(cmd, stop_at, ROOT)
     return code, json.loads(out.read_text())["sha256"] if out.exists() else None
 
 

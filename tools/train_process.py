@@ -121,3 +121,19 @@ class TrainProcess:
         if result is None:
             raise HydraPreemptError(f"no result.json in {self.run_dir}; output:\n{self.output}")
         return result
+
+
+def run_signalled(
+    cmd: Sequence[str], stop_at: int | None = None, cwd: Path | None = None, timeout: float = 300
+) -> tuple[int, str]:
+    """Run `cmd`, which prints "step N" lines on stdout; send it SIGTERM once it prints `step stop_at`.
+
+    Returns its exit code and its stderr (stdout holds the step lines)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if stop_at is not None and line.strip() == f"step {stop_at}":
+            proc.send_signal(signal.SIGTERM)
+            stop_at = None
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err

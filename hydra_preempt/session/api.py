@@ -25,6 +25,7 @@ Rank 0 writes one checkpoint holding the shared objects (registered with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -125,6 +126,12 @@ class Session:
         watched = (self.config.divergence.metric, self.config.checkpoint.metric)
         self._watched = tuple(sorted({m for m in watched if m}))  # a nan/inf value of these is never saved
         self._open_step: StepStart | None = None  # set while a step runs
+        self._left_step: StepStart | None = None  # the step the loop was left in (break, return, exception)
+        self._planned_epochs: tuple[int, int] | None = None  # (first, count) of epochs(), for the progress total
+        self.result_written = False  # write_result() wrote result.json: run() leaves it as it is
+        # True while the item just handed out by steps()/batches() is the last of its step: the moment
+        # for optimizer.step() under gradient accumulation (batches(loader, every=K))
+        self.update_due = True
         # One progress line per run, not per rank: rank 0's
         self._progress = Progress(self.config.progress.every_s, sys.stderr) if self._rank == 0 else None
 
@@ -162,6 +169,7 @@ class Session:
         restored: the caller uninstalls them unless the process ends next (see run())."""
         self.watchdog.close()
         self.checkpointer.join(self._time_to_kill_s())  # a save still being written ends before the process does
+        self.state.release()
         if self._gpu_sampler is not None:
             self._gpu_sampler.stop()
         if finished:
@@ -232,6 +240,13 @@ class Session:
         self._restored = True
         self.step = self.resumed_from = int(tree["session"]["step"])
         log.info("resumed from %s (step %d, saved on %s)", info.path.name, self.step, info.reason)
+        if not self.state.holds_data_position():
+            log.warning(
+                "resumed at step %d with no data position registered: if batches come from a DataLoader, "
+                "session.register(data=loader) and iterate session.batches(loader), or this run sees other data "
+                "than an uninterrupted one (register the object that holds your position as `data`)",
+                self.step,
+            )
         return self.step
 
     def _check_tree(self, tree: Any, info: CheckpointInfo) -> None:
@@ -239,26 +254,134 @@ class Session:
         check_tree(tree, info.step, self.config.divergence.detector() if self.detector is not None else None)
 
     def steps(self, max_steps: int) -> Iterator[int]:
-        """Yield the index of each step to run, from the restored step up to `max_steps`."""
+        """Yield the index of each step to run, from the restored step up to `max_steps`.
+
+        Leaving the loop early (`break`, `return`) is safe: a step whose update ran counts as done."""
         self.restore()
+
+        def next_step() -> int:
+            if self.step >= max_steps:
+                raise StopIteration
+            return self.step
+
+        return self._stepping(next_step, 1, max_steps)
+
+    def batches(self, loader: Any, every: int = 1) -> Iterator[Any]:
+        """One pass over `loader` (an epoch), with a step boundary after every `every` batches (the
+        optimizer steps of gradient accumulation) and after the pass's last batch.
+
+        Register the loader first (`session.register(data=loader)`): then, after `restore()`, the
+        pass in progress at the checkpoint continues at its exact next batch (loader_position.py).
+        Leaving the loop early (`break`, `return`) is safe: a step whose update ran counts as done."""
+        if not (isinstance(every, int) and every >= 1):
+            raise ConfigError(f"batches(every=...) must be a positive integer, got {every!r}")
+        self.restore()
+        position = self.state.position_of(loader)
+        if position is None:
+            log.warning(
+                "session.batches(): this %s is not registered, so a resumed run does not continue at its next "
+                "batch; session.register(data=loader) before restore()",
+                type(loader).__name__,
+            )
+            batches = iter(loader)
+        else:
+            batches = position.iterate()
+        total = 0  # unknown: the progress line shows the step alone
+        if self._planned_epochs is not None and position is not None and position.batches_per_pass() > 0:
+            per_pass, done = -(-position.batches_per_pass() // every), -(-position.yielded // every)
+            total = self.step + per_pass * (self._planned_epochs[1] - position.epoch) - done
+        ends_pass = (lambda: position.yielded == position.batches_per_pass()) if position is not None else None
+        return self._stepping(lambda: next(batches), every, total, ends_pass)
+
+    def epochs(self, count: int, loader: Any = None) -> Iterator[int]:
+        """The epochs left of `count`: from the one the registered loader's position is in (0 on a
+        fresh run). For `for epoch in session.epochs(E): for batch in session.batches(loader):`.
+        `loader`: which registered DataLoader counts the epochs, when more than one is registered."""
+        self.restore()
+        positions = self.state.positions() if loader is None else [p for p in [self.state.position_of(loader)] if p]
+        if len(positions) != 1:
+            raise ConfigError(
+                "epochs() counts the passes of a registered DataLoader: register one (session.register(data=loader))"
+                if not positions or loader is not None
+                else "epochs(): more than one DataLoader is registered; name the one that counts: epochs(n, loader=...)"
+            )
+        first = positions[0].epoch
+        self._planned_epochs = (first, count)
+        return iter(range(first, count))
+
+    @contextlib.contextmanager
+    def long_phase(self, name: str, allowed_s: float | None = None) -> Iterator[None]:
+        """Announce a long phase inside the training loop (an evaluation, a data set rebuilt) to the
+        hang watchdog: while it lasts, it may take `allowed_s` seconds (default: watchdog.startup_s)
+        instead of a step's allowance. Stop requests wait for the next step boundary, as ever.
+
+            with session.long_phase("evaluation", allowed_s=3600):
+                evaluate(model)
+        """
+        if allowed_s is not None and not (
+            isinstance(allowed_s, (int, float)) and not isinstance(allowed_s, bool) and 0 < allowed_s < math.inf
+        ):
+            raise ConfigError(
+                f"long_phase({name!r}): allowed_s must be a positive number of seconds, got {allowed_s!r}"
+            )
+        with self.watchdog.phase(name, allowed_s):
+            yield
+
+    def _stepping(
+        self,
+        next_item: Callable[[], Any],
+        per_step: int,
+        total: int,
+        ends_pass: Callable[[], bool] | None = None,
+    ) -> Iterator[Any]:
+        """Steps of `per_step` items each, until next_item() raises StopIteration; a step also ends
+        with the item after which `ends_pass()` is true (the last batch of an epoch)."""
         progress = self._progress
         if progress is not None:
             progress.start(self.step)
         try:
-            while self.step < max_steps:
-                self._start_step()
-                yield self.step
+            while True:
+                self._start_step()  # before the item is taken: an emergency checkpoint's state precedes it
+                given = 0
+                while not (given and self.update_due):
+                    try:
+                        item = next_item()
+                    except StopIteration:
+                        break
+                    given += 1
+                    self.update_due = given == per_step or (ends_pass is not None and ends_pass())
+                    try:
+                        yield item
+                    except GeneratorExit:  # the loop was left: break, return, an exception
+                        self._leave_step()
+                        raise
+                if not given:
+                    self._open_step = None
+                    return
                 self._end_step()
                 if progress is not None:
                     last = self.last_checkpoint
-                    if last is None:
-                        progress.update(self.step, max_steps, None, None)
-                    else:
-                        progress.update(self.step, max_steps, last.step, last.created)
+                    progress.update(self.step, total, *((last.step, last.created) if last else (None, None)))
         finally:  # ended, stopped or raised: the watchdog no longer waits for steps
             self.watchdog.stop_watching()
             if progress is not None:
                 progress.close()
+
+    def _leave_step(self) -> None:
+        """The loop was left inside a step (break, return, an exception), so that the step a checkpoint
+        is labelled with and the state it holds agree:
+        - if the step's update ran (an optimizer step, a buffer or a parameter changed: the fingerprint
+          moved), the step counts as done, without its boundary's work (saves, stop requests, the
+          ranks' agreement: the loop is gone); an exception undoes that (emergency_save);
+        - if nothing changed, the step never was: a later save holds the state it started from (its
+          random generators and data position before the step took them), on single-rank runs."""
+        start, self._open_step = self._open_step, None
+        self._left_step = start
+        if start is None or self.state.unchanged_since(start):
+            return
+        self.watchdog.beat()
+        self.step += 1
+        self._last_step_metrics, self._step_metrics = self._step_metrics, {}
 
     def report(self, **metrics: Any) -> None:
         """Record metrics of the current step (floats, or 0-d tensors)."""
@@ -294,6 +417,7 @@ class Session:
         """Write result.json atomically (rank 0 only). If it cannot be written (disk full) training is
         not interrupted: the final checkpoint is still saved and run() ends FAILED, so that a restart,
         which resumes at the last step, writes it again."""
+        self.result_written = True
         if world()[0] == 0:
             try:
                 return write_result(self.run_dir, result)
@@ -309,10 +433,11 @@ class Session:
 
     # -- step boundaries ------------------------------------------------------
     def _start_step(self) -> None:
+        self._left_step = None
         if self.config.checkpoint.emergency and self._world_size == 1:
             self._open_step = self.state.step_start(self.step)
-        else:  # multi-rank runs write no emergency checkpoint: nothing to remember
-            self._open_step = StepStart(self.step, (), {}, {})
+        else:  # multi-rank runs write no emergency checkpoint: only whether a step changed the state
+            self._open_step = StepStart(self.step, self.state.fingerprint(), {}, {})
 
     def _end_step(self) -> None:
         self.watchdog.beat()
@@ -488,6 +613,9 @@ class Session:
             raise CheckpointReadError(
                 "restoring the checkpoint failed part way: no checkpoint is written from this state"
             )
+        left = self._left_step
+        if left is not None and left.rng and left.step == self.step and self.state.unchanged_since(left):
+            return self.state.tree_at(left, self._detector_state())  # the loop was left before the update
         ranks = gather_to_rank0(self.state.rank_state())
         return self.state.tree(self.step, ranks, self._detector_state()) if ranks is not None else None
 
@@ -496,6 +624,9 @@ class Session:
 
     def emergency_save(self) -> CheckpointInfo | None:
         """After an unhandled exception: save if the state is consistent, else explain why not."""
+        start = self._open_step or self._left_step
+        if start is not None and self.step > start.step:  # the loop was left by this exception, after the update
+            self.step = start.step  # a step an exception cut short is not done
         if not self.config.checkpoint.emergency or not self._restored:
             return None
         bad = self._non_finite()
@@ -507,7 +638,6 @@ class Session:
                 "no emergency checkpoint on a multi-rank run: the other ranks cannot be reached safely from an exception"
             )
             return None
-        start = self._open_step
         if start is None:
             tree = self.state.tree(self.step, [self.state.rank_state()], self._detector_state())
         elif not self.state.unchanged_since(start):

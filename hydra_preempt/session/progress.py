@@ -43,6 +43,9 @@ def format_progress(
         if checkpoint_step is not None
         else "no checkpoint yet"
     )
+    if total <= 0:  # the number of steps is not known (an epoch loop over a loader without a length)
+        text = f"step {step} {rate} | {checkpoint}"
+        return f"[{'?' * BAR_WIDTH}] {text}" if bar else text
     text = f"step {step}/{total} ({fraction:.0%}) {rate} ETA {_duration(eta)} | {checkpoint}"
     if bar:
         filled = min(BAR_WIDTH, int(fraction * BAR_WIDTH))

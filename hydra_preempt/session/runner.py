@@ -8,6 +8,7 @@ one piece of context state in the library, a `contextvars.ContextVar`.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime as dt
 import faulthandler
@@ -19,7 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 from ..config import SessionConfig
 from ..distributed import world
@@ -70,7 +71,7 @@ current_job: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(
 def run(
     train_fn: Callable[[Session], Any],
     run_dir: Path | str,
-    config: SessionConfig | None = None,
+    config: SessionConfig | Mapping[str, Any] | None = None,
     job: JobContext | None = None,
 ) -> Outcome:
     """Run `train_fn(session)` with signal handling, checkpoints and the run log; never raises for a stop.
@@ -79,10 +80,52 @@ def run(
     Inside a SLURM job the stop is classified (preemption, time limit, scancel)
     before it is written to the run log; `conclude(outcome)` then requeues when
     that is the job's part. A run whose requeue budget is spent fails at once.
-    `job` defaults to `current_job`, else to what the environment says.
+    `job` defaults to `current_job`, else to what the environment says. `config`: a SessionConfig, or
+    a mapping of its sections (`{"checkpoint": {"every_steps": 100}}`). A dict the training function
+    returns is written to RUN_DIR/result.json, unless it wrote one itself (`session.write_result`).
+    Without logging set up by the program, progress and events go to stderr (`progress.console`).
     """
+    if isinstance(config, Mapping):
+        try:
+            config = SessionConfig.from_mapping(config)
+        except ConfigError as e:
+            return _refused(e, run_dir)
+    elif config is not None and not isinstance(config, SessionConfig):
+        why = f"run(): config must be a SessionConfig or a mapping of its sections, not {type(config).__name__}"
+        return _refused(ConfigError(why), run_dir)
     config = config or SessionConfig()
     job = job or current_job.get() or JobContext()
+    with console_log(config.progress.console):
+        outcome = _run(train_fn, run_dir, config, job)
+        log.info(
+            "%s at step %d (exit code %d): %s", outcome.status.value, outcome.step, outcome.exit_code, outcome.message
+        )
+    return outcome
+
+
+@contextlib.contextmanager
+def console_log(enabled: bool) -> Iterator[None]:
+    """While a run lasts, the library's records (progress, resumed, saved, stopped; INFO and up on rank 0,
+    WARNING and up elsewhere) go to stderr, if the program has set up no logging of its own (no handler
+    on the root logger or the library's): a plain script then shows them, as Lightning's and HF Trainer's
+    do. A program that set up logging gets them through its handlers alone, never twice."""
+    library = logging.getLogger("hydra_preempt")
+    if not enabled or logging.getLogger().handlers or library.handlers:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[hydra_preempt] %(message)s"))
+    level = library.level
+    library.addHandler(handler)
+    library.setLevel(logging.INFO if world()[0] == 0 else logging.WARNING)
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
+
+
+def _run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: SessionConfig, job: JobContext) -> Outcome:
     try:
         failures = config.failures.load()
     except ConfigError as e:
@@ -135,6 +178,8 @@ def run(
             raise RunStopped(Status.FAILED, spent)
         result = train_fn(session)
         session.save_final()
+        if isinstance(result, Mapping) and not session.result_written:
+            session.write_result(dict(result))
         if session.result_error:  # the work is in the final checkpoint: a restart writes the result again
             why = f"{session.result_error}; the final checkpoint of step {session.step} is saved, run again to write it"
             outcome = Outcome(Status.FAILED, session.step, ExitCode.FAILED, why, result)

@@ -46,8 +46,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map
+from torch.utils.data import DataLoader
 
+from ..data import ResumableLoader
 from ..errors import CheckpointMismatchError, CheckpointReadError, ConfigError
+from ..loader_position import LoaderPosition
 
 log = logging.getLogger("hydra_preempt")
 
@@ -265,6 +268,7 @@ class StateRegistry:
         self.owners: dict[str, Any] = {}  # module or optimizer name -> the module its state functions take
         self.sharded: set[str] = set()  # names of objects whose state is sharded (DTensor)
         self._optimizer_steps = 0  # optimizer.step() calls begun (a step pre-hook on each registered optimizer)
+        self._hooks: list[Any] = []  # those hooks' handles, removed by release()
         self._watched: list[torch.Tensor] | None = None  # tensors whose version counters the fingerprint reads
         self._python_rng = PythonRngWatch()
         self._numpy_rng = NumpyRngWatch()
@@ -273,6 +277,10 @@ class StateRegistry:
         for name, obj in objects.items():
             if isinstance(obj, torch.Generator):
                 obj = _GeneratorState(obj)
+            elif isinstance(obj, DataLoader):  # torch's, or torchdata's StatefulDataLoader
+                if any(p.loader is obj for p in self.positions()):
+                    raise ConfigError(f"{name!r}: this DataLoader is registered twice")
+                obj = LoaderPosition(obj)
             if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
                 raise ConfigError(
                     f"cannot register {name!r}: {type(obj).__name__} has no state_dict()/load_state_dict()"
@@ -283,9 +291,32 @@ class StateRegistry:
             if per_rank:
                 self.per_rank.add(name)
             if isinstance(obj, torch.optim.Optimizer):
-                obj.register_step_pre_hook(self._count_optimizer_step)
+                self._hooks.append(obj.register_step_pre_hook(self._count_optimizer_step))
         self._find_sharded()
         self._watched = None
+
+    def release(self) -> None:
+        """The run ended: remove the hooks on the optimizers. Each holds this registry, which holds the
+        optimizer: a cycle that only the cyclic garbage collector frees, late, with everything the
+        registry reaches, and a DataLoader's persistent workers freed that way take 5 s each to end
+        (their queues are finalized before the iterator's __del__ asks them to stop)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def positions(self) -> list[LoaderPosition]:
+        """The registered DataLoaders' positions, in the order they were registered."""
+        return [o for o in self.objects.values() if isinstance(o, LoaderPosition)]
+
+    def position_of(self, loader: Any) -> LoaderPosition | None:
+        return next((p for p in self.positions() if p.loader is loader), None)
+
+    def holds_data_position(self) -> bool:
+        """Whether a registered object says where the data stand: a DataLoader, a ResumableLoader, or
+        any object registered as `data`."""
+        return "data" in self.objects or any(
+            isinstance(o, (LoaderPosition, ResumableLoader)) for o in self.objects.values()
+        )
 
     def _count_optimizer_step(self, *_: Any) -> None:
         self._optimizer_steps += 1

@@ -9,6 +9,9 @@ time since the last beat with the allowed time:
   recent steps, `min_timeout_s`) (`hang_timeout`);
 - while the session saves at a boundary (`slow_work`): `startup_s`, a save
   of a large state may take many steps' time;
+- while a phase the training function announced runs (`phase`, which
+  `Session.long_phase` opens: an evaluation, a data set rebuilt): its own
+  allowance, `startup_s` unless given;
 - after the step loop ended: not watched (user code the session knows nothing of).
 
 When the time is up the thread calls `on_hang(HangReport)` once (the runner
@@ -47,7 +50,7 @@ def hang_timeout(recent_steps: Sequence[float], timeout_s: Optional[float], min_
 
 @dataclass(frozen=True)
 class HangReport:
-    phase: str  # "start-up", "step", "save"
+    phase: str  # "start-up", "step", "save", or the name of an announced phase
     waited_s: float  # seconds since the last progress
     allowed_s: float  # the allowance that ran out
 
@@ -65,6 +68,7 @@ class Watchdog:
         self._recent: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
         # (since, phase): progress last seen at `since` (time.monotonic()); phase None: not watched
         self._mark: tuple[float, Optional[str]] = (time.monotonic(), "start-up")
+        self._allowances: dict[str, float] = {}  # announced phases (`phase`): name -> seconds allowed
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -92,6 +96,25 @@ class Watchdog:
         finally:
             self._mark = (time.monotonic(), phase)
 
+    @contextlib.contextmanager
+    def phase(self, name: str, allowed_s: Optional[float] = None) -> Iterator[None]:
+        """A long phase the training function announced: allowed `allowed_s` (default `startup_s`);
+        then the phase it interrupted goes on, its clock started again. Not watched before the
+        steps began or after they ended, as user code there never is."""
+        outer = self._mark[1]
+        key = f"{name} (announced)"
+        previous = self._allowances.get(key)
+        self._allowances[key] = float(allowed_s) if allowed_s is not None else self.startup_s
+        self._mark = (time.monotonic(), key if outer is not None else None)
+        try:
+            yield
+        finally:
+            self._mark = (time.monotonic(), outer)
+            if previous is None:
+                del self._allowances[key]
+            else:
+                self._allowances[key] = previous
+
     def stop_watching(self) -> None:
         """The step loop ended: what follows is the training function's own business."""
         self._mark = (time.monotonic(), None)
@@ -104,7 +127,7 @@ class Watchdog:
     def allowance(self, phase: str) -> float:
         if phase == "step":
             return hang_timeout(tuple(self._recent), self.timeout_s, self.min_timeout_s)
-        return self.startup_s
+        return self._allowances.get(phase, self.startup_s)
 
     def _watch(self, on_hang: Callable[[HangReport], None]) -> None:
         poll = MAX_POLL_S

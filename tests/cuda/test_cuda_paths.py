@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from hydra_preempt import ExitCode, SessionConfig, run
 from hydra_preempt.checkpoint.layout import read_manifest
 from hydra_preempt.checkpoint.tree import HostStaging
 from hydra_preempt.gpumetrics import GPU_METRICS_FILE
+from tools.train_process import run_signalled
 
 pytestmark = [
     pytest.mark.cuda,
@@ -33,17 +32,8 @@ def worker(run_dir: Path, steps: int, *flags: str, stop_at: int | None = None) -
     out = run_dir.with_suffix(".json")
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "tests.cuda.cuda_worker", str(run_dir), str(steps), str(out), *flags]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if stop_at is not None and line.strip() == f"step {stop_at}":
-            proc.send_signal(signal.SIGTERM)
-            stop_at = None
-    code = proc.wait(timeout=300)
-    result = json.loads(out.read_text()) if out.exists() else None
-    return code, result, "".join(lines[-20:])
+    code, err = run_signalled(cmd, stop_at, ROOT)
+    return code, json.loads(out.read_text()) if out.exists() else None, err[-3000:]
 
 
 def stopped_twice(tmp_path: Path, steps: int, *flags: str) -> tuple[dict | None, dict | None]:

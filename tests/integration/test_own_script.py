@@ -1,0 +1,271 @@
+"""A researcher's own script: standard data loaders in an epoch loop, early stops, long phases, output.
+
+In-process runs stopped by real signals (the session's handlers, as in
+test_session.py) for every kind of loader; real processes for what a plain
+script shows and for the watchdog.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, TensorDataset
+
+from hydra_preempt import ExitCode, SessionConfig, Status, run
+from hydra_preempt.errors import ConfigError
+from tools.train_process import run_signalled
+
+ROOT = Path(__file__).resolve().parents[2]
+EPOCHS = 3
+
+
+def make_loader(kind: str, dataset: TensorDataset, workers: int):
+    common = {"num_workers": workers}
+    if kind == "shuffle":
+        return DataLoader(dataset, batch_size=32, shuffle=True, **common)
+    if kind == "shuffle_generator":
+        return DataLoader(dataset, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(5), **common)
+    if kind == "sampler_generator":  # a sampler with a generator of its own, the loader's another
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(6))
+        return DataLoader(dataset, batch_size=32, sampler=sampler, generator=torch.Generator().manual_seed(7), **common)
+    if kind == "sequential":
+        return DataLoader(dataset, batch_size=32, **common)
+    if kind == "batch_sampler":
+        return DataLoader(dataset, batch_sampler=BatchSampler(RandomSampler(dataset), 24, drop_last=False), **common)
+    if kind == "drop_last":
+        return DataLoader(dataset, batch_size=32, shuffle=True, drop_last=True, **common)
+    if kind == "distributed":  # one rank of one here; two real ranks: test_multi_rank.py
+        return DataLoader(dataset, batch_size=32, sampler=DistributedSampler(dataset, 1, 0, seed=3), **common)
+    if kind == "persistent":
+        return DataLoader(dataset, batch_size=32, shuffle=True, persistent_workers=True, **common)
+    if kind == "stateful":
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(dataset, batch_size=32, shuffle=True, **common)
+    raise ValueError(kind)
+
+
+def digest(model: torch.nn.Module) -> str:
+    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+
+
+def script(kind="shuffle", workers=0, every=1, signal_at=(), leave_at=None, register_data=True):
+    """The training function of a user's script: an epoch loop over a standard loader, dropout.
+
+    signal_at: steps at whose start the process sends itself SIGTERM; leave_at (step, "before"|"after"):
+    break out of the loops before or after that step's optimizer update."""
+
+    def train(session):
+        torch.manual_seed(0)
+        x = torch.randn(203, 4, generator=torch.Generator().manual_seed(1))
+        dataset = TensorDataset(x, x.sum(1, keepdim=True))
+        loader = make_loader(kind, dataset, workers)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        session.register(model=model, optimizer=optimizer, **({"data": loader} if register_data else {}))
+        session.restore()
+        seen: list[int] = []
+        for epoch in session.epochs(EPOCHS) if register_data else range(EPOCHS):
+            if isinstance(loader.sampler, DistributedSampler):
+                loader.sampler.set_epoch(epoch)
+            for xb, yb in session.batches(loader, every=every):
+                if session.step in signal_at and session.update_due:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                loss = torch.nn.functional.mse_loss(model(xb), yb) / every
+                loss.backward()
+                if leave_at == (session.step, "before"):
+                    break
+                if session.update_due:  # the step's last batch: every-th, or the epoch's last
+                    optimizer.step()
+                    optimizer.zero_grad()
+                if leave_at == (session.step, "after"):
+                    break
+                session.report(loss=loss.item())
+                seen.append(int(xb[0, 0].mul(1e4).round()))
+            else:
+                continue
+            break
+        return {"params": digest(model), "step": session.step}
+
+    return train
+
+
+CONFIG = SessionConfig.from_mapping({"checkpoint": {"every_steps": 4, "keep_last": 2}})
+
+
+def stopped_and_resumed(tmp_path, kind, workers, every=1, stops=(3, 9, 13)):
+    """Outcomes of a run sent SIGTERM at each of `stops` (mid-epoch, and at an epoch's last step), resumed."""
+    codes = []
+    for stop in stops:
+        outcome = run(script(kind, workers, every, signal_at=(stop,)), tmp_path, CONFIG)
+        codes.append(outcome.exit_code)
+    final = run(script(kind, workers, every), tmp_path, CONFIG)
+    return codes, final
+
+
+LOADERS = [
+    ("shuffle", 0),
+    ("shuffle", 2),
+    ("shuffle_generator", 0),
+    ("shuffle_generator", 2),
+    ("sampler_generator", 0),
+    ("sequential", 0),
+    ("batch_sampler", 0),
+    ("batch_sampler", 2),
+    ("drop_last", 0),
+    ("distributed", 0),
+    ("persistent", 2),
+    ("stateful", 0),
+    ("stateful", 2),
+]
+
+
+@pytest.mark.parametrize("kind,workers", LOADERS, ids=[f"{k}-{w}w" for k, w in LOADERS])
+def test_a_standard_loader_in_an_epoch_loop_resumes_mid_epoch_bit_identically(tmp_path, kind, workers):
+    if kind == "stateful":
+        pytest.importorskip("torchdata.stateful_dataloader", reason="torchdata is not installed")
+    reference = run(script(kind, workers), tmp_path / "reference", CONFIG)
+    assert reference.exit_code == ExitCode.FINISHED, reference.message
+    codes, final = stopped_and_resumed(tmp_path / "run", kind, workers)
+    assert codes == [ExitCode.REQUEUE] * 3
+    assert final.exit_code == ExitCode.FINISHED, final.message
+    assert final.result == reference.result
+
+
+def test_gradient_accumulation_steps_resume_bit_identically(tmp_path):
+    reference = run(script(every=3), tmp_path / "reference", CONFIG)
+    codes, final = stopped_and_resumed(tmp_path / "run", "shuffle", 0, every=3, stops=(2, 4))
+    assert codes == [ExitCode.REQUEUE] * 2
+    assert final.result == reference.result and reference.result["step"] == EPOCHS * 3  # 203 = 3 x (3 x 24)
+
+
+def test_without_a_registered_loader_a_resume_warns_once_what_to_do(tmp_path, caplog):
+    run(script(register_data=False, signal_at=(3,)), tmp_path, CONFIG)
+    with caplog.at_level(logging.WARNING, logger="hydra_preempt"):
+        run(script(register_data=False), tmp_path, CONFIG)
+    warnings = [r.message for r in caplog.records if "no data position" in r.message]
+    assert len(warnings) == 1 and "session.register(data=loader)" in warnings[0]
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_leaving_the_loop_inside_a_step_saves_the_step_its_state_is_at(tmp_path, where):
+    """An early stop at step 10 (index 9): after the update the run ends at step 10 holding it; before
+    the update, at step 9 holding the state step 10 started from. Either continues exactly."""
+    reference = run(script(), tmp_path / "reference", CONFIG)
+    stopped = run(script(leave_at=(9, where)), tmp_path / "run", CONFIG)
+    expected = 10 if where == "after" else 9
+    assert (stopped.exit_code, stopped.step, stopped.result["step"]) == (ExitCode.FINISHED, expected, expected)
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / f"step-{expected:09d}" / "MANIFEST.json").read_text())
+    assert manifest["reason"] in ("final", "periodic")
+    continued = run(script(), tmp_path / "run", CONFIG)
+    assert continued.result == reference.result
+
+
+def test_an_exception_after_the_update_does_not_count_its_step(tmp_path):
+    def failing(session):
+        model = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        session.register(model=model, optimizer=optimizer)
+        for step in session.steps(10):
+            model(torch.ones(1, 2)).sum().backward()
+            optimizer.step()
+            if step == 5:
+                raise RuntimeError("after the update")
+
+    outcome = run(failing, tmp_path, CONFIG)
+    assert outcome.status is Status.FAILED and outcome.step == 5 and "emergency" not in outcome.message
+
+
+def test_run_writes_the_returned_dict_to_result_json_and_takes_a_plain_mapping(tmp_path):
+    outcome = run(lambda session: {"answer": 42, "loss": torch.tensor(0.5)}, tmp_path, {"progress": {"every_s": 5}})
+    assert outcome.exit_code == ExitCode.FINISHED
+    assert json.loads((tmp_path / "result.json").read_text()) == {"answer": 42, "loss": 0.5}
+
+
+def test_a_session_result_is_not_overwritten_by_the_returned_value(tmp_path):
+    def train(session):
+        session.write_result({"written": True})
+        return {"returned": True}
+
+    run(train, tmp_path)
+    assert json.loads((tmp_path / "result.json").read_text()) == {"written": True}
+
+
+@pytest.mark.parametrize(
+    "config,said",
+    [
+        ({"checkpoint": {"every_steps": -1}}, "checkpoint.every_steps"),
+        ({"chekpoint": {}}, "chekpoint"),
+        (["checkpoint"], "config must be a SessionConfig or a mapping"),
+    ],
+)
+def test_a_bad_config_is_refused_in_one_line(tmp_path, config, said):
+    outcome = run(lambda session: None, tmp_path / "run", config)
+    assert (outcome.exit_code, outcome.step) == (ExitCode.USAGE, 0)
+    assert said in outcome.message and "\n" not in outcome.message
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_epochs_without_a_registered_loader_is_one_line():
+    from hydra_preempt import Session
+
+    session = Session("/nonexistent-never-created")
+    session._restored = True  # nothing to load: the check comes first
+    with pytest.raises(ConfigError, match="register one"):
+        session.epochs(3)
+
+
+# -- real processes: what a plain script shows, the watchdog -----------------------------------------
+def own_script(run_dir: Path, *args: str, stop_at: int | None = None) -> tuple[int, str]:
+    cmd = [sys.executable, "-m", "tests.integration.own_script", str(run_dir), *args]
+    return run_signalled(cmd, stop_at, ROOT, timeout=120)
+
+
+@pytest.mark.slow
+def test_a_plain_script_shows_progress_and_events_and_resumes_exactly_with_workers(tmp_path):
+    code, err = own_script(tmp_path / "reference", "--workers", "2")
+    assert code == 0, err
+    first, err1 = own_script(tmp_path / "run", "--workers", "2", stop_at=13)  # mid-epoch 2 of 10-step epochs
+    assert first == ExitCode.REQUEUE, err1
+    for line in ("[hydra_preempt] no checkpoint in", "[hydra_preempt] saved step-000000008", "SIGTERM received"):
+        assert line in err1, err1
+    assert "[hydra_preempt] step " in err1  # the progress line
+    second, err2 = own_script(tmp_path / "run", "--workers", "2")
+    assert second == 0, err2
+    assert "[hydra_preempt] resumed from step-0000000" in err2 and "[hydra_preempt] finished at step 40" in err2
+    results = [json.loads((tmp_path / d / "result.json").read_text()) for d in ("reference", "run")]
+    assert results[0] == results[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("announced", [True, False])
+def test_an_announced_long_evaluation_is_no_hang_and_an_unannounced_one_is(tmp_path, announced):
+    args = ["--epochs", "1", "--evaluate-s", "5", *(["--announce"] if announced else [])]
+    code, err = own_script(tmp_path, *args)
+    if announced:
+        assert code == 0, err
+    else:
+        assert code == ExitCode.HANG and "hang" in err.lower(), err
+
+
+def test_the_default_allowance_against_a_15_minute_evaluation_every_5000_steps():
+    """0.2 s steps: a step may take max(10 x 0.2 s, min_timeout_s = 600 s) = 600 s, less than an
+    unannounced 15-minute evaluation; announced, it gets watchdog.startup_s (1800 s) or its own."""
+    from hydra_preempt.session.watchdog import Watchdog, hang_timeout
+
+    assert hang_timeout([0.2] * 5000, None, 600.0) == 600.0 < 15 * 60
+    dog = Watchdog(None, 600.0, 1800.0)
+    dog.beat()
+    with dog.phase("evaluation"):
+        assert dog.allowance(dog._mark[1]) == 1800.0 >= 15 * 60
+    with dog.phase("evaluation", 3600):
+        assert dog.allowance(dog._mark[1]) == 3600
+    assert dog._mark[1] == "step"
