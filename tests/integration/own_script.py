@@ -1,21 +1,25 @@
 """A researcher's own training script, as the README's "Your own training script" writes it.
 
     python -m tests.integration.own_script RUN_DIR [--epochs 4] [--workers 0] [--evaluate-s S [--announce]]
+    (with WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT: one rank of a DDP run over gloo)
 
 A standard DataLoader(shuffle=True), an epoch loop, dropout; no logging set up,
 so what the library says goes to stderr by itself. Prints "step N" after each
 step (tests signal it there). With --evaluate-s, an evaluation of that many
 seconds after the first epoch's 3rd step, announced to the watchdog with
---announce (allowance: 2 s a step, 30 s an announced phase).
+--announce (allowance: 2 s a step, 30 s an announced phase). Several ranks:
+DDP, a DistributedSampler with set_epoch, the loader registered per rank.
 """
 
 import argparse
 import hashlib
+import os
 import sys
 import time
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from hydra_preempt import exit_with, run
 
@@ -29,19 +33,32 @@ def main() -> None:
     parser.add_argument("--announce", action="store_true")
     args = parser.parse_args()
 
+    ranks = dist.is_initialized()
+
     def train(session):
         torch.manual_seed(0)
         x = torch.randn(300, 8, generator=torch.Generator().manual_seed(1))
         dataset = TensorDataset(x, x.sum(1, keepdim=True))
-        loader = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=args.workers)
         model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.2), torch.nn.Linear(32, 1))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        session.register(model=model, optimizer=optimizer, data=loader)
+        if ranks:
+            torch.manual_seed(dist.get_rank())  # each rank its own dropout
+            sampler = DistributedSampler(dataset, shuffle=True, seed=0)
+            loader = DataLoader(dataset, batch_size=16, sampler=sampler, num_workers=args.workers)
+            forward = torch.nn.parallel.DistributedDataParallel(model)
+            session.register(model=model, optimizer=optimizer)
+            session.register_per_rank(data=loader)
+        else:
+            loader = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=args.workers)
+            forward = model
+            session.register(model=model, optimizer=optimizer, data=loader)
         session.restore()
         for epoch in session.epochs(args.epochs):
             print(f"epoch {epoch}", flush=True)
+            if ranks:
+                sampler.set_epoch(epoch)
             for inputs, targets in session.batches(loader):
-                loss = torch.nn.functional.mse_loss(model(inputs), targets)
+                loss = torch.nn.functional.mse_loss(forward(inputs), targets)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -57,8 +74,13 @@ def main() -> None:
         digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
         return {"params_sha256": digest, "epochs": args.epochs}
 
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo")
     config = {"checkpoint": {"every_steps": 8}, "watchdog": {"timeout_s": 2.0}, "progress": {"every_s": 0.05}}
-    exit_with(run(train, args.run_dir, config))
+    outcome = run(train, args.run_dir, config)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    exit_with(outcome)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -269,3 +271,35 @@ def test_the_default_allowance_against_a_15_minute_evaluation_every_5000_steps()
     with dog.phase("evaluation", 3600):
         assert dog.allowance(dog._mark[1]) == 3600
     assert dog._mark[1] == "step"
+
+
+@pytest.mark.slow
+def test_a_distributed_sampler_over_two_gloo_ranks_resumes_mid_epoch_bit_identically(tmp_path):
+    def ranks(run_dir: Path, stop_at: int | None = None) -> list[int]:
+        port = str(free_port())
+        procs = []
+        for rank in range(2):
+            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2"}
+            cmd = [sys.executable, "-m", "tests.integration.own_script", str(run_dir), "--epochs", "3"]
+            procs.append(
+                subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            )
+        for line in procs[1].stdout:  # SIGTERM to rank 1 alone, mid-epoch 2 (10 steps an epoch)
+            if stop_at is not None and line.strip() == f"step {stop_at}":
+                procs[1].send_signal(signal.SIGTERM)
+                stop_at = None
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+        assert all(p.returncode in (0, ExitCode.REQUEUE) for p in procs), outputs
+        return [p.returncode for p in procs]
+
+    assert ranks(tmp_path / "reference") == [0, 0]
+    assert ranks(tmp_path / "run", stop_at=14) == [ExitCode.REQUEUE] * 2
+    assert ranks(tmp_path / "run") == [0, 0]
+    results = [json.loads((tmp_path / d / "result.json").read_text()) for d in ("reference", "run")]
+    assert results[0] == results[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
