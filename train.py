@@ -11,27 +11,21 @@ result.json (step, loss, params_sha256, restarts).
 from __future__ import annotations
 
 import hashlib
-import logging
-import sys
 import time
 
 import hydra
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import TensorDataset
 
-from hydra_preempt import ConfigError, ExitCode, JobContext, ResumableLoader, Session, SessionConfig, exit_with, run
-from hydra_preempt.config import Rule, check_app_config
-
-log = logging.getLogger("train")
+from hydra_preempt import ResumableLoader, Session, SessionConfig
+from hydra_preempt.config import Rule
+from hydra_preempt.doors import hydra_app
 
 POSITIVE_INT = Rule(int, "a positive integer below 2**62", lambda v: 0 < v < 2**62)
 NATURAL = Rule(int, "an integer >= 0 below 2**62", lambda v: 0 <= v < 2**62)
@@ -143,34 +137,15 @@ def train(session: Session, cfg: DictConfig) -> dict:
 
 
 def session_config(cfg: DictConfig) -> SessionConfig:
-    """Check every key of the app config (KEYS, then the session's sections); return the session's part.
-
-    Before run(): a bad value ends with one line and exit 2, no run log entry, no checkpoint."""
-    try:
-        values = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as e:  # an interpolation that does not resolve
-        raise ConfigError(str(e).splitlines()[0]) from None
-    return check_app_config(values, KEYS)  # type: ignore[arg-type]
+    """Check every key of the app config (KEYS, then the session's sections); return the session's part."""
+    return hydra_app.session_config(cfg, KEYS)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
-    try:
-        config = session_config(cfg)
-    except ConfigError as e:
-        log.error("invalid configuration: %s", e)
-        sys.exit(ExitCode.USAGE)
-    run_dir = HydraConfig.get().runtime.output_dir
-    ends_process = HydraConfig.get().mode == RunMode.RUN  # a sweep: the launcher's job context (or none)
-    job = JobContext(ends_process=True) if ends_process else None
-    outcome = run(lambda session: train(session, cfg), run_dir, config, job)
-    print(
-        f"{outcome.status.value} at step {outcome.step} (exit code {int(outcome.exit_code)}): {outcome.message}",
-        flush=True,
-    )
-    if ends_process:
-        exit_with(outcome)  # under SLURM (srun python train.py): requeues when that is the job's part
-    return outcome  # a sweep: the launcher concludes it
+    # a bad value: one line, exit 2, before anything runs; a plain run ends the process with the
+    # outcome's exit code (requeueing under SLURM); a sweep job returns it to the launcher
+    return hydra_app.run_hydra_app(train, cfg, KEYS)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ _EXPORTS = {
     "ExecutorSettings": "doors.settings",
     "PreemptibleTask": "doors.submitit",
     "preemptible_executor": "doors.submitit",
+    "run_hydra_app": "doors.hydra_app",
 }
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "exit_with",
     "preemptible_executor",
     "run",
+    "run_hydra_app",
 ]
 
 
@@ -70,6 +72,7 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from .config import CheckpointConfig, DivergenceConfig, SessionConfig, SignalConfig
     from .data import ResumableLoader
+    from .doors.hydra_app import run_hydra_app
     from .doors.settings import ExecutorSettings
     from .doors.submitit import PreemptibleTask, preemptible_executor
     from .errors import (
