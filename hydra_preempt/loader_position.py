@@ -29,14 +29,16 @@ by a plain DataLoader and is refused.
 
 from __future__ import annotations
 
+import random
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .errors import ConfigError
 
-POSITION_KEYS = ("passes", "yielded", "exhausted")
+_END = object()
 
 
 class _SkippingIterator:
@@ -48,7 +50,8 @@ class _SkippingIterator:
     def skip_now(self) -> None:
         while self.skip:
             self.skip -= 1
-            next(self.inner, None)
+            if next(self.inner, _END) is _END:
+                self.skip = 0
 
     def __iter__(self) -> _SkippingIterator:
         return self
@@ -95,6 +98,7 @@ class LoaderPosition:
         self._before_workers: dict[str, Any] | None = None  # persistent workers: states they were made from
         self._workers_pass = 0  # ... and the pass that made them
         self._resuming = False  # a loaded position, applied at the next iterate()
+        self._at_save: dict[str, Any] | None = None  # generator states of the checkpoint (a loaded position)
 
     # -- generators --------------------------------------------------------------
     def _generators(self) -> list[torch.Generator]:
@@ -109,10 +113,19 @@ class LoaderPosition:
         return found
 
     def _rng(self) -> dict[str, Any]:
-        return {"cpu": torch.get_rng_state(), "generators": [g.get_state() for g in self._generators()]}
+        """The states of every generator a pass may draw from: torch's, Python's and NumPy's global ones
+        (a custom sampler may shuffle with `random`), the loader's and its sampler's."""
+        return {
+            "cpu": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "generators": [g.get_state() for g in self._generators()],
+        }
 
     def _set_rng(self, states: dict[str, Any]) -> None:
         torch.set_rng_state(states["cpu"])
+        random.setstate(states["python"])
+        np.random.set_state(states["numpy"])
         for g, s in zip(self._generators(), states["generators"]):
             g.set_state(s)
 
@@ -146,8 +159,10 @@ class LoaderPosition:
         return bool(self.loader.persistent_workers and self.loader.num_workers > 0 and not self.stateful)
 
     def _continue_pass(self) -> Iterator[Any]:
-        """The pass in progress at the save, made again from the states it began from, past its used batches."""
-        saved = self._rng()  # what the checkpoint holds: set again once the pass is made
+        """The pass in progress at the save, made again from the states it began from, past its used
+        batches; then every generator is set to the checkpoint's state (what code before the loop
+        drew again since restore(), an evaluation at the start of each epoch, leaves no trace)."""
+        saved, self._at_save = self._at_save or self._rng(), None
         try:
             if self.stateful:  # it positions itself; only its iter() draws must leave no trace
                 return iter(self.loader)
@@ -210,7 +225,7 @@ class LoaderPosition:
             "passes": self.passes,
             "yielded": self.yielded,
             "exhausted": self.exhausted,
-            "generators": [g.get_state() for g in self._generators()],
+            "at_save": self._rng(),
         }
         if self.stateful:
             state["loader"] = self.loader.state_dict()  # type: ignore[attr-defined]
@@ -227,42 +242,59 @@ class LoaderPosition:
         kind = "stateful" if self.stateful else "dataloader"
         if state["kind"] != kind:
             return [f"the checkpoint's loader was a {state['kind']} loader, this one is a {kind} loader"]
-        if not all(type(state.get(k)) is int and 0 <= state[k] < 2**62 for k in ("passes", "yielded")):
-            return ["the loader's position must hold non-negative integers passes and yielded"]
+        if not all(
+            type(state.get(k)) is int and -(k == "batches") <= state[k] < 2**62
+            for k in ("passes", "yielded", "batches")
+        ):
+            return ["the loader's position must hold integers passes, yielded (>= 0) and batches (>= -1)"]
         if not isinstance(state.get("exhausted"), bool):
             return ["the loader's position must say whether its pass ended (exhausted)"]
-        if state.get("batches") != self.batches_per_pass():
+        if state["batches"] != self.batches_per_pass():
             return [
-                f"the loader gives {self.batches_per_pass()} batches a pass, the checkpoint's gave {state.get('batches')}"
+                f"the loader gives {self.batches_per_pass()} batches a pass, the checkpoint's gave {state['batches']!r}"
             ]
-        generators = state.get("generators")
-        if not isinstance(generators, list) or len(generators) != len(self._generators()):
-            return [
-                f"the loader draws from {len(self._generators())} generator(s), the checkpoint's from another number"
-            ]
-        if not self.stateful and state["passes"] and not self._valid_rng(state.get("before_pass")):
-            return ["the loader's position lacks the generator states its pass began from"]
+        if state["batches"] >= 0 and state["yielded"] > state["batches"]:
+            return [f"the loader's position (batch {state['yielded']}) lies beyond its pass of {state['batches']}"]
+        if not self._valid_rng(state.get("at_save")):
+            return ["the loader's position holds no valid generator states of its save"]
+        if not self.stateful:
+            if state["passes"] and not self._valid_rng(state.get("before_pass")):
+                return ["the loader's position lacks valid generator states its pass began from"]
+            workers = state.get("before_workers")
+            if workers is not None and not self._valid_rng(workers):
+                return ["the loader's position holds invalid generator states of its workers"]
+            if not (type(state.get("workers_pass")) is int and 0 <= state["workers_pass"] <= state["passes"]):
+                return ["the loader's position must hold the pass that made its workers (workers_pass)"]
         return []
 
     def _valid_rng(self, states: Any) -> bool:
-        return (
-            isinstance(states, dict)
-            and isinstance(states.get("cpu"), torch.Tensor)
-            and isinstance(states.get("generators"), list)
-            and len(states["generators"]) == len(self._generators())
-        )
+        """Whether `states` can be set: tried on throwaway generators, nothing live is touched."""
+        if not (isinstance(states, dict) and isinstance(states.get("generators"), list)):
+            return False
+        if len(states["generators"]) != len(self._generators()):
+            return False
+        try:
+            for t in (states["cpu"], *states["generators"]):
+                if not (isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1):
+                    return False
+                torch.Generator().set_state(t)
+            random.Random().setstate(states["python"])
+            np.random.RandomState().set_state(states["numpy"])
+        except (TypeError, ValueError, RuntimeError, KeyError, IndexError):
+            return False
+        return True
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if problems := self.check_state_dict(state):
             raise ValueError(problems[0])
-        for g, s in zip(self._generators(), state["generators"]):
+        self._at_save = state["at_save"]
+        for g, s in zip(self._generators(), self._at_save["generators"]):
             g.set_state(s)
         self.passes, self.yielded, self.exhausted = state["passes"], state["yielded"], state["exhausted"]
         if self.stateful:
             self.loader.load_state_dict(state["loader"])  # type: ignore[attr-defined]
         else:
             self._before_pass = state["before_pass"]
-            workers = state.get("before_workers")
-            self._before_workers = workers if self._valid_rng(workers) else None
-            self._workers_pass = int(state.get("workers_pass") or 0)
+            self._before_workers = state.get("before_workers")
+            self._workers_pass = state["workers_pass"]
         self._resuming = True

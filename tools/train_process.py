@@ -130,10 +130,15 @@ def run_signalled(
 
     Returns its exit code and its stderr (stdout holds the step lines)."""
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
+    assert proc.stdout is not None and proc.stderr is not None
+    err: list[str] = []
+    stderr = proc.stderr
+    drain = threading.Thread(target=lambda: err.extend(stderr), daemon=True)  # a full pipe would block it
+    drain.start()
     for line in proc.stdout:
         if stop_at is not None and line.strip() == f"step {stop_at}":
             proc.send_signal(signal.SIGTERM)
             stop_at = None
-    _, err = proc.communicate(timeout=timeout)
-    return proc.returncode, err
+    proc.wait(timeout=timeout)
+    drain.join(timeout)
+    return proc.returncode, "".join(err)

@@ -128,6 +128,9 @@ class Session:
         self._open_step: StepStart | None = None  # set while a step runs
         self._left_step: StepStart | None = None  # the step the loop was left in (break, return, exception)
         self._planned_epochs: tuple[int, int] | None = None  # (first, count) of epochs(), for the progress total
+        self._epoch_passes: list[Any] | None = None  # inside epochs(): the loaders this epoch passed over
+        self._pass: Any = None  # the position batches() iterates last (batch_index)
+        self._unused_loaders_said = False
         self.result_written = False  # write_result() wrote result.json: run() leaves it as it is
         # True while the item just handed out by steps()/batches() is the last of its step: the moment
         # for optimizer.step() under gradient accumulation (batches(loader, every=K))
@@ -257,6 +260,7 @@ class Session:
         """Yield the index of each step to run, from the restored step up to `max_steps`.
 
         Leaving the loop early (`break`, `return`) is safe: a step whose update ran counts as done."""
+        self._check_no_open_step("steps()")
         self.restore()
 
         def next_step() -> int:
@@ -273,10 +277,18 @@ class Session:
         Register the loader first (`session.register(data=loader)`): then, after `restore()`, the
         pass in progress at the checkpoint continues at its exact next batch (loader_position.py).
         Leaving the loop early (`break`, `return`) is safe: a step whose update ran counts as done."""
-        if not (isinstance(every, int) and every >= 1):
+        if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
             raise ConfigError(f"batches(every=...) must be a positive integer, got {every!r}")
+        self._check_no_open_step("batches()")
         self.restore()
         position = self.state.position_of(loader)
+        if position is not None and self._epoch_passes is not None:
+            if position in self._epoch_passes:
+                raise ConfigError(
+                    "batches(): a second pass over the same DataLoader in one epoch of epochs(); epochs() counts "
+                    "the loader's passes, so give each epoch one pass (or loop with steps())"
+                )
+            self._epoch_passes.append(position)
         if position is None:
             log.warning(
                 "session.batches(): this %s is not registered, so a resumed run does not continue at its next "
@@ -291,7 +303,14 @@ class Session:
             per_pass, done = -(-position.batches_per_pass() // every), -(-position.yielded // every)
             total = self.step + per_pass * (self._planned_epochs[1] - position.epoch) - done
         ends_pass = (lambda: position.yielded == position.batches_per_pass()) if position is not None else None
+        self._pass = position
         return self._stepping(lambda: next(batches), every, total, ends_pass)
+
+    @property
+    def batch_index(self) -> int | None:
+        """The index, within its epoch, of the batch batches() handed out last (a registered loader):
+        use it where enumerate() would restart at 0 after a mid-epoch resume."""
+        return self._pass.yielded - 1 if self._pass is not None and self._pass.yielded else None
 
     def epochs(self, count: int, loader: Any = None) -> Iterator[int]:
         """The epochs left of `count`: from the one the registered loader's position is in (0 on a
@@ -307,7 +326,22 @@ class Session:
             )
         first = positions[0].epoch
         self._planned_epochs = (first, count)
-        return iter(range(first, count))
+        return self._epochs(first, count)
+
+    def _epochs(self, first: int, count: int) -> Iterator[int]:
+        try:
+            for epoch in range(first, count):
+                self._epoch_passes = []
+                yield epoch
+        finally:
+            self._epoch_passes = None
+
+    def _check_no_open_step(self, what: str) -> None:
+        if self._open_step is not None:
+            raise ConfigError(
+                f"{what} inside a step of another loop would make each of its items a training step; "
+                "iterate a validation loader with a plain for loop"
+            )
 
     @contextlib.contextmanager
     def long_phase(self, name: str, allowed_s: float | None = None) -> Iterator[None]:
@@ -318,6 +352,8 @@ class Session:
             with session.long_phase("evaluation", allowed_s=3600):
                 evaluate(model)
         """
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"long_phase(): name must be a non-empty string, got {name!r}")
         if allowed_s is not None and not (
             isinstance(allowed_s, (int, float)) and not isinstance(allowed_s, bool) and 0 < allowed_s < math.inf
         ):
@@ -359,6 +395,7 @@ class Session:
                     self._open_step = None
                     return
                 self._end_step()
+                self._say_unused_loaders()
                 if progress is not None:
                     last = self.last_checkpoint
                     progress.update(self.step, total, *((last.step, last.created) if last else (None, None)))
@@ -366,6 +403,19 @@ class Session:
             self.watchdog.stop_watching()
             if progress is not None:
                 progress.close()
+
+    def _say_unused_loaders(self) -> None:
+        """Once: a registered DataLoader that steps went by without (iterated with a plain for, not
+        batches()) has no position to save, so a resumed run would start it over."""
+        if self._unused_loaders_said:
+            return
+        self._unused_loaders_said = True
+        unused = [p for p in self.state.positions() if p.passes == 0]
+        if unused and not any(p.passes for p in self.state.positions()):
+            log.warning(
+                "a registered DataLoader was not iterated through session.batches(loader): its position is not "
+                "saved and a resumed run starts it over; loop with `for batch in session.batches(loader)`"
+            )
 
     def _leave_step(self) -> None:
         """The loop was left inside a step (break, return, an exception), so that the step a checkpoint

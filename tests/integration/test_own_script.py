@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -48,6 +49,8 @@ def make_loader(kind: str, dataset: TensorDataset, workers: int):
         return DataLoader(dataset, batch_size=32, sampler=DistributedSampler(dataset, 1, 0, seed=3), **common)
     if kind == "persistent":
         return DataLoader(dataset, batch_size=32, shuffle=True, persistent_workers=True, **common)
+    if kind == "python_random":  # a custom sampler that shuffles with Python's global generator
+        return DataLoader(dataset, batch_size=32, sampler=PythonShuffle(len(dataset)), **common)
     if kind == "stateful":
         from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -55,29 +58,49 @@ def make_loader(kind: str, dataset: TensorDataset, workers: int):
     raise ValueError(kind)
 
 
+class PythonShuffle(torch.utils.data.Sampler):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        order = list(range(self.n))
+        random.shuffle(order)
+        return iter(order)
+
+    def __len__(self) -> int:
+        return self.n
+
+
 def digest(model: torch.nn.Module) -> str:
     return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
 
 
-def script(kind="shuffle", workers=0, every=1, signal_at=(), leave_at=None, register_data=True):
+def script(kind="shuffle", workers=0, every=1, signal_at=(), leave_at=None, register_data=True, validate=False):
     """The training function of a user's script: an epoch loop over a standard loader, dropout.
 
     signal_at: steps at whose start the process sends itself SIGTERM; leave_at (step, "before"|"after"):
-    break out of the loops before or after that step's optimizer update."""
+    break out of the loops before or after that step's optimizer update; validate: an evaluation over a
+    shuffled validation loader at the start of each epoch (it draws from the global generator)."""
 
     def train(session):
         torch.manual_seed(0)
+        random.seed(0)
         x = torch.randn(203, 4, generator=torch.Generator().manual_seed(1))
         dataset = TensorDataset(x, x.sum(1, keepdim=True))
         loader = make_loader(kind, dataset, workers)
         model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        validation = DataLoader(dataset, batch_size=64, shuffle=True)
         session.register(model=model, optimizer=optimizer, **({"data": loader} if register_data else {}))
         session.restore()
         seen: list[int] = []
         for epoch in session.epochs(EPOCHS) if register_data else range(EPOCHS):
             if isinstance(loader.sampler, DistributedSampler):
                 loader.sampler.set_epoch(epoch)
+            if validate:
+                with torch.no_grad():
+                    for vx, vy in validation:
+                        torch.nn.functional.mse_loss(model(vx), vy)
             for xb, yb in session.batches(loader, every=every):
                 if session.step in signal_at and session.update_due:
                     os.kill(os.getpid(), signal.SIGTERM)
@@ -125,6 +148,7 @@ LOADERS = [
     ("drop_last", 0),
     ("distributed", 0),
     ("persistent", 2),
+    ("python_random", 0),
     ("stateful", 0),
     ("stateful", 2),
 ]
@@ -303,3 +327,85 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_an_evaluation_at_each_epoch_start_leaves_a_resume_exact(tmp_path):
+    """Code between epochs() and batches() runs again for the epoch a resume lands in; what it draws
+    from the generators leaves no trace (kills mid-epoch and on an epoch's last step)."""
+    reference = run(script(validate=True), tmp_path / "reference", CONFIG)
+    for stop in (3, 13):  # 7 batches an epoch: 13 is epoch 1's last step
+        assert run(script(validate=True, signal_at=(stop,)), tmp_path / "run", CONFIG).exit_code == ExitCode.REQUEUE
+    assert run(script(validate=True), tmp_path / "run", CONFIG).result == reference.result
+
+
+def test_batch_index_continues_across_a_resume_where_enumerate_restarts(tmp_path):
+    seen: list[tuple[int, int]] = []
+
+    def train(session, stop_at=None):
+        loader = DataLoader(TensorDataset(torch.arange(70.0)), batch_size=10)
+        session.register(data=loader, model=torch.nn.Linear(1, 1))
+        for epoch in session.epochs(2):
+            for _ in session.batches(loader):
+                seen.append((epoch, session.batch_index))
+                if session.step == stop_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+    assert run(lambda s: train(s, stop_at=3), tmp_path, CONFIG).exit_code == ExitCode.REQUEUE
+    run(train, tmp_path, CONFIG)
+    assert seen == [(0, i) for i in range(7)] + [(1, i) for i in range(7)]
+
+
+def test_misuses_of_the_loops_are_one_line(tmp_path, caplog):
+    loader = DataLoader(TensorDataset(torch.arange(20.0)), batch_size=5)
+
+    def two_passes(session):
+        session.register(data=loader)
+        for _ in session.epochs(2):
+            for _ in session.batches(loader):
+                pass
+            for _ in session.batches(loader):
+                pass
+
+    def nested(session):
+        session.register(data=loader)
+        for _ in session.batches(loader):
+            for _ in session.batches(DataLoader(TensorDataset(torch.arange(4.0)))):
+                pass
+
+    for train, said in ((two_passes, "a second pass over the same DataLoader"), (nested, "inside a step")):
+        outcome = run(train, tmp_path / train.__name__, CONFIG)
+        assert outcome.exit_code == ExitCode.USAGE and said in outcome.message, outcome.message
+
+    def plain_for(session):
+        session.register(data=loader)
+        batches = iter(loader)
+        for _ in session.steps(3):
+            next(batches)
+
+    with caplog.at_level(logging.WARNING, logger="hydra_preempt"):
+        run(plain_for, tmp_path / "plain", CONFIG)
+    assert sum("not iterated through session.batches" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize(
+    "change,said",
+    [
+        ({"yielded": 12}, "lies beyond its pass"),
+        ({"yielded": 2**61}, "lies beyond its pass"),
+        ({"passes": "1"}, "must hold integers"),
+        ({"batches": "7"}, "must hold integers"),
+        ({"batches": 8}, "batches a pass, the checkpoint's gave 8"),
+        ({"workers_pass": "x"}, "workers_pass"),
+        ({"at_save": {"cpu": torch.zeros(3, dtype=torch.uint8), "generators": []}}, "valid generator states"),
+        ({"before_pass": {"cpu": torch.zeros(5056), "generators": []}}, "valid generator states"),
+    ],
+)
+def test_a_tampered_position_is_refused_before_anything_loads(tmp_path, change, said):
+    from hydra_preempt.loader_position import LoaderPosition
+
+    position = LoaderPosition(DataLoader(TensorDataset(torch.arange(70.0)), batch_size=10, shuffle=True))
+    batches = position.iterate()
+    next(batches)
+    state = {**position.state_dict(), **change}
+    problems = LoaderPosition(position.loader).check_state_dict(state)
+    assert problems and said in problems[0], problems
