@@ -76,6 +76,9 @@ def test_preempted_experiment_resumes_and_the_workflow_completes(tmp_path, preem
     helpers.preempt_at_step(job_id, run_a, 60)
     out, _ = workflow.communicate(timeout=900)
     assert workflow.returncode == 0, out
+    (job_log,) = (helpers.ROOT / ".snakemake" / "slurm_logs").rglob(f"{job_id}.log")
+    text = job_log.read_text()  # --open-mode=append: the requeued job's log keeps the preempted run's lines
+    assert "preempted at step" in text and "finished at step" in text, text[-3000:]
 
     history = stops(run_a)
     assert [s["reason"] for s in history] == ["preempted", "finished"], history

@@ -24,7 +24,8 @@ rule train:
         gpu=config["gpus"],
         # The time-limit warning. TERM, not USR2: inside the job step it also reaches the job's inner
         # snakemake, which exits on USR2 but waits for its running job on TERM.
-        slurm_extra=f"--signal=TERM@{config['signal_lead_s']}",
+        # --open-mode=append: a requeued job appends to its log instead of truncating the first run's
+        slurm_extra=f"--signal=TERM@{config['signal_lead_s']} --open-mode=append",
     # `exec`: the shell becomes python, so no shell layer can die of the preemption SIGTERM while
     # python saves. python exits 75 after a preemption (the job is requeued, by SLURM or by itself).
     shell:
