@@ -410,8 +410,8 @@ class Session:
         if self._unused_loaders_said:
             return
         self._unused_loaders_said = True
-        unused = [p for p in self.state.positions() if p.passes == 0]
-        if unused and not any(p.passes for p in self.state.positions()):
+        positions = self.state.positions()
+        if positions and not any(p.passes for p in positions):
             log.warning(
                 "a registered DataLoader was not iterated through session.batches(loader): its position is not "
                 "saved and a resumed run starts it over; loop with `for batch in session.batches(loader)`"
