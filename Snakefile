@@ -1,13 +1,15 @@
-# snakemake --profile slurm           : the experiment grid on the preemptible QoS (profile in ./slurm)
-# snakemake --profile workflow/profiles/local : the same workflow on this machine, no cluster
-# The grid: workflow/config/experiments.yaml (override with --configfile).
-configfile: "workflow/config/experiments.yaml"
+# snakemake --profile local : the experiments of experiments.yaml on this machine
+# snakemake --profile slurm : the same on SLURM's preemptible QoS (set your account and partition in slurm/)
+# The rules are hydra_preempt's, from the installed package (hydra-preempt workflow path).
+from hydra_preempt.doors.workflow import SNAKEFILE
+
+configfile: "experiments.yaml"
 
 
-include: "workflow/Snakefile"
+include: str(SNAKEFILE)
 
 
-rule default:
+rule default:  # run everything without naming a target (Snakemake ignores an included file's default)
     input:
         rules.all.input,
-    default_target: True  # an included file's first rule is no default target
+    default_target: True

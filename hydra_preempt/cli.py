@@ -46,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     validate.add_argument("--account", help="with --slurm: the account to submit the test job with")
     validate.add_argument("--partition", help="with --slurm: the partition to submit the test job to")
     validate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    flow = sub.add_parser("workflow", help="the Snakemake workflow shipped in the package: its path, or a starter")
+    flow_sub = flow.add_subparsers(dest="action", required=True)
+    flow_sub.add_parser("path", help="print the packaged Snakefile's path (for `module ... snakefile:`)")
+    init = flow_sub.add_parser("init", help="write a starter: Snakefile, experiments.yaml, local/ and slurm/ profiles")
+    init.add_argument("dir", type=Path, nargs="?", default=Path("."), help="where to write it (default: here)")
+    init.add_argument(
+        "--script", required=True, help="your training app, as the jobs will run it from DIR (e.g. train.py)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "status":
@@ -63,10 +71,26 @@ def main(argv: list[str] | None = None) -> int:
             return monitor(args.dirs, FailureTable.load(args.failures), args.interval, args.once)
         if args.command == "validate":
             return validate_command(args)
+        if args.command == "workflow":
+            return workflow_command(args)
     except HydraPreemptError as e:
         print(f"hydra-preempt: {e}", file=sys.stderr)
         return ExitCode.USAGE
     return ExitCode.USAGE
+
+
+def workflow_command(args: argparse.Namespace) -> int:
+    from .doors.workflow import SNAKEFILE, init_workflow
+
+    if args.action == "path":
+        print(SNAKEFILE)
+        return ExitCode.FINISHED
+    written = init_workflow(args.dir, args.script)
+    print("wrote " + ", ".join(str(p) for p in written))
+    print(
+        f"next: cd {args.dir} && snakemake --profile local   (or --profile slurm, after setting your account in slurm/)"
+    )
+    return ExitCode.FINISHED
 
 
 def positive_gb(text: str) -> float:

@@ -2,7 +2,7 @@
 
     experiments:                       # one training run per entry
       - name: lr-0.01                  # the run's directory name: letters, digits, _ . -
-        overrides: {optim.lr: 0.01}    # train.py overrides (Hydra key=value)
+        overrides: {optim.lr: 0.01}    # the app's overrides (Hydra key=value)
     common_overrides: {trainer.max_steps: 300}   # given to every experiment
 
 Errors name the offending entry, so a bad grid fails at parse time, before

@@ -12,12 +12,15 @@ time limit, scancel), requeues when that is its job, and exits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import cloudpickle
 import submitit
 import torch
 import torch.distributed as dist
@@ -98,6 +101,29 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         """
         return DelayedSubmission(self, *args, **kwargs)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The training function travels with the folder its module was imported from: a job's python
+        starts with only its working directory and PYTHONPATH on sys.path, so a function from a module
+        found beside the submitting script (its own folder, first on that script's sys.path) could not
+        be unpickled there (ModuleNotFoundError)."""
+        state = dict(self.__dict__)
+        state["train_fn"] = (import_root(self.train_fn), cloudpickle.dumps(self.train_fn))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        root, payload = state["train_fn"]
+        if root is not None and os.path.isdir(root) and root not in sys.path:
+            sys.path.append(root)  # after the job's own entries: it never shadows an installed module
+        try:
+            state["train_fn"] = pickle.loads(payload)
+        except ImportError as e:
+            raise HydraPreemptError(
+                f"the training function cannot be imported in the job: {e} (it was imported from {root} when "
+                "submitted); install its module, or make that folder reachable from the nodes and put it on "
+                "PYTHONPATH"
+            ) from None
+        self.__dict__.update(state)
+
     def _resubmit_pickle(self) -> None:
         """Keep submitit's protocol: the requeued job runs what checkpoint() returned."""
         if not os.environ.get("SUBMITIT_FOLDER"):
@@ -108,6 +134,21 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         request.set_timeout(original._timeout_min, original._timeout_countdown)
         with temporary_save_path(paths.submitted_pickle) as tmp:
             request.dump(tmp)
+
+
+def import_root(fn: Callable[..., Any]) -> str | None:
+    """The sys.path entry `fn`'s module was imported from (/x for module a.b in /x/a/b.py), or None for
+    a function pickled by value (defined in __main__) or of a module without a file."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    name = getattr(fn, "__module__", None) or type(fn).__module__
+    module = sys.modules.get(name)
+    file = getattr(module, "__file__", None)
+    if name == "__main__" or not file:
+        return None
+    path = Path(os.path.abspath(file))
+    depth = name.count(".") + (1 if path.stem == "__init__" else 0)
+    return str(path.parents[depth])
 
 
 def preemptible_executor(folder: str | Path, **settings: Any) -> submitit.AutoExecutor:

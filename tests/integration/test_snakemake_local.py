@@ -1,4 +1,4 @@
-"""The Snakemake workflow without a cluster (`--profile workflow/profiles/local`), and bad grids refused at parse time."""
+"""The Snakemake workflow without a cluster (`--profile local`), and bad grids refused at parse time."""
 
 import json
 import subprocess
@@ -35,7 +35,7 @@ def snakemake(grid: Path, *extra: str, timeout: float = 300) -> subprocess.Compl
         "-m",
         "snakemake",
         "--profile",
-        "workflow/profiles/local",
+        "local",
         "--configfile",
         str(grid),
         *extra,
@@ -126,10 +126,11 @@ def test_the_rules_work_as_a_module_of_another_workflow(tmp_path):
         "experiments": [{"name": "only", "overrides": {"optim.lr": 0.01}}],
     }
     (tmp_path / "Snakefile").write_text(
-        f'configfile: "grid.yaml"\n\n'
-        f'module preempt:\n    snakefile: "{ROOT}/workflow/Snakefile"\n    config: config\n\n'
-        f"use rule * from preempt as preempt_*\n\n"
-        f'rule mine:\n    input: rules.preempt_summarize.output.csv\n    output: "mine.txt"\n    shell: "wc -l {{input}} > {{output}}"\n'
+        'configfile: "grid.yaml"\n\n'
+        "from hydra_preempt.doors.workflow import SNAKEFILE\n\n"
+        "module preempt:\n    snakefile: str(SNAKEFILE)\n    config: config\n\n"
+        "use rule * from preempt as preempt_*\n\n"
+        'rule mine:\n    input: rules.preempt_summarize.output.csv\n    output: "mine.txt"\n    shell: "wc -l {input} > {output}"\n'
     )
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     done = subprocess.run(

@@ -28,5 +28,7 @@ rule train:
         slurm_extra=f"--signal=TERM@{config['signal_lead_s']} --open-mode=append",
     # `exec`: the shell becomes python, so no shell layer can die of the preemption SIGTERM while
     # python saves. python exits 75 after a preemption (the job is requeued, by SLURM or by itself).
+    # hydra_preempt.doors.workflow runs the script in that same process as
+    # `SCRIPT hydra.run.dir=RUN_DIR KEY=VALUE ...` and checks that a finished run wrote result.json.
     shell:
-        "exec {params.python:q} {params.script:q} hydra.run.dir={params.run_dir:q} {params.overrides:q}"
+        "exec {params.python:q} -m hydra_preempt.doors.workflow {params.script:q} {params.run_dir:q} {params.overrides:q}"

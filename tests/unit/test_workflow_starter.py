@@ -1,0 +1,47 @@
+"""`hydra-preempt workflow`: the packaged Snakefile's path, and a starter that never overwrites."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hydra_preempt.cli import main
+from hydra_preempt.doors.workflow import SNAKEFILE, STARTER_SNAKEFILE
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_path_prints_the_packaged_snakefile(capsys):
+    assert main(["workflow", "path"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == SNAKEFILE and SNAKEFILE.is_file()
+
+
+def test_the_repository_uses_the_starter_itself():
+    assert (ROOT / "Snakefile").read_text() == STARTER_SNAKEFILE
+    for profile in ("local", "slurm"):
+        assert (ROOT / profile / "config.v8+.yaml").read_text() == (
+            SNAKEFILE.parent / "profiles" / profile / "config.v8+.yaml"
+        ).read_text()
+
+
+def test_init_writes_the_starter_for_the_script(tmp_path, capsys):
+    assert main(["workflow", "init", str(tmp_path / "new"), "--script", "src/my_app.py"]) == 0
+    written = sorted(p.relative_to(tmp_path / "new").as_posix() for p in (tmp_path / "new").rglob("*") if p.is_file())
+    assert written == ["Snakefile", "experiments.yaml", "local/config.v8+.yaml", "slurm/config.v8+.yaml"]
+    assert yaml.safe_load((tmp_path / "new" / "experiments.yaml").read_text())["train_script"] == "src/my_app.py"
+    assert "snakemake --profile local" in capsys.readouterr().out
+
+
+def test_init_refuses_to_overwrite_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "experiments.yaml").write_text("mine\n")
+    assert main(["workflow", "init", str(tmp_path), "--script", "app.py"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "experiments.yaml exist(s); nothing written" in err, err
+    assert (tmp_path / "experiments.yaml").read_text() == "mine\n"
+    assert not (tmp_path / "Snakefile").exists()
+
+
+def test_init_without_a_script_is_one_line_of_usage(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["workflow", "init"])
+    assert stop.value.code == 2 and "--script" in capsys.readouterr().err
