@@ -117,7 +117,10 @@ def test_an_invalid_grid_fails_at_parse_time_naming_the_entry(tmp_path, experime
 
 
 def test_the_rules_work_as_a_module_of_another_workflow(tmp_path):
-    """A user's own Snakefile pulls the rules in with `module` and prefixes them."""
+    """The README's Snakefile, as written: a user's own workflow pulls the rules in with `module`,
+    prefixes them and names its own default target."""
+    from tests.integration.test_readme_examples import SNAKEFILES
+
     grid = {
         "runs_dir": str(tmp_path / "runs"),
         "results_dir": str(tmp_path / "results"),
@@ -125,21 +128,15 @@ def test_the_rules_work_as_a_module_of_another_workflow(tmp_path):
         "common_overrides": COMMON,
         "experiments": [{"name": "only", "overrides": {"optim.lr": 0.01}}],
     }
-    (tmp_path / "Snakefile").write_text(
-        'configfile: "grid.yaml"\n\n'
-        "from hydra_preempt.doors.workflow import SNAKEFILE\n\n"
-        "module preempt:\n    snakefile: str(SNAKEFILE)\n    config: config\n\n"
-        "use rule * from preempt as preempt_*\n\n"
-        'rule mine:\n    input: rules.preempt_summarize.output.csv\n    output: "mine.txt"\n    shell: "wc -l {input} > {output}"\n'
-    )
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    (tmp_path / "Snakefile").write_text(SNAKEFILES[0])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"preempt": grid}))
     done = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "2", "mine"],
+        [sys.executable, "-m", "snakemake", "--cores", "2"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "mine.txt").read_text().split()[0] == "2"
+    assert (tmp_path / "report.txt").read_text().strip() == "2"  # header + one experiment
     assert json.loads((tmp_path / "runs" / "only" / "result.json").read_text())["step"] == 60
