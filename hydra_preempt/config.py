@@ -67,6 +67,8 @@ class SignalConfig:
 @dataclass
 class DistributedConfig:
     sync_every: int = 1  # steps between the ranks' agreement on stop/save (one tiny all-reduce)
+    srun: bool = True  # the tasks of an srun step form a process group (false: one process per run directory)
+    port: Optional[int] = None  # that group's rendezvous port; null: 15000 + the job id's last 4 digits
 
 
 @dataclass
@@ -138,6 +140,8 @@ class SessionConfig:
             raise ConfigError(f"gpu_metrics.every_s must be > 0, got {self.gpu_metrics.every_s!r}")
         if self.distributed.sync_every < 1:
             raise ConfigError(f"distributed.sync_every must be >= 1, got {self.distributed.sync_every!r}")
+        if self.distributed.port is not None and not 1024 <= self.distributed.port <= 65535:
+            raise ConfigError(f"distributed.port must be null or 1024..65535, got {self.distributed.port!r}")
         # The remaining checks live with the objects that use the values.
         c.retention_policy()
         self.divergence.detector()

@@ -6,10 +6,17 @@ same session code runs single-process and multi-rank.
 
 from __future__ import annotations
 
+import contextlib
+import secrets
+import socket
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .errors import CheckpointDirError
 
 
 def world() -> tuple[int, int]:
@@ -51,3 +58,51 @@ def broadcast_from_rank0(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def check_shared_directories(directories: list[Path], attempts: int = 5, wait_s: float = 1.0) -> None:
+    """Every rank sees the same `directories` (a collective): rank 0 writes a probe in each, every rank
+    reads it back. A node-local path in a multi-node job (each node its own /tmp, a local scratch disk)
+    would give every node a checkpoint of its own shards only: CheckpointDirError, on every rank, naming
+    the hosts that cannot see rank 0's files. A rank that does not find the probe at once looks again
+    (`attempts` times, `wait_s` apart): a network file system may cache a directory's old listing."""
+    rank, size = world()
+    if size == 1:
+        return
+    token = broadcast_from_rank0(secrets.token_hex(8) if rank == 0 else None)
+    probes = [Path(d) / f".shared-probe-{token}" for d in directories]
+    if rank == 0:
+        for probe in probes:
+            probe.write_text(token)
+    agree([0])  # the probes are written before any rank looks
+    missing = [str(p.parent) for p in probes if not _sees(p, token, attempts, wait_s)]
+    verdicts = gather_to_rank0((socket.gethostname(), rank, missing))
+    message = None
+    if rank == 0:
+        for probe in probes:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+        assert verdicts is not None
+        blind = [(host, r, m) for host, r, m in verdicts if m]
+        if blind:
+            where = "; ".join(f"rank {r} on {host} cannot see {', '.join(m)}" for host, r, m in blind)
+            message = (
+                f"the ranks do not share the run's directories ({where}, written by rank 0 on "
+                f"{socket.gethostname()}): every node must see one run directory and checkpoint directory "
+                "(a shared file system, not a node-local path)"
+            )
+    message = broadcast_from_rank0(message)
+    if message:
+        raise CheckpointDirError(message)
+
+
+def _sees(probe: Path, token: str, attempts: int, wait_s: float) -> bool:
+    for attempt in range(attempts):
+        try:
+            if probe.read_text() == token:
+                return True
+        except OSError:
+            pass
+        if attempt + 1 < attempts:
+            time.sleep(wait_s)
+    return False

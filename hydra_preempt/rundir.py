@@ -290,31 +290,39 @@ class RunLock:
         self._fd: int | None = None
         self._closes_in_children = False
 
-    def acquire(self, give_up: Callable[[], bool], on_wait: Callable[[str], None], poll_s: float = 2.0) -> bool:
+    def acquire(
+        self, give_up: Callable[[], bool], on_wait: Callable[[str], None], poll_s: float = 2.0, identity: str = ""
+    ) -> bool:
         """Take the lock, waiting while another process holds it; False if `give_up()` turned true first.
 
-        `on_wait(holder)` is called once, when waiting starts.
+        `on_wait(holder)` is called when waiting starts and whenever the holder's description changes; it
+        may raise to refuse waiting. The holder is described as "HOST pid PID" + `identity`.
         """
         try:
             fd = open_regular_fd(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as e:  # a symlink there could point at any file, which the lock would overwrite
             raise CheckpointDirError(f"run directory {self.path.parent} is not usable: {e.strerror or e}") from None
-        announced = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not announced:
-                    on_wait(os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process")
-                    announced = True
-                if give_up():
-                    os.close(fd)
-                    return False
-                time.sleep(poll_s)
+        announced = None
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                    if holder != announced:  # read again each round: the holder writes it just after its flock
+                        on_wait(holder)
+                        announced = holder
+                    if give_up():
+                        os.close(fd)
+                        return False
+                    time.sleep(poll_s)
+        except BaseException:  # on_wait refused to wait
+            os.close(fd)
+            raise
         with contextlib.suppress(OSError):  # who holds it only informs a waiting process: a full disk may drop it
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
+            os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}{identity}".encode(), 0)
         self._fd = fd
         if not self._closes_in_children:
             os.register_at_fork(after_in_child=functools.partial(_forget_in_child, weakref.ref(self)))

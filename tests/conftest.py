@@ -69,6 +69,7 @@ LONGEST_FIRST = [
     "test_time_limit_budget_exhausted",
     "test_each_kind_of_failure_is_classified",
     "test_two_task_job_preempted_resumes_exactly",
+    "test_two_node_fsdp_job_started_by_srun",
     "test_validate_slurm_passes_on_the_test_cluster",
     "test_fsdp2_every_rank_writes_its_shard_and_a_signal_resumes_exactly",
     "test_rerun_resumes_an_unfinished_job_from_its_checkpoint",

@@ -38,7 +38,7 @@ from ..checkpoint.checkpointer import Checkpointer
 from ..checkpoint.layout import CorruptCheckpointError
 from ..checkpoint.store import CheckpointInfo, CheckpointStore
 from ..config import SessionConfig
-from ..distributed import agree, broadcast_from_rank0, gather_to_rank0, world
+from ..distributed import agree, broadcast_from_rank0, check_shared_directories, gather_to_rank0, world
 from ..errors import CheckpointReadError, ConfigError, HydraPreemptError, RunDirWriteError
 from ..gpumetrics import GPU_METRICS_FILE, GpuSampler
 from ..outcome import Status
@@ -52,6 +52,7 @@ from ..rundir import (
     run_id,
     write_result,
 )
+from ..slurm.env import SrunStep
 from . import boundary
 from .divergence import HealthRule, Verdict
 from .progress import Progress
@@ -156,6 +157,7 @@ class Session:
         """Under the run lock: clean what interrupted writes left, learn the run id, claim and check the
         checkpoint directory (a collective). Nothing in either directory is touched before the lock."""
         self.checkpointer.prepare(self._claim_run_dir)  # calls it on rank 0
+        check_shared_directories([self.run_dir, self.checkpointer.store.directory])
         self.run_id = broadcast_from_rank0(self.run_id)
         if self._gpu_sampler is not None:
             self._gpu_sampler.start()
@@ -182,20 +184,29 @@ class Session:
         self._metrics_log.close()
         self._lock.release()
 
-    def wait_for_run_lock(self, poll_s: float = 2.0) -> None:
+    def wait_for_run_lock(self, lone_task: SrunStep | None = None, poll_s: float = 2.0) -> None:
         """One live run per run directory: wait while another process holds it (rank 0 holds it for all).
 
-        A stop signal while waiting raises RunStopped without touching the run."""
+        A stop signal while waiting raises RunStopped without touching the run. `lone_task`: the srun
+        step this process is one task of, without a process group (distributed.srun false); a task of
+        the same step holding the lock means the step's tasks share this run directory: ConfigError."""
         if world()[0] != 0:
             return
+        step = f" step {lone_task.job_id}.{lone_task.step_id}" if lone_task else ""
 
         def stop_requested() -> bool:
             return bool(self.signals.peek() & {Request.CANCEL, Request.PREEMPT})
 
         def announce(holder: str) -> None:
+            if lone_task is not None and holder.endswith(step):
+                raise ConfigError(
+                    f"the {lone_task.world_size} tasks of srun{step} share run directory {self.run_dir} and "
+                    "distributed.srun is false: each would be an independent copy of the run; give each task its "
+                    "own run directory, or let them be one process group (distributed.srun: true)"
+                )
             log.warning("run directory %s is in use by %s: waiting for it to end", self.run_dir, holder)
 
-        if not self._lock.acquire(stop_requested, announce, poll_s):
+        if not self._lock.acquire(stop_requested, announce, poll_s, identity=step):
             status = Status.CANCELLED if Request.CANCEL in self.signals.peek() else Status.PREEMPTED
             raise RunStopped(status, f"stopped while waiting for {self._lock.path}; the run is another process's")
 

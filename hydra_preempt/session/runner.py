@@ -28,11 +28,12 @@ from ..errors import CheckpointReadError, CheckpointWriteError, ConfigError, Hyd
 from ..outcome import EXIT_CODES, ExitCode, Outcome, Status
 from ..rundir import JobIdentity, RunHistory, RunLog
 from ..slurm.commands import SlurmError, requeue_job
-from ..slurm.env import SlurmTask
+from ..slurm.env import SlurmTask, SrunStep
 from ..slurm.failures import FailureTable, RestartDecision, classify, decide
 from ..slurm.policy import SlurmStopPolicy
 from ..slurm.stop import RequeueBudget, Requeuer
 from .api import RunStopped, Session
+from .srun import srun_process_group
 from .watchdog import HangReport
 
 log = logging.getLogger("hydra_preempt")
@@ -48,6 +49,8 @@ class JobContext:
     budget:      replaces the config's `requeue` section (e.g. the launcher's max_preemptions/max_timeouts).
     slurm_task:  the SLURM task this process is; read from the environment unless given (None: not SLURM).
                  Inside SLURM, run() classifies stops and reads the job's restart count from the scheduler.
+    srun_step:   the srun step of several tasks this process is one of (None: none); its tasks become
+                 the ranks of one process group (session/srun.py) unless `distributed.srun` is false.
     on_outcome:  receives the outcome of run() (a launcher concludes it even if the task function
                  does not return it).
     ends_process: the process exits right after run() (a job of a door, a script's main that calls
@@ -58,6 +61,7 @@ class JobContext:
 
     budget: RequeueBudget | None = None
     slurm_task: SlurmTask | None = field(default_factory=SlurmTask.from_env)
+    srun_step: SrunStep | None = field(default_factory=SrunStep.from_env)
     on_outcome: Callable[[Outcome], None] | None = None
     ends_process: bool = False
 
@@ -95,7 +99,7 @@ def run(
         return _refused(ConfigError(why), run_dir)
     config = config or SessionConfig()
     job = job or current_job.get() or JobContext()
-    with console_log(config.progress.console):
+    with console_log(config.progress.console), srun_process_group(config.distributed, job.srun_step):
         outcome = _run(train_fn, run_dir, config, job)
         log.info(
             "%s at step %d (exit code %d): %s", outcome.status.value, outcome.step, outcome.exit_code, outcome.message
@@ -136,7 +140,7 @@ def _run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: Sessio
     except HydraPreemptError as e:
         return _refused(e, run_dir)
     try:
-        session.wait_for_run_lock()
+        session.wait_for_run_lock(None if config.distributed.srun else job.srun_step)
     except RunStopped as stop:  # the run belongs to another process: leave its log alone
         session.close()
         return Outcome(stop.status, 0, EXIT_CODES[stop.status], stop.message, run_dir=str(session.run_dir))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -28,6 +29,69 @@ class SlurmTask:
             ntasks=_int(env.get("SLURM_NTASKS"), 1),
             restart_count=_int(env.get("SLURM_RESTART_COUNT"), 0),
         )
+
+
+@dataclass(frozen=True)
+class SrunStep:
+    """The tasks of an srun job step, as SLURM describes them to each (torchrun's RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR from SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, the step's first node).
+    SLURM_STEP_NUM_TASKS is set by srun only: a batch script, one process however many tasks the job
+    has, is no step of several tasks."""
+
+    job_id: str
+    step_id: str
+    rank: int
+    world_size: int
+    local_rank: int
+    first_host: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SrunStep | None:
+        """The step this process is one task of, if it has more than one task; None otherwise."""
+        env = os.environ if env is None else env
+        tasks = _int(env.get("SLURM_STEP_NUM_TASKS"), 1)
+        job_id = env.get("SLURM_JOB_ID")
+        if tasks <= 1 or not job_id:
+            return None
+        return cls(
+            job_id=job_id,
+            step_id=env.get("SLURM_STEP_ID", "0"),
+            rank=_int(env.get("SLURM_PROCID"), 0),
+            world_size=tasks,
+            local_rank=_int(env.get("SLURM_LOCALID"), 0),
+            first_host=first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"),
+        )
+
+    def port(self, configured: int | None) -> int:
+        """The rendezvous port: configured, else 15000 + the job id's last 4 digits (as Lightning's
+        SLURMEnvironment), the same on every task without any exchange."""
+        if configured is not None:
+            return configured
+        digits = "".join(c for c in self.job_id if c.isdigit())[-4:]
+        return 15000 + int(digits or "0")
+
+    @staticmethod
+    def launched_by_torch(env: Mapping[str, str] | None = None) -> bool:
+        """torchrun (or a launcher of the user's) set the process group's variables: its group, not ours."""
+        env = os.environ if env is None else env
+        return "TORCHELASTIC_RUN_ID" in env or ("RANK" in env and "WORLD_SIZE" in env)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list: 'gpu[07-09,12],cpu1' -> 'gpu07', 'r[1-2]-n[3-4]' -> 'r1-n3'."""
+    host, i = [], 0
+    while i < len(nodelist):
+        c = nodelist[i]
+        if c == ",":
+            break
+        if c == "[":
+            end = nodelist.index("]", i)
+            host.append(re.split(r"[,-]", nodelist[i + 1 : end])[0])
+            i = end + 1
+            continue
+        host.append(c)
+        i += 1
+    return "".join(host) or "localhost"
 
 
 def under_submitit_local(env: Mapping[str, str] | None = None) -> bool:

@@ -5,6 +5,7 @@ these tests show it arrives (the state is saved at the step where it came) and t
 job before SLURM requeues it.
 """
 
+import csv
 import json
 import signal
 import subprocess
@@ -98,9 +99,11 @@ def test_preempted_experiment_resumes_and_the_workflow_completes(tmp_path, preem
     helpers.record(request.node.name, run_a)
 
     results = tmp_path / "results"
-    summary = (results / "summary.csv").read_text().splitlines()
-    assert summary[0].startswith("experiment,step,loss") and len(summary) == 1 + len(GRID)
-    assert summary[1].split(",")[4] == "1"  # a: preempted once
+    with open(results / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["experiment"] for r in rows] == list(GRID)
+    assert rows[0]["preemptions"] == rows[0]["restarts"] == "1"  # a: preempted once
+    assert rows[0]["params_sha256"] == reference_sha(tmp_path, "a") and float(rows[0]["loss"]) > 0
     assert (results / "summary.md").read_text().startswith("| experiment |")
     assert (results / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

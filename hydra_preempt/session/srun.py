@@ -1,0 +1,49 @@
+"""The tasks of an srun job step become the ranks of one process group, as torchrun's would.
+
+`srun python train.py` in a job of N tasks starts N processes. Without a process group they would be
+N independent copies of the run in one run directory; with it they are N ranks of one run. The group
+is formed from SLURM's variables (SrunStep), as Lightning's SLURMEnvironment and submitit's
+JobEnvironment do: rank SLURM_PROCID of SLURM_STEP_NUM_TASKS, a TCP rendezvous on the step's first
+node. NCCL where CUDA is, each rank on GPU SLURM_LOCALID; gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from ..config import DistributedConfig
+from ..slurm.env import SrunStep
+
+log = logging.getLogger("hydra_preempt")
+
+
+@contextlib.contextmanager
+def srun_process_group(config: DistributedConfig, step: SrunStep | None) -> Iterator[None]:
+    """While a run lasts: the step's process group, if this process is one task of several, no group
+    exists yet and no torch launcher set one up (then the group is theirs: nothing is done)."""
+    if step is None or not config.srun or dist.is_initialized() or SrunStep.launched_by_torch():
+        yield
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(step.local_rank % torch.cuda.device_count())
+    address = f"{step.first_host}:{step.port(config.port)}"
+    dist.init_process_group(backend, init_method=f"tcp://{address}", rank=step.rank, world_size=step.world_size)
+    if step.rank == 0:
+        log.info(
+            "the %d tasks of step %s.%s are one process group (%s, at %s)",
+            step.world_size,
+            step.job_id,
+            step.step_id,
+            backend,
+            address,
+        )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,66 @@
+"""The tasks of an srun step as SLURM describes them (pure: environment mappings), and the config keys."""
+
+import pytest
+
+from hydra_preempt.config import SessionConfig
+from hydra_preempt.errors import ConfigError
+from hydra_preempt.slurm.env import SrunStep, first_host
+
+STEP = {
+    "SLURM_JOB_ID": "4711",
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NUM_TASKS": "4",
+    "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "1",
+    "SLURM_STEP_NODELIST": "gpu[07-08]",
+    "SLURM_NTASKS": "4",
+}
+
+
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [
+        ("gpu[07-09,12],cpu1", "gpu07"),
+        ("r[1-2]-n[3-4]", "r1-n3"),
+        ("node1,node2", "node1"),
+        ("hpnode[1-2]", "hpnode1"),
+        ("single", "single"),
+        ("a[3]", "a3"),
+        ("gpu[12,7-9]", "gpu12"),
+    ],
+)
+def test_the_first_host_of_a_slurm_host_list(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_a_task_of_a_step_of_four():
+    step = SrunStep.from_env(STEP)
+    assert step == SrunStep("4711", "0", rank=3, world_size=4, local_rank=1, first_host="gpu07")
+    assert step.port(None) == 15000 + 4711 and step.port(29500) == 29500
+    assert SrunStep("1234567", "0", 0, 2, 0, "h").port(None) == 15000 + 4567  # the last 4 digits
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {k: v for k, v in STEP.items() if k != "SLURM_STEP_NUM_TASKS"},  # a batch script: no step of several
+        {**STEP, "SLURM_STEP_NUM_TASKS": "1"},
+        {k: v for k, v in STEP.items() if k != "SLURM_JOB_ID"},
+        {},
+    ],
+)
+def test_no_step_of_several_tasks(env):
+    assert SrunStep.from_env(env) is None
+
+
+def test_a_torch_launcher_keeps_its_own_group():
+    assert SrunStep.launched_by_torch({"TORCHELASTIC_RUN_ID": "x"})
+    assert SrunStep.launched_by_torch({"RANK": "0", "WORLD_SIZE": "2"})
+    assert not SrunStep.launched_by_torch(STEP)
+
+
+def test_the_config_keys():
+    config = SessionConfig.from_mapping({"distributed": {"srun": False, "port": 29500}})
+    assert config.distributed.srun is False and config.distributed.port == 29500
+    with pytest.raises(ConfigError, match="distributed.port must be null or 1024..65535, got 80"):
+        SessionConfig.from_mapping({"distributed": {"port": 80}})
