@@ -99,7 +99,7 @@ def run(
         return _refused(ConfigError(why), run_dir)
     config = config or SessionConfig()
     job = job or current_job.get() or JobContext()
-    with console_log(config.progress.console), srun_process_group(config.distributed, job.srun_step):
+    with srun_process_group(config.distributed, job.srun_step), console_log(config.progress.console):
         outcome = _run(train_fn, run_dir, config, job)
         log.info(
             "%s at step %d (exit code %d): %s", outcome.status.value, outcome.step, outcome.exit_code, outcome.message
@@ -109,23 +109,27 @@ def run(
 
 @contextlib.contextmanager
 def console_log(enabled: bool) -> Iterator[None]:
-    """While a run lasts, the library's records (progress, resumed, saved, stopped; INFO and up on rank 0,
-    WARNING and up elsewhere) go to stderr, if the program has set up no logging of its own (no handler
-    on the root logger or the library's): a plain script then shows them, as Lightning's and HF Trainer's
-    do. A program that set up logging gets them through its handlers alone, never twice."""
+    """While a run lasts, the library's records (progress, resumed, saved, stopped) come from rank 0 alone:
+    the other ranks keep WARNING and up, so that a job log holds each event once, not once per rank. If
+    the program has set up no logging of its own (no handler on the root logger or the library's), they
+    go to stderr: a plain script then shows them, as Lightning's and HF Trainer's do. A program that set
+    up logging gets them through its handlers alone, never twice."""
     library = logging.getLogger("hydra_preempt")
-    if not enabled or logging.getLogger().handlers or library.handlers:
-        yield
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[hydra_preempt] %(message)s"))
     level = library.level
-    library.addHandler(handler)
-    library.setLevel(logging.INFO if world()[0] == 0 else logging.WARNING)
+    quiet = world()[0] != 0
+    handler = None
+    if enabled and not (logging.getLogger().handlers or library.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[hydra_preempt] %(message)s"))
+        library.addHandler(handler)
+        library.setLevel(logging.INFO)
+    if quiet:
+        library.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        library.removeHandler(handler)
+        if handler is not None:
+            library.removeHandler(handler)
         library.setLevel(level)
 
 
@@ -164,6 +168,7 @@ def _run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: Sessio
             budget,
             session.signals.preempt_signal.name,
             session.signals.timeout_signal.name,
+            lambda name: decide(failures, name, history.failure_count(name) + 1),
         )
         session.seconds_left = policy.seconds_left
         identity = policy.identity
@@ -175,7 +180,9 @@ def _run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: Sessio
         session.watchdog.start(
             lambda report: _end_hung_process(session, report, run_log, job.slurm_task, hang_decision)
         )
-    spent = budget.exhausted(history.stop_count("preempted"), history.stop_count("timeout"))
+    spent = budget.exhausted(history.stop_count("preempted"), history.stop_count("timeout")) or _refused_restart(
+        history, identity
+    )
     outcome: Outcome | None = None
     try:
         if spent:
@@ -261,6 +268,18 @@ def _failed(step: int, message: str, trace: str, failures: FailureTable, history
         evidence=evidence,
         restart_reason=decision.reason,
     )
+
+
+def _refused_restart(history: RunHistory, identity: JobIdentity) -> str | None:
+    """Why this start must not train: SLURM requeued this same job after a failure the restart policy
+    said not to restart (node_fail beyond its budget: SLURM requeues a requeueable job on a node failure
+    whatever we decide). A new job (a person running it again) is never refused."""
+    last = history.last_stop
+    if not last or last.get("restart", True) or last.get("failure") != "node_fail":
+        return None
+    if identity.job_id is None or last.get("job_id") != identity.job_id:
+        return None
+    return f"not restarted: {last.get('restart_reason') or 'node_fail'} (SLURM requeued the job after a node failure)"
 
 
 def _failure_fields(outcome: Outcome) -> dict[str, Any]:

@@ -24,7 +24,17 @@ from ..outcome import EXIT_CODES, ExitCode, Outcome, Status
 from ..rundir import JobIdentity, RunLog
 from .commands import ClusterFacts, SlurmError, cluster_facts, requeue_job, show_job
 from .env import SlurmTask, under_submitit_local
-from .stop import Decision, RequeueBudget, Requeuer, StopKind, classify_stop, decide, slurm_requeues_preempted
+from .failures import RestartDecision
+from .stop import (
+    Decision,
+    RequeueBudget,
+    Requeuer,
+    StopKind,
+    classify_stop,
+    decide,
+    requeued_by_slurm,
+    slurm_requeues_preempted,
+)
 
 log = logging.getLogger("hydra_preempt")
 
@@ -59,8 +69,10 @@ class SlurmStopPolicy:
         budget: RequeueBudget,
         preempt_signal: str,
         timeout_signal: str,
+        restart_decision: Callable[[str], RestartDecision] | None = None,
     ) -> None:
         self.task = task
+        self.restart_decision = restart_decision
         self.facts = facts
         self.identity = JobIdentity(task.job_id, restarts)
         self.stops = stops
@@ -76,8 +88,10 @@ class SlurmStopPolicy:
         budget: RequeueBudget,
         preempt_signal: str,
         timeout_signal: str,
+        restart_decision: Callable[[str], RestartDecision] | None = None,
     ) -> SlurmStopPolicy:
-        """Read the job's static facts now, not on the clock of a grace period."""
+        """Read the job's static facts now, not on the clock of a grace period. `restart_decision(name)`:
+        the restart policy's decision for one more failure of class `name` (node_fail)."""
         restarts = task.restart_count
         try:
             job = show_job(task.job_id)
@@ -87,7 +101,7 @@ class SlurmStopPolicy:
         except SlurmError as e:
             log.warning("cannot read KillWait/GraceTime/PreemptMode (%s): assuming none", e)
             facts = ClusterFacts()
-        return cls(task, facts, restarts, stops, budget, preempt_signal, timeout_signal)
+        return cls(task, facts, restarts, stops, budget, preempt_signal, timeout_signal, restart_decision)
 
     def seconds_left(self) -> float | None:
         """Seconds until SLURM's SIGKILL: KillWait after the grace end (preemption) or the end time
@@ -111,6 +125,8 @@ class SlurmStopPolicy:
         except SlurmError as e:
             log.error("cannot ask SLURM what stopped the job (%s): treating it as a preemption", e)
             return dataclasses.replace(outcome, requeue_by=Requeuer.SELF.value)
+        if requeued_by_slurm(self.identity.restart_count, job.restarts, job.preempt_time):
+            return self._node_failure(outcome, job.restarts)
         kind = classify_stop(
             outcome.signal,
             job.state,
@@ -123,6 +139,28 @@ class SlurmStopPolicy:
         timeouts = self.stops.get("timeout", 0) + (kind is StopKind.TIMEOUT)
         decision = decide(kind, timeouts, self.budget, slurm_requeues_preempted(self.facts.preempt_mode, job.requeue))
         return _apply(outcome, decision, self.seconds_left())
+
+    def _node_failure(self, outcome: Outcome, restarts_now: int) -> Outcome:
+        """SLURM requeued the job under us (a node failed): the state is saved, the job runs again. Within
+        the node_fail budget that is a restart (exit 75); beyond it the run fails, and the start SLURM
+        makes anyway ends at once (runner: a start after a refused restart of the same job)."""
+        decision = self.restart_decision("node_fail") if self.restart_decision else None
+        restart = decision.restart if decision else True
+        reason = decision.reason if decision else "node_fail: restart"
+        evidence = (
+            f"scontrol: Restarts {self.identity.restart_count} -> {restarts_now} and no PreemptTime at the "
+            "SIGTERM: SLURM requeued the job (a node of it failed)"
+        )
+        return dataclasses.replace(
+            outcome,
+            status=Status.FAILED,
+            exit_code=ExitCode.REQUEUE if restart else ExitCode.FAILED,
+            message=f"node_fail: {outcome.message}; SLURM requeued the job; {reason}",
+            requeue_by=Requeuer.DONE.value,
+            failure="node_fail",
+            evidence=evidence,
+            restart_reason=reason,
+        )
 
 
 def _apply(outcome: Outcome, decision: Decision, seconds_left: float | None) -> Outcome:

@@ -16,6 +16,12 @@ next depends on what the signal meant:
   requeue it ourselves. (Not EndTime: scancel moves EndTime to "now".)
 - cancelled: any other SIGTERM (scancel; measured: the job shows COMPLETING,
   PreemptTime=None): do not requeue.
+- a node failure: SLURM cancels the job's steps (SIGTERM to the tasks on the
+  nodes still up) and requeues a requeueable job itself. Measured (SLURM 22.05,
+  a node set DOWN under a 2-node job): at the SIGTERM the job shows
+  COMPLETING, PreemptTime=None and Restarts already one more than when this
+  start began. That rise is the sign (`requeued_by_slurm`): the job runs
+  again whatever we do; the stop is the failure class node_fail.
 
 Each requeue kind has a budget; a stop beyond it fails the run.
 """
@@ -41,6 +47,7 @@ class StopKind(str, enum.Enum):
 class Requeuer(str, enum.Enum):
     SELF = "self"  # scontrol requeue, after the save
     SLURM = "slurm"  # PreemptMode=REQUEUE: wait for the grace-end kill, SLURM requeues
+    DONE = "done"  # SLURM has requeued the job already (a node of it failed): exit
     NONE = "none"
 
 
@@ -92,6 +99,12 @@ def classify_stop(
     if signal == preempt_signal:  # a configured preemption signal without PreemptTime: sent on purpose
         return StopKind.PREEMPTED
     return StopKind.CANCELLED
+
+
+def requeued_by_slurm(restarts_at_start: int, restarts_now: int, preempt_time: dt.datetime | None) -> bool:
+    """SLURM requeued the job while it ran, not for a preemption: a node of it failed (or an administrator
+    ran `scontrol requeue`). Our own requeues come after this classification, so never count here."""
+    return preempt_time is None and restarts_now > restarts_at_start
 
 
 def decide(kind: StopKind, timeouts: int, budget: RequeueBudget, slurm_requeues_preempted: bool) -> Decision:

@@ -3,6 +3,7 @@ task per node (each node in its own network and UTS namespace, gloo between them
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hydra_preempt.checkpoint.layout import MANIFEST_FILE, SHARDS_METADATA
-from hydra_preempt.slurm.commands import sacct_states, slurm_command
+from hydra_preempt.slurm.commands import SlurmError, sacct_states, show_job, slurm_command
 from tests.integration.test_multi_rank import TRAIN as DDP_TRAIN
 from tests.integration.test_multi_rank import finish, start_ranks
 
@@ -34,9 +35,11 @@ def submit_script(tmp_path: Path, mode: str, run_dir: Path, overrides: list[str]
     return slurm_command([*args, "-o", str(log), "-D", str(tmp_path), str(script)]).strip().split(";")[0]
 
 
-@pytest.mark.parametrize("preempt_mode", ["CANCEL"], indirect=True)
-def test_two_node_fsdp_job_started_by_srun_is_preempted_and_resumes_exactly(tmp_path, preempt_mode, request):
-    train = [*DDP_TRAIN, "trainer.parallel=fsdp"]
+@pytest.mark.parametrize("parallel, preempt_mode", [("fsdp", "CANCEL"), ("ddp", "REQUEUE")], indirect=["preempt_mode"])
+def test_two_node_job_started_by_srun_is_preempted_and_resumes_exactly(tmp_path, parallel, preempt_mode, request):
+    """FSDP2 (each node's rank writes its shard; the job requeues itself) and DDP (rank 0 writes; SLURM
+    requeues the job at the end of the grace period)."""
+    train = [*DDP_TRAIN, f"trainer.parallel={parallel}", "trainer.step_sleep=0.05"]  # 10 s: time to preempt
     codes, out = finish(start_ranks(tmp_path / "reference", train))  # the same 2-rank run, uninterrupted
     assert codes == [0, 0], out
     reference = json.loads((tmp_path / "reference" / "result.json").read_text())
@@ -48,15 +51,18 @@ def test_two_node_fsdp_job_started_by_srun_is_preempted_and_resumes_exactly(tmp_
     history = stops(run_dir)
     assert [s["reason"] for s in history] == ["preempted", "finished"]  # one run of 2 ranks, not 2 copies
     assert history[1]["resumed_from"] == history[0]["step"] == history[0]["checkpoint_step"]
-    assert [s for s, _ in sacct_states(job_id)] == ["REQUEUED", "COMPLETED"]
+    expected = "PREEMPTED" if preempt_mode == "REQUEUE" else "REQUEUED"
+    assert [s for s, _ in sacct_states(job_id)] == [expected, "COMPLETED"]
     saved = run_dir / "checkpoints" / f"step-{history[0]['step']:09d}"
     manifest = json.loads((saved / MANIFEST_FILE).read_text())
-    assert manifest["sharded"] == ["model", "optimizer"]  # each node's rank wrote its own shard
-    assert {"shard-00000.bin", "shard-00001.bin", SHARDS_METADATA} <= set(manifest["files"])
+    if parallel == "fsdp":  # each node's rank wrote its own shard
+        assert manifest["sharded"] == ["model", "optimizer"]
+        assert {"shard-00000.bin", "shard-00001.bin", SHARDS_METADATA} <= set(manifest["files"])
     result = json.loads((run_dir / "result.json").read_text())
     assert result["params_sha256"] == reference["params_sha256"]
     log = (tmp_path / "job.log").read_text()
     assert "the 2 tasks of step" in log and "are one process group (gloo, at hpnode" in log, log
+    assert log.count("finished at step 200") == 1, log  # rank 0 tells the events, the other ranks only warnings
     helpers.record(request.node.name, run_dir)
 
 
@@ -82,3 +88,33 @@ def test_tasks_that_decline_a_process_group_may_not_share_a_run_directory(tmp_pa
     assert log.count("(exit code 2): the 2 tasks of srun step") == 1 and "share run directory" in log, log
     assert [s["reason"] for s in stops(run_dir)] == ["finished"]  # the refused task never started the run
     assert (run_dir / "result.json").exists()
+
+
+@pytest.mark.parametrize("preempt_mode", ["CANCEL"], indirect=True)
+def test_a_node_lost_mid_job_is_node_fail_and_the_requeued_job_ends_identical(tmp_path, preempt_mode, request):
+    """The job's second node goes DOWN at step 60: SLURM cancels the step (SIGTERM to the rank still up
+    and, here, to the other: its slurmd lives on) and requeues the job itself. The stop is node_fail with
+    the state saved; the requeued job resumes there and ends as an uninterrupted run."""
+    train = [*DDP_TRAIN, "trainer.step_sleep=0.05"]
+    codes, out = finish(start_ranks(tmp_path / "reference", train))
+    assert codes == [0, 0], out
+    reference = json.loads((tmp_path / "reference" / "result.json").read_text())
+
+    run_dir = tmp_path / "run"
+    job_id = submit_script(tmp_path, preempt_mode, run_dir, train)
+    helpers.wait_for(lambda: helpers.last_step(run_dir) >= 60, "training to reach step 60", job_id=job_id)
+    nodes = slurm_command(["scontrol", "show", "hostnames", show_job(job_id).fields["NodeList"]]).split()
+    slurm_command(["scontrol", "update", f"NodeName={nodes[1]}", "State=DOWN", "Reason=lost-by-a-test"])
+    try:
+        helpers.wait_for(lambda: stops(run_dir), "the node failure's stop", 120, job_id)
+    finally:
+        with contextlib.suppress(SlurmError):  # ReturnToService=2 may have brought it back already
+            slurm_command(["scontrol", "update", f"NodeName={nodes[1]}", "State=RESUME"])
+    assert helpers.wait_until_final(job_id, release_requeues=True) == "COMPLETED", (tmp_path / "job.log").read_text()
+    first, last = stops(run_dir)
+    assert (first["reason"], first["failure"], first["restart"]) == ("failed", "node_fail", True), first
+    assert first["evidence"].startswith("scontrol: Restarts 0 -> 1") and first["checkpoint_step"] == first["step"]
+    assert last["reason"] == "finished" and last["resumed_from"] == first["step"]  # no step lost
+    states = [s for s, _ in sacct_states(job_id)]
+    assert states[0] == "NODE_FAIL" and states[-1] == "COMPLETED", states
+    assert json.loads((run_dir / "result.json").read_text())["params_sha256"] == reference["params_sha256"]

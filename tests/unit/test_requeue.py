@@ -141,3 +141,30 @@ PreemptType             = preempt/qos
 def test_parse_cluster_facts(qos_fields, expected):
     # an empty value (JobCompParams) must not swallow the next line
     assert parse_cluster_facts(CONFIG, qos_fields) == expected
+
+
+def test_requeued_by_slurm_is_a_restart_count_that_rose_without_a_preemption():
+    from hydra_preempt.slurm.stop import requeued_by_slurm
+
+    assert requeued_by_slurm(0, 1, None)  # measured: a node set DOWN under the job
+    assert not requeued_by_slurm(1, 1, None)  # scancel: COMPLETING, the count unchanged
+    assert not requeued_by_slurm(0, 1, NOW)  # a preemption is one, whatever the count
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_a_node_failure_is_node_fail_and_slurm_has_requeued(restart):
+    from hydra_preempt.outcome import ExitCode, Outcome, Status
+    from hydra_preempt.slurm.env import SlurmTask
+    from hydra_preempt.slurm.failures import RestartDecision
+    from hydra_preempt.slurm.policy import SlurmStopPolicy
+
+    reason = "node_fail: restart (attempt 1/3)" if restart else "node_fail: retry budget exhausted (attempt 4/3)"
+    policy = SlurmStopPolicy(
+        SlurmTask("7", 0, 2, 0), ClusterFacts(), 0, {}, RequeueBudget(), "SIGTERM", "SIGUSR2",
+        lambda name: RestartDecision(restart, reason),
+    )  # fmt: skip
+    stopped = Outcome(Status.PREEMPTED, 118, ExitCode.REQUEUE, "SIGTERM received: state saved at step 118")
+    outcome = policy._node_failure(stopped, 1)
+    assert (outcome.status, outcome.failure, outcome.requeue_by) == (Status.FAILED, "node_fail", Requeuer.DONE.value)
+    assert outcome.exit_code == (ExitCode.REQUEUE if restart else ExitCode.FAILED)
+    assert outcome.restart_reason == reason and "Restarts 0 -> 1" in outcome.evidence
