@@ -54,6 +54,17 @@ class PreemptLauncher(Launcher):
         self.hydra_context = hydra_context
         self.task_function = task_function
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """The app's task function travels with the folders its code came from (PortableCallable): the
+        modules an app imports from beside itself load in the job, not only from its working directory."""
+        from hydra_preempt.doors.submitit import PortableCallable
+
+        return {**self.__dict__, "task_function": PortableCallable(self.task_function) if self.task_function else None}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        carried = state["task_function"]
+        self.__dict__.update(state, task_function=carried.fn if carried is not None else None)
+
     # -- inside the job ------------------------------------------------------------
     def __call__(
         self,

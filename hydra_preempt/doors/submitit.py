@@ -102,27 +102,10 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         return DelayedSubmission(self, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
-        """The training function travels with the folder its module was imported from: a job's python
-        starts with only its working directory and PYTHONPATH on sys.path, so a function from a module
-        found beside the submitting script (its own folder, first on that script's sys.path) could not
-        be unpickled there (ModuleNotFoundError)."""
-        state = dict(self.__dict__)
-        state["train_fn"] = (import_root(self.train_fn), cloudpickle.dumps(self.train_fn))
-        return state
+        return {**self.__dict__, "train_fn": PortableCallable(self.train_fn)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        root, payload = state["train_fn"]
-        if root is not None and os.path.isdir(root) and root not in sys.path:
-            sys.path.append(root)  # after the job's own entries: it never shadows an installed module
-        try:
-            state["train_fn"] = pickle.loads(payload)
-        except ImportError as e:
-            raise HydraPreemptError(
-                f"the training function cannot be imported in the job: {e} (it was imported from {root} when "
-                "submitted); install its module, or make that folder reachable from the nodes and put it on "
-                "PYTHONPATH"
-            ) from None
-        self.__dict__.update(state)
+        self.__dict__.update(state, train_fn=state["train_fn"].fn)
 
     def _resubmit_pickle(self) -> None:
         """Keep submitit's protocol: the requeued job runs what checkpoint() returned."""
@@ -134,6 +117,42 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         request.set_timeout(original._timeout_min, original._timeout_countdown)
         with temporary_save_path(paths.submitted_pickle) as tmp:
             request.dump(tmp)
+
+
+class PortableCallable:
+    """A callable that travels to a job with the folders its code was imported from.
+
+    A job's python starts with only its working directory and PYTHONPATH on sys.path, so a function from
+    a module found beside the submitting script (`python scripts/launch.py` importing scripts/my_train.py:
+    the script's folder is first on its sys.path, not on the job's) could not be unpickled there
+    (ModuleNotFoundError). Pickled, this holds the function (cloudpickle) and those folders: the
+    submitting script's own (sys.path[0]) and the one the function's module came from. Unpickled, it adds
+    them after the job's own entries (never shadowing an installed module), then loads the function; if
+    that still fails, the error says in one line which module, from where, and what to do.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        roots = [import_root(self.fn), sys.path[0] if sys.path and os.path.isdir(sys.path[0]) else None]
+        return {"roots": [os.path.abspath(r) for r in dict.fromkeys(roots) if r], "fn": cloudpickle.dumps(self.fn)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for root in state["roots"]:
+            if os.path.isdir(root) and root not in sys.path:
+                sys.path.append(root)
+        try:
+            self.fn = pickle.loads(state["fn"])
+        except ImportError as e:
+            raise HydraPreemptError(
+                f"the training function cannot be imported in the job: {e} (at submission its code came from "
+                f"{' and '.join(state['roots']) or 'an unknown folder'}); install its module, or make that folder "
+                "reachable from the nodes and put it on PYTHONPATH"
+            ) from None
 
 
 def import_root(fn: Callable[..., Any]) -> str | None:

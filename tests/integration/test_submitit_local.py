@@ -1,17 +1,21 @@
-"""The submitit door with submitit's local executor: a training function from the user's own module reaches
-the job (its folder travels with it), the job's log shows the library's lines, and a module the job cannot
-import is named in one line."""
+"""submitit's local executor, through the submitit door and the Hydra launcher: code from the user's own modules
+reaches the job (their folders travel with it), the job's log shows the library's lines, and a module the job
+cannot import is named in one line."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "examples" / "hydra_app"
 
 TRAIN_MODULE = """\
 import torch
@@ -75,3 +79,23 @@ def test_a_module_the_job_cannot_import_is_named_in_one_message(tmp_path):
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith("hydra_preempt.errors.HydraPreemptError: the training function cannot be imported")
     assert "No module named 'gone_train'" in message and str(folder) in message and "PYTHONPATH" in message
+
+
+def test_a_hydra_app_sweep_reaches_the_modules_beside_the_app(tmp_path):
+    """`python src/app.py -m hydra/launcher=preempt_local` from the project root, the app importing a
+    module beside it: the launcher's jobs (submitit) unpickle the app with src/ on their sys.path."""
+    shutil.copytree(TEMPLATE, tmp_path / "src")
+    app = tmp_path / "src" / "app.py"
+    app.write_text(
+        app.read_text()
+        .replace("import hydra\n", "import hydra\nimport sibling\n", 1)
+        .replace("torch.nn.GELU()", "sibling.activation()", 1)
+    )
+    (tmp_path / "src" / "sibling.py").write_text("import torch\n\n\ndef activation():\n    return torch.nn.GELU()\n")
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "src/app.py", "-m", "hydra/launcher=preempt_local", f"hydra.sweep.dir={sweep}"]
+    done = subprocess.run(
+        [*command, "trainer.epochs=1", "optim.lr=0.01,0.001"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(json.loads(p.read_text())["step"] for p in sweep.glob("*/result.json")) == [32, 32]
