@@ -107,7 +107,7 @@ def validate_command(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     if args.slurm:
-        from .validate_slurm import require_slurm, slurm_rows
+        from .validate.slurm import require_slurm, slurm_rows
 
         require_slurm()  # before anything runs: the one line a user without SLURM needs
     rows = validate(args.checkpoint_dir, args.state_gb, args.qos)

@@ -28,11 +28,11 @@ DEFAULT_TIMEOUT_SIGNAL = "USR2"
 
 @dataclass
 class CheckpointConfig:
-    dir: str = "checkpoints"  # relative paths are relative to the run directory
+    dir: str = "checkpoints"  # where checkpoints go: relative to the run directory, or absolute
     every_steps: Optional[int] = None  # periodic save every N steps
     every_seconds: Optional[float] = None  # and/or every T seconds of wall clock
-    keep_last: int = 3
-    keep_best: int = 0
+    keep_last: int = 3  # keep the K newest checkpoints (>= 1)
+    keep_best: int = 0  # and the N best by `metric`
     metric: Optional[str] = None  # reported metric that ranks the best checkpoints
     mode: str = "min"  # "min" or "max"
     emergency: bool = True  # save on an unhandled exception when the state is consistent
@@ -44,12 +44,12 @@ class CheckpointConfig:
 
 @dataclass
 class DivergenceConfig:
-    enabled: bool = True
-    metric: str = "loss"
-    window: int = 50
-    factor: float = 2.0
-    patience: int = 5
-    min_history: int = 3
+    enabled: bool = True  # the loss-spike detector: a diverging run stops before good checkpoints are lost
+    metric: str = "loss"  # the reported metric it watches
+    window: int = 50  # baseline: the median of the last N non-spike values
+    factor: float = 2.0  # a spike exceeds the baseline by more than (factor - 1) x abs(baseline)
+    patience: int = 5  # spikes in a row that mean "diverged"
+    min_history: int = 3  # values seen before anything is judged
 
     def detector(self) -> LossSpikeDetector:
         return LossSpikeDetector(self.window, self.factor, self.patience, self.min_history)
@@ -73,7 +73,7 @@ class DistributedConfig:
 
 @dataclass
 class WatchdogConfig:
-    enabled: bool = True
+    enabled: bool = True  # the hang watchdog: a step that makes no progress ends the process (exit 76)
     timeout_s: Optional[float] = None  # a step longer than this is a hang; null: derived from step times
     min_timeout_s: float = 600.0  # the derived timeout: max(10 x the slowest recent step, this)
     startup_s: float = 1800.0  # allowed for start-up and restore (until the first step ends) and for a save
@@ -90,9 +90,8 @@ class WatchdogConfig:
 
 @dataclass
 class FailuresConfig:
-    table: Optional[str] = (
-        None  # a YAML file that replaces the shipped failure table (hydra_preempt/slurm/failures.yaml)
-    )
+    # a YAML file that replaces the shipped failure table (hydra_preempt/slurm/failures.yaml)
+    table: Optional[str] = None
 
     def load(self) -> FailureTable:
         return FailureTable.load(self.table)

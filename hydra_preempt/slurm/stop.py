@@ -53,8 +53,8 @@ class Requeuer(str, enum.Enum):
 
 @dataclass(frozen=True)
 class RequeueBudget:
-    max_preemptions: int = 50
-    max_timeouts: int = 10
+    max_preemptions: int = 50  # a run preempted more often fails instead of requeueing (checked when it starts again)
+    max_timeouts: int = 10  # likewise for reaching the job's time limit
 
     def __post_init__(self) -> None:
         for name in ("max_preemptions", "max_timeouts"):

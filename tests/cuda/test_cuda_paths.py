@@ -131,7 +131,7 @@ def test_a_checkpoint_moves_from_cpu_to_cuda_and_back(tmp_path):
 
 
 def test_nvml_readings_reach_the_metrics_file_the_manifest_and_validate(tmp_path):
-    from hydra_preempt.validate import PASS, check_gpu_metrics, check_nccl
+    from hydra_preempt.validate.checks import PASS, check_gpu_metrics, check_nccl
 
     def train(session):
         model = torch.nn.Linear(512, 512).cuda()

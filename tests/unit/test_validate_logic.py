@@ -17,8 +17,8 @@ from hydra_preempt.gpumetrics import (
     summarize,
     visible_indices,
 )
-from hydra_preempt.validate import FAIL, PASS, SKIP, Row, exit_code, format_rows, grace_fit, pick_grace
-from hydra_preempt.validate_slurm import settings_rows
+from hydra_preempt.validate.checks import FAIL, PASS, SKIP, Row, exit_code, format_rows, grace_fit, pick_grace
+from hydra_preempt.validate.slurm import settings_rows
 
 QOS = "normal|\npreemptible|00:00:30\nscavenger|120\n"
 

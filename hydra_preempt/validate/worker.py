@@ -1,10 +1,10 @@
 """The child processes of `hydra-preempt validate`: real saves, a real run(), real collectives.
 
-    python -m hydra_preempt.validate_worker save-loop DIR MEGABYTES
-    python -m hydra_preempt.validate_worker train RUN_DIR MAX_STEPS STEP_SLEEP_S
-    python -m hydra_preempt.validate_worker allreduce BACKEND RANK WORLD_SIZE PORT
+    python -m hydra_preempt.validate.worker save-loop DIR MEGABYTES
+    python -m hydra_preempt.validate.worker train RUN_DIR MAX_STEPS STEP_SLEEP_S
+    python -m hydra_preempt.validate.worker allreduce BACKEND RANK WORLD_SIZE PORT
 
-Each prints one line per event it reaches (flushed), which validate.py waits for before it
+Each prints one line per event it reaches (flushed), which checks.py waits for before it
 sends a signal, so that signals land at known points and not at start-up.
 """
 
@@ -22,8 +22,8 @@ import torch
 
 def save_loop(directory: Path, megabytes: int) -> None:
     """Save checkpoints of a state of `megabytes` forever; the parent SIGKILLs it during one."""
-    from .checkpoint.store import CheckpointStore
-    from .checkpoint.writer import Snapshot
+    from ..checkpoint.store import CheckpointStore
+    from ..checkpoint.writer import Snapshot
 
     store = CheckpointStore(directory)
     store.prepare()
@@ -47,10 +47,10 @@ def params_sha256(model: torch.nn.Module) -> str:
 
 def train(run_dir: Path, max_steps: int, step_sleep_s: float) -> int:
     """A small model trained through run(): what the exit code, checkpoints and parameter hash are checked on."""
-    from .config import SessionConfig
-    from .data import ResumableLoader
-    from .session.api import Session
-    from .session.runner import JobContext, run
+    from ..config import SessionConfig
+    from ..data import ResumableLoader
+    from ..session.api import Session
+    from ..session.runner import JobContext, run
 
     def fn(session: Session) -> dict:
         torch.set_num_threads(1)  # bit-exact results need a fixed thread count
@@ -108,7 +108,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from .errors import HydraPreemptError
+    from ..errors import HydraPreemptError
 
     try:
         sys.exit(main(sys.argv[1:]))

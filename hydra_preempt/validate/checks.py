@@ -1,6 +1,6 @@
 """`hydra-preempt validate`: does the protocol hold on this machine, with this checkpoint directory?
 
-Every check is real: child processes (validate_worker.py) are killed during saves, sent TERM,
+Every check is real: child processes (worker.py) are killed during saves, sent TERM,
 USR1 and INT, resumed and compared bit for bit; two ranks reduce over gloo; the checkpoint
 directory's save, load and raw write throughput are measured. Each check gives one Row
 (PASS / FAIL / SKIP, the reason, its figures); the command exits 0 only if none failed.
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import HydraPreemptError
-from .outcome import ExitCode
+from ..errors import HydraPreemptError
+from ..outcome import ExitCode
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 SAMPLE_BYTES = 256 << 20  # the state measured for throughput, unless --state-gb is smaller
@@ -57,7 +57,7 @@ def format_rows(rows: list[Row]) -> str:
 def pick_grace(qos_lines: str, qos: str | None) -> tuple[str, float] | None:
     """`sacctmgr -n -P show qos format=Name,GraceTime` -> (QoS, GraceTime s) of `qos`, or, without one,
     of the QoS with the shortest non-zero GraceTime (the preemptible one: the tightest budget)."""
-    from .slurm.commands import parse_duration
+    from ..slurm.commands import parse_duration
 
     graces = {}
     for line in qos_lines.splitlines():
@@ -96,12 +96,12 @@ def grace_fit(state_gb: float | None, save_gbps: float, grace: tuple[str, float]
 
 # -- child processes --------------------------------------------------------
 class Child:
-    """A validate_worker process whose output lines are awaited one pattern at a time."""
+    """A validate.worker process whose output lines are awaited one pattern at a time."""
 
     def __init__(self, *args: str) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hydra_preempt.validate_worker", *args],
+            [sys.executable, "-m", "hydra_preempt.validate.worker", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -182,7 +182,7 @@ def _reason(e: Exception) -> str:
 # -- checks on the checkpoint directory -------------------------------------
 def check_atomicity(directory: Path) -> Row:
     """SIGKILL a process in the middle of a save; the previous checkpoint must load and verify."""
-    from .checkpoint.store import CheckpointStore
+    from ..checkpoint.store import CheckpointStore
 
     child = Child("save-loop", str(directory), "32")
     try:
@@ -222,9 +222,9 @@ def check_retention(directory: Path) -> Row:
     """keep_last=2, keep_best=1 by loss: six saves leave the best and the last two."""
     import torch
 
-    from .checkpoint.retention import RetentionPolicy
-    from .checkpoint.store import CheckpointStore
-    from .checkpoint.writer import Snapshot
+    from ..checkpoint.retention import RetentionPolicy
+    from ..checkpoint.store import CheckpointStore
+    from ..checkpoint.writer import Snapshot
 
     store = CheckpointStore(directory, RetentionPolicy(keep_last=2, keep_best=1, metric="loss"))
     store.prepare()
@@ -242,9 +242,9 @@ def measure_throughput(directory: Path, nbytes: int) -> tuple[list[Row], float]:
     """Save and load a state of `nbytes` through the store; write as many raw bytes with fsync."""
     import torch
 
-    from .checkpoint.retention import RetentionPolicy
-    from .checkpoint.store import CheckpointStore
-    from .checkpoint.writer import Snapshot
+    from ..checkpoint.retention import RetentionPolicy
+    from ..checkpoint.store import CheckpointStore
+    from ..checkpoint.writer import Snapshot
 
     weights = torch.arange(nbytes // 4, dtype=torch.float32)  # not zeros: no file system may shortcut them
     store = CheckpointStore(directory / "store", RetentionPolicy(keep_last=1))
@@ -312,13 +312,13 @@ def usable_dir(directory: Path) -> str | None:
 
 # -- checks of the session's protocol ---------------------------------------
 def _checkpoint_steps(run_dir: Path, reason: str) -> list[int]:
-    from .checkpoint.layout import complete_checkpoints
+    from ..checkpoint.layout import complete_checkpoints
 
     return [i.step for i in complete_checkpoints(run_dir / "checkpoints") if i.reason == reason]
 
 
 def _last_stop(run_dir: Path) -> dict[str, Any]:
-    from .rundir import read_events
+    from ..rundir import read_events
 
     stops = [e for e in read_events(run_dir) if e["event"] == "stop"]
     return stops[-1] if stops else {}
@@ -327,7 +327,7 @@ def _last_stop(run_dir: Path) -> dict[str, Any]:
 def check_signals_and_resume(scratch: Path, steps: int = 60) -> list[Row]:
     """USR1 saves and training goes on; TERM saves and exits 75; resumed, the run ends with the
     parameters of one never stopped (the manual save on the way included)."""
-    from .rundir import read_result
+    from ..rundir import read_result
 
     run_dir = scratch / "usr1-term"
     reference = Child("train", str(scratch / "reference"), str(steps), "0")
@@ -419,7 +419,7 @@ def check_nccl() -> Row:
 
 
 def check_gpu_metrics() -> Row:
-    from .gpumetrics import NvmlUnavailable, load_nvml, read_gpus
+    from ..gpumetrics import NvmlUnavailable, load_nvml, read_gpus
 
     try:
         nvml = load_nvml()
@@ -441,7 +441,7 @@ def check_gpu_metrics() -> Row:
 
 def grace_period(qos: str | None) -> tuple[tuple[str, float] | None, str]:
     """(QoS, GraceTime) from the accounting database, or None and why it is unknown."""
-    from .slurm.commands import SlurmError, slurm_command
+    from ..slurm.commands import SlurmError, slurm_command
 
     if shutil.which("sacctmgr") is None:
         return None, "SLURM is not installed here"

@@ -14,9 +14,9 @@ import re
 import time
 from pathlib import Path
 
-from .errors import HydraPreemptError
-from .slurm.commands import SlurmError, parse_cluster_facts, show_job, slurm_command, state_outcome
-from .validate import FAIL, PASS, SKIP, Row, pick_grace
+from ..errors import HydraPreemptError
+from ..slurm.commands import SlurmError, parse_cluster_facts, show_job, slurm_command, state_outcome
+from .checks import FAIL, PASS, SKIP, Row, pick_grace
 
 JOB_SCRIPT = """#!/bin/bash
 # hydra-preempt validate --slurm: signal to a step, self-requeue, restart count. Exits within a minute.
