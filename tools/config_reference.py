@@ -34,24 +34,24 @@ An unknown key or a wrong type is refused before anything runs, in one line nami
 """
 
 
-def comments_by_line(cls: type) -> tuple[dict[int, str], int]:
+def comments_by_line(cls: type) -> dict[int, str]:
     """The comments of a class's source by line number (relative to the class's first line)."""
     source = inspect.getsource(cls)
     found: dict[int, str] = {}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:
             found[token.start[0]] = token.string.lstrip("#").strip()
-    return found, len(source.splitlines())
+    return found
 
 
 def meaning(cls: type, name: str) -> str:
     """The comment on the field's line, else the comment lines right above it."""
-    comments, _ = comments_by_line(cls)
+    comments = comments_by_line(cls)
     lines = inspect.getsource(cls).splitlines()
     row = next(i + 1 for i, line in enumerate(lines) if line.strip().startswith(f"{name}:"))
     if row in comments:
         return comments[row]
-    above = []
+    above: list[str] = []
     while row - 1 - len(above) in comments:
         above.insert(0, comments[row - 1 - len(above)])
     if not above:
