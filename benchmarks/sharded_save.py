@@ -42,6 +42,7 @@ def worker(args: argparse.Namespace) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from hydra_preempt.checkpoint.checkpointer import Checkpointer
+    from hydra_preempt.checkpoint.retention import RetentionPolicy
     from hydra_preempt.checkpoint.store import CheckpointStore
     from hydra_preempt.checkpoint.writer import Snapshot
     from hydra_preempt.config import CheckpointConfig
@@ -79,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
         model_state, optim_state = get_state_dict(model, optimizer, options=options)
         if rank == 0:
             step[0] += 1
-            CheckpointStore(base / "gather", CheckpointConfig(keep_last=1).retention_policy()).save(
+            CheckpointStore(base / "gather", RetentionPolicy.from_config(CheckpointConfig(keep_last=1))).save(
                 Snapshot.capture({"model": model_state, "optimizer": optim_state}), step[0], "manual"
             )
         dist.barrier()

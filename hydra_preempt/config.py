@@ -1,7 +1,10 @@
 """Configuration of a training session, as dataclasses (also usable as Hydra structured configs).
 
+Plain values and their validation only: the lowest layer, importing nothing of the package but its
+errors. Each owner builds its own object from its section (the checkpoint store its retention policy,
+the session its detector, signal requests and watchdog, run() the failure table).
 `SessionConfig.from_mapping` builds one from a plain or OmegaConf mapping and
-rejects unknown keys and wrong types with the key's full name.
+rejects unknown keys, wrong types and values out of range with the key's full name.
 `check_app_config` checks an app's whole config the same way: its own
 sections by a table of rules, the session's sections, no other section.
 """
@@ -14,16 +17,23 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-from .checkpoint.retention import RetentionPolicy
 from .errors import ConfigError
-from .session.divergence import LossSpikeDetector
-from .session.signals import SignalRequests
-from .session.watchdog import Watchdog
-from .slurm.failures import FailureTable
-from .slurm.stop import RequeueBudget
 
 # The time-limit warning: the app's signals.timeout and the executors' `signal` default to it.
 DEFAULT_TIMEOUT_SIGNAL = "USR2"
+# The signals that can mean "stop for requeue" (SIGUSR1 means "checkpoint and continue", SIGINT "cancel").
+PREEMPT_SIGNALS = ("TERM", "USR2", "HUP")
+
+
+def check_signal_name(name: Any, key: str) -> str:
+    """'TERM', 'SIGTERM', 'usr2' -> 'TERM', 'USR2'; ConfigError naming `key` for any other signal."""
+    short = str(name).upper().removeprefix("SIG")
+    if short not in PREEMPT_SIGNALS:
+        raise ConfigError(
+            f"{key} must be one of {', '.join(PREEMPT_SIGNALS)} (SIGUSR1 means 'checkpoint and continue', "
+            f"SIGINT means 'cancel'), got {name!r}"
+        )
+    return short
 
 
 @dataclass
@@ -38,8 +48,23 @@ class CheckpointConfig:
     emergency: bool = True  # save on an unhandled exception when the state is consistent
     async_save: bool = True  # periodic saves written in the background (stop saves are always waited for)
 
-    def retention_policy(self) -> RetentionPolicy:
-        return RetentionPolicy(self.keep_last, self.keep_best, self.metric, self.mode)  # type: ignore[arg-type]
+    def validate(self) -> None:
+        for key in ("every_steps", "every_seconds"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"checkpoint.{key} must be > 0 or null, got {value!r}")
+        if not isinstance(self.keep_last, int) or self.keep_last < 1:
+            raise ConfigError(
+                f"checkpoint.keep_last must be an integer >= 1 (the newest checkpoint is always kept), got {self.keep_last!r}"
+            )
+        if not isinstance(self.keep_best, int) or self.keep_best < 0:
+            raise ConfigError(f"checkpoint.keep_best must be an integer >= 0, got {self.keep_best!r}")
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"checkpoint.mode must be 'min' or 'max', got {self.mode!r}")
+        if self.keep_best and not self.metric:
+            raise ConfigError(
+                "checkpoint.keep_best > 0 needs checkpoint.metric: the name of a reported metric to rank by"
+            )
 
 
 @dataclass
@@ -51,8 +76,11 @@ class DivergenceConfig:
     patience: int = 5  # spikes in a row that mean "diverged"
     min_history: int = 3  # values seen before anything is judged
 
-    def detector(self) -> LossSpikeDetector:
-        return LossSpikeDetector(self.window, self.factor, self.patience, self.min_history)
+    def validate(self) -> None:
+        if self.window < 1 or self.patience < 1 or self.min_history < 1:
+            raise ConfigError("divergence.window, divergence.patience and divergence.min_history must be >= 1")
+        if not self.factor > 1.0:
+            raise ConfigError(f"divergence.factor must be > 1, got {self.factor!r}")
 
 
 @dataclass
@@ -60,8 +88,9 @@ class SignalConfig:
     preempt: str = "TERM"  # TERM, USR2 or HUP: the scheduler's preemption warning
     timeout: str = DEFAULT_TIMEOUT_SIGNAL  # the signal sent before the time limit (--signal=USR2@lead)
 
-    def requests(self) -> SignalRequests:
-        return SignalRequests(self.preempt, self.timeout)
+    def validate(self) -> None:
+        check_signal_name(self.preempt, "signals.preempt")
+        check_signal_name(self.timeout, "signals.timeout")
 
 
 @dataclass
@@ -78,23 +107,20 @@ class WatchdogConfig:
     min_timeout_s: float = 600.0  # the derived timeout: max(10 x the slowest recent step, this)
     startup_s: float = 1800.0  # allowed for start-up and restore (until the first step ends) and for a save
 
-    def watchdog(self) -> Watchdog:
+    def validate(self) -> None:
         for key in ("timeout_s", "min_timeout_s", "startup_s"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(
                     f"watchdog.{key} must be > 0{' or null' if key == 'timeout_s' else ''}, got {value!r}"
                 )
-        return Watchdog(self.timeout_s, self.min_timeout_s, self.startup_s)
 
 
 @dataclass
 class FailuresConfig:
-    # a YAML file that replaces the shipped failure table (hydra_preempt/slurm/failures.yaml)
+    # a YAML file that replaces the shipped failure table (hydra_preempt/slurm/failures.yaml); read and
+    # checked by run() before anything runs
     table: Optional[str] = None
-
-    def load(self) -> FailureTable:
-        return FailureTable.load(self.table)
 
 
 @dataclass
@@ -107,6 +133,18 @@ class ProgressConfig:
 class GpuMetricsConfig:
     enabled: bool = True  # sample every visible GPU through NVML into RUN_DIR/gpu_metrics.jsonl (if NVML answers)
     every_s: float = 10.0  # seconds between samples
+
+
+@dataclass(frozen=True)
+class RequeueBudget:
+    max_preemptions: int = 50  # a run preempted more often fails instead of requeueing (checked when it starts again)
+    max_timeouts: int = 10  # likewise for reaching the job's time limit
+
+    def __post_init__(self) -> None:
+        for name in ("max_preemptions", "max_timeouts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 @dataclass
@@ -128,11 +166,6 @@ class SessionConfig:
         return config
 
     def validate(self) -> None:
-        c = self.checkpoint
-        for key in ("every_steps", "every_seconds"):
-            value = getattr(c, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"checkpoint.{key} must be > 0 or null, got {value!r}")
         if self.progress.every_s <= 0:
             raise ConfigError(f"progress.every_s must be > 0, got {self.progress.every_s!r}")
         if self.gpu_metrics.every_s <= 0:
@@ -141,12 +174,10 @@ class SessionConfig:
             raise ConfigError(f"distributed.sync_every must be >= 1, got {self.distributed.sync_every!r}")
         if self.distributed.port is not None and not 1024 <= self.distributed.port <= 65535:
             raise ConfigError(f"distributed.port must be null or 1024..65535, got {self.distributed.port!r}")
-        # The remaining checks live with the objects that use the values.
-        c.retention_policy()
-        self.divergence.detector()
-        self.signals.requests()
-        self.watchdog.watchdog()
-        self.failures.load()
+        self.checkpoint.validate()
+        self.divergence.validate()
+        self.signals.validate()
+        self.watchdog.validate()
 
 
 def _build(cls: type, mapping: Mapping[str, Any], prefix: str) -> Any:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
-from ..errors import ConfigError
+from ..config import CheckpointConfig
 
 EMERGENCY = "emergency"
 
@@ -39,19 +39,10 @@ class RetentionPolicy:
     metric: str | None = None
     mode: Literal["min", "max"] = "min"
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.keep_last, int) or self.keep_last < 1:
-            raise ConfigError(
-                f"checkpoint.keep_last must be an integer >= 1 (the newest checkpoint is always kept), got {self.keep_last!r}"
-            )
-        if not isinstance(self.keep_best, int) or self.keep_best < 0:
-            raise ConfigError(f"checkpoint.keep_best must be an integer >= 0, got {self.keep_best!r}")
-        if self.mode not in ("min", "max"):
-            raise ConfigError(f"checkpoint.mode must be 'min' or 'max', got {self.mode!r}")
-        if self.keep_best and not self.metric:
-            raise ConfigError(
-                "checkpoint.keep_best > 0 needs checkpoint.metric: the name of a reported metric to rank by"
-            )
+    @classmethod
+    def from_config(cls, c: CheckpointConfig) -> RetentionPolicy:
+        """The policy of a checkpoint section (its values checked by CheckpointConfig.validate)."""
+        return cls(c.keep_last, c.keep_best, c.metric, c.mode)  # type: ignore[arg-type]
 
     def metric_of(self, record: CheckpointRecord) -> float | None:
         """The value this checkpoint is ranked by, or None if it cannot be among the best."""

@@ -61,7 +61,7 @@ class CheckpointStore:
         gpu_summary: Callable[[], dict[str, dict[str, Any]] | None] | None = None,
     ) -> None:
         self.directory = Path(directory)
-        self.policy = policy or CheckpointConfig().retention_policy()
+        self.policy = policy or RetentionPolicy.from_config(CheckpointConfig())
         # the GPU figures of this process so far (GpuSampler.summary), written into each manifest
         self.gpu_summary = gpu_summary
 

@@ -36,6 +36,7 @@ import torch
 
 from ..checkpoint.checkpointer import Checkpointer
 from ..checkpoint.layout import CorruptCheckpointError
+from ..checkpoint.retention import RetentionPolicy
 from ..checkpoint.store import CheckpointInfo, CheckpointStore
 from ..config import SessionConfig
 from ..distributed import agree, broadcast_from_rank0, check_shared_directories, gather_to_rank0, world
@@ -54,10 +55,11 @@ from ..rundir import (
 )
 from ..slurm.env import SrunStep
 from . import boundary
-from .divergence import HealthRule, Verdict
+from .divergence import HealthRule, LossSpikeDetector, Verdict
 from .progress import Progress
-from .signals import Request
+from .signals import Request, SignalRequests
 from .state import StateRegistry, StepStart, check_tree
+from .watchdog import Watchdog
 
 log = logging.getLogger("hydra_preempt")
 
@@ -103,13 +105,16 @@ class Session:
             GpuSampler(self.run_dir / GPU_METRICS_FILE, g.every_s) if g.enabled and self._rank == 0 else None
         )
         store = CheckpointStore(
-            directory, c.retention_policy(), self._gpu_sampler.summary if self._gpu_sampler is not None else None
+            directory,
+            RetentionPolicy.from_config(c),
+            self._gpu_sampler.summary if self._gpu_sampler is not None else None,
         )
         self.checkpointer = Checkpointer(store, c)
         d = self.config.divergence
-        self.detector = d.detector() if d.enabled else None
-        self.signals = self.config.signals.requests()
-        self.watchdog = self.config.watchdog.watchdog()  # started by run() when watchdog.enabled
+        self.detector = LossSpikeDetector.from_config(d) if d.enabled else None
+        self.signals = SignalRequests(self.config.signals.preempt, self.config.signals.timeout)
+        w = self.config.watchdog
+        self.watchdog = Watchdog(w.timeout_s, w.min_timeout_s, w.startup_s)  # started by run() when watchdog.enabled
         self.state = StateRegistry()
         self.step = 0  # completed steps
         self.resumed_from: int | None = None
@@ -265,7 +270,11 @@ class Session:
 
     def _check_tree(self, tree: Any, info: CheckpointInfo) -> None:
         """Raises ValueError for a state tree this library could not have written (see state.check_tree)."""
-        check_tree(tree, info.step, self.config.divergence.detector() if self.detector is not None else None)
+        check_tree(
+            tree,
+            info.step,
+            LossSpikeDetector.from_config(self.config.divergence) if self.detector is not None else None,
+        )
 
     def steps(self, max_steps: int) -> Iterator[int]:
         """Yield the index of each step to run, from the restored step up to `max_steps`.

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Sequence, TypeVar
 
 from ..checkpoint.retention import CheckpointRecord
-from ..errors import ConfigError
+from ..config import DivergenceConfig
 
 R = TypeVar("R", bound=CheckpointRecord)
 
@@ -54,12 +54,12 @@ class LossSpikeDetector:
     streak_start: int | None = field(default=None, init=False)  # step of the first spike in a row
     warmup: list[tuple[int, float]] = field(default_factory=list, init=False)  # (step, value) taken unjudged
 
-    def __post_init__(self) -> None:
-        if self.window < 1 or self.patience < 1 or self.min_history < 1:
-            raise ConfigError("divergence.window, divergence.patience and divergence.min_history must be >= 1")
-        if not self.factor > 1.0:
-            raise ConfigError(f"divergence.factor must be > 1, got {self.factor!r}")
+    def __post_init__(self) -> None:  # the values are checked by DivergenceConfig.validate
         self.history = deque(maxlen=self.window)
+
+    @classmethod
+    def from_config(cls, c: DivergenceConfig) -> LossSpikeDetector:
+        return cls(c.window, c.factor, c.patience, c.min_history)
 
     @property
     def baseline(self) -> float | None:

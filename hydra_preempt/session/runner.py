@@ -31,7 +31,7 @@ from ..slurm.commands import SlurmError, requeue_job
 from ..slurm.env import SlurmTask, SrunStep
 from ..slurm.failures import FailureTable, RestartDecision, classify, decide
 from ..slurm.policy import SlurmStopPolicy
-from ..slurm.stop import RequeueBudget, Requeuer
+from ..slurm.stop import RequeueBudget, Requeuer, budget_exhausted
 from .api import RunStopped, Session
 from .srun import srun_process_group
 from .watchdog import HangReport
@@ -135,7 +135,7 @@ def console_log(enabled: bool) -> Iterator[None]:
 
 def _run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: SessionConfig, job: JobContext) -> Outcome:
     try:
-        failures = config.failures.load()
+        failures = FailureTable.load(config.failures.table)
     except ConfigError as e:
         return _refused(e, run_dir)
     session = Session(run_dir, config)
@@ -180,9 +180,9 @@ def _run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: Sessio
         session.watchdog.start(
             lambda report: _end_hung_process(session, report, run_log, job.slurm_task, hang_decision)
         )
-    spent = budget.exhausted(history.stop_count("preempted"), history.stop_count("timeout")) or _refused_restart(
-        history, identity
-    )
+    spent = budget_exhausted(
+        budget, history.stop_count("preempted"), history.stop_count("timeout")
+    ) or _refused_restart(history, identity)
     outcome: Outcome | None = None
     try:
         if spent:

@@ -25,9 +25,8 @@ import threading
 import time
 from types import FrameType
 
+from ..config import check_signal_name
 from ..errors import ConfigError
-
-PREEMPT_SIGNALS = ("TERM", "USR2", "HUP")
 
 
 class Request(enum.Enum):
@@ -38,13 +37,7 @@ class Request(enum.Enum):
 
 def parse_signal(name: str, key: str = "signals.preempt") -> signal.Signals:
     """'TERM', 'SIGTERM', 'usr2' -> the signal; only the ones that can mean 'stop for requeue'."""
-    short = str(name).upper().removeprefix("SIG")
-    if short not in PREEMPT_SIGNALS:
-        raise ConfigError(
-            f"{key} must be one of {', '.join(PREEMPT_SIGNALS)} (SIGUSR1 means 'checkpoint and continue', "
-            f"SIGINT means 'cancel'), got {name!r}"
-        )
-    return signal.Signals[f"SIG{short}"]
+    return signal.Signals[f"SIG{check_signal_name(name, key)}"]
 
 
 class SignalRequests:

@@ -32,7 +32,7 @@ import datetime as dt
 import enum
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..config import RequeueBudget
 
 # A SIGTERM this close to the end time is SLURM's time-limit kill, not a user's scancel.
 TIME_LIMIT_SLACK_S = 90.0
@@ -51,24 +51,15 @@ class Requeuer(str, enum.Enum):
     NONE = "none"
 
 
-@dataclass(frozen=True)
-class RequeueBudget:
-    max_preemptions: int = 50  # a run preempted more often fails instead of requeueing (checked when it starts again)
-    max_timeouts: int = 10  # likewise for reaching the job's time limit
-
-    def __post_init__(self) -> None:
-        for name in ("max_preemptions", "max_timeouts"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
-
-    def exhausted(self, preemptions: int, timeouts: int) -> str | None:
-        """Why the budget is spent after this many stops, or None."""
-        if preemptions > self.max_preemptions:
-            return f"preemption budget exhausted: preempted {preemptions} times, max_preemptions={self.max_preemptions}"
-        if timeouts > self.max_timeouts:
-            return f"time-limit budget exhausted: reached the time limit {timeouts} times, max_timeouts={self.max_timeouts}"
-        return None
+def budget_exhausted(budget: RequeueBudget, preemptions: int, timeouts: int) -> str | None:
+    """Why the requeue budget is spent after this many stops, or None."""
+    if preemptions > budget.max_preemptions:
+        return f"preemption budget exhausted: preempted {preemptions} times, max_preemptions={budget.max_preemptions}"
+    if timeouts > budget.max_timeouts:
+        return (
+            f"time-limit budget exhausted: reached the time limit {timeouts} times, max_timeouts={budget.max_timeouts}"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -118,7 +109,7 @@ def decide(kind: StopKind, timeouts: int, budget: RequeueBudget, slurm_requeues_
     if kind is StopKind.CANCELLED:
         return Decision(kind, Requeuer.NONE)
     if kind is StopKind.TIMEOUT:
-        reason = budget.exhausted(0, timeouts)
+        reason = budget_exhausted(budget, 0, timeouts)
         return Decision(kind, Requeuer.NONE, reason) if reason else Decision(kind, Requeuer.SELF)
     return Decision(kind, Requeuer.SLURM if slurm_requeues_preempted else Requeuer.SELF)
 

@@ -3,6 +3,7 @@ import math
 import pytest
 
 from hydra_preempt.checkpoint.retention import CheckpointRecord
+from hydra_preempt.config import SessionConfig
 from hydra_preempt.errors import ConfigError
 from hydra_preempt.session.divergence import HealthRule, LossSpikeDetector, Verdict
 
@@ -63,8 +64,8 @@ def test_state_round_trip_continues_identically():
 
 @pytest.mark.parametrize("kwargs", [dict(window=0), dict(patience=0), dict(factor=1.0), dict(min_history=0)])
 def test_invalid_settings_are_refused(kwargs):
-    with pytest.raises(ConfigError):
-        LossSpikeDetector(**{**dict(window=5, factor=2.0, patience=2, min_history=3), **kwargs})
+    with pytest.raises(ConfigError, match=r"divergence\."):
+        SessionConfig.from_mapping({"divergence": kwargs})
 
 
 # -- which checkpoint a diverged run resumes from ------------------------------------

@@ -123,3 +123,38 @@ def test_the_public_api_imports_from_the_package():
     code = "from hydra_preempt import PreemptibleTask, preemptible_executor, run, Session, JobContext, ExecutorSettings"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+# The layers, lowest first: a module imports only from layers below its own (or within its own package).
+LAYERS = [
+    ["hydra_preempt.errors"],
+    ["hydra_preempt.fsutil", "hydra_preempt.config"],
+    ["hydra_preempt.rundir"],
+    ["hydra_preempt.outcome", "hydra_preempt.distributed", "hydra_preempt.data", "hydra_preempt.loader_position"],
+    ["hydra_preempt.gpumetrics", "hydra_preempt.slurm", "hydra_preempt.checkpoint"],
+    ["hydra_preempt.session"],
+    ["hydra_preempt.validate", "hydra_preempt.doors", "hydra_preempt.workflow"],
+    ["hydra_preempt.cli"],
+]
+
+
+def layer_of(name: str) -> tuple[int, str]:
+    for rank, owners in enumerate(LAYERS):
+        for owner in owners:
+            if name == owner or name.startswith(owner + "."):
+                return rank, owner
+    raise AssertionError(f"{name} is in no layer of LAYERS: add it")
+
+
+def test_no_import_runs_upward_or_sideways():
+    for name, targets in graph().items():
+        if name == FACADE:
+            continue
+        rank, owner = layer_of(name)
+        for target in targets:
+            if target == FACADE:
+                continue
+            target_rank, target_owner = layer_of(target)
+            assert target_owner == owner or target_rank < rank, (
+                f"{name} (layer {rank}) imports {target} (layer {target_rank}): imports run downward only"
+            )

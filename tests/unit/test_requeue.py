@@ -14,7 +14,15 @@ from hydra_preempt.slurm.commands import (
     parse_time,
     state_outcome,
 )
-from hydra_preempt.slurm.stop import RequeueBudget, Requeuer, StopKind, classify_stop, decide, slurm_requeues_preempted
+from hydra_preempt.slurm.stop import (
+    RequeueBudget,
+    Requeuer,
+    StopKind,
+    budget_exhausted,
+    classify_stop,
+    decide,
+    slurm_requeues_preempted,
+)
 
 NOW = dt.datetime(2026, 11, 24, 12, 0, 0)
 FAR = NOW + dt.timedelta(hours=1)
@@ -55,9 +63,9 @@ def test_decide():
 
 def test_budget():
     budget = RequeueBudget(max_preemptions=2, max_timeouts=0)
-    assert budget.exhausted(2, 0) is None
-    assert "preemption budget exhausted" in budget.exhausted(3, 0)
-    assert "time-limit budget exhausted" in budget.exhausted(0, 1)
+    assert budget_exhausted(budget, 2, 0) is None
+    assert "preemption budget exhausted" in budget_exhausted(budget, 3, 0)
+    assert "time-limit budget exhausted" in budget_exhausted(budget, 0, 1)
     with pytest.raises(ConfigError):
         RequeueBudget(max_preemptions=-1)
 

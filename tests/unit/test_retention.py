@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hydra_preempt.checkpoint.retention import CheckpointRecord, RetentionPolicy
+from hydra_preempt.config import SessionConfig
 from hydra_preempt.errors import ConfigError
 
 REASONS = ["periodic", "periodic", "periodic", "preempt", "manual", "emergency", "final"]
@@ -106,4 +107,4 @@ def test_best_is_sorted_best_first():
 )
 def test_invalid_policy_is_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        RetentionPolicy(**{"keep_last": 3, **kwargs})
+        SessionConfig.from_mapping({"checkpoint": {"keep_last": 3, **kwargs}})
