@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TEST_WORKERS ?= 4
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install flaky-check gpu-wheels gpu-check
+.PHONY: demo test lint install flaky-check gpu-wheels gpu-check docs
 
 install: $(VENV)/.installed
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,docs]"
 	touch $@
 
 demo: install
@@ -26,6 +26,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+
+# The documentation site from docs/ into site/ (mkdocs-material; a broken link or anchor fails the build).
+docs: install
+	$(BIN)/python -m tools.generate_docs
+	$(BIN)/mkdocs build --strict
 
 # ruff (lint and format) and mypy, as configured in pyproject.toml; .ci/run runs it before the tests.
 lint: install

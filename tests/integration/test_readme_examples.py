@@ -1,11 +1,12 @@
-"""Every ```python block of the README is executed here, as written:
+"""Every ```python block of the README and of docs/ (but docs/index.md, the README's copy) is executed here,
+as written:
 
 - a complete program (it starts with an import) runs from a fresh directory; one that trains through
   `run()` runs twice, and the second start of the finished run resumes, does nothing and finishes again;
 - the porting pair ("Your own training script"): the script after ends with the loss of the script
   before to the last bit, uninterrupted and when stopped by SIGTERM twice mid-epoch;
-- the submitit program (it needs a SLURM cluster with GPUs): compiled, and every name it uses is
-  imported or assigned in it; tests/e2e runs the same calls on the test cluster;
+- the submitit programs (they need a SLURM cluster with GPUs): compiled, and every name they use is
+  imported or assigned in them; tests/e2e runs the same calls on the test cluster;
 - the Snakefile (it includes the packaged workflow as a module): tests/integration/test_snakemake_local.py
   runs it as a project's Snakefile;
 - the fragment of a training function (W&B and TensorBoard across requeues) runs through `run()`, twice,
@@ -29,8 +30,9 @@ import pytest
 
 from hydra_preempt import ExitCode, run
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "index.md")]
+BLOCKS = [b for page in PAGES for b in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
 PROGRAMS = [b for b in BLOCKS if b.startswith("import")]
 CLUSTER_PROGRAMS = [b for b in BLOCKS if b.startswith("from hydra_preempt import PreemptibleTask")]
 SNAKEFILES = [b for b in BLOCKS if "\nmodule preempt:" in b]
@@ -41,11 +43,12 @@ BEFORE, AFTER = (next(p for p in PROGRAMS if "ACCUMULATE" in p and ("run(" in p)
 def test_every_python_block_is_a_program_a_snakefile_or_an_executed_fragment():
     known = PROGRAMS + CLUSTER_PROGRAMS + SNAKEFILES + FRAGMENTS
     assert len(known) == len(BLOCKS), [b[:60] for b in BLOCKS if b not in known]
-    assert len(CLUSTER_PROGRAMS) == len(SNAKEFILES) == len(FRAGMENTS) == 1
+    assert CLUSTER_PROGRAMS and len(SNAKEFILES) == len(FRAGMENTS) == 1
 
 
-def test_the_cluster_program_uses_no_undefined_name():
-    table = symtable.symtable(CLUSTER_PROGRAMS[0], "README submitit program", "exec")
+@pytest.mark.parametrize("program", CLUSTER_PROGRAMS, ids=[f"cluster{i}" for i in range(len(CLUSTER_PROGRAMS))])
+def test_a_cluster_program_uses_no_undefined_name(program):
+    table = symtable.symtable(program, "submitit program", "exec")
     undefined = [
         s.get_name()
         for s in table.get_symbols()
