@@ -43,7 +43,7 @@ from ..config import CheckpointConfig
 from ..distributed import agree, broadcast_from_rank0, gather_to_rank0, world
 from ..errors import CheckpointDirError, CheckpointWriteError
 from ..fsutil import disk_full_hint
-from .layout import CHECKSUM, SHARDS_METADATA, CorruptCheckpointError, checkpoint_info, read_manifest
+from .layout import CorruptCheckpointError, checkpoint_info, read_manifest
 from .sharded import ShardedFormatError, ShardWriter, load_shards, read_shards_metadata, save_shards
 from .store import CheckpointInfo, CheckpointStore
 from .tree import HostStaging
@@ -487,8 +487,7 @@ class Checkpointer:
 
 
 def _shards_metadata(path: Path) -> Metadata:
-    entry = read_manifest(path)["files"][SHARDS_METADATA]
-    return read_shards_metadata(path, entry["size"], entry[CHECKSUM])
+    return read_shards_metadata(path, read_manifest(path)["files"])
 
 
 def _decode_shards_metadata(path: Path, manifest: dict) -> None:

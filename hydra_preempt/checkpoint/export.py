@@ -16,7 +16,7 @@ import torch
 
 from ..errors import HydraPreemptError
 from ..rundir import RunHistory
-from .layout import CHECKSUM, SHARDS_METADATA, CorruptCheckpointError, read_manifest, step_dir_name
+from .layout import CorruptCheckpointError, read_manifest, step_dir_name
 from .sharded import ShardedFormatError, empty_template, load_shards, read_shards_metadata
 from .store import CheckpointStore
 from .writer import read_checkpoint_files
@@ -27,9 +27,8 @@ def export_weights(run_dir: Path, out: Path, step: int | None = None, name: str 
     directory = RunHistory.read(run_dir).checkpoint_dir or Path(run_dir) / "checkpoints"
     path, tree, manifest = _verified(CheckpointStore(directory), step)
     if name in (manifest.get("sharded") or []):
-        entry = manifest["files"][SHARDS_METADATA]
         try:
-            metadata = read_shards_metadata(path, entry["size"], entry[CHECKSUM])
+            metadata = read_shards_metadata(path, manifest["files"])
             flat = empty_template(metadata, f"{name}.")
             load_shards(path, metadata, flat)
         except (OSError, ShardedFormatError) as e:
