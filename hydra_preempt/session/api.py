@@ -241,7 +241,7 @@ class Session:
         shards: dict[str, Any] = {}
         if metadata is not None:
             shards = self.state.sharded_template(info.sharded)
-            self.state.check_shards(shards, metadata, where)
+            self.state.check_shards(shards, metadata, where, self.config.checkpoint.cast_dtype)
             try:
                 self.checkpointer.load_shards(info, metadata, shards)
             except CorruptCheckpointError as e:

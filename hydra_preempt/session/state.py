@@ -405,12 +405,15 @@ class StateRegistry:
         """Copies of this rank's part of `names` to read a checkpoint into, so that a failed read changes nothing."""
         return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, self.sharded_state(names))
 
-    def check_shards(self, template: dict[str, Any], metadata: Metadata, where: str) -> None:
-        """Every key of this run's sharded state is in the checkpoint, with the same global shape."""
+    def check_shards(self, template: dict[str, Any], metadata: Metadata, where: str, cast: bool = False) -> None:
+        """Every key of this run's sharded state is in the checkpoint, with the same global shape and,
+        unless `cast` (checkpoint.cast_dtype), the same dtype: a float32 checkpoint loaded into a
+        bfloat16 model is no exact resume."""
         flat, _ = flatten_state_dict(template)
         saved = metadata.state_dict_metadata
         problems = [f"{key}: not in the checkpoint" for key in sorted(flat.keys() - saved.keys())]
         problems += [f"{key}: only in the checkpoint" for key in sorted(saved.keys() - flat.keys())]
+        casts: list[str] = []
         for key in sorted(flat.keys() & saved.keys()):
             value, entry = flat[key], saved[key]
             if isinstance(value, torch.Tensor) != isinstance(entry, TensorStorageMetadata):
@@ -419,6 +422,10 @@ class StateRegistry:
                 problems.append(
                     f"{key}: shape {tuple(entry.size)} in the checkpoint, {tuple(value.size())} in this run"
                 )
+            elif isinstance(entry, TensorStorageMetadata) and not cast and value.dtype != entry.properties.dtype:
+                casts.append(f"{key} ({entry.properties.dtype} in the checkpoint, {value.dtype} in this run)")
+        if casts:
+            problems.append("another dtype (checkpoint.cast_dtype: true loads them cast): " + ", ".join(casts))
         if problems:
             raise CheckpointMismatchError(
                 f"{where}: the sharded state does not fit this run (nothing was loaded): " + "; ".join(problems)
