@@ -2,7 +2,8 @@
 
 Every rank writes its own part in parallel into the one checkpoint directory:
 
-    shard-00000.bin   raw little-endian tensor bytes (and JSON values) written by rank 0
+    shard-00000.bin   written by rank 0: a header (its rank, a digest of its items: shard_layout.py),
+                      then raw little-endian tensor bytes (and JSON values)
     shard-00001.bin   ... by rank 1 (a rank with nothing to write writes no file)
     shards.json       DCP's Metadata as JSON (dcp_metadata.py), written by rank 0
 
