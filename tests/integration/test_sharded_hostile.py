@@ -206,6 +206,15 @@ def test_export_takes_the_checkpoints_of_the_run_directory_it_is_given(tmp_path,
     assert not (tmp_path / "nowhere").exists()
     code, out, err = export(capsys, copy, tmp_path / "a.safetensors", "--force")
     assert code == 0, err
+
+    damaged = copy / "checkpoints" / "step-000000002" / "tensors.bin"  # one flipped byte in the newest
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 1
+    damaged.write_bytes(bytes(data))
+    before = listing(copy)
+    code, out, err = export(capsys, copy, tmp_path / "a.safetensors", "--force")
+    assert code == 0 and "from the checkpoint of step 1" in out, err
+    assert listing(copy) == before  # reported, not renamed
     if os.geteuid() != 0:
         (tmp_path / "locked").mkdir(mode=0o500)
         code, _, err = export(capsys, copy, tmp_path / "locked" / "x")
