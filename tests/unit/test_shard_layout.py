@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import xxhash
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
@@ -182,6 +182,12 @@ def leaves(node, path=()):
         yield path, node
 
 
+def find(document, path):
+    for key in path:
+        document = document[key]
+    return document
+
+
 replacements = st.one_of(
     st.integers(-3, 40),
     st.sampled_from([2**31, 2**40, 2**63, 10**400, -(10**400)]),
@@ -200,7 +206,14 @@ def test_random_edits_of_shards_json_never_load_other_values_and_never_crash(sav
         node = edited
         for key in path[:-1]:
             node = node[key]
-        node[path[-1]] = data.draw(replacements)
+        if data.draw(st.booleans()):
+            node[path[-1]] = data.draw(replacements)
+        else:  # remove an element of a list on the path (a chunk, a storage entry, a dimension)
+            lists = [p for p in (path[:i] for i in range(len(path))) if isinstance(find(edited, p), list)]
+            if lists:
+                container = find(edited, data.draw(st.sampled_from(lists)))
+                if container:
+                    container.pop(data.draw(st.integers(0, len(container) - 1)))
     target = tmp_path_factory.mktemp("edited")
     for name in files:
         if name != SHARDS_METADATA:
@@ -212,7 +225,9 @@ def test_random_edits_of_shards_json_never_load_other_values_and_never_crash(sav
         metadata = read_shards_metadata(target, signed)
     except ShardedFormatError as e:
         assert "\n" not in str(e)
+        event("refused")
         return
+    event("loaded")
     template = state()
     for value in template["model"].values():
         value.zero_()
