@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .errors import HydraPreemptError
+from .errors import HydraPreemptError, OutputWriteError
 from .outcome import ExitCode
 
 
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
     export.add_argument("--step", type=int, help="the checkpoint's step (default: the newest good checkpoint)")
     export.add_argument("--object", default="model", help="the registered object to export (default: model)")
+    export.add_argument("--force", action="store_true", help="replace --out if it exists")
     watch = sub.add_parser("monitor", help="follow jobs, classify their ends and requeue per the restart policy")
     watch.add_argument("dirs", type=Path, nargs="+", help="sweep directories or run directories")
     watch.add_argument("--interval", type=float, default=60.0, help="seconds between rounds (default 60)")
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from .checkpoint.export import export_weights
 
-            step, count = export_weights(args.run_dir, args.out, args.step, args.object)
+            step, count = export_weights(args.run_dir, args.out, args.step, args.object, args.force)
             print(f"wrote {count} tensors of {args.object!r} from the checkpoint of step {step} to {args.out}")
             return ExitCode.FINISHED
         if args.command == "monitor":
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             return validate_command(args)
         if args.command == "workflow":
             return workflow_command(args)
+    except OutputWriteError as e:  # the machine (disk full, I/O error), not the input
+        print(f"hydra-preempt: {e}", file=sys.stderr)
+        return ExitCode.FAILED
     except HydraPreemptError as e:
         print(f"hydra-preempt: {e}", file=sys.stderr)
         return ExitCode.USAGE

@@ -47,6 +47,7 @@ class CheckpointConfig:
     mode: str = "min"  # "min" or "max"
     emergency: bool = True  # save on an unhandled exception when the state is consistent
     async_save: bool = True  # periodic saves written in the background (stop saves are always waited for)
+    cast_dtype: bool = False  # load a model's tensors saved in another dtype, cast to this run's (not an exact resume)
 
     def validate(self) -> None:
         for key in ("every_steps", "every_seconds"):

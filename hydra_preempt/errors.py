@@ -21,6 +21,10 @@ class RunDirWriteError(HydraPreemptError):
     """A file of the run directory (result.json) could not be written (disk full, ...)."""
 
 
+class OutputWriteError(HydraPreemptError):
+    """A file a command was asked to write (export's --out) could not be written (disk full, I/O error)."""
+
+
 class CheckpointReadError(HydraPreemptError):
     """A verified checkpoint could not be read into this run; nothing was loaded, the checkpoint stays."""
 

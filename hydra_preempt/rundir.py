@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeGuard
 
-from .errors import CheckpointDirError, RunDirWriteError
+from .errors import CheckpointDirError, ConfigError, RunDirWriteError
 from .fsutil import (
     append_line_durably,
     atomic_write_text,
@@ -209,6 +209,39 @@ class RunHistory:
         """The checkpoint directory the latest start used."""
         found = next((e.get("checkpoint_dir") for e in reversed(self.starts) if e.get("checkpoint_dir")), None)
         return Path(found) if isinstance(found, str) else None
+
+
+def checkpoint_dir_of(run_dir: Path | str) -> Path:
+    """The checkpoint directory of the run in `run_dir`, found from `run_dir` itself.
+
+    The run log records the directory the latest start used and the run directory it ran in: a
+    checkpoint directory inside the run directory is taken relative to `run_dir` (the run was moved
+    or copied: the copy's own checkpoints), one outside it as recorded (an absolute checkpoint.dir).
+    A log written before the run directory was recorded names only an absolute path: if it is
+    outside `run_dir` and `run_dir` holds a directory of the same name, which one is meant is
+    ambiguous (ConfigError). No start recorded: RUN_DIR/checkpoints."""
+    run_dir = Path(run_dir)
+    start = next(
+        (e for e in reversed(RunHistory.read(run_dir).starts) if isinstance(e.get("checkpoint_dir"), str)), None
+    )
+    if start is None:
+        return run_dir / "checkpoints"
+    recorded = Path(start["checkpoint_dir"])
+    if isinstance(start.get("run_dir"), str):
+        try:
+            return run_dir / recorded.relative_to(start["run_dir"])
+        except ValueError:
+            return recorded
+    here = run_dir.absolute()
+    if recorded.is_relative_to(here) or recorded.is_relative_to(here.resolve()):
+        return recorded
+    local = run_dir / recorded.name
+    if local.is_dir() and recorded.is_dir():
+        raise ConfigError(
+            f"the run log of {run_dir} names checkpoint directory {recorded}, and {local} exists too: "
+            "which one holds this run's checkpoints is ambiguous; move the one that is not this run's away"
+        )
+    return local if local.is_dir() else recorded
 
 
 def read_result(run_dir: Path | str) -> dict[str, Any] | None:

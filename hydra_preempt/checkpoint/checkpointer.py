@@ -43,7 +43,7 @@ from ..config import CheckpointConfig
 from ..distributed import agree, broadcast_from_rank0, gather_to_rank0, world
 from ..errors import CheckpointDirError, CheckpointWriteError
 from ..fsutil import disk_full_hint
-from .layout import CHECKSUM, SHARDS_METADATA, CorruptCheckpointError, checkpoint_info, read_manifest
+from .layout import CorruptCheckpointError, checkpoint_info, read_manifest
 from .sharded import ShardedFormatError, ShardWriter, load_shards, read_shards_metadata, save_shards
 from .store import CheckpointInfo, CheckpointStore
 from .tree import HostStaging
@@ -171,7 +171,7 @@ class Checkpointer:
         try:
             load_shards(info.path, metadata, template)
         except (CheckpointException, OSError, ShardedFormatError) as e:
-            error = f"{info.path.name}: the sharded state cannot be read ({_first_line(e)})"
+            error = f"{info.path.name}: the sharded state cannot be read ({first_line(e)})"
         if agree([error is not None])[0]:
             raise CorruptCheckpointError(error or f"{info.path.name}: another rank could not read its shards")
 
@@ -238,7 +238,7 @@ class Checkpointer:
             try:
                 write.snapshot = Snapshot.capture(tree, self._staging)  # the state at this boundary, in host memory
             except Exception as e:  # surfaces at the next agreement, like a failed write: no rank is left waiting
-                write.error = f"could not stage the checkpoint of step {step}: {_first_line(e)}"
+                write.error = f"could not stage the checkpoint of step {step}: {first_line(e)}"
             target = self._write_tree
         self._background = write
         if write.snapshot is not None or write.writer is not None:
@@ -260,7 +260,7 @@ class Checkpointer:
             if tree is not None:
                 write.snapshot = Snapshot.capture(tree, self._staging)
         except Exception as e:  # every rank reaches the agreement below
-            error = f"could not stage the sharded state of step {write.step}: {_first_line(e)}"
+            error = f"could not stage the sharded state of step {write.step}: {first_line(e)}"
         if agree([error is not None])[0]:
             self._fail_sharded(tmp, error, write.step)
         return True
@@ -272,7 +272,7 @@ class Checkpointer:
             write.error = str(e)
         except OSError as e:
             write.error = (
-                f"could not write the checkpoint of step {write.step} in {self.store.directory}: {_first_line(e)}"
+                f"could not write the checkpoint of step {write.step} in {self.store.directory}: {first_line(e)}"
             )
         except Exception as e:  # a bug, not an I/O error: still one line, on every rank
             write.error = f"the background save of step {write.step} failed: {type(e).__name__}: {e}"
@@ -336,7 +336,7 @@ class Checkpointer:
                 try:
                     info = self.store.commit(w.tmp, w.snapshot, w.step, w.reason, w.metrics, files, list(w.sharded))
                 except Exception as e:  # every rank reaches the agreement below
-                    error = _first_line(e)
+                    error = first_line(e)
         if agree([error is not None])[0]:
             self._fail_sharded(w.tmp, error or w.error, w.step)
         return info or CheckpointInfo(
@@ -403,7 +403,7 @@ class Checkpointer:
                 if doomed:
                     self.store.apply_retention()  # index.json: the new latest; fewer checkpoints, none deleted
             except OSError as e:
-                log.error("could not set suspect checkpoints aside: %s", _first_line(e))
+                log.error("could not set suspect checkpoints aside: %s", first_line(e))
             latest = self.store.latest()
         step = broadcast_from_rank0(latest.step if latest else None)
         self.last = latest or (
@@ -444,13 +444,13 @@ class Checkpointer:
         try:
             files = save_shards(tmp, shards).files
         except (CheckpointException, OSError, RuntimeError, TypeError) as e:
-            error = f"could not write the sharded state of step {step} in {self.store.directory}: {_first_line(e)}"
+            error = f"could not write the sharded state of step {step} in {self.store.directory}: {first_line(e)}"
         info = None
         if rank == 0 and error is None:
             try:
                 info = self.store.commit(tmp, Snapshot.capture(tree), step, reason, metrics, files, list(shards))
             except Exception as e:  # every rank reaches the agreement below
-                error = _first_line(e)
+                error = first_line(e)
         if agree([error is not None])[0]:
             self._fail_sharded(tmp, error, step)
         return info or CheckpointInfo(
@@ -487,8 +487,7 @@ class Checkpointer:
 
 
 def _shards_metadata(path: Path) -> Metadata:
-    entry = read_manifest(path)["files"][SHARDS_METADATA]
-    return read_shards_metadata(path, entry["size"], entry[CHECKSUM])
+    return read_shards_metadata(path, read_manifest(path)["files"])
 
 
 def _decode_shards_metadata(path: Path, manifest: dict) -> None:
@@ -500,14 +499,14 @@ def _decode_shards_metadata(path: Path, manifest: dict) -> None:
             raise CorruptCheckpointError(str(e)) from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     if isinstance(e, CheckpointException):  # DCP gathers every rank's failure: name the first
         failures = getattr(e, "failures", {}) or {}
         if failures:
             rank, failure = sorted(failures.items())[0]
             if isinstance(failure, tuple) and failure and isinstance(failure[0], BaseException):
                 failure = failure[0]  # DCP wraps each as (exception, traceback summary)
-            return f"rank {rank}: {_first_line(failure)}"
+            return f"rank {rank}: {first_line(failure)}"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror + disk_full_hint(e)
     text = str(e).strip().splitlines()

@@ -1,39 +1,123 @@
 """Export a model's full weights from any checkpoint (single process, DDP or sharded) as safetensors.
 
-    hydra-preempt export RUN_DIR [--step N] [--object model] --out model.safetensors
+    hydra-preempt export RUN_DIR [--step N] [--object model] [--force] --out model.safetensors
 
-The checkpoint is verified first (sizes and checksums of every file); sharded
-state is read through the same pickle-free reader as a resume, reassembled
-into full tensors in this one process.
+Read-only: nothing in the run or its checkpoint directory is renamed, moved or written. The
+checkpoints are those of RUN_DIR (rundir.checkpoint_dir_of: a moved or copied run exports its
+own). The checkpoint is verified first (sizes and checksums of every file, and for sharded
+state the check of its metadata against the files, shard_layout.py); without --step, a
+checkpoint that fails is reported and the previous one taken. Sharded state is read through the
+same pickle-free reader as a resume, reassembled into full tensors in this one process. The
+output is written atomically: a temporary file beside it, fsynced, renamed over it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
-from ..errors import HydraPreemptError
-from ..rundir import RunHistory
-from .layout import CHECKSUM, SHARDS_METADATA, CorruptCheckpointError, read_manifest, step_dir_name
+from ..errors import HydraPreemptError, OutputWriteError
+from ..fsutil import fsync_dir
+from ..rundir import checkpoint_dir_of
+from .checkpointer import first_line
+from .layout import CorruptCheckpointError, complete_checkpoints, final_dirs, read_manifest, step_dir_name
 from .sharded import ShardedFormatError, empty_template, load_shards, read_shards_metadata
-from .store import CheckpointStore
 from .writer import read_checkpoint_files
 
+log = logging.getLogger("hydra_preempt.checkpoint")
 
-def export_weights(run_dir: Path, out: Path, step: int | None = None, name: str = "model") -> tuple[int, int]:
-    """Write `name`'s tensors from the checkpoint of `step` (default: the newest good one); (step, tensors)."""
-    directory = RunHistory.read(run_dir).checkpoint_dir or Path(run_dir) / "checkpoints"
-    path, tree, manifest = _verified(CheckpointStore(directory), step)
-    if name in (manifest.get("sharded") or []):
-        entry = manifest["files"][SHARDS_METADATA]
+
+def export_weights(
+    run_dir: Path, out: Path, step: int | None = None, name: str = "model", force: bool = False
+) -> tuple[int, int]:
+    """Write `name`'s tensors from the checkpoint of `step` (default: the newest good one); (step, tensors).
+
+    Raises HydraPreemptError (bad input: exit 2) or OutputWriteError (writing `out` failed: exit 1)."""
+    if step is not None and step < 0:
+        raise HydraPreemptError(f"--step {step}: a step is a number >= 0")
+    tmp = _claim_output(out, force)
+    try:
+        directory = checkpoint_dir_of(run_dir)
+        saved_step, tensors = _read(directory, step, name)
+        _write(tmp, out, tensors, saved_step)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return saved_step, len(tensors)
+
+
+def _claim_output(out: Path, force: bool) -> Path:
+    """Check `out` before anything is read, and create the temporary file the export is written to."""
+    if out.is_dir():
+        raise HydraPreemptError(f"--out {out} is a directory; name the file to write")
+    if os.path.lexists(out) and not force:
+        raise HydraPreemptError(f"--out {out} exists; pass --force to replace it")
+    if os.path.lexists(out) and not out.is_file():
+        raise HydraPreemptError(f"--out {out} exists and is not a regular file")
+    parent = out.parent
+    if not parent.is_dir():
+        what = "does not exist" if not os.path.lexists(parent) else "is not a directory"
+        raise HydraPreemptError(f"--out {out}: {parent} {what}")
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except OSError as e:
+        raise HydraPreemptError(f"--out {out} cannot be written: {e.strerror or e}") from None
+    return tmp
+
+
+def _write(tmp: Path, out: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        save_file(
+            {k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step)}
+        )
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except OSError as e:
+        raise OutputWriteError(f"could not write {out}: {e.strerror or e}") from None
+
+
+def _read(directory: Path, step: int | None, name: str) -> tuple[int, dict[str, torch.Tensor]]:
+    """`name`'s tensors from the checkpoint of `step`, or from the newest one that verifies."""
+    if step is not None:
+        path = directory / step_dir_name(step)
+        if not path.is_dir() or path.is_symlink():
+            steps = [info.step for info in complete_checkpoints(directory)]
+            raise HydraPreemptError(f"no checkpoint of step {step} in {directory}; its checkpoints: {steps}")
         try:
-            metadata = read_shards_metadata(path, entry["size"], entry[CHECKSUM])
+            return step, _tensors_of(path, name)
+        except CorruptCheckpointError as e:
+            raise HydraPreemptError(f"{path} is not a usable checkpoint: {e}") from None
+    for path in sorted(final_dirs(directory), key=lambda p: p.name, reverse=True):
+        try:
+            tensors = _tensors_of(path, name)
+        except CorruptCheckpointError as e:
+            log.warning("checkpoint %s is unusable (%s); trying the previous one (nothing is moved)", path.name, e)
+            continue
+        return int(read_manifest(path)["step"]), tensors
+    raise HydraPreemptError(f"no complete checkpoint in {directory}")
+
+
+def _tensors_of(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """Verify the checkpoint at `path` and read `name`'s full tensors. Raises CorruptCheckpointError for a
+    checkpoint that fails verification, HydraPreemptError for one without such a model."""
+    manifest = read_manifest(path)
+    tree = read_checkpoint_files(path, manifest)
+    if name in (manifest.get("sharded") or []):
+        try:
+            metadata = read_shards_metadata(path, manifest["files"])
             flat = empty_template(metadata, f"{name}.")
             load_shards(path, metadata, flat)
-        except (OSError, ShardedFormatError) as e:
-            raise HydraPreemptError(f"{path}: the sharded state cannot be read ({e})") from None
+        except (OSError, ShardedFormatError, CheckpointException) as e:
+            raise CorruptCheckpointError(f"the sharded state cannot be read ({first_line(e)})") from None
         tensors = {key.removeprefix(f"{name}."): value for key, value in flat.items()}
     else:
         objects = {**tree["objects"], **tree["ranks"][0]["objects"]}
@@ -41,36 +125,13 @@ def export_weights(run_dir: Path, out: Path, step: int | None = None, name: str 
             raise HydraPreemptError(
                 f"{path} holds no object {name!r}; it holds {sorted({*objects, *manifest.get('sharded', [])})}"
             )
-        tensors = _tensors(objects[name], name)
+        tensors = _module_tensors(objects[name], name)
     if not tensors:
         raise HydraPreemptError(f"{path}: {name!r} holds no tensors to export")
-    from safetensors.torch import save_file
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().contiguous().clone() for k, v in tensors.items()},
-        str(out),
-        metadata={"step": str(manifest["step"])},
-    )
-    return int(manifest["step"]), len(tensors)
+    return tensors
 
 
-def _verified(store: CheckpointStore, step: int | None) -> tuple[Path, Any, dict]:
-    if step is None:
-        loaded = store.load_latest()
-        if loaded is None:
-            raise HydraPreemptError(f"no complete checkpoint in {store.directory}")
-        info, tree = loaded
-        return info.path, tree, read_manifest(info.path)
-    path = store.directory / step_dir_name(step)
-    try:
-        manifest = read_manifest(path)
-        return path, read_checkpoint_files(path, manifest), manifest
-    except CorruptCheckpointError as e:
-        raise HydraPreemptError(f"{path} is not a usable checkpoint: {e}") from None
-
-
-def _tensors(state: Any, name: str) -> dict[str, torch.Tensor]:
+def _module_tensors(state: Any, name: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise HydraPreemptError(f"{name!r} is not a module's state (a mapping of names to tensors)")
     return state

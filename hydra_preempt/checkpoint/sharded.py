@@ -2,7 +2,8 @@
 
 Every rank writes its own part in parallel into the one checkpoint directory:
 
-    shard-00000.bin   raw little-endian tensor bytes (and JSON values) written by rank 0
+    shard-00000.bin   written by rank 0: a header (its rank, a digest of its items: shard_layout.py),
+                      then raw little-endian tensor bytes (and JSON values)
     shard-00001.bin   ... by rank 1 (a rank with nothing to write writes no file)
     shards.json       DCP's Metadata as JSON (dcp_metadata.py), written by rank 0
 
@@ -35,7 +36,7 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, SavePlan, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
@@ -43,15 +44,20 @@ from torch.futures import Future
 from ..fsutil import open_regular, read_regular
 from . import dcp_metadata
 from .layout import CHECKSUM, SHARD_FILE, SHARDS_METADATA
+from .shard_layout import (
+    HEADER_SIZE,
+    Item,
+    ShardedFormatError,
+    ShardHeader,
+    check_shard_layout,
+    file_rank,
+    items_digest,
+)
 from .tree import HostStaging
 from .writer import write_durably
 
 if sys.byteorder != "little":
     raise ImportError("the sharded checkpoint format stores raw little-endian tensor bytes")
-
-
-class ShardedFormatError(ValueError):
-    """The sharded part of a checkpoint does not decode (its checksums may still verify)."""
 
 
 # -- non-tensor values as JSON -------------------------------------------------------------------
@@ -175,13 +181,15 @@ class ShardWriter(StorageWriter):
             raise TypeError("sharded checkpoints are written with JsonSavePlanner (DCP's default pickles values)")
         name = str(plan.storage_data)
         spans = []
-        position = 0
+        items: list[Item] = []  # what this rank writes, for the file's header (shard_layout.py)
+        position = HEADER_SIZE
         views = []
         slots = 0  # staging buffers are numbered by tensor, so that they line up from one save to the next
         for item in plan.items:
             data = planner.resolve_data(item)
             if isinstance(data, io.BytesIO):
                 view = memoryview(data.getvalue())
+                items.append((item.index.fqn, None, None, "bytes", position, view.nbytes))
             else:
                 tensor = data
                 if self.staging is not None:  # a copy: training may change the tensor once this returns
@@ -191,12 +199,17 @@ class ShardWriter(StorageWriter):
                     tensor = staged
                 view = _tensor_bytes(tensor)
                 assert item.tensor_data is not None
-                expected = math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+                chunk, dtype = item.tensor_data.chunk, item.tensor_data.properties.dtype
+                expected = math.prod(chunk.sizes) * dtype.itemsize
                 if view.nbytes != expected:
                     raise RuntimeError(f"{item.index.fqn}: {view.nbytes} bytes, the plan says {expected}")
+                items.append(
+                    (item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes), str(dtype), position, view.nbytes)
+                )
             views.append(view)
             spans.append((item.index, position, view.nbytes))
             position += view.nbytes
+        views.insert(0, memoryview(ShardHeader(file_rank(name), items_digest(items)).to_bytes()))
         checksum = ""
         if self.staging is not None:
             self.staging.copied(slots)
@@ -261,8 +274,16 @@ def save_shards(directory: Path, state: dict[str, Any], staging: HostStaging | N
 
 
 # -- reading --------------------------------------------------------------------------------------
-def read_shards_metadata(directory: Path, size: int, checksum: str) -> Metadata:
-    """shards.json, checked against the manifest's size and checksum on the very bytes that are parsed."""
+def read_shards_metadata(directory: Path, files: dict[str, dict[str, Any]]) -> Metadata:
+    """shards.json, checked against the manifest's size and checksum on the very bytes that are parsed,
+    then against the files themselves (shard_layout.check_shard_layout) before any rank reads a byte.
+
+    `files`: the verified manifest's files (name -> size and checksum); the shard files' contents
+    are verified by whoever reads them (their checksums), their headers read here."""
+    entry = files.get(SHARDS_METADATA)
+    if entry is None:
+        raise ShardedFormatError(f"the manifest lists no {SHARDS_METADATA}")
+    size, checksum = entry["size"], entry[CHECKSUM]
     try:
         data = read_regular(directory / SHARDS_METADATA, size)
     except OSError as e:
@@ -272,34 +293,23 @@ def read_shards_metadata(directory: Path, size: int, checksum: str) -> Metadata:
     try:
         metadata = dcp_metadata.loads(data)
     except (ValueError, TypeError, RecursionError, UnicodeDecodeError) as e:
-        raise ShardedFormatError(f"{SHARDS_METADATA} does not decode ({e})") from None
-    _check_storage(metadata)
+        raise ShardedFormatError(f"{SHARDS_METADATA} does not decode ({_short(e)})") from None
+    headers = {}
+    for name in files:
+        if SHARD_FILE.fullmatch(name):
+            try:
+                f, _ = open_regular(directory / name)
+                with f:
+                    headers[name] = ShardHeader.from_bytes(f.read(HEADER_SIZE))
+            except OSError as e:
+                raise ShardedFormatError(f"{name} cannot be read ({e.strerror or e})") from None
+    check_shard_layout(metadata, {name: e["size"] for name, e in files.items()}, headers)
     return metadata
 
 
-def _check_storage(metadata: Metadata) -> None:
-    """Every chunk has one storage entry of exactly its byte length, in a shard file."""
-    storage = metadata.storage_data
-    if not isinstance(storage, dict):
-        raise ShardedFormatError(f"{SHARDS_METADATA} has no storage entries")
-    for index, info in storage.items():
-        if not SHARD_FILE.match(info.relative_path) or info.transform_descriptors:
-            raise ShardedFormatError(f"{SHARDS_METADATA}: bad storage entry for {index.fqn}")
-        entry = metadata.state_dict_metadata.get(index.fqn)
-        if entry is None:
-            raise ShardedFormatError(f"{SHARDS_METADATA}: storage entry for an unknown key {index.fqn}")
-        if isinstance(entry, TensorStorageMetadata):
-            chunk = next((c for c in entry.chunks if c.offsets == index.offset), None)
-            if chunk is None or info.length != math.prod(chunk.sizes) * entry.properties.dtype.itemsize:
-                raise ShardedFormatError(f"{SHARDS_METADATA}: storage entry of {index.fqn} fits no chunk")
-    for fqn, entry in metadata.state_dict_metadata.items():
-        keys = (
-            [MetadataIndex(fqn)]
-            if isinstance(entry, BytesStorageMetadata)
-            else [MetadataIndex(fqn, c.offsets) for c in entry.chunks]
-        )
-        if any(k not in storage for k in keys):
-            raise ShardedFormatError(f"{SHARDS_METADATA}: a part of {fqn} has no storage entry")
+def _short(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class ShardReader(StorageReader):

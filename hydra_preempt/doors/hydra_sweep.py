@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint.layout import latest_checkpoint
-from ..errors import HydraPreemptError
+from ..errors import ConfigError, HydraPreemptError
 from ..fsutil import atomic_write_text
 from ..gpumetrics import GPU_METRICS_FILE
 from ..gpumetrics import summarize as summarize_gpus
-from ..rundir import RUN_LOG, RunHistory, read_result
+from ..rundir import RUN_LOG, RunHistory, checkpoint_dir_of, read_result
 from ..slurm.commands import SlurmError, sacct_states, show_job, state_outcome
 
 MANIFEST = "sweep_manifest.json"
@@ -104,8 +104,10 @@ class RunStanding:
 
 def run_standing(run_dir: Path) -> RunStanding:
     history = RunHistory.read(run_dir)
-    checkpoint_dir = history.checkpoint_dir
-    latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+    try:
+        latest = latest_checkpoint(checkpoint_dir_of(run_dir)) if history.starts else None
+    except ConfigError:  # status reports what it can; export names the ambiguity
+        latest = None
     last_stop = history.last_stop
     return RunStanding(
         status=history.status,

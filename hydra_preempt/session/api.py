@@ -242,11 +242,12 @@ class Session:
         info, tree, metadata = loaded
         rank, size = world()
         where = str(info.path)
-        self.state.check(tree, info.sharded, rank, size, where)  # every check before anything is loaded
+        cast = self.config.checkpoint.cast_dtype
+        self.state.check(tree, info.sharded, rank, size, where, cast)  # every check before anything is loaded
         shards: dict[str, Any] = {}
         if metadata is not None:
             shards = self.state.sharded_template(info.sharded)
-            self.state.check_shards(shards, metadata, where)
+            self.state.check_shards(shards, metadata, where, cast)
             try:
                 self.checkpointer.load_shards(info, metadata, shards)
             except CorruptCheckpointError as e:

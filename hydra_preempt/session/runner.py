@@ -174,7 +174,11 @@ def _run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: Sessio
         identity = policy.identity
     run_log = RunLog(session.run_dir, identity) if world()[0] == 0 else None  # one run log per run, not per rank
     if run_log:
-        run_log.append("start", checkpoint_dir=str(session.checkpointer.store.directory.absolute()))
+        run_log.append(
+            "start",
+            checkpoint_dir=str(session.checkpointer.store.directory.absolute()),
+            run_dir=str(Path(session.run_dir).absolute()),  # so that a moved or copied run finds its own
+        )
     if config.watchdog.enabled:
         hang_decision = decide(failures, Status.HANG.value, history.failure_count(Status.HANG.value) + 1)
         session.watchdog.start(

@@ -367,8 +367,11 @@ class StateRegistry:
         }
         return {"objects": shared, "ranks": ranks, "session": {"step": step, "detector": detector}}
 
-    def check(self, tree: dict[str, Any], sharded: tuple[str, ...], rank: int, world_size: int, where: str) -> None:
-        """Raise CheckpointMismatchError if the checkpoint cannot be loaded into this run (nothing is loaded)."""
+    def check(
+        self, tree: dict[str, Any], sharded: tuple[str, ...], rank: int, world_size: int, where: str, cast: bool = False
+    ) -> None:
+        """Raise CheckpointMismatchError if the checkpoint cannot be loaded into this run (nothing is loaded);
+        `cast` (checkpoint.cast_dtype): a module's tensors of another dtype are loaded cast."""
         saved_ranks = len(tree["ranks"])
         if saved_ranks != world_size and self.per_rank:
             raise CheckpointMismatchError(
@@ -394,7 +397,10 @@ class StateRegistry:
                 f"{where}: {', '.join(orphans)} is sharded state of a module not registered here"
             )
         problems = [
-            p for name, obj in self.objects.items() if name not in sharded for p in _mismatches(name, obj, saved[name])
+            p
+            for name, obj in self.objects.items()
+            if name not in sharded
+            for p in _mismatches(name, obj, saved[name], cast)
         ]
         if problems:
             raise CheckpointMismatchError(
@@ -405,12 +411,15 @@ class StateRegistry:
         """Copies of this rank's part of `names` to read a checkpoint into, so that a failed read changes nothing."""
         return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, self.sharded_state(names))
 
-    def check_shards(self, template: dict[str, Any], metadata: Metadata, where: str) -> None:
-        """Every key of this run's sharded state is in the checkpoint, with the same global shape."""
+    def check_shards(self, template: dict[str, Any], metadata: Metadata, where: str, cast: bool = False) -> None:
+        """Every key of this run's sharded state is in the checkpoint, with the same global shape and,
+        unless `cast` (checkpoint.cast_dtype), the same dtype: a float32 checkpoint loaded into a
+        bfloat16 model is no exact resume."""
         flat, _ = flatten_state_dict(template)
         saved = metadata.state_dict_metadata
         problems = [f"{key}: not in the checkpoint" for key in sorted(flat.keys() - saved.keys())]
         problems += [f"{key}: only in the checkpoint" for key in sorted(saved.keys() - flat.keys())]
+        casts: list[str] = []
         for key in sorted(flat.keys() & saved.keys()):
             value, entry = flat[key], saved[key]
             if isinstance(value, torch.Tensor) != isinstance(entry, TensorStorageMetadata):
@@ -419,6 +428,10 @@ class StateRegistry:
                 problems.append(
                     f"{key}: shape {tuple(entry.size)} in the checkpoint, {tuple(value.size())} in this run"
                 )
+            elif isinstance(entry, TensorStorageMetadata) and not cast and value.dtype != entry.properties.dtype:
+                casts.append(f"{key} ({entry.properties.dtype} in the checkpoint, {value.dtype} in this run)")
+        if casts:
+            problems.append("another dtype (checkpoint.cast_dtype: true loads them cast): " + ", ".join(casts))
         if problems:
             raise CheckpointMismatchError(
                 f"{where}: the sharded state does not fit this run (nothing was loaded): " + "; ".join(problems)
@@ -542,7 +555,7 @@ def _checked_in_place(obj: Any) -> bool:
     return isinstance(obj, (torch.nn.Module, torch.optim.Optimizer, torch.amp.GradScaler))
 
 
-def _mismatches(name: str, obj: Any, saved: Any) -> list[str]:
+def _mismatches(name: str, obj: Any, saved: Any, cast: bool = False) -> list[str]:
     """Why `saved` cannot be loaded into `obj`, checked before anything is loaded. An object may say
     why itself, with a `check_state_dict(state) -> list[str]` method (ResumableLoader does)."""
     if callable(check := getattr(obj, "check_state_dict", None)):
@@ -552,6 +565,7 @@ def _mismatches(name: str, obj: Any, saved: Any) -> list[str]:
             return [f"{name}: the checkpoint holds {type(saved).__name__}, not a module's state dict"]
         current = obj.state_dict()
         problems = []
+        casts: list[str] = []
         if missing := sorted(current.keys() - saved.keys()):
             problems.append(f"{name}: keys missing from the checkpoint: {missing}")
         if unexpected := sorted(saved.keys() - current.keys()):
@@ -561,6 +575,10 @@ def _mismatches(name: str, obj: Any, saved: Any) -> list[str]:
                 problems.append(
                     f"{name}.{key}: shape {tuple(saved[key].shape)} in the checkpoint, {tuple(current[key].shape)} in this model"
                 )
+            elif isinstance(saved[key], torch.Tensor) and not cast and saved[key].dtype != current[key].dtype:
+                casts.append(f"{name}.{key} ({saved[key].dtype} in the checkpoint, {current[key].dtype} in this model)")
+        if casts:
+            problems.append("another dtype (checkpoint.cast_dtype: true loads them cast): " + ", ".join(casts))
         return problems
     if isinstance(obj, torch.optim.Optimizer):
         groups = saved.get("param_groups") if isinstance(saved, dict) else None

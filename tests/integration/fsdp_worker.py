@@ -3,7 +3,9 @@
     python -m tests.integration.fsdp_worker RUN_DIR STEPS OUT.json
 
 With FSDP_WORKER_EVERY=K, a periodic checkpoint every K steps (written in the
-background). With FSDP_WORKER_RANK_WITHOUT_WRITES=N, rank N may not write any file (its
+background); FSDP_WORKER_CHECKPOINT, JSON, sets more of the checkpoint section
+(keep_last, async_save, cast_dtype). FSDP_WORKER_DTYPE=bfloat16 (or another
+torch dtype) makes the model's parameters that dtype. With FSDP_WORKER_RANK_WITHOUT_WRITES=N, rank N may not write any file (its
 RLIMIT_FSIZE is 0 from its last step on, so
 every write fails with EFBIG): a real rank that cannot
 write its shard.
@@ -46,6 +48,8 @@ def train(session, steps: int, out: str) -> dict:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.GELU(), torch.nn.Linear(10, 3))
+    dtype = getattr(torch, os.environ.get("FSDP_WORKER_DTYPE", "float32"))
+    model.to(dtype)
     if dist.is_initialized():
         fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.01)
@@ -53,7 +57,7 @@ def train(session, steps: int, out: str) -> dict:
     session.restore()
     for step in session.steps(steps):
         g = torch.Generator().manual_seed(step * 100 + rank)
-        x = torch.randn(8, 6, generator=g)
+        x = torch.randn(8, 6, generator=g).to(dtype)
         loss = model(x).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -74,7 +78,8 @@ if __name__ == "__main__":
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
     every = int(os.environ.get("FSDP_WORKER_EVERY", "0")) or None  # periodic saves (in the background)
-    config = SessionConfig.from_mapping({"divergence": {"enabled": False}, "checkpoint": {"every_steps": every}})
+    checkpoint = {"every_steps": every, **json.loads(os.environ.get("FSDP_WORKER_CHECKPOINT", "{}"))}
+    config = SessionConfig.from_mapping({"divergence": {"enabled": False}, "checkpoint": checkpoint})
     outcome = run(lambda session: train(session, steps, out), run_dir, config)
     print(
         f"rank {dist.get_rank() if dist.is_initialized() else 0}: {outcome.status.value} at step {outcome.step}: {outcome.message}",

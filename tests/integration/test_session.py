@@ -225,6 +225,25 @@ def test_checkpoint_of_another_model_is_refused_naming_keys_and_nothing_lost(tmp
     assert "only in the checkpoint: ['data', 'optimizer', 'scheduler']" in outcome.message
 
 
+def test_checkpoint_of_another_dtype_is_refused_unless_a_cast_is_asked_for(tmp_path):
+    def linear(dtype):
+        def train(session):
+            model = torch.nn.Linear(2, 2).to(dtype)
+            session.register(model=model)
+            for _ in session.steps(2):
+                pass
+            return {"weight": model.weight.tolist()}
+
+        return train
+
+    saved = run(linear(torch.float32), tmp_path, config()).result
+    outcome = run(linear(torch.float64), tmp_path, config())
+    assert outcome.exit_code == ExitCode.USAGE
+    assert "model.weight (torch.float32 in the checkpoint, torch.float64 in this model)" in outcome.message
+    cast = run(linear(torch.float64), tmp_path, config(checkpoint={"cast_dtype": True}))
+    assert cast.exit_code == ExitCode.FINISHED and cast.result == saved  # float32 values, exactly, as float64
+
+
 def test_unwritable_run_directory_is_a_clear_usage_error(tmp_path):
     (tmp_path / "file").write_text("")
     outcome = run(trainer(5), tmp_path / "file" / "run", config())

@@ -28,3 +28,31 @@ def test_a_run_that_was_never_interrupted_has_no_marks():
     assert history(
         ("start", {}), ("stop", {"reason": "preempted", "checkpoint_step": None}), ("start", {})
     ).interruptions() == [(0, "preempted")]
+
+
+def test_the_checkpoint_directory_is_found_from_the_run_directory_given(tmp_path):
+    import pytest
+
+    from hydra_preempt.errors import ConfigError
+    from hydra_preempt.rundir import RunLog, checkpoint_dir_of
+
+    def run(name, **start):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        if start:
+            RunLog(run_dir).append("start", **start)
+        return run_dir
+
+    assert checkpoint_dir_of(run("never-started")) == tmp_path / "never-started" / "checkpoints"
+    original = str(tmp_path / "original")
+    copy = run("copy", checkpoint_dir=f"{original}/ckpt", run_dir=original)
+    assert checkpoint_dir_of(copy) == copy / "ckpt"  # inside the run: the copy's own
+    shared = run("shared", checkpoint_dir="/scratch/ckpt", run_dir=original)
+    assert str(checkpoint_dir_of(shared)) == "/scratch/ckpt"  # outside it: as recorded
+    # a log from before the run directory was recorded: only an absolute path
+    (tmp_path / "elsewhere" / "checkpoints").mkdir(parents=True)
+    old = run("old", checkpoint_dir=str(tmp_path / "elsewhere" / "checkpoints"))
+    assert checkpoint_dir_of(old) == tmp_path / "elsewhere" / "checkpoints"
+    (old / "checkpoints").mkdir()
+    with pytest.raises(ConfigError, match="ambiguous"):
+        checkpoint_dir_of(old)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -63,8 +64,7 @@ def test_a_real_metadata_round_trips_exactly(tmp_path):
 def test_sharded_state_reads_back_bit_for_bit(tmp_path):
     state = sample_state()
     files = save_shards(tmp_path, state).files
-    entry = files[SHARDS_METADATA]
-    metadata = read_shards_metadata(tmp_path, entry["size"], entry[CHECKSUM])
+    metadata = read_shards_metadata(tmp_path, files)
     template = sample_state()
     for t in (template["model"]["0.weight"], template["extra"]["ints"]):
         t.zero_()
@@ -88,22 +88,21 @@ def test_sharded_state_reads_back_bit_for_bit(tmp_path):
     ],
 )
 def test_malformed_metadata_is_refused_before_any_read(tmp_path, mutate):
-    save_shards(tmp_path, sample_state())
+    files = save_shards(tmp_path, sample_state()).files
     document = json.loads((tmp_path / SHARDS_METADATA).read_bytes())
     mutate(document)
     data = json.dumps(document).encode()
     (tmp_path / SHARDS_METADATA).write_bytes(data)
-    import xxhash
-
+    files[SHARDS_METADATA] = {"size": len(data), CHECKSUM: xxhash.xxh3_128_hexdigest(data)}
     with pytest.raises(ShardedFormatError):
-        read_shards_metadata(tmp_path, len(data), xxhash.xxh3_128_hexdigest(data))
+        read_shards_metadata(tmp_path, files)
 
 
 def test_metadata_that_does_not_match_the_manifest_is_not_parsed(tmp_path):
     files = save_shards(tmp_path, sample_state()).files
-    entry = files[SHARDS_METADATA]
+    files[SHARDS_METADATA] = {**files[SHARDS_METADATA], CHECKSUM: "0" * 32}
     with pytest.raises(ShardedFormatError, match="size and checksum"):
-        read_shards_metadata(tmp_path, entry["size"], "0" * 32)
+        read_shards_metadata(tmp_path, files)
 
 
 json_values = st.recursive(
