@@ -14,6 +14,12 @@ time since the last beat with the allowed time:
   allowance, `startup_s` unless given;
 - after the step loop ended: not watched (user code the session knows nothing of).
 
+Progress is measured in time the process could run: a wake-up of the thread that comes
+much later than it asked for (`stopped_time`) means the whole process was stopped
+(SIGSTOP/SIGCONT, SLURM's `scontrol suspend`, which sends exactly those) or not
+scheduled, and that gap is taken off the clock (`Watchdog.clock`), so a suspended job
+is not killed as hung when it resumes.
+
 When the time is up the thread calls `on_hang(HangReport)` once (the runner
 dumps the stacks, records the stop and ends the process) and ends. The thread
 takes no lock the training thread may hold: it reads plain attributes that
@@ -35,6 +41,21 @@ RECENT_STEPS = 100
 SLOWEST_STEP_FACTOR = 10.0
 # The thread looks at the clock this often (at most), and at least 20 times per allowance.
 MAX_POLL_S = 1.0
+# A wake-up later than its poll by more than this (and more than a poll again) is time the
+# process did not run (stopped or not scheduled): it does not count as waiting for progress.
+STOP_SLACK_S = 0.25
+
+
+def stopped_time(gap_s: float, poll_s: float) -> float:
+    """Seconds of a watchdog wake-up's `gap_s` (asked for: `poll_s`) the process did not run.
+
+    A thread that sleeps `poll_s` wakes within milliseconds of it while its process runs; a gap
+    beyond 2 x `poll_s` + STOP_SLACK_S means the process was stopped or not scheduled for all but
+    the `poll_s` it slept (a SIGSTOP lands mid-sleep at the earliest): that rest is returned.
+    Smaller gaps are scheduling jitter and count in full."""
+    if gap_s > 2 * poll_s + STOP_SLACK_S:
+        return gap_s - poll_s
+    return 0.0
 
 
 def hang_timeout(recent_steps: Sequence[float], timeout_s: Optional[float], min_timeout_s: float) -> float:
@@ -51,7 +72,7 @@ def hang_timeout(recent_steps: Sequence[float], timeout_s: Optional[float], min_
 @dataclass(frozen=True)
 class HangReport:
     phase: str  # "start-up", "step", "save", or the name of an announced phase
-    waited_s: float  # seconds since the last progress
+    waited_s: float  # seconds the process could run since the last progress (stopped time not counted)
     allowed_s: float  # the allowance that ran out
 
 
@@ -66,20 +87,31 @@ class Watchdog:
         self.min_timeout_s = min_timeout_s
         self.startup_s = startup_s
         self._recent: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
-        # (since, phase): progress last seen at `since` (time.monotonic()); phase None: not watched
-        self._mark: tuple[float, Optional[str]] = (time.monotonic(), "start-up")
+        # seconds the process was stopped (found by the thread alone, which writes it; a float store is atomic)
+        self._stopped_s = 0.0
+        # (since, phase): progress last seen at `since` (`clock()`); phase None: not watched
+        self._mark: tuple[float, Optional[str]] = (self.clock(), "start-up")
         self._allowances: dict[str, float] = {}  # announced phases (`phase`): name -> seconds allowed
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def clock(self) -> float:
+        """Monotonic seconds less the time the process was found stopped: the clock progress is measured in."""
+        return time.monotonic() - self._stopped_s
+
+    @property
+    def stopped_s(self) -> float:
+        """Seconds the process was found stopped (or not scheduled) since the watchdog was made."""
+        return self._stopped_s
+
     def start(self, on_hang: Callable[[HangReport], None]) -> None:
-        self._mark = (time.monotonic(), "start-up")
+        self._mark = (self.clock(), "start-up")
         self._thread = threading.Thread(target=self._watch, args=(on_hang,), name="hydra-preempt-watchdog", daemon=True)
         self._thread.start()
 
     def beat(self) -> None:
         """A step ended: the time since the previous beat is a step's duration (after a start-up or a save: not)."""
-        now = time.monotonic()
+        now = self.clock()
         since, phase = self._mark
         if phase == "step":
             self._recent.append(now - since)
@@ -90,11 +122,11 @@ class Watchdog:
         """A save: allowed `startup_s`; then the phase it interrupted goes on, its clock started again
         (a save before the first step leaves the start-up allowance to that step)."""
         phase = self._mark[1]
-        self._mark = (time.monotonic(), "save" if phase is not None else None)
+        self._mark = (self.clock(), "save" if phase is not None else None)
         try:
             yield
         finally:
-            self._mark = (time.monotonic(), phase)
+            self._mark = (self.clock(), phase)
 
     @contextlib.contextmanager
     def phase(self, name: str, allowed_s: Optional[float] = None) -> Iterator[None]:
@@ -105,11 +137,11 @@ class Watchdog:
         key = f"{name} (announced)"
         previous = self._allowances.get(key)
         self._allowances[key] = float(allowed_s) if allowed_s is not None else self.startup_s
-        self._mark = (time.monotonic(), key if outer is not None else None)
+        self._mark = (self.clock(), key if outer is not None else None)
         try:
             yield
         finally:
-            self._mark = (time.monotonic(), outer)
+            self._mark = (self.clock(), outer)
             if previous is None:
                 del self._allowances[key]
             else:
@@ -117,7 +149,7 @@ class Watchdog:
 
     def stop_watching(self) -> None:
         """The step loop ended: what follows is the training function's own business."""
-        self._mark = (time.monotonic(), None)
+        self._mark = (self.clock(), None)
 
     def close(self) -> None:
         self._closed.set()
@@ -131,13 +163,17 @@ class Watchdog:
 
     def _watch(self, on_hang: Callable[[HangReport], None]) -> None:
         poll = MAX_POLL_S
+        woke = time.monotonic()
         while not self._closed.wait(poll):
+            now = time.monotonic()
+            self._stopped_s += stopped_time(now - woke, poll)  # before judging: a resumed process is not hung
+            woke = now
             since, phase = self._mark
             if phase is None:
                 poll = MAX_POLL_S
                 continue
             allowed = self.allowance(phase)
-            waited = time.monotonic() - since
+            waited = self.clock() - since
             if waited > allowed and self._mark == (since, phase):  # no beat came while we looked
                 on_hang(HangReport(phase, waited, allowed))
                 return
