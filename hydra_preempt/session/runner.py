@@ -29,7 +29,7 @@ from ..outcome import EXIT_CODES, ExitCode, Outcome, Status
 from ..rundir import JobIdentity, RunHistory, RunLog
 from ..slurm.commands import SlurmError, requeue_job
 from ..slurm.env import SlurmTask, SrunStep
-from ..slurm.failures import FailureTable, RestartDecision, classify, decide
+from ..slurm.failures import FailureTable, RestartDecision, classify_exception, decide
 from ..slurm.policy import SlurmStopPolicy
 from ..slurm.stop import RequeueBudget, Requeuer
 from .api import RunStopped, Session
@@ -255,7 +255,7 @@ def _failed(step: int, message: str, trace: str, failures: FailureTable, history
     """The outcome of an exception in the training function: its failure class (from the traceback's
     text) and the restart policy's decision. A class to restart within its budget (an NCCL error)
     ends like a preemption: exit 75, requeued inside SLURM; any other fails, with the reason."""
-    name, evidence = classify(failures, None, None, Status.FAILED.value, trace)
+    name, evidence = classify_exception(failures, trace)
     decision = decide(failures, name, history.failure_count(name) + 1)
     code = ExitCode.REQUEUE if decision.restart else ExitCode.FAILED
     return Outcome(
