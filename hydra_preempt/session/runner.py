@@ -40,6 +40,8 @@ log = logging.getLogger("hydra_preempt")
 
 # A hung process ends after this long even if ending it cleanly blocks (scontrol, a flush).
 HANG_EXIT_BACKSTOP_S = 120.0
+# A hung process lets a background write in flight end for this long, so that it names the checkpoint on disk.
+HANG_WRITE_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -344,7 +346,7 @@ def _record_hang(
         os.write(2, f"hydra_preempt: cannot write {stacks} ({e.strerror or e}); the stacks:\n".encode())
         faulthandler.dump_traceback(2, all_threads=True)
         stacks_at = "the job's stderr"
-    checkpoint = session.last_checkpoint
+    checkpoint = session.checkpointer.standing(HANG_WRITE_WAIT_S)  # one a write in flight may have replaced
     where = f"the checkpoint of step {checkpoint.step} stands" if checkpoint else "no checkpoint yet"
     message = f"hang: {what}; stacks in {stacks_at}; nothing saved, {where}; {decision.reason}"
     os.write(2, f"hydra_preempt: {message}; ending the process (exit {code})\n".encode())

@@ -38,6 +38,11 @@ def train(session, max_steps, hang_at, release=None):
                 wait_for(release)
             else:
                 threading.Event().wait()  # a step that never ends: a lost collective, a stuck read
+        if "HANG_WORKER_ASYNC" in os.environ and step > 5 and step % 5:  # let the last background write land and settle
+            checkpoints = session.run_dir / "checkpoints"
+            while not any(checkpoints.glob(f"step-*{step - step % 5:09d}")):
+                threading.Event().wait(0.01)
+            threading.Event().wait(0.05)
         loss = model(x).pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -55,7 +60,9 @@ if __name__ == "__main__":
         dist.init_process_group("gloo")
     config = SessionConfig.from_mapping(
         {
-            "checkpoint": {"every_steps": 5, "async_save": False},
+            # HANG_WORKER_ASYNC: background saves, one checkpoint kept (a write may end during the hang)
+            "checkpoint": {"every_steps": 5, "async_save": "HANG_WORKER_ASYNC" in os.environ}
+            | ({"keep_last": 1} if "HANG_WORKER_ASYNC" in os.environ else {}),
             "watchdog": {"timeout_s": 2.0, "startup_s": 60.0},
         }
     )

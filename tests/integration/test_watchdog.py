@@ -57,6 +57,19 @@ def test_a_hung_step_ends_the_process_with_its_stacks_and_a_rerun_resumes(tmp_pa
     assert last["reason"] == "finished" and last["resumed_from"] == 10 and last["step"] == 20
 
 
+def test_the_hang_names_the_checkpoint_a_background_write_finished_during_it(tmp_path):
+    # step 10's state is written in the background as step 10 begins, and step 10 hangs: the write ends during
+    # the hang and retention (keep_last 1) deletes step 5, which the session still took for the last one
+    env = {**os.environ, "HANG_WORKER_ASYNC": "1"}
+    proc = start(tmp_path, 20, 10, env=env)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.HANG, output
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-000000010"]
+    stop = read_events(tmp_path)[-1]
+    assert stop["reason"] == "hang" and stop["step"] == 10 and stop["checkpoint_step"] == 10
+    assert "the checkpoint of step 10 stands" in stop["message"] and "step 10 stands" in output
+
+
 def stopped_in_step(run_dir, release, stop_s):
     """Start a run whose step 12 waits for `release`, stop the process for `stop_s` (SIGSTOP, as SLURM's
     suspend does) while it waits, continue it (SIGCONT); returns the process and when it was continued."""
