@@ -30,6 +30,7 @@ CLASSES = (
     "oom_host",
     "cuda_oom",
     "nccl",
+    "peer_lost",
     "cuda_error",
     "hang",
     "diverged",

@@ -50,6 +50,11 @@ HOST_OOM = (
 LAUNCH = "srun: error: Unable to create step for job 4242: Job/step already completing or completed"
 EXECVE = "slurmstepd: error: execve(): python: No such file or directory"
 NODE_FAIL = "slurmstepd: error: *** JOB 4242 ON gpu-07 CANCELLED AT 2026-11-27T10:00:00 DUE TO NODE FAILURE, SEE SLURMCTLD LOG ***"
+GLOO = (
+    "RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+    "[127.0.0.1]:52946. This is typically caused by a remote worker crashing."
+)
+GLOO_RESET = "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:598] Connection reset by peer"
 HANG = (
     "hydra_preempt: hang: no progress for 612 s in the step after step 1200; stacks in hang-stacks-20261127T100000.txt"
 )
@@ -71,6 +76,8 @@ HANG = (
         (EXECVE, "launch_failure", "execve(): python"),
         (NODE_FAIL, "node_fail", "DUE TO NODE FAILURE"),
         (HANG, "hang", "no progress for 612 s"),
+        (GLOO, "peer_lost", "Connection closed by peer"),
+        (GLOO_RESET, "peer_lost", "Connection reset by peer"),
     ],
 )
 def test_each_pattern_recognises_a_real_excerpt_of_a_failed_job(log_text, expected, quoted):
@@ -114,7 +121,7 @@ def test_nothing_matching_is_unknown_and_not_restarted():
 
 
 def test_restart_policy_defaults():
-    for name in ("node_fail", "nccl", "hang", "launch_failure", "killed"):
+    for name in ("node_fail", "nccl", "peer_lost", "hang", "launch_failure", "killed"):
         assert decide(TABLE, name, 1).restart, name
     for name in ("oom_host", "cuda_oom", "diverged", "cancelled", "user_exception", "cuda_error", "finished"):
         decision = decide(TABLE, name, 1)
@@ -254,3 +261,8 @@ def test_an_exception_inside_the_job_is_classified_from_the_end_of_its_traceback
         "user_exception",
         "run log: last stop failed",
     )
+
+
+def test_a_connection_reset_in_user_code_is_no_lost_peer():
+    trace = "urllib.error.URLError: <urlopen error [Errno 104] Connection reset by peer>\n"
+    assert classify_exception(TABLE, trace)[0] == "user_exception"
