@@ -17,8 +17,9 @@ time since the last beat with the allowed time:
 Progress is measured in time the process could run: a wake-up of the thread that comes
 much later than it asked for (`stopped_time`) means the whole process was stopped
 (SIGSTOP/SIGCONT, SLURM's `scontrol suspend`, which sends exactly those) or not
-scheduled, and that gap is taken off the clock (`Watchdog.clock`), so a suspended job
-is not killed as hung when it resumes.
+scheduled; that gap does not count as waiting for the progress last seen before it (a
+beat after the resume waits from then on), so a suspended job is not killed as hung when
+it resumes.
 
 When the time is up the thread calls `on_hang(HangReport)` once (the runner
 dumps the stacks, records the stop and ends the process) and ends. The thread
@@ -90,28 +91,19 @@ class Watchdog:
         # seconds the process was stopped (found by the thread alone, which writes it; a float store is atomic)
         self._stopped_s = 0.0
         # (since, phase): progress last seen at `since` (`clock()`); phase None: not watched
-        self._mark: tuple[float, Optional[str]] = (self.clock(), "start-up")
+        self._mark: tuple[float, Optional[str]] = (time.monotonic(), "start-up")
         self._allowances: dict[str, float] = {}  # announced phases (`phase`): name -> seconds allowed
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def clock(self) -> float:
-        """Monotonic seconds less the time the process was found stopped: the clock progress is measured in."""
-        return time.monotonic() - self._stopped_s
-
-    @property
-    def stopped_s(self) -> float:
-        """Seconds the process was found stopped (or not scheduled) since the watchdog was made."""
-        return self._stopped_s
-
     def start(self, on_hang: Callable[[HangReport], None]) -> None:
-        self._mark = (self.clock(), "start-up")
+        self._mark = (time.monotonic(), "start-up")
         self._thread = threading.Thread(target=self._watch, args=(on_hang,), name="hydra-preempt-watchdog", daemon=True)
         self._thread.start()
 
     def beat(self) -> None:
         """A step ended: the time since the previous beat is a step's duration (after a start-up or a save: not)."""
-        now = self.clock()
+        now = time.monotonic()
         since, phase = self._mark
         if phase == "step":
             self._recent.append(now - since)
@@ -122,11 +114,11 @@ class Watchdog:
         """A save: allowed `startup_s`; then the phase it interrupted goes on, its clock started again
         (a save before the first step leaves the start-up allowance to that step)."""
         phase = self._mark[1]
-        self._mark = (self.clock(), "save" if phase is not None else None)
+        self._mark = (time.monotonic(), "save" if phase is not None else None)
         try:
             yield
         finally:
-            self._mark = (self.clock(), phase)
+            self._mark = (time.monotonic(), phase)
 
     @contextlib.contextmanager
     def phase(self, name: str, allowed_s: Optional[float] = None) -> Iterator[None]:
@@ -137,11 +129,11 @@ class Watchdog:
         key = f"{name} (announced)"
         previous = self._allowances.get(key)
         self._allowances[key] = float(allowed_s) if allowed_s is not None else self.startup_s
-        self._mark = (self.clock(), key if outer is not None else None)
+        self._mark = (time.monotonic(), key if outer is not None else None)
         try:
             yield
         finally:
-            self._mark = (self.clock(), outer)
+            self._mark = (time.monotonic(), outer)
             if previous is None:
                 del self._allowances[key]
             else:
@@ -149,7 +141,7 @@ class Watchdog:
 
     def stop_watching(self) -> None:
         """The step loop ended: what follows is the training function's own business."""
-        self._mark = (self.clock(), None)
+        self._mark = (time.monotonic(), None)
 
     def close(self) -> None:
         self._closed.set()
@@ -164,17 +156,24 @@ class Watchdog:
     def _watch(self, on_hang: Callable[[HangReport], None]) -> None:
         poll = MAX_POLL_S
         woke = time.monotonic()
+        # the mark last looked at, and the seconds the process was stopped since it was set
+        credit: tuple[tuple[float, Optional[str]] | None, float] = (None, 0.0)
         while not self._closed.wait(poll):
             now = time.monotonic()
-            self._stopped_s += stopped_time(now - woke, poll)  # before judging: a resumed process is not hung
+            stopped = stopped_time(now - woke, poll)
             woke = now
-            since, phase = self._mark
+            mark = self._mark
+            since, phase = mark
+            if credit[0] is not mark:
+                credit = (mark, 0.0)
+            if stopped and since < now - stopped / 2:  # set before the stop (else after the resume): not waited
+                credit = (mark, credit[1] + stopped)
             if phase is None:
                 poll = MAX_POLL_S
                 continue
             allowed = self.allowance(phase)
-            waited = self.clock() - since
-            if waited > allowed and self._mark == (since, phase):  # no beat came while we looked
+            waited = now - since - credit[1]
+            if waited > allowed and self._mark is mark:  # no beat came while we looked
                 on_hang(HangReport(phase, waited, allowed))
                 return
             poll = min(MAX_POLL_S, allowed / 20)

@@ -122,3 +122,45 @@ def test_a_wake_up_long_after_its_poll_is_time_stopped_less_the_poll():
 def test_stopped_time_never_exceeds_the_gap_beyond_the_poll(gap, poll):
     stopped = stopped_time(gap, poll)
     assert 0.0 <= stopped <= max(gap - poll, 0.0)
+
+
+class JumpingClock:
+    """time.monotonic() that leaps forward on demand, as the watchdog sees a process that was stopped."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def monotonic(self):
+        return time.monotonic() + self.offset
+
+
+def jumping_dog(monkeypatch):
+    """A watchdog (0.5 s per step) whose clock leaps when told, after a first beat."""
+    import hydra_preempt.session.watchdog as module
+
+    clock = JumpingClock()
+    monkeypatch.setattr(module, "time", clock)
+    dog = Watchdog(0.5, 600.0, 30.0)
+    reports, fired = hang_reports(dog)
+    dog.beat()
+    return clock, dog, reports, fired
+
+
+def test_a_beat_right_after_a_stop_is_waited_from_and_a_later_hang_found_in_running_time(monkeypatch):
+    clock, dog, reports, fired = jumping_dog(monkeypatch)
+    clock.offset += 30.0  # stopped for 30 s while it waited ...
+    dog.beat()  # ... and the training thread beats before the watchdog thread wakes
+    began = time.monotonic()
+    assert fired.wait(10)  # then hangs: found after its 0.5 s, not after 30.5 s
+    dog.close()
+    assert time.monotonic() - began < 5 and reports[0].waited_s < 5
+
+
+def test_progress_seen_before_a_stop_is_not_a_hang_when_the_process_resumes(monkeypatch):
+    clock, dog, reports, fired = jumping_dog(monkeypatch)
+    clock.offset += 30.0  # stopped for 30 s in the middle of a step
+    time.sleep(0.2)  # the watchdog wakes (every 25 ms) and sees the gap: the step has run ~0.2 s
+    dog.beat()
+    dog.stop_watching()
+    dog.close()
+    assert reports == [] and not fired.is_set()
