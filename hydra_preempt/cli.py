@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     watch.add_argument("--interval", type=float, default=60.0, help="seconds between rounds (default 60)")
     watch.add_argument("--once", action="store_true", help="one round, then exit")
     watch.add_argument("--failures", type=Path, help="a failure table replacing the shipped one")
+    watch.add_argument(
+        "--patience",
+        type=positive_int,
+        default=10,
+        help="polls in a row without a usable answer from SLURM about a job before it is given up (default 10)",
+    )
     validate = sub.add_parser("validate", help="check the protocol on this machine: saves, signals, resume, disk")
     validate.add_argument(
         "--checkpoint-dir", type=Path, help="where checkpoints will go (default: a temporary directory)"
@@ -69,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             from .doors.monitor import monitor
             from .slurm.failures import FailureTable
 
-            return monitor(args.dirs, FailureTable.load(args.failures), args.interval, args.once)
+            return monitor(
+                args.dirs, FailureTable.load(args.failures), args.interval, args.once, patience=args.patience
+            )
         if args.command == "validate":
             return validate_command(args)
         if args.command == "workflow":
@@ -101,6 +109,14 @@ def positive_gb(text: str) -> float:
     """--state-gb: a finite number > 0 (argparse reports anything else in one line, exit 2)."""
     value = float(text)
     if not math.isfinite(value) or value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def positive_int(text: str) -> int:
+    """--patience: an integer > 0 (argparse reports anything else in one line, exit 2)."""
+    value = int(text)
+    if value <= 0:
         raise ValueError(text)
     return value
 

@@ -288,6 +288,18 @@ class Checkpointer:
         assert write.writer is not None
         write.files = write.writer.write_staged()
 
+    def standing(self, wait_s: float) -> CheckpointInfo | None:
+        """The newest checkpoint on disk, for a process about to end without a boundary (a hang): a
+        background write in flight may finish (up to `wait_s`; its retention may have deleted `last`
+        already) before the next boundary would have settled it. Takes no lock: safe on another
+        thread while the training thread is stuck."""
+        w = self._background
+        if w is not None and w.done is not None and w.tmp is None:  # a state tree, renamed by the writer itself
+            w.done.wait(wait_s)
+            if w.done.is_set() and w.error is None and w.info is not None:
+                return w.info
+        return self.last  # a sharded write is committed only at a boundary: it changes nothing on disk
+
     def background_flags(self) -> list[int]:
         """This rank's [write still in flight, write failed], to be agreed at a step boundary."""
         w = self._background

@@ -42,6 +42,9 @@ _ACTIVE = ("waiting", "running", "held")
 # A restart whose `scontrol requeue` failed this many times in a row is given up (the controller
 # forgot the job, MinJobAge, or the job may not be requeued): the monitor settles and says so.
 MAX_REQUEUE_ERRORS = 3
+# A job SLURM gives no usable answer about (sacct prints nothing, or lines that cannot be read)
+# this many polls in a row is no longer followed: the monitor says so and does not wait for it.
+UNKNOWN_PATIENCE = 10
 
 
 class MonitorBusyError(HydraPreemptError):
@@ -93,7 +96,7 @@ def run_events(history: RunHistory, run: JobRun) -> list[dict[str, Any]] | None:
 def parse_exit_code(value: str) -> int | None:
     """sacct's ExitCode 'code:signal' -> the code ('0:9' -> 0, a kill shows in the state)."""
     code = value.split(":")[0]
-    return int(code) if code.isdigit() else None
+    return int(code) if code.isdecimal() else None
 
 
 def judge(
@@ -106,8 +109,11 @@ def judge(
 ) -> Verdict:
     """What to do about a job whose latest run ended in `state`; `history` is its run log and
     `attempt` that run's part of it (run_events; None: the run never started)."""
-    if state_outcome(state) in _ACTIVE:
+    outcome = state_outcome(state)
+    if outcome in _ACTIVE or outcome == "unknown":  # a state the table lacks: still there, not judged
         return Verdict("wait")
+    if outcome == "elsewhere":
+        return Verdict("done", reason=f"{state}: the federation runs it on another cluster, not followed here")
     stops = [e for e in attempt or [] if e["event"] == "stop"]
     last_stop = stops[-1] if stops else None
     reason = str(last_stop.get("reason")) if last_stop else NO_STOP if attempt is not None else None
@@ -143,7 +149,7 @@ class Slurm:
         The controller's state wins while it says the job is active: sacct shows a job that SLURM
         itself requeues after a preemption as PREEMPTED (COMPLETING, then PENDING, in scontrol) until
         its next run is recorded (measured: 14 s on the test cluster), which is no end to judge."""
-        rows = sacct_runs(job_id)
+        rows = sacct_runs(job_id)  # SlurmError for an answer that cannot be read
         if not rows:
             return JobRun("UNKNOWN", None, 0)
         state, code, *raw = rows[-1]
@@ -209,10 +215,16 @@ def _lock(directory: Path) -> int:
 class Monitor:
     """Watches one directory (a sweep or a run); holds its lock from construction until close().
 
-    `jobs`: these jobs of the directory only (the Hydra launcher's, submitted now); default: all."""
+    `jobs`: these jobs of the directory only (the Hydra launcher's, submitted now); default: all.
+    `patience`: polls in a row without a usable answer from SLURM about a job before it is given up."""
 
     def __init__(
-        self, path: Path, table: FailureTable, scheduler: Scheduler, jobs: list[Watched] | None = None
+        self,
+        path: Path,
+        table: FailureTable,
+        scheduler: Scheduler,
+        jobs: list[Watched] | None = None,
+        patience: int = UNKNOWN_PATIENCE,
     ) -> None:
         self.path = Path(path)
         self.jobs = watched_jobs(self.path) if jobs is None else jobs
@@ -235,6 +247,10 @@ class Monitor:
             self.close()
             raise
         self._last_end: dict[str, str] = {}  # job id -> the end seen by the latest poll
+        self.patience = patience
+        self._unanswered: dict[str, int] = {}  # job id -> polls in a row without a usable answer
+        self.given_up: list[Watched] = []  # jobs no longer followed: no usable answer for `patience` polls
+        self._unknown_states: set[tuple[str, str]] = set()  # (end, state) already reported as unknown
 
     def _read_state(self) -> dict[str, Any]:
         try:
@@ -254,9 +270,14 @@ class Monitor:
 
     @property
     def settled(self) -> bool:
-        """Every job's latest end is judged and nothing is left to do (finished or stopped)."""
+        """Every job's latest end is judged and nothing is left to do (finished or stopped), or the job
+        was given up (SLURM gave no usable answer about it for `patience` polls)."""
         return all(
-            (j := self.state["judged"].get(self._last_end.get(job.job_id, ""))) is not None and j["action"] != "restart"
+            job in self.given_up
+            or (
+                (j := self.state["judged"].get(self._last_end.get(job.job_id, ""))) is not None
+                and j["action"] != "restart"
+            )
             for job in self.jobs
         )
 
@@ -266,10 +287,12 @@ class Monitor:
         now = time.time() if now is None else now
         lines = []
         for job in self.jobs:
+            if job in self.given_up:
+                continue
             try:
                 lines += self._poll_job(job, now)
-            except SlurmError as e:
-                lines.append(f"job {job.job_id} ({job.run_dir}): {e}")
+            except SlurmError as e:  # sacct failed, or its answer cannot be read
+                lines.append(self._unanswered_line(job, str(e)))
         atomic_write_text(self.state_path, json.dumps(self.state, indent=1, sort_keys=True))
         return lines
 
@@ -277,7 +300,8 @@ class Monitor:
         run = self.scheduler.latest(job.job_id)
         state = run.state
         if run.runs == 0:  # the accounting does not know the job (yet: sacct lags sbatch by a moment)
-            return []
+            return [self._unanswered_line(job, "sacct knows no run of it")]
+        self._unanswered.pop(job.job_id, None)
         end = self._last_end[job.job_id] = f"{job.job_id}/{run.runs}"  # one end per run of the job
         judged = self.state["judged"].get(end)
         log_offsets = self.state.setdefault("log_offsets", {})
@@ -286,6 +310,11 @@ class Monitor:
                 self.scheduler.log_text(job.job_id, log_offsets)
             if state_outcome(state) in _ACTIVE:
                 return []
+            if state_outcome(state) == "unknown":
+                if (end, state) in self._unknown_states:
+                    return []
+                self._unknown_states.add((end, state))
+                return [f"job {job.job_id} ({job.run_dir}): state {state!r} is not one the monitor knows; not judged"]
             history = RunHistory.read(job.run_dir)
             log_text = self.scheduler.log_text(job.job_id, log_offsets)
             verdict = judge(self.table, state, run.exit_code, history, log_text, run_events(history, run))
@@ -300,9 +329,8 @@ class Monitor:
                 )
             judged = {**asdict(verdict), "due": now + verdict.backoff_s, "requeued": False}
             self.state["judged"][end] = judged
-            lines = [
-                f"job {job.job_id} ({job.run_dir}) ended {state}: {verdict.failure} ({verdict.evidence}); {verdict.reason}"
-            ]
+            judgement = f": {verdict.failure} ({verdict.evidence})" if verdict.failure else ""
+            lines = [f"job {job.job_id} ({job.run_dir}) ended {state}{judgement}; {verdict.reason}"]
         else:
             lines = []
         if judged["action"] == "restart" and not judged["requeued"] and now >= judged["due"]:
@@ -326,20 +354,44 @@ class Monitor:
             lines.append(f"job {job.job_id} ({job.run_dir}): requeued")
         return lines
 
+    def _unanswered_line(self, job: Watched, why: str) -> str:
+        """One poll without a usable answer about `job`: counted; at `patience` in a row it is given up."""
+        count = self._unanswered[job.job_id] = self._unanswered.get(job.job_id, 0) + 1
+        if count < self.patience:
+            return f"job {job.job_id} ({job.run_dir}): {why} (poll {count}/{self.patience} without an answer)"
+        self.given_up.append(job)
+        return (
+            f"job {job.job_id} ({job.run_dir}): {why}, {count} polls in a row; no longer followed "
+            f"(see `sacct -j {job.job_id}`)"
+        )
+
 
 def monitor(
-    paths: list[Path], table: FailureTable, interval_s: float, once: bool, scheduler: Scheduler | None = None
+    paths: list[Path],
+    table: FailureTable,
+    interval_s: float,
+    once: bool,
+    scheduler: Scheduler | None = None,
+    patience: int = UNKNOWN_PATIENCE,
 ) -> int:
-    """Watch every directory until all their jobs are settled (or one round with `once`); print what is done."""
+    """Watch every directory until all their jobs are settled (or one round with `once`); print what is
+    done. 0 once every job is settled; 1 when SLURM gave no usable answer about some job for
+    `patience` polls in a row (the last line names them)."""
     monitors: list[Monitor] = []
     try:
         for path in paths:
-            monitors.append(Monitor(path, table, scheduler or Slurm()))
+            monitors.append(Monitor(path, table, scheduler or Slurm(), patience=patience))
         while True:
             for m in monitors:
                 for line in m.poll():
                     print(line, flush=True)
-            if once or all(m.settled for m in monitors):
+            if once:
+                return 0
+            if all(m.settled for m in monitors):
+                lost = [job.job_id for m in monitors for job in m.given_up]
+                if lost:
+                    print(f"monitor: ended; SLURM gave no usable answer about job(s) {', '.join(lost)}", flush=True)
+                    return 1
                 return 0
             time.sleep(interval_s)
     finally:

@@ -29,7 +29,7 @@ from ..outcome import EXIT_CODES, ExitCode, Outcome, Status
 from ..rundir import JobIdentity, RunHistory, RunLog
 from ..slurm.commands import SlurmError, requeue_job
 from ..slurm.env import SlurmTask, SrunStep
-from ..slurm.failures import FailureTable, RestartDecision, classify, decide
+from ..slurm.failures import FailureTable, RestartDecision, classify_exception, decide
 from ..slurm.policy import SlurmStopPolicy
 from ..slurm.stop import RequeueBudget, Requeuer, budget_exhausted
 from .api import RunStopped, Session
@@ -40,6 +40,8 @@ log = logging.getLogger("hydra_preempt")
 
 # A hung process ends after this long even if ending it cleanly blocks (scontrol, a flush).
 HANG_EXIT_BACKSTOP_S = 120.0
+# A hung process lets a background write in flight end for this long, so that it names the checkpoint on disk.
+HANG_WRITE_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,7 @@ def _failed(step: int, message: str, trace: str, failures: FailureTable, history
     """The outcome of an exception in the training function: its failure class (from the traceback's
     text) and the restart policy's decision. A class to restart within its budget (an NCCL error)
     ends like a preemption: exit 75, requeued inside SLURM; any other fails, with the reason."""
-    name, evidence = classify(failures, None, None, Status.FAILED.value, trace)
+    name, evidence = classify_exception(failures, trace)
     decision = decide(failures, name, history.failure_count(name) + 1)
     code = ExitCode.REQUEUE if decision.restart else ExitCode.FAILED
     return Outcome(
@@ -348,7 +350,7 @@ def _record_hang(
         os.write(2, f"hydra_preempt: cannot write {stacks} ({e.strerror or e}); the stacks:\n".encode())
         faulthandler.dump_traceback(2, all_threads=True)
         stacks_at = "the job's stderr"
-    checkpoint = session.last_checkpoint
+    checkpoint = session.checkpointer.standing(HANG_WRITE_WAIT_S)  # one a write in flight may have replaced
     where = f"the checkpoint of step {checkpoint.step} stands" if checkpoint else "no checkpoint yet"
     message = f"hang: {what}; stacks in {stacks_at}; nothing saved, {where}; {decision.reason}"
     os.write(2, f"hydra_preempt: {message}; ending the process (exit {code})\n".encode())

@@ -14,6 +14,13 @@ time since the last beat with the allowed time:
   allowance, `startup_s` unless given;
 - after the step loop ended: not watched (user code the session knows nothing of).
 
+Progress is measured in time the process could run: a wake-up of the thread that comes
+much later than it asked for (`stopped_time`) means the whole process was stopped
+(SIGSTOP/SIGCONT, SLURM's `scontrol suspend`, which sends exactly those) or not
+scheduled; that gap does not count as waiting for the progress last seen before it (a
+beat after the resume waits from then on), so a suspended job is not killed as hung when
+it resumes.
+
 When the time is up the thread calls `on_hang(HangReport)` once (the runner
 dumps the stacks, records the stop and ends the process) and ends. The thread
 takes no lock the training thread may hold: it reads plain attributes that
@@ -35,6 +42,21 @@ RECENT_STEPS = 100
 SLOWEST_STEP_FACTOR = 10.0
 # The thread looks at the clock this often (at most), and at least 20 times per allowance.
 MAX_POLL_S = 1.0
+# A wake-up later than its poll by more than this (and more than a poll again) is time the
+# process did not run (stopped or not scheduled): it does not count as waiting for progress.
+STOP_SLACK_S = 0.25
+
+
+def stopped_time(gap_s: float, poll_s: float) -> float:
+    """Seconds of a watchdog wake-up's `gap_s` (asked for: `poll_s`) the process did not run.
+
+    A thread that sleeps `poll_s` wakes within milliseconds of it while its process runs; a gap
+    beyond 2 x `poll_s` + STOP_SLACK_S means the process was stopped or not scheduled for all but
+    the `poll_s` it slept (a SIGSTOP lands mid-sleep at the earliest): that rest is returned.
+    Smaller gaps are scheduling jitter and count in full."""
+    if gap_s > 2 * poll_s + STOP_SLACK_S:
+        return gap_s - poll_s
+    return 0.0
 
 
 def hang_timeout(recent_steps: Sequence[float], timeout_s: Optional[float], min_timeout_s: float) -> float:
@@ -51,7 +73,7 @@ def hang_timeout(recent_steps: Sequence[float], timeout_s: Optional[float], min_
 @dataclass(frozen=True)
 class HangReport:
     phase: str  # "start-up", "step", "save", or the name of an announced phase
-    waited_s: float  # seconds since the last progress
+    waited_s: float  # seconds the process could run since the last progress (stopped time not counted)
     allowed_s: float  # the allowance that ran out
 
 
@@ -66,7 +88,9 @@ class Watchdog:
         self.min_timeout_s = min_timeout_s
         self.startup_s = startup_s
         self._recent: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
-        # (since, phase): progress last seen at `since` (time.monotonic()); phase None: not watched
+        # seconds the process was stopped (found by the thread alone, which writes it; a float store is atomic)
+        self._stopped_s = 0.0
+        # (since, phase): progress last seen at `since` (`clock()`); phase None: not watched
         self._mark: tuple[float, Optional[str]] = (time.monotonic(), "start-up")
         self._allowances: dict[str, float] = {}  # announced phases (`phase`): name -> seconds allowed
         self._closed = threading.Event()
@@ -131,14 +155,25 @@ class Watchdog:
 
     def _watch(self, on_hang: Callable[[HangReport], None]) -> None:
         poll = MAX_POLL_S
+        woke = time.monotonic()
+        # the mark last looked at, and the seconds the process was stopped since it was set
+        credit: tuple[tuple[float, Optional[str]] | None, float] = (None, 0.0)
         while not self._closed.wait(poll):
-            since, phase = self._mark
+            now = time.monotonic()
+            stopped = stopped_time(now - woke, poll)
+            woke = now
+            mark = self._mark
+            since, phase = mark
+            if credit[0] is not mark:
+                credit = (mark, 0.0)
+            if stopped and since < now - stopped / 2:  # set before the stop (else after the resume): not waited
+                credit = (mark, credit[1] + stopped)
             if phase is None:
                 poll = MAX_POLL_S
                 continue
             allowed = self.allowance(phase)
-            waited = time.monotonic() - since
-            if waited > allowed and self._mark == (since, phase):  # no beat came while we looked
+            waited = now - since - credit[1]
+            if waited > allowed and self._mark is mark:  # no beat came while we looked
                 on_hang(HangReport(phase, waited, allowed))
                 return
             poll = min(MAX_POLL_S, allowed / 20)

@@ -20,17 +20,25 @@ class SlurmError(HydraPreemptError):
     """A SLURM command failed; the message holds the scheduler's own words."""
 
 
-# Scheduler states -> what they mean for a run (explicit, as in snakemake-executor-plugin-slurm).
+# Scheduler states -> what they mean for a run (explicit, as in snakemake-executor-plugin-slurm):
+# every state of `man sacct` and `man squeue` (JOB STATE CODES). A state not in it is "unknown":
+# the job is taken as still there and not judged.
 JOB_STATE_OUTCOME: dict[str, str] = {
     "PENDING": "waiting",
     "CONFIGURING": "running",
     "RUNNING": "running",
     "COMPLETING": "running",
-    "SUSPENDED": "running",
+    "SUSPENDED": "running",  # its processes stopped (scontrol suspend, gang scheduling): it goes on later
+    "STOPPED": "running",  # stopped with SIGSTOP, allocation kept
+    "SIGNALING": "running",  # being signaled: whatever it leads to is a state of its own
+    "STAGE_OUT": "running",  # staging files out after its processes ended: the end state comes next
     "RESIZING": "running",
     "REQUEUED": "waiting",  # requeued: will run again
-    "REQUEUE_HOLD": "held",
     "REQUEUE_FED": "waiting",
+    "REQUEUE_HOLD": "held",
+    "RESV_DEL_HOLD": "held",  # its reservation was deleted: held until released
+    "SPECIAL_EXIT": "held",  # requeued in a special state (EpilogSlurmctld), held until released
+    "REVOKED": "elsewhere",  # a federation sibling removed because the job runs on another cluster
     "PREEMPTED": "preempted",  # final unless requeued (PreemptMode=CANCEL without self-requeue)
     "COMPLETED": "finished",
     "CANCELLED": "cancelled",
@@ -49,16 +57,20 @@ def state_outcome(state: str) -> str:
 
 
 def slurm_command(args: list[str], timeout: float = 30.0) -> str:
+    """The command's stdout, decoded with replacement: a job name or path in another encoding (a
+    Latin-1 byte) is a replacement character, never an error."""
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(args, capture_output=True, timeout=timeout)
     except FileNotFoundError:
         raise SlurmError(f"{args[0]} not found: SLURM's commands are not installed here") from None
     except subprocess.TimeoutExpired:
         raise SlurmError(f"{' '.join(args)} did not answer within {timeout:.0f} s") from None
+    stdout = done.stdout.decode(errors="replace")
     if done.returncode != 0:
-        text = (done.stderr.strip() or done.stdout.strip() or f"exit code {done.returncode}").replace("\n", "; ")
+        stderr = done.stderr.decode(errors="replace")
+        text = (stderr.strip() or stdout.strip() or f"exit code {done.returncode}").replace("\n", "; ")
         raise SlurmError(f"{args[0]}: {text}")
-    return done.stdout
+    return stdout
 
 
 _KEY = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=")
@@ -78,16 +90,21 @@ def parse_time(value: str | None) -> dt.datetime | None:
     if not value or value in ("None", "Unknown", "N/A", "(null)"):
         return None
     try:
-        return dt.datetime.fromisoformat(value)
+        when = dt.datetime.fromisoformat(value)
     except ValueError:
         return None
+    return when.astimezone().replace(tzinfo=None) if when.tzinfo else when  # local, as SLURM's own
+
+
+_DURATION = re.compile(r"(\d+-)?\d+(:\d+){0,2}")
 
 
 def parse_duration(value: str | None) -> float | None:
-    """'[days-]hours:minutes:seconds', 'minutes:seconds' or 'minutes' -> seconds; UNLIMITED -> None."""
-    if not value or value.upper() in ("UNLIMITED", "INFINITE", "NONE", "N/A", "PARTITION_LIMIT"):
+    """'[days-]hours:minutes:seconds', 'minutes:seconds' or 'minutes' -> seconds; UNLIMITED (or
+    anything else that is no duration) -> None."""
+    if not value or not _DURATION.fullmatch(value.strip()):
         return None
-    days, _, rest = value.rpartition("-")
+    days, _, rest = value.strip().rpartition("-")
     parts = [int(p) for p in rest.split(":")]
     if len(parts) == 1:
         seconds = parts[0] * 60
@@ -121,7 +138,7 @@ class JobInfo:
             start_time=parse_time(fields.get("StartTime")),
             end_time=parse_time(fields.get("EndTime")),
             time_limit_s=parse_duration(fields.get("TimeLimit")),
-            restarts=int(restarts) if restarts.isdigit() else 0,
+            restarts=int(restarts) if restarts.isdecimal() else 0,
             requeue=fields.get("Requeue", "0") == "1",
             qos=fields.get("QOS", ""),
             fields=dict(fields),
@@ -169,17 +186,33 @@ def parse_cluster_facts(config_text: str, qos_fields: str) -> ClusterFacts:
     return ClusterFacts(float(kill_wait[0]) if kill_wait else 30.0, parse_duration(grace) or 0.0, mode.upper())
 
 
+def parse_sacct(text: str, columns: int) -> list[list[str]]:
+    """`sacct -n -P` lines of at least `columns` fields with a state in the first -> their fields.
+
+    An answer with a line that is not such (no `|`, an empty state: `|||`) is no answer at all:
+    SlurmError naming the line, as skipping it would miscount a job's runs."""
+    rows = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        fields = line.split("|")
+        if len(fields) < columns or not fields[0].strip():
+            raise SlurmError(f"sacct's answer cannot be read: {line.strip()[:80]!r}")
+        rows.append([f.strip() for f in fields])
+    return rows
+
+
 def sacct_states(job_id: str) -> list[tuple[str, str]]:
     """(state, exit code) of every run of a job, requeues included, oldest first."""
     out = slurm_command(["sacct", "-j", str(job_id), "-D", "-X", "-n", "-P", "-o", "State,ExitCode"])
-    return [tuple(line.split("|")[:2]) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
+    return [(row[0], row[1]) for row in parse_sacct(out, 2)]
 
 
 def sacct_runs(job_id: str) -> list[list[str]]:
     """[state, exit code, raw job id] of every run of a job, requeues included, oldest first (the raw id
     is SLURM_JOB_ID inside the job: an array task's own number)."""
     out = slurm_command(["sacct", "-j", str(job_id), "-D", "-X", "-n", "-P", "-o", "State,ExitCode,JobIDRaw"])
-    return [line.split("|") for line in out.splitlines() if line.strip()]
+    return parse_sacct(out, 2)  # the raw id may be missing (older accounting records)
 
 
 def check_submission(qos: str | None, account: str | None, partition: str | None) -> None:

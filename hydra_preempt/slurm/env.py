@@ -101,4 +101,4 @@ def under_submitit_local(env: Mapping[str, str] | None = None) -> bool:
 
 
 def _int(value: str | None, default: int) -> int:
-    return int(value) if value and value.isdigit() else default
+    return int(value) if value and value.isdecimal() else default

@@ -3,7 +3,9 @@
 The table (failures.yaml in this package, or a user's file: `failures.table`)
 lists the classes in order, each with the rules that recognise it and its
 restart policy. `classify(slurm_state, exit_code, last_stop, log_text)` gives
-the first class whose rule matches, with the evidence; `decide(...)` says
+the class the evidence shows, taken in order (the run's own stop and SLURM's
+state, the exit code, then the end of the log only for a run that died
+without a word), with the evidence; `decide(...)` says
 whether a job of that class runs again, given how many times it already did.
 """
 
@@ -28,6 +30,7 @@ CLASSES = (
     "oom_host",
     "cuda_oom",
     "nccl",
+    "peer_lost",
     "cuda_error",
     "hang",
     "diverged",
@@ -40,6 +43,8 @@ NO_STOP = "none"  # the `last_stop` of a start that wrote no stop: its process d
 _KEYS = {"name", "last_stops", "slurm_states", "exit_codes", "log_patterns", "restart", "max_restarts", "backoff_s"}
 # Evidence quotes at most this much of a log line.
 _QUOTE = 200
+# The log patterns see only this many last lines of a run's log (`log_tail`).
+LOG_TAIL_LINES = 40
 
 
 @dataclass(frozen=True)
@@ -53,17 +58,8 @@ class FailureClass:
     max_restarts: Optional[int] = None  # None: no budget of its own (preemptions and time limits have theirs)
     backoff_s: float = 0.0
 
-    def evidence(
-        self, slurm_state: str | None, exit_code: int | None, last_stop: str | None, log_text: str
-    ) -> str | None:
-        """What in the inputs shows this class, or None."""
-        state = slurm_state.split()[0] if slurm_state else None
-        if last_stop is not None and last_stop in self.last_stops:
-            return "run log: this start wrote no stop" if last_stop == NO_STOP else f"run log: last stop {last_stop}"
-        if state is not None and state in self.slurm_states:
-            return f"SLURM state {state}"
-        if exit_code is not None and exit_code in self.exit_codes:
-            return f"exit code {exit_code}"
+    def log_evidence(self, log_text: str) -> str | None:
+        """The line of `log_text` a log pattern of this class matches, quoted, or None."""
         for pattern in self.log_patterns:
             found = pattern.search(log_text)
             if found:
@@ -72,6 +68,12 @@ class FailureClass:
                 line = log_text[start : end if end >= 0 else len(log_text)].strip()
                 return f"log: {line[:_QUOTE]}"
         return None
+
+
+def log_tail(log_text: str, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` non-blank lines of a run's log: where its last words are (the final traceback,
+    slurmstepd's and srun's lines after the process ended), not what it printed mid-run."""
+    return "\n".join([line for line in log_text.splitlines() if line.strip()][-lines:])
 
 
 @dataclass(frozen=True)
@@ -166,20 +168,50 @@ def classify(
     last_stop: str | None,
     log_text: str = "",
 ) -> tuple[str, str]:
-    """(class, evidence) of a job's end: the first class of the table that matches.
+    """(class, evidence) of a job's end, the evidence taken in order:
+
+    1. what the run recorded (its stop) and SLURM's state: the first class in table order that
+       lists either;
+    2. the exit code;
+    3. only when neither the run nor SLURM says why (a start without a stop, NO_STOP: its process
+       died without a word; or no start at all, None): the log's patterns over its last lines
+       (`log_tail`), never a line printed mid-run (an error the run recovered from);
+    4. a start without a stop that nothing explains: the class that lists NO_STOP (killed).
 
     `slurm_state` as sacct shows it ("CANCELLED by 1000"), None outside SLURM; `last_stop` the
-    reason of the run log's stop of this attempt (NO_STOP if it started and wrote none: killed; None
-    if nothing is known, e.g. it never started); `log_text`
-    the job's output of this attempt."""
+    reason of the run log's stop of this attempt (NO_STOP if it started and wrote none; None if
+    nothing is known, e.g. it never started); `log_text` the job's output of this attempt."""
+    stop = last_stop if last_stop != NO_STOP else None
+    state = slurm_state.split()[0] if slurm_state else None
     for failure in table.classes:
-        evidence = failure.evidence(slurm_state, exit_code, last_stop, log_text)
-        if evidence is not None:
-            return failure.name, evidence
+        if stop is not None and stop in failure.last_stops:
+            return failure.name, f"run log: last stop {stop}"
+        if state is not None and state in failure.slurm_states:
+            return failure.name, f"SLURM state {state}"
+    for failure in table.classes:
+        if exit_code is not None and exit_code in failure.exit_codes:
+            return failure.name, f"exit code {exit_code}"
+    if stop is None:  # died without a word, or never started: the end of its log may say why
+        tail = log_tail(log_text)
+        for failure in table.classes:
+            evidence = failure.log_evidence(tail)
+            if evidence is not None:
+                return failure.name, evidence
+    for failure in table.classes:
+        if last_stop == NO_STOP and NO_STOP in failure.last_stops:
+            return failure.name, "run log: this start wrote no stop"
     return (
         UNKNOWN,
         f"no rule of {table.source} matches (state {slurm_state}, exit code {exit_code}, last stop {last_stop})",
     )
+
+
+def classify_exception(table: FailureTable, trace: str) -> tuple[str, str]:
+    """(class, evidence) of an exception out of the training function, inside the job: the log
+    patterns over the end of its traceback (an NCCL error, a CUDA out-of-memory), else the class of
+    a `failed` stop (user_exception)."""
+    name, evidence = classify(table, None, None, None, trace)
+    return (name, evidence) if name != UNKNOWN else classify(table, None, None, "failed")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ background); FSDP_WORKER_CHECKPOINT, JSON, sets more of the checkpoint section
 torch dtype) makes the model's parameters that dtype. With FSDP_WORKER_RANK_WITHOUT_WRITES=N, rank N may not write any file (its
 RLIMIT_FSIZE is 0 from its last step on, so
 every write fails with EFBIG): a real rank that cannot
-write its shard.
+write its shard. With FSDP_WORKER_RANK_KILLED_IN_SAVE=N, rank N SIGKILLs itself as the
+final save begins writing its shard (a host OOM kill, a lost node, mid-save).
 
 Trains a small MLP sharded with FSDP2 over all ranks (no per-rank objects: its
 data are drawn from (step, rank)), then writes the SHA-256 of every full
@@ -30,6 +31,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from hydra_preempt import SessionConfig, run
+from hydra_preempt.checkpoint import checkpointer
 
 
 def full_state_hashes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, str]:
@@ -63,6 +65,12 @@ def train(session, steps: int, out: str) -> dict:
         loss.backward()
         optimizer.step()
         session.report(loss=loss.item())
+        if step == steps - 1 and os.environ.get("FSDP_WORKER_RANK_KILLED_IN_SAVE") == str(rank):
+
+            def killed(*_args, **_kwargs):
+                os.kill(os.getpid(), signal.SIGKILL)  # never returns
+
+            checkpointer.save_shards = killed
         if step == steps - 1 and os.environ.get("FSDP_WORKER_RANK_WITHOUT_WRITES") == str(rank):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
             resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # from the last step's save on

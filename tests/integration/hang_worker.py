@@ -1,6 +1,8 @@
 """A run whose training function blocks forever in a given step (started by test_watchdog.py).
 
-python -m tests.integration.hang_worker RUN_DIR MAX_STEPS [HANG_AT_STEP]
+python -m tests.integration.hang_worker RUN_DIR MAX_STEPS [HANG_AT_STEP [RELEASE_FILE]]
+
+With RELEASE_FILE the step HANG_AT_STEP waits until that file exists instead of forever.
 
 A finished run writes its result (step and final parameters) to RUN_DIR/result.json.
 With WORLD_SIZE set (and RANK, MASTER_ADDR, MASTER_PORT), one rank of a gloo group: only the last rank hangs.
@@ -17,7 +19,12 @@ from hydra_preempt import SessionConfig, Status, run
 from hydra_preempt.rundir import write_result
 
 
-def train(session, max_steps, hang_at):
+def wait_for(release):
+    while not os.path.exists(release):
+        threading.Event().wait(0.02)
+
+
+def train(session, max_steps, hang_at, release=None):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -27,7 +34,15 @@ def train(session, max_steps, hang_at):
         last_rank = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
         if step == hang_at and session.resumed_from is None and last_rank:  # only the first start hangs
             print(f"blocking in step {step}", flush=True)
-            threading.Event().wait()  # a step that never ends: a lost collective, a stuck read
+            if release:
+                wait_for(release)
+            else:
+                threading.Event().wait()  # a step that never ends: a lost collective, a stuck read
+        if "HANG_WORKER_ASYNC" in os.environ and step > 5 and step % 5:  # let the last background write land and settle
+            checkpoints = session.run_dir / "checkpoints"
+            while not any(checkpoints.glob(f"step-*{step - step % 5:09d}")):
+                threading.Event().wait(0.01)
+            threading.Event().wait(0.05)
         loss = model(x).pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -40,15 +55,18 @@ def train(session, max_steps, hang_at):
 if __name__ == "__main__":
     run_dir, max_steps = sys.argv[1], int(sys.argv[2])
     hang_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    release = sys.argv[4] if len(sys.argv) > 4 else None
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
     config = SessionConfig.from_mapping(
         {
-            "checkpoint": {"every_steps": 5, "async_save": False},
+            # HANG_WORKER_ASYNC: background saves, one checkpoint kept (a write may end during the hang)
+            "checkpoint": {"every_steps": 5, "async_save": "HANG_WORKER_ASYNC" in os.environ}
+            | ({"keep_last": 1} if "HANG_WORKER_ASYNC" in os.environ else {}),
             "watchdog": {"timeout_s": 2.0, "startup_s": 60.0},
         }
     )
-    outcome = run(lambda session: train(session, max_steps, hang_at), run_dir, config)
+    outcome = run(lambda session: train(session, max_steps, hang_at, release), run_dir, config)
     print(f"{outcome.status.value} at step {outcome.step}", flush=True)
     if outcome.status == Status.FINISHED:
         write_result(run_dir, outcome.result)

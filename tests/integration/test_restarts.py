@@ -8,6 +8,7 @@ import torch.distributed as dist
 from hydra_preempt import ExitCode, JobContext, SessionConfig, Status, run
 from hydra_preempt.config import FailuresConfig
 from hydra_preempt.rundir import RunHistory, read_events
+from tests.integration.test_watchdog import start_ranks
 
 NCCL_TEXT = (
     "NCCL error in: ../torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:1970, unhandled system error "
@@ -100,3 +101,26 @@ def test_a_malformed_failure_table_is_a_usage_error_before_anything_runs(tmp_pat
     outcome = run(trainer(5, ValueError("never")), tmp_path / "run", config, NO_SLURM)
     assert outcome.exit_code == ExitCode.USAGE and "classes[0] (nccl): restart must be true or false" in outcome.message
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_is_the_loss_of_a_peer_and_the_run_restarts(tmp_path):
+    ranks = start_ranks(tmp_path, 20, 12)  # rank 1 blocks in step 12, rank 0 waits for it in the boundary's all-reduce
+    assert ranks[1].stdout is not None
+    for line in ranks[1].stdout:
+        if line.startswith("blocking in step 12"):
+            break
+    ranks[1].kill()  # SIGKILL: a host OOM kill, a lost node
+    output = ranks[0].communicate(timeout=120)[0]
+    ranks[1].wait(timeout=60)
+    assert ranks[0].returncode == ExitCode.REQUEUE, output
+    stop = read_events(tmp_path)[-1]
+    assert stop["reason"] == "failed" and stop["failure"] == "peer_lost", stop
+    assert stop["restart"] is True and stop["restart_reason"] == "peer_lost: restart (attempt 1/3)"
+    assert "gloo" in stop["evidence"] and "by peer" in stop["evidence"]
+
+    rerun = start_ranks(tmp_path, 20)
+    outputs = [p.communicate(timeout=120)[0] for p in rerun]
+    assert [p.returncode for p in rerun] == [ExitCode.FINISHED] * 2, outputs
+    last = read_events(tmp_path)[-1]
+    assert last["reason"] == "finished" and last["resumed_from"] == 10 and last["step"] == 20

@@ -171,3 +171,34 @@ def test_export_of_a_missing_object_or_step_is_one_line(tmp_path):
             cwd=ROOT,
         )
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_rank_killed_mid_save_is_the_loss_of_a_peer_and_the_run_restarts(tmp_path):
+    """Rank 1 of a 2-rank FSDP2 run is SIGKILLed as the final save writes its shard (a host OOM kill):
+    rank 0 ends like a preemption, class peer_lost (was user_exception, exit 1), and a rerun finishes."""
+    run_dir = tmp_path / "run"
+    port = str(free_port())
+    worker = ["-m", "tests.integration.fsdp_worker", str(run_dir), "3", str(tmp_path / "out.json")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *worker],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                **{"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2"},
+                "FSDP_WORKER_RANK_KILLED_IN_SAVE": "1",
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [ExitCode.REQUEUE, -9], outputs
+    stop = RunHistory.read(run_dir).stops[-1]
+    assert stop["failure"] == "peer_lost" and stop["restart_reason"] == "peer_lost: restart (attempt 1/3)", stop
+    assert checkpoints(run_dir) == []  # the save never completed: nothing that looks complete
+
+    run_worker(run_dir, 2, steps=3)  # the restart
+    assert [c.name for c in checkpoints(run_dir)] == ["step-000000003"]

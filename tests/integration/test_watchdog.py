@@ -1,6 +1,7 @@
 """The hang watchdog in a real process: a step that never ends is found, its stack dumped, the run restarts."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +55,58 @@ def test_a_hung_step_ends_the_process_with_its_stacks_and_a_rerun_resumes(tmp_pa
     assert rerun.returncode == ExitCode.FINISHED, output
     last = read_events(tmp_path)[-1]
     assert last["reason"] == "finished" and last["resumed_from"] == 10 and last["step"] == 20
+
+
+def test_the_hang_names_the_checkpoint_a_background_write_finished_during_it(tmp_path):
+    # step 10's state is written in the background as step 10 begins, and step 10 hangs: the write ends during
+    # the hang and retention (keep_last 1) deletes step 5, which the session still took for the last one
+    env = {**os.environ, "HANG_WORKER_ASYNC": "1"}
+    proc = start(tmp_path, 20, 10, env=env)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.HANG, output
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-000000010"]
+    stop = read_events(tmp_path)[-1]
+    assert stop["reason"] == "hang" and stop["step"] == 10 and stop["checkpoint_step"] == 10
+    assert "the checkpoint of step 10 stands" in stop["message"] and "step 10 stands" in output
+
+
+def stopped_in_step(run_dir, release, stop_s):
+    """Start a run whose step 12 waits for `release`, stop the process for `stop_s` (SIGSTOP, as SLURM's
+    suspend does) while it waits, continue it (SIGCONT); returns the process and when it was continued."""
+    proc = start(run_dir, 20, 12, release)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("blocking in step 12"):
+            break
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(stop_s)  # the suspension itself: longer than the step's allowance (timeout_s=2)
+    proc.send_signal(signal.SIGCONT)
+    return proc, time.monotonic()
+
+
+def test_time_stopped_does_not_count_as_a_hang(tmp_path):
+    release = tmp_path / "release"
+    proc, continued = stopped_in_step(tmp_path / "run", release, 4.0)
+    # the old clock had it hung at once; now the step has used well under its 2 s since it was continued
+    while time.monotonic() - continued < 1.0:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    release.touch()
+    output = proc.stdout.read()
+    assert proc.wait(timeout=60) == ExitCode.FINISHED, output
+    assert "hang" not in output
+    assert [e["reason"] for e in read_events(tmp_path / "run") if e["event"] == "stop"] == ["finished"]
+
+
+def test_after_a_stop_a_hang_is_still_found_in_the_time_the_process_ran(tmp_path):
+    proc, continued = stopped_in_step(tmp_path / "run", tmp_path / "never", 4.0)
+    output = proc.stdout.read()
+    assert proc.wait(timeout=60) == ExitCode.HANG, output
+    ran = time.monotonic() - continued
+    assert 1.0 < ran < 15, ran  # the 2 s allowance, less what the step ran before the stop, after SIGCONT
+    stop = read_events(tmp_path / "run")[-1]
+    assert stop["reason"] == "hang" and stop["step"] == 12
+    assert "no progress for 2 s" in stop["message"] or "no progress for 3 s" in stop["message"], stop["message"]
 
 
 def start_ranks(run_dir, *args):

@@ -3,7 +3,15 @@
 import pytest
 
 from hydra_preempt.errors import ConfigError
-from hydra_preempt.slurm.failures import UNKNOWN, FailureTable, classify, decide
+from hydra_preempt.slurm.failures import (
+    LOG_TAIL_LINES,
+    NO_STOP,
+    UNKNOWN,
+    FailureTable,
+    classify,
+    classify_exception,
+    decide,
+)
 
 TABLE = FailureTable.load()
 
@@ -42,6 +50,11 @@ HOST_OOM = (
 LAUNCH = "srun: error: Unable to create step for job 4242: Job/step already completing or completed"
 EXECVE = "slurmstepd: error: execve(): python: No such file or directory"
 NODE_FAIL = "slurmstepd: error: *** JOB 4242 ON gpu-07 CANCELLED AT 2026-11-27T10:00:00 DUE TO NODE FAILURE, SEE SLURMCTLD LOG ***"
+GLOO = (
+    "RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+    "[127.0.0.1]:52946. This is typically caused by a remote worker crashing."
+)
+GLOO_RESET = "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:598] Connection reset by peer"
 HANG = (
     "hydra_preempt: hang: no progress for 612 s in the step after step 1200; stacks in hang-stacks-20261127T100000.txt"
 )
@@ -63,10 +76,12 @@ HANG = (
         (EXECVE, "launch_failure", "execve(): python"),
         (NODE_FAIL, "node_fail", "DUE TO NODE FAILURE"),
         (HANG, "hang", "no progress for 612 s"),
+        (GLOO, "peer_lost", "Connection closed by peer"),
+        (GLOO_RESET, "peer_lost", "Connection reset by peer"),
     ],
 )
 def test_each_pattern_recognises_a_real_excerpt_of_a_failed_job(log_text, expected, quoted):
-    name, evidence = classify(TABLE, "FAILED", 1, "failed", log_text)
+    name, evidence = classify(TABLE, "FAILED", 1, NO_STOP, log_text)  # a job that died without a word
     assert name == expected
     assert evidence.startswith("log: ") and quoted in evidence
 
@@ -93,9 +108,10 @@ def test_states_exit_codes_and_stops_without_a_log(state, exit_code, last_stop, 
     assert classify(TABLE, state, exit_code, last_stop, "") == (expected, evidence)
 
 
-def test_a_specific_log_line_wins_over_a_generic_failure_and_a_node_failure_over_everything_in_the_log():
-    assert classify(TABLE, "FAILED", 1, "failed", "ValueError: bad batch\n" + NCCL)[0] == "nccl"
+def test_the_end_of_the_log_tells_why_a_job_died_without_a_word_and_a_node_failure_outranks_it():
+    assert classify(TABLE, "FAILED", 1, NO_STOP, "ValueError: bad batch\n" + NCCL)[0] == "nccl"
     assert classify(TABLE, "NODE_FAIL", 1, None, NCCL)[0] == "node_fail"
+    assert classify(TABLE, "NODE_FAIL", 1, NO_STOP, NCCL)[0] == "node_fail"
 
 
 def test_nothing_matching_is_unknown_and_not_restarted():
@@ -105,7 +121,7 @@ def test_nothing_matching_is_unknown_and_not_restarted():
 
 
 def test_restart_policy_defaults():
-    for name in ("node_fail", "nccl", "hang", "launch_failure", "killed"):
+    for name in ("node_fail", "nccl", "peer_lost", "hang", "launch_failure", "killed"):
         assert decide(TABLE, name, 1).restart, name
     for name in ("oom_host", "cuda_oom", "diverged", "cancelled", "user_exception", "cuda_error", "finished"):
         decision = decide(TABLE, name, 1)
@@ -140,8 +156,8 @@ def test_a_users_table_replaces_the_shipped_one(tmp_path):
         "classes:\n  - name: nccl\n    log_patterns: ['my fabric broke']\n    restart: true\n    max_restarts: 1\n"
     )
     table = FailureTable.load(path)
-    assert classify(table, "FAILED", 1, "failed", "my fabric broke") == ("nccl", "log: my fabric broke")
-    assert classify(table, "FAILED", 1, "failed", NCCL)[0] == UNKNOWN
+    assert classify(table, "FAILED", 1, NO_STOP, "my fabric broke") == ("nccl", "log: my fabric broke")
+    assert classify(table, "FAILED", 1, NO_STOP, NCCL)[0] == UNKNOWN
     assert not decide(table, "nccl", 2).restart
 
 
@@ -176,3 +192,77 @@ def test_a_malformed_table_is_one_line_naming_the_entry(tmp_path, text, message)
 def test_a_missing_table_file_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="cannot be read"):
         FailureTable.load(tmp_path / "nope.yaml")
+
+
+# A run's log up to its end: steps, a recovered error printed mid-run, more steps.
+STEPS = "".join(f"step {i} loss 0.{i:03d}\n" for i in range(200))
+RECOVERED_CUDA_OOM = (
+    "warning: batch 77 skipped after torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB\n"
+)
+DATA_SAMPLE = "sample 3121: 'kernel: Out of memory: Killed process 4242 (python) total-vm:...'\n"
+RECOVERED_LAUNCH = "retrying the kernel after RuntimeError: CUDA error: unspecified launch failure\n"
+RECOVERED_NCCL = "[rank1]: retrying all_reduce after torch.distributed.DistBackendError: NCCL error in: ...\n"
+DISK_FULL = "hydra_preempt: checkpoint of step 400 could not be written: [Errno 28] No space left on device\n"
+
+
+def mid_run(line):
+    return STEPS + line + STEPS
+
+
+@pytest.mark.parametrize(
+    ("state", "exit_code", "last_stop", "log_text", "expected"),
+    [
+        # the review's cases: a recovered error printed mid-run never decides
+        ("FAILED", 0, NO_STOP, mid_run(RECOVERED_CUDA_OOM), "killed"),
+        ("FAILED", 0, NO_STOP, mid_run(DATA_SAMPLE), "killed"),
+        ("FAILED", 0, NO_STOP, mid_run(RECOVERED_LAUNCH), "killed"),
+        ("FAILED", 1, "failed", mid_run(RECOVERED_NCCL) + DISK_FULL, "user_exception"),
+        # a recorded stop is never overruled by log text, even at the end of the log
+        ("FAILED", 1, "failed", STEPS + NCCL, "user_exception"),
+        ("PREEMPTED", 0, "preempted", STEPS + NCCL_TIMEOUT, "preempted"),
+        ("COMPLETED", 0, "finished", STEPS + CUDA_OOM, "finished"),
+        ("CANCELLED by 1000", 0, "cancelled", STEPS + NCCL, "cancelled"),
+        ("FAILED", 76, "hang", STEPS + NCCL, "hang"),
+        ("FAILED", 3, "diverged", STEPS + DEVICE_ASSERT, "diverged"),
+        # SLURM's state outranks the log of a run that wrote no stop
+        ("OUT_OF_MEMORY", 0, NO_STOP, STEPS + NCCL, "oom_host"),
+        ("NODE_FAIL", 0, NO_STOP, STEPS + CUDA_OOM, "node_fail"),
+        ("TIMEOUT", 0, NO_STOP, STEPS + HOST_OOM, "timeout"),
+        # the exit code, then the end of the log of a run that died without a word
+        ("FAILED", 76, NO_STOP, STEPS + CUDA_OOM, "hang"),
+        ("FAILED", 0, NO_STOP, STEPS + HOST_OOM, "oom_host"),
+        ("FAILED", 1, NO_STOP, STEPS + CUDA_OOM, "cuda_oom"),
+        ("FAILED", 1, NO_STOP, STEPS + NCCL, "nccl"),
+        ("FAILED", 1, NO_STOP, STEPS + ILLEGAL, "cuda_error"),
+        ("FAILED", 0, NO_STOP, STEPS + NODE_FAIL, "node_fail"),
+        ("FAILED", 0, NO_STOP, STEPS, "killed"),
+        # a job that never started: only its log can say why
+        ("FAILED", 1, None, LAUNCH, "launch_failure"),
+        ("FAILED", 1, None, STEPS, UNKNOWN),
+    ],
+)
+def test_evidence_in_order_the_runs_stop_and_slurms_state_then_the_exit_code_then_the_logs_end(
+    state, exit_code, last_stop, log_text, expected
+):
+    assert classify(TABLE, state, exit_code, last_stop, log_text)[0] == expected
+
+
+def test_only_the_last_lines_of_the_log_are_read():
+    near = "".join(f"step {i}\n" for i in range(LOG_TAIL_LINES - 1))
+    assert classify(TABLE, "FAILED", 1, NO_STOP, NCCL_REMOTE + "\n" + near)[0] == "nccl"
+    assert classify(TABLE, "FAILED", 1, NO_STOP, NCCL_REMOTE + "\n" + near + "step 99\n")[0] == "killed"
+    assert classify(TABLE, "FAILED", 1, NO_STOP, NCCL_REMOTE + "\n" + near + "\n\n   \n")[0] == "nccl"  # blanks
+
+
+def test_an_exception_inside_the_job_is_classified_from_the_end_of_its_traceback():
+    assert classify_exception(TABLE, NCCL) == classify(TABLE, "FAILED", 1, NO_STOP, NCCL)
+    assert classify_exception(TABLE, CUDA_OOM)[0] == "cuda_oom"
+    assert classify_exception(TABLE, "Traceback (most recent call last):\nValueError: bad batch\n") == (
+        "user_exception",
+        "run log: last stop failed",
+    )
+
+
+def test_a_connection_reset_in_user_code_is_no_lost_peer():
+    trace = "urllib.error.URLError: <urlopen error [Errno 104] Connection reset by peer>\n"
+    assert classify_exception(TABLE, trace)[0] == "user_exception"

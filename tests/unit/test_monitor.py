@@ -75,7 +75,8 @@ def test_a_node_failure_is_requeued_after_its_backoff_once(tmp_path, monkeypatch
     run_dir = started_run(tmp_path)
     slurm = RecordedSlurm(monkeypatch, "")  # just submitted: not in the accounting yet
     monitor = Monitor(run_dir, TABLE, Slurm())
-    assert monitor.poll(now=990.0) == [] and not monitor.settled
+    assert monitor.poll(now=990.0) == [f"job {JOB} ({run_dir}): sacct knows no run of it (poll 1/10 without an answer)"]
+    assert not monitor.settled
     slurm.sacct = "RUNNING|0:0\n"
     assert monitor.poll(now=1000.0) == [] and not monitor.settled
 

@@ -92,3 +92,54 @@ def test_parameters_changed_outside_step_by_an_optimizer_of_another_library_are_
     start = r.step_start(0)
     optimizer.first_step()
     assert not r.unchanged_since(start)
+
+
+class Ema:
+    """A registered object that is no module: its state is tensors it updates in place, and a count."""
+
+    def __init__(self, numel):
+        self.shadow = torch.zeros(numel)
+        self.updates = 0
+        self.history = [0]
+
+    def update(self):
+        with torch.no_grad():
+            self.shadow.mul_(0.9).add_(1.0)
+        self.updates += 1
+        self.history.append(self.updates)
+
+    def state_dict(self):
+        return {"shadow": self.shadow, "updates": self.updates, "history": self.history}
+
+    def load_state_dict(self, state):
+        self.shadow.copy_(state["shadow"])
+        self.updates = state["updates"]
+        self.history = list(state["history"])
+
+
+def test_a_custom_objects_tensors_are_not_copied_at_a_step_start_and_its_other_state_is():
+    ema = Ema(1000)
+    r = registry(ema=ema)
+    start = r.step_start(0)
+    assert start.copied["ema"]["shadow"] is ema.shadow  # shared, not copied
+    ema.history.append(99)  # a list it changes in place: the copy holds the step's start
+    tree = r.tree_at(start, None)
+    assert tree["objects"]["ema"]["history"] == [0] and tree["objects"]["ema"]["updates"] == 0
+
+
+def test_a_custom_objects_tensor_changed_in_place_is_a_change():
+    ema = Ema(1000)
+    r = registry(ema=ema)
+    start = r.step_start(0)
+    assert r.unchanged_since(start)
+    ema.update()
+    assert not r.unchanged_since(start)
+
+
+def test_a_custom_objects_tensor_replaced_leaves_the_step_start_in_the_copy():
+    ema = Ema(4)
+    r = registry(ema=ema)
+    start = r.step_start(0)
+    ema.shadow = ema.shadow + 1.0  # a new tensor: the old one is the step's start, untouched
+    assert r.unchanged_since(start)
+    assert torch.equal(r.tree_at(start, None)["objects"]["ema"]["shadow"], torch.zeros(4))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from hydra_preempt.config import SessionConfig
 from hydra_preempt.errors import ConfigError
-from hydra_preempt.session.watchdog import HangReport, Watchdog, hang_timeout
+from hydra_preempt.session.watchdog import STOP_SLACK_S, HangReport, Watchdog, hang_timeout, stopped_time
 
 
 def test_timeout_is_the_configured_one_when_given():
@@ -105,3 +105,62 @@ def test_after_the_step_loop_nothing_is_watched():
 def test_a_non_positive_watchdog_time_is_refused_with_its_key(key):
     with pytest.raises(ConfigError, match=f"watchdog.{key} must be > 0"):
         SessionConfig.from_mapping({"watchdog": {key: 0}})
+
+
+def test_a_wake_up_on_time_or_with_jitter_counts_in_full():
+    assert stopped_time(1.0, 1.0) == 0.0
+    assert stopped_time(0.16, 0.15) == 0.0
+    assert stopped_time(2 * 0.15 + STOP_SLACK_S, 0.15) == 0.0
+
+
+def test_a_wake_up_long_after_its_poll_is_time_stopped_less_the_poll():
+    assert stopped_time(8.15, 0.15) == pytest.approx(8.0)  # SIGSTOP for 8 s during a 0.15 s poll
+    assert stopped_time(601.0, 1.0) == pytest.approx(600.0)
+
+
+@given(st.floats(0, 1e6), st.floats(0.001, 1.0))
+def test_stopped_time_never_exceeds_the_gap_beyond_the_poll(gap, poll):
+    stopped = stopped_time(gap, poll)
+    assert 0.0 <= stopped <= max(gap - poll, 0.0)
+
+
+class JumpingClock:
+    """time.monotonic() that leaps forward on demand, as the watchdog sees a process that was stopped."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def monotonic(self):
+        return time.monotonic() + self.offset
+
+
+def jumping_dog(monkeypatch):
+    """A watchdog (0.5 s per step) whose clock leaps when told, after a first beat."""
+    import hydra_preempt.session.watchdog as module
+
+    clock = JumpingClock()
+    monkeypatch.setattr(module, "time", clock)
+    dog = Watchdog(0.5, 600.0, 30.0)
+    reports, fired = hang_reports(dog)
+    dog.beat()
+    return clock, dog, reports, fired
+
+
+def test_a_beat_right_after_a_stop_is_waited_from_and_a_later_hang_found_in_running_time(monkeypatch):
+    clock, dog, reports, fired = jumping_dog(monkeypatch)
+    clock.offset += 30.0  # stopped for 30 s while it waited ...
+    dog.beat()  # ... and the training thread beats before the watchdog thread wakes
+    began = time.monotonic()
+    assert fired.wait(10)  # then hangs: found after its 0.5 s, not after 30.5 s
+    dog.close()
+    assert time.monotonic() - began < 5 and reports[0].waited_s < 5
+
+
+def test_progress_seen_before_a_stop_is_not_a_hang_when_the_process_resumes(monkeypatch):
+    clock, dog, reports, fired = jumping_dog(monkeypatch)
+    clock.offset += 30.0  # stopped for 30 s in the middle of a step
+    time.sleep(0.2)  # the watchdog wakes (every 25 ms) and sees the gap: the step has run ~0.2 s
+    dog.beat()
+    dog.stop_watching()
+    dog.close()
+    assert reports == [] and not fired.is_set()
