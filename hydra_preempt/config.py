@@ -50,6 +50,8 @@ class CheckpointConfig:
     cast_dtype: bool = False  # load a model's tensors saved in another dtype, cast to this run's (not an exact resume)
 
     def validate(self) -> None:
+        if not self.dir.strip():
+            raise ConfigError("checkpoint.dir must be a directory path, got ''")
         for key in ("every_steps", "every_seconds"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -145,7 +147,7 @@ class RequeueBudget:
         for name in ("max_preemptions", "max_timeouts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+                raise ConfigError(f"requeue.{name} must be an integer >= 0, got {value!r}")
 
 
 @dataclass
@@ -198,7 +200,7 @@ def _build(cls: type, mapping: Mapping[str, Any], prefix: str) -> Any:
 
 
 def _refuse_unknown(given: Any, known: set[str], prefix: str, what: str = "key") -> None:
-    unknown = sorted(set(given) - known)
+    unknown = sorted(str(k) for k in set(given) - known)  # a YAML key may be a number or a bool
     if unknown:
         raise ConfigError(
             f"unknown {what}(s) {', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(known))}"

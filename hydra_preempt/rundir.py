@@ -259,10 +259,20 @@ def _plain(value: Any) -> Any:
     return tolist() if callable(tolist) else str(value)
 
 
+def _string_keys(value: Any) -> Any:
+    """Mappings with str keys at every depth: JSON's keys are strings, and sorting mixed keys (0 and
+    'loss') would fail after the run's work is done."""
+    if isinstance(value, dict):
+        return {str(k): _string_keys(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_string_keys(v) for v in value]
+    return value
+
+
 def write_result(run_dir: Path | str, result: dict[str, Any]) -> Path:
     path = Path(run_dir) / RESULT_FILE
     try:
-        atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True, default=_plain))
+        atomic_write_text(path, json.dumps(_string_keys(result), indent=1, sort_keys=True, default=_plain))
     except OSError as e:
         raise RunDirWriteError(_write_failure(path, "write", e)) from None
     return path

@@ -48,6 +48,7 @@ def load_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
     entries = config.get("experiments")
     if not isinstance(entries, list) or not entries:
         raise ConfigError("experiments must be a non-empty list of {name, overrides} entries: the grid is empty")
+    _check_runs_dir(config.get("runs_dir", "runs/snakemake"))
     common = _overrides(config.get("common_overrides") or {}, "common_overrides")
     experiments: dict[str, Experiment] = {}
     for i, entry in enumerate(entries):
@@ -68,6 +69,23 @@ def load_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
             name, (*common, *_overrides(entry.get("overrides") or {}, f"{where} ({name}).overrides"))
         )
     return experiments
+
+
+# Characters Hydra's override grammar reads as syntax in an unquoted value (hydra.run.dir=RUNS_DIR/NAME)
+_OVERRIDE_SYNTAX = ",=[]{}()'\"$\\"
+
+
+def _check_runs_dir(runs_dir: Any) -> None:
+    """runs_dir reaches each job as hydra.run.dir=RUNS_DIR/NAME: refuse at parse time what the job's
+    Hydra would refuse when it starts."""
+    if not isinstance(runs_dir, str) or not runs_dir.strip():
+        raise ConfigError(f"runs_dir must be a non-empty path, got {runs_dir!r}")
+    bad = control_character(runs_dir) or next((repr(c) for c in runs_dir if c in _OVERRIDE_SYNTAX), None)
+    if bad:
+        raise ConfigError(
+            f"runs_dir {runs_dir!r} contains {bad}, which Hydra's override grammar reads as syntax in "
+            "hydra.run.dir=...: choose a path without , = [ ] { } ( ) quotes $ or backslash"
+        )
 
 
 @functools.cache

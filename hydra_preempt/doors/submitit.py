@@ -120,15 +120,17 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
 
 
 class PortableCallable:
-    """A callable that travels to a job with the folders its code was imported from.
+    """A callable that travels to a job with the folder its code was imported from.
 
     A job's python starts with only its working directory and PYTHONPATH on sys.path, so a function from
     a module found beside the submitting script (`python scripts/launch.py` importing scripts/my_train.py:
     the script's folder is first on its sys.path, not on the job's) could not be unpickled there
-    (ModuleNotFoundError). Pickled, this holds the function (cloudpickle) and those folders: the
-    submitting script's own (sys.path[0]) and the one the function's module came from. Unpickled, it adds
-    them after the job's own entries (never shadowing an installed module), then loads the function; if
-    that still fails, the error says in one line which module, from where, and what to do.
+    (ModuleNotFoundError). Pickled, this holds the function (cloudpickle) and that folder: its module's
+    sys.path entry, or, for a function of the script itself (pickled by value, but importing modules
+    beside it), the script's folder; never the interpreter's own directories (the standard library,
+    site-packages), which the job has. Unpickled, it appends the folder after the job's own entries
+    (never shadowing an installed module), then loads the function; if that fails, the error says in one
+    line what failed, where the code came from, and what to do.
     """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
@@ -138,8 +140,8 @@ class PortableCallable:
         return self.fn(*args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
-        roots = [import_root(self.fn), sys.path[0] if sys.path and os.path.isdir(sys.path[0]) else None]
-        return {"roots": [os.path.abspath(r) for r in dict.fromkeys(roots) if r], "fn": cloudpickle.dumps(self.fn)}
+        root = import_root(self.fn)
+        return {"roots": [root] if root else [], "fn": cloudpickle.dumps(self.fn)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for root in state["roots"]:
@@ -147,27 +149,34 @@ class PortableCallable:
                 sys.path.append(root)
         try:
             self.fn = pickle.loads(state["fn"])
-        except ImportError as e:
+        except Exception as e:  # a module gone, or changed since the submission (NameError, SyntaxError)
             raise HydraPreemptError(
-                f"the training function cannot be imported in the job: {e} (at submission its code came from "
-                f"{' and '.join(state['roots']) or 'an unknown folder'}); install its module, or make that folder "
-                "reachable from the nodes and put it on PYTHONPATH"
+                f"the training function cannot be loaded in the job: {type(e).__name__}: {e} (at submission its "
+                f"code came from {', '.join(state['roots']) or 'modules the job has'}); install its module, or "
+                "make that folder reachable from the nodes and put it on PYTHONPATH"
             ) from None
 
 
 def import_root(fn: Callable[..., Any]) -> str | None:
-    """The sys.path entry `fn`'s module was imported from (/x for module a.b in /x/a/b.py), or None for
-    a function pickled by value (defined in __main__) or of a module without a file."""
+    """The folder `fn`'s code was imported from: /x for a function of module a.b in /x/a/b.py, the
+    script's folder for one of the running script (__main__); None for the interpreter's own
+    directories (the standard library, site-packages) and for code without a file."""
     while isinstance(fn, functools.partial):
         fn = fn.func
     name = getattr(fn, "__module__", None) or type(fn).__module__
-    module = sys.modules.get(name)
-    file = getattr(module, "__file__", None)
-    if name == "__main__" or not file:
+    file = getattr(sys.modules.get(name), "__file__", None)
+    if not file:
         return None
     path = Path(os.path.abspath(file))
-    depth = name.count(".") + (1 if path.stem == "__init__" else 0)
-    return str(path.parents[depth])
+    depth = 0 if name == "__main__" else name.count(".") + (1 if path.stem == "__init__" else 0)
+    root = str(path.parents[depth])
+    interpreter = {os.path.abspath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    if any(root == p or root.startswith(p + os.sep) for p in interpreter) or Path(root).name in (
+        "site-packages",
+        "dist-packages",
+    ):
+        return None
+    return root
 
 
 def preemptible_executor(folder: str | Path, **settings: Any) -> submitit.AutoExecutor:

@@ -15,9 +15,12 @@ handler directly, with nothing in between that could die of it.
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 from pathlib import Path
+
+import yaml
 
 from ..errors import ConfigError
 from ..outcome import ExitCode
@@ -46,28 +49,61 @@ rule default:  # run everything without naming a target (Snakemake ignores an in
 """
 
 
+GRID_HEADER = """\
+# The experiment grid (docs/snakemake.md): each experiment is one run of train_script, given
+# hydra.run.dir=RUNS_DIR/NAME and its overrides, KEY: VALUE pairs of your app's own config.
+# Example:  experiments: [{name: lr-0.01, overrides: {optim.lr: 0.01}}, {name: lr-0.001, overrides: {optim.lr: 0.001}}]
+"""
+
+
+def starter_grid(script: str) -> str:
+    """A grid for `script` that names none of train.py's keys: one experiment, no overrides."""
+    grid = {
+        "train_script": script,
+        "runs_dir": "runs/snakemake",
+        "results_dir": "results/snakemake",
+        "runtime_min": 60,
+        "cpus_per_task": 1,
+        "mem_mb": 2000,
+        "gpus": 0,
+        "signal_lead_s": 30,
+        "common_overrides": {},
+        "experiments": [{"name": "baseline", "overrides": {}}],
+    }
+    return GRID_HEADER + yaml.safe_dump(grid, sort_keys=False)
+
+
 def init_workflow(directory: Path, script: str) -> list[Path]:
     """Write a starter workflow into `directory` for the training script `script` (a path as the rule
-    will run it, relative to the directory snakemake runs in). Refuses, before writing anything, to
-    overwrite a file that exists."""
-    grid = (WORKFLOW_DIR / "config" / "experiments.yaml").read_text()
-    if "train_script: train.py" not in grid:  # the packaged grid is the template; keep them in step
-        raise ConfigError(f"{WORKFLOW_DIR}/config/experiments.yaml has no 'train_script: train.py' line to replace")
-    files = {
-        directory / "Snakefile": STARTER_SNAKEFILE,
-        directory / "experiments.yaml": grid.replace("train_script: train.py", f"train_script: {script}", 1),
-    }
+    will run it, relative to the directory snakemake runs in). Refuses, before writing anything, a file
+    (or link) that exists where one would go; a write that fails removes what this call wrote."""
+    if not script or any(c in script for c in "\n\r\0"):
+        raise ConfigError(f"--script must be a file name without line breaks, got {script!r}")
+    files = {directory / "Snakefile": STARTER_SNAKEFILE, directory / "experiments.yaml": starter_grid(script)}
     for profile in PROFILES:
         files[directory / profile / "config.v8+.yaml"] = (
             WORKFLOW_DIR / "profiles" / profile / "config.v8+.yaml"
         ).read_text()
-    existing = [str(path) for path in files if path.exists()]
+    existing = [str(path) for path in files if os.path.lexists(path)]
     if existing:
         raise ConfigError(f"{', '.join(existing)} exist(s); nothing written (remove them or choose another directory)")
-    for path, text in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return list(files)
+    not_dirs = [
+        str(d) for d in {directory, directory / "local", directory / "slurm"} if os.path.lexists(d) and not d.is_dir()
+    ]
+    if not_dirs:
+        raise ConfigError(f"{', '.join(sorted(not_dirs))} exist(s) and are no directories; nothing written")
+    written: list[Path] = []
+    try:
+        for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "x") as f:  # never through a link made meanwhile
+                f.write(text)
+            written.append(path)
+    except OSError as e:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write the starter into {directory}: {e.strerror or e}; nothing kept") from None
+    return written
 
 
 def run_job(script: Path, run_dir: Path, overrides: list[str]) -> int:
@@ -85,7 +121,9 @@ def run_job(script: Path, run_dir: Path, overrides: list[str]) -> int:
         code: object = 0
     except SystemExit as e:
         code = e.code
-    if code in (0, None) and not (run_dir / RESULT_FILE).is_file():
+    # sys.exit(256) ends the process with status 0 too (the OS keeps the low 8 bits)
+    finished = code is None or (isinstance(code, int) and code % 256 == 0)
+    if finished and not (run_dir / RESULT_FILE).is_file():
         print(
             f"hydra-preempt workflow: {script} ended with exit 0 but wrote no {run_dir / RESULT_FILE}; the workflow "
             "needs it: train through hydra_preempt.run() or run_hydra_app() (they write the dict the training "
@@ -94,7 +132,7 @@ def run_job(script: Path, run_dir: Path, overrides: list[str]) -> int:
         )
         return ExitCode.FAILED
     if code is None or isinstance(code, int):
-        return code or 0
+        return (code or 0) % 256
     print(code, file=sys.stderr)  # sys.exit("message"), as python itself would
     return 1
 

@@ -39,7 +39,14 @@ from ..checkpoint.layout import CorruptCheckpointError
 from ..checkpoint.retention import RetentionPolicy
 from ..checkpoint.store import CheckpointInfo, CheckpointStore
 from ..config import SessionConfig
-from ..distributed import agree, broadcast_from_rank0, check_shared_directories, gather_to_rank0, world
+from ..distributed import (
+    agree,
+    broadcast_from_rank0,
+    check_same_directories,
+    check_shared_directories,
+    gather_to_rank0,
+    world,
+)
 from ..errors import CheckpointReadError, ConfigError, HydraPreemptError, RunDirWriteError
 from ..gpumetrics import GPU_METRICS_FILE, GpuSampler
 from ..outcome import Status
@@ -161,8 +168,10 @@ class Session:
     def prepare(self) -> None:
         """Under the run lock: clean what interrupted writes left, learn the run id, claim and check the
         checkpoint directory (a collective). Nothing in either directory is touched before the lock."""
+        directories = [self.run_dir, self.checkpointer.store.directory]
+        check_same_directories(directories)
         self.checkpointer.prepare(self._claim_run_dir)  # calls it on rank 0
-        check_shared_directories([self.run_dir, self.checkpointer.store.directory])
+        check_shared_directories(directories)
         self.run_id = broadcast_from_rank0(self.run_id)
         if self._gpu_sampler is not None:
             self._gpu_sampler.start()

@@ -101,7 +101,12 @@ def run(
         return _refused(ConfigError(why), run_dir)
     config = config or SessionConfig()
     job = job or current_job.get() or JobContext()
-    with srun_process_group(config.distributed, job.srun_step), console_log(config.progress.console):
+    with console_log(config.progress.console), contextlib.ExitStack() as group:
+        try:
+            group.enter_context(srun_process_group(config.distributed, job.srun_step))
+        except HydraPreemptError as e:
+            return _refused(e, run_dir)
+        group.enter_context(quiet_other_ranks())
         outcome = _run(train_fn, run_dir, config, job)
         log.info(
             "%s at step %d (exit code %d): %s", outcome.status.value, outcome.step, outcome.exit_code, outcome.message
@@ -111,27 +116,37 @@ def run(
 
 @contextlib.contextmanager
 def console_log(enabled: bool) -> Iterator[None]:
-    """While a run lasts, the library's records (progress, resumed, saved, stopped) come from rank 0 alone:
-    the other ranks keep WARNING and up, so that a job log holds each event once, not once per rank. If
-    the program has set up no logging of its own (no handler on the root logger or the library's), they
-    go to stderr: a plain script then shows them, as Lightning's and HF Trainer's do. A program that set
-    up logging gets them through its handlers alone, never twice."""
+    """While a run lasts, the library's records (progress, resumed, saved, stopped) go to stderr if the
+    program has set up no logging of its own (no handler on the root logger or the library's): a plain
+    script then shows them, as Lightning's and HF Trainer's do. A program that set up logging gets them
+    through its handlers alone, never twice."""
+    library = logging.getLogger("hydra_preempt")
+    if not enabled or logging.getLogger().handlers or library.handlers:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[hydra_preempt] %(message)s"))
+    level = library.level
+    library.addHandler(handler)
+    library.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_other_ranks() -> Iterator[None]:
+    """While a run lasts, the library's INFO records (resumed, saved, finished) come from rank 0 alone:
+    the other ranks keep WARNING and up, so that a job log holds each event once, not once per rank."""
     library = logging.getLogger("hydra_preempt")
     level = library.level
-    quiet = world()[0] != 0
-    handler = None
-    if enabled and not (logging.getLogger().handlers or library.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[hydra_preempt] %(message)s"))
-        library.addHandler(handler)
-        library.setLevel(logging.INFO)
-    if quiet:
+    if world()[0] != 0:
         library.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        if handler is not None:
-            library.removeHandler(handler)
         library.setLevel(level)
 
 

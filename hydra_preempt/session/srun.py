@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import DistributedConfig
+from ..errors import ConfigError
 from ..slurm.env import SrunStep
 
 log = logging.getLogger("hydra_preempt")
@@ -29,10 +30,17 @@ def srun_process_group(config: DistributedConfig, step: SrunStep | None) -> Iter
     if step is None or not config.srun or dist.is_initialized() or SrunStep.launched_by_torch():
         yield
         return
+    if not 0 <= step.rank < step.world_size:
+        raise ConfigError(
+            f"SLURM_PROCID={step.rank} is no task of an srun step of SLURM_STEP_NUM_TASKS={step.world_size}: "
+            "SLURM's variables do not describe this process (set distributed.srun: false to ignore them)"
+        )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(step.local_rank % torch.cuda.device_count())
     address = f"{step.first_host}:{step.port(config.port)}"
+    if step.rank == 0:
+        log.info("forming the process group of srun step %s.%s at %s", step.job_id, step.step_id, address)
     dist.init_process_group(backend, init_method=f"tcp://{address}", rank=step.rank, world_size=step.world_size)
     if step.rank == 0:
         log.info(

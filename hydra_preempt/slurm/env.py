@@ -64,11 +64,13 @@ class SrunStep:
 
     def port(self, configured: int | None) -> int:
         """The rendezvous port: configured, else 15000 + the job id's last 4 digits (as Lightning's
-        SLURMEnvironment), the same on every task without any exchange."""
+        SLURMEnvironment) + the step id, modulo 10000: the same on every task without any exchange, and
+        another for each step of a job (two steps may run at once)."""
         if configured is not None:
             return configured
-        digits = "".join(c for c in self.job_id if c.isdigit())[-4:]
-        return 15000 + int(digits or "0")
+        digits = "".join(c for c in self.job_id if c.isascii() and c.isdigit())[-4:]
+        step = int(self.step_id) if self.step_id.isascii() and self.step_id.isdecimal() else 0
+        return 15000 + (int(digits or "0") + step) % 10000
 
     @staticmethod
     def launched_by_torch(env: Mapping[str, str] | None = None) -> bool:
@@ -85,7 +87,9 @@ def first_host(nodelist: str) -> str:
         if c == ",":
             break
         if c == "[":
-            end = nodelist.index("]", i)
+            end = nodelist.find("]", i)
+            if end < 0:  # not a host list SLURM writes: the text before the bracket
+                break
             host.append(re.split(r"[,-]", nodelist[i + 1 : end])[0])
             i = end + 1
             continue

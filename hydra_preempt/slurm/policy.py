@@ -70,8 +70,12 @@ class SlurmStopPolicy:
         preempt_signal: str,
         timeout_signal: str,
         restart_decision: Callable[[str], RestartDecision] | None = None,
+        restarts_known: bool = True,
     ) -> None:
         self.task = task
+        # `restarts` read from the scheduler at the start (not SLURM_RESTART_COUNT, which a job step may
+        # lack): only then does a higher count at a stop say that SLURM requeued the job under us
+        self.restarts_known = restarts_known
         self.restart_decision = restart_decision
         self.facts = facts
         self.identity = JobIdentity(task.job_id, restarts)
@@ -92,16 +96,16 @@ class SlurmStopPolicy:
     ) -> SlurmStopPolicy:
         """Read the job's static facts now, not on the clock of a grace period. `restart_decision(name)`:
         the restart policy's decision for one more failure of class `name` (node_fail)."""
-        restarts = task.restart_count
+        restarts, known = task.restart_count, False
         try:
             job = show_job(task.job_id)
-            facts = cluster_facts(job.qos)
             # SLURM_RESTART_COUNT does not reach every job step (Snakemake's job step drops it)
-            restarts = job.restarts
+            restarts, known = job.restarts, True
+            facts = cluster_facts(job.qos)
         except SlurmError as e:
             log.warning("cannot read KillWait/GraceTime/PreemptMode (%s): assuming none", e)
             facts = ClusterFacts()
-        return cls(task, facts, restarts, stops, budget, preempt_signal, timeout_signal, restart_decision)
+        return cls(task, facts, restarts, stops, budget, preempt_signal, timeout_signal, restart_decision, known)
 
     def seconds_left(self) -> float | None:
         """Seconds until SLURM's SIGKILL: KillWait after the grace end (preemption) or the end time
@@ -125,7 +129,7 @@ class SlurmStopPolicy:
         except SlurmError as e:
             log.error("cannot ask SLURM what stopped the job (%s): treating it as a preemption", e)
             return dataclasses.replace(outcome, requeue_by=Requeuer.SELF.value)
-        if requeued_by_slurm(self.identity.restart_count, job.restarts, job.preempt_time):
+        if self.restarts_known and requeued_by_slurm(self.identity.restart_count, job.restarts, job.preempt_time):
             return self._node_failure(outcome, job.restarts)
         kind = classify_stop(
             outcome.signal,
@@ -149,7 +153,7 @@ class SlurmStopPolicy:
         reason = decision.reason if decision else "node_fail: restart"
         evidence = (
             f"scontrol: Restarts {self.identity.restart_count} -> {restarts_now} and no PreemptTime at the "
-            "SIGTERM: SLURM requeued the job (a node of it failed)"
+            f"{outcome.signal or 'stop'}: SLURM requeued the job (a node of it failed)"
         )
         return dataclasses.replace(
             outcome,

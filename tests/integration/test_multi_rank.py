@@ -79,3 +79,15 @@ def test_signal_to_one_rank_stops_all_and_resumes_exactly(tmp_path):
     result = json.loads((run_dir / "result.json").read_text())
     assert result["params_sha256"] == json.loads((reference / "result.json").read_text())["params_sha256"]
     assert result["resumed_from"] == stop[0]["step"]
+
+
+def test_ranks_given_different_checkpoint_directories_are_refused_on_every_rank(tmp_path):
+    """A per-rank path in the config (here through the environment): one line, exit 2, on both ranks,
+    before anything is written; no probe file left behind."""
+    override = f"checkpoint.dir={tmp_path}/ckpt-${{oc.env:RANK}}"
+    codes, out = finish(start_ranks(tmp_path / "run", [*TRAIN, override]))
+    assert codes == [2, 2], out
+    for output in out:
+        assert "the ranks were given different run or checkpoint directories" in output, output
+        assert "Traceback" not in output
+    assert not list(tmp_path.rglob(".shared-probe-*")) and not (tmp_path / "ckpt-0").exists()

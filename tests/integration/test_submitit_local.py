@@ -77,7 +77,9 @@ def test_a_module_the_job_cannot_import_is_named_in_one_message(tmp_path):
     done = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     message = done.stderr.strip().splitlines()[-1]
-    assert message.startswith("hydra_preempt.errors.HydraPreemptError: the training function cannot be imported")
+    assert message.startswith(
+        "hydra_preempt.errors.HydraPreemptError: the training function cannot be loaded in the job"
+    )
     assert "No module named 'gone_train'" in message and str(folder) in message and "PYTHONPATH" in message
 
 

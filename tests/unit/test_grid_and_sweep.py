@@ -66,6 +66,9 @@ def test_grid_builds_overrides_common_first():
         ({"experiments": [{"name": "a", "overrides": {"optim.lr": " ="}}]}, "is not a valid Hydra override"),
         ({"experiments": [{"name": "a", "overrides": {"optim.lr": "1\x00"}}]}, "must not contain a line break"),
         ({"experiments": ["a"]}, "experiments[0] must be a mapping"),
+        ({"runs_dir": "runs/a,b", "experiments": [{"name": "a"}]}, "runs_dir 'runs/a,b' contains ','"),
+        ({"runs_dir": "runs/${x}", "experiments": [{"name": "a"}]}, "contains '$'"),
+        ({"runs_dir": " ", "experiments": [{"name": "a"}]}, "runs_dir must be a non-empty path"),
     ],
 )
 def test_grid_errors_name_the_entry(config, message):

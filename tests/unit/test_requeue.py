@@ -176,3 +176,31 @@ def test_a_node_failure_is_node_fail_and_slurm_has_requeued(restart):
     assert (outcome.status, outcome.failure, outcome.requeue_by) == (Status.FAILED, "node_fail", Requeuer.DONE.value)
     assert outcome.exit_code == (ExitCode.REQUEUE if restart else ExitCode.FAILED)
     assert outcome.restart_reason == reason and "Restarts 0 -> 1" in outcome.evidence
+
+
+@pytest.mark.parametrize("known, status", [(True, "FAILED"), (False, "TIMEOUT")])
+def test_a_higher_restart_count_means_a_node_failure_only_if_the_start_read_it(monkeypatch, known, status):
+    """A time-limit warning in a job whose start could not ask scontrol (restart count unknown, taken as 0
+    from a step without SLURM_RESTART_COUNT): Restarts=2 at the stop is no evidence of a node failure."""
+    from hydra_preempt.outcome import ExitCode, Outcome, Status
+    from hydra_preempt.slurm import policy as policy_module
+    from hydra_preempt.slurm.env import SlurmTask
+    from hydra_preempt.slurm.policy import SlurmStopPolicy
+
+    start = (NOW - dt.timedelta(seconds=570)).strftime("%Y-%m-%dT%H:%M:%S")
+    job = JobInfo.from_fields({"JobId": "7", "JobState": "RUNNING", "Restarts": "2", "StartTime": start,
+                               "TimeLimit": "00:10:00", "PreemptTime": "None", "Requeue": "1"})  # fmt: skip
+    monkeypatch.setattr(policy_module, "show_job", lambda job_id: job)
+    monkeypatch.setattr(
+        policy_module.dt, "datetime", type("Frozen", (dt.datetime,), {"now": staticmethod(lambda: NOW)})
+    )
+    policy = SlurmStopPolicy(
+        SlurmTask("7", 0, 1, 0), ClusterFacts(), 0, {}, RequeueBudget(), "SIGTERM", "SIGUSR2", None, known
+    )
+    stopped = Outcome(Status.PREEMPTED, 120, ExitCode.REQUEUE, "SIGUSR2 received", signal="SIGUSR2")
+    outcome = policy.classify(stopped)
+    assert outcome.status is Status[status]
+    if not known:
+        assert outcome.requeue_by == Requeuer.SELF.value and outcome.failure is None
+    else:
+        assert outcome.failure == "node_fail" and "at the SIGUSR2" in outcome.evidence

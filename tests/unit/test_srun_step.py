@@ -29,6 +29,7 @@ STEP = {
         ("single", "single"),
         ("a[3]", "a3"),
         ("gpu[12,7-9]", "gpu12"),
+        ("gpu[07", "gpu"),  # not a list SLURM writes: no exception
     ],
 )
 def test_the_first_host_of_a_slurm_host_list(nodelist, host):
@@ -40,6 +41,8 @@ def test_a_task_of_a_step_of_four():
     assert step == SrunStep("4711", "0", rank=3, world_size=4, local_rank=1, first_host="gpu07")
     assert step.port(None) == 15000 + 4711 and step.port(29500) == 29500
     assert SrunStep("1234567", "0", 0, 2, 0, "h").port(None) == 15000 + 4567  # the last 4 digits
+    assert SrunStep("1234567", "3", 0, 2, 0, "h").port(None) == 15000 + 4570  # each step of a job its own
+    assert SrunStep("9999", "1", 0, 2, 0, "h").port(None) == 15000  # modulo 10000
 
 
 @pytest.mark.parametrize(
@@ -49,6 +52,7 @@ def test_a_task_of_a_step_of_four():
         {**STEP, "SLURM_STEP_NUM_TASKS": "1"},
         {k: v for k, v in STEP.items() if k != "SLURM_JOB_ID"},
         {},
+        {**STEP, "SLURM_STEP_NUM_TASKS": "²"},  # isdigit() but no int()
     ],
 )
 def test_no_step_of_several_tasks(env):
@@ -66,3 +70,13 @@ def test_the_config_keys():
     assert config.distributed.srun is False and config.distributed.port == 29500
     with pytest.raises(ConfigError, match=re.escape("distributed.port must be null or 1024..65535, got 80")):
         SessionConfig.from_mapping({"distributed": {"port": 80}})
+
+
+def test_a_rank_beyond_the_step_is_refused_before_any_rendezvous():
+    from hydra_preempt.config import DistributedConfig
+    from hydra_preempt.session.srun import srun_process_group
+
+    step = SrunStep("7", "0", rank=5, world_size=2, local_rank=0, first_host="h")
+    refused = pytest.raises(ConfigError, match="SLURM_PROCID=5 is no task of an srun step of SLURM_STEP_NUM_TASKS=2")
+    with refused, srun_process_group(DistributedConfig(), step):
+        pass

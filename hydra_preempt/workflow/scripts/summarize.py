@@ -24,6 +24,11 @@ def loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
     return [r["step"] for r in records], [r["loss"] for r in records]
 
 
+def markdown_cell(text: str) -> str:
+    """One table cell whatever the text holds: a | would split it, a line break would end the row."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def main(snakemake) -> None:
     rows = []
     figure, axes = plt.subplots(figsize=(7, 4.5))
@@ -32,7 +37,7 @@ def main(snakemake) -> None:
         result = json.loads(Path(result_path).read_text())
         history = RunHistory.read(run_dir)
         last_stop = history.last_stop or {}
-        scalars = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) and k not in FIXED}
+        scalars = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) and k not in (*FIXED, "overrides")}
         rows.append({"experiment": name, "step": result.get("step", last_stop.get("step")), "restarts": history.restarts,
                      "preemptions": history.stop_count("preempted"), **scalars, "overrides": overrides})
         steps, losses = loss_curve(run_dir)
@@ -58,11 +63,11 @@ def main(snakemake) -> None:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(markdown_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         values = [row.get(c, "") for c in columns]
         cells = [f"{v:.6g}" if isinstance(v, float) else f"`{v}`" if c == "overrides" else str(v) for c, v in zip(columns, values)]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(markdown_cell(c) for c in cells) + " |")
     Path(snakemake.output.markdown).write_text("\n".join(lines) + "\n")
 
 
