@@ -150,14 +150,14 @@ class Slurm:
         itself requeues after a preemption as PREEMPTED (COMPLETING, then PENDING, in scontrol) until
         its next run is recorded (measured: 14 s on the test cluster), which is no end to judge."""
         rows = sacct_runs(job_id)  # SlurmError for an answer that cannot be read
-        if not rows:
-            return JobRun("UNKNOWN", None, 0)
-        state, code, *raw = rows[-1]
-        raw_id = raw[0] if raw and raw[0] else None
         try:
             live = show_job(job_id).state
         except SlurmError:  # the controller forgot it (MinJobAge): sacct is all there is
             live = ""
+        if not rows:  # a pending array task, or the accounting lagging: the controller's word, if any
+            return JobRun(live if state_outcome(live) in _ACTIVE else "UNKNOWN", None, 0)
+        state, code, *raw = rows[-1]
+        raw_id = raw[0] if raw and raw[0] else None
         if state_outcome(live) in _ACTIVE:
             return JobRun(live, None, len(rows), raw_id)
         return JobRun(state, parse_exit_code(code), len(rows), raw_id)
@@ -300,6 +300,9 @@ class Monitor:
         run = self.scheduler.latest(job.job_id)
         state = run.state
         if run.runs == 0:  # the accounting does not know the job (yet: sacct lags sbatch by a moment)
+            if state_outcome(state) in _ACTIVE:  # the controller does: pending (an array task), not lost
+                self._unanswered.pop(job.job_id, None)
+                return []
             return [self._unanswered_line(job, "sacct knows no run of it")]
         self._unanswered.pop(job.job_id, None)
         end = self._last_end[job.job_id] = f"{job.job_id}/{run.runs}"  # one end per run of the job

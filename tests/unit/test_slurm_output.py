@@ -114,13 +114,23 @@ def test_no_usable_answer_is_reported_each_poll_and_the_job_given_up_after_the_p
 
 def test_an_answer_resets_the_patience(tmp_path, monkeypatch):
     run_dir = started_run(tmp_path)
-    slurm = RecordedSlurm(monkeypatch, "", live_state="RUNNING")
+    slurm = RecordedSlurm(monkeypatch, "")
     watch = Monitor(run_dir, TABLE, Slurm(), patience=2)
     watch.poll(now=0.0)
-    slurm.sacct = "RUNNING|0:0|4242\n"
+    slurm.sacct, slurm.live_state = "RUNNING|0:0|4242\n", "RUNNING"
     assert watch.poll(now=1.0) == []
-    slurm.sacct = ""
+    slurm.sacct, slurm.live_state = "", None
     assert watch.poll(now=2.0)[0].endswith("(poll 1/2 without an answer)") and not watch.settled
+    watch.close()
+
+
+def test_a_job_the_accounting_does_not_know_yet_but_the_controller_does_is_waited_for(tmp_path, monkeypatch):
+    """A pending array task (sacct -j 883_2 prints nothing until it runs): never given up while scontrol
+    says it is pending."""
+    run_dir = started_run(tmp_path)
+    RecordedSlurm(monkeypatch, "", live_state="PENDING")
+    watch = Monitor(run_dir, TABLE, Slurm(), patience=2)
+    assert [watch.poll(now=float(i)) for i in range(5)] == [[]] * 5 and not watch.settled
     watch.close()
 
 
