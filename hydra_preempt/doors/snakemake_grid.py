@@ -89,10 +89,18 @@ def _check_runs_dir(runs_dir: Any) -> None:
 
 
 @functools.cache
+def _schema_properties() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))["properties"]
+
+
 def workflow_keys() -> dict[str, str]:
     """The workflow config's keys and their descriptions, from the schema."""
-    properties = yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))["properties"]
-    return {key: spec.get("description", "") for key, spec in properties.items()}
+    return {key: spec.get("description", "") for key, spec in _schema_properties().items()}
+
+
+def workflow_defaults() -> dict[str, Any]:
+    """The workflow config's keys that have a default, with it, from the schema."""
+    return {key: spec["default"] for key, spec in _schema_properties().items() if "default" in spec}
 
 
 def _overrides(mapping: Any, where: str) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ import yaml
 from ..errors import ConfigError
 from ..outcome import ExitCode
 from ..rundir import RESULT_FILE
+from .snakemake_grid import workflow_defaults
 
 WORKFLOW_DIR = Path(__file__).resolve().parent.parent / "workflow"
 SNAKEFILE = WORKFLOW_DIR / "Snakefile"
@@ -60,13 +61,7 @@ def starter_grid(script: str) -> str:
     """A grid for `script` that names none of train.py's keys: one experiment, no overrides."""
     grid = {
         "train_script": script,
-        "runs_dir": "runs/snakemake",
-        "results_dir": "results/snakemake",
-        "runtime_min": 60,
-        "cpus_per_task": 1,
-        "mem_mb": 2000,
-        "gpus": 0,
-        "signal_lead_s": 30,
+        **{k: v for k, v in workflow_defaults().items() if k != "train_script"},  # the schema's, spelt out
         "common_overrides": {},
         "experiments": [{"name": "baseline", "overrides": {}}],
     }
