@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TEST_WORKERS ?= 4
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install flaky-check gpu-wheels gpu-check docs
+.PHONY: demo test lint install flaky-check exit-check gpu-wheels gpu-check docs
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,12 @@ lint: install
 # core (tools/flaky_check.py); pass FLAKY="--runs 3 tests/e2e" for another selection.
 flaky-check: install
 	$(BIN)/python -m tools.flaky_check $(FLAKY)
+
+# Finished runs that must exit 0, many times over (an abort at interpreter exit is rare): 200 runs of
+# one process and 100 of 2 gloo ranks, each a forked child that ends through the interpreter's shutdown.
+exit-check: install
+	$(BIN)/python -m tests.integration.exit_repeat --runs 200 --workers 1
+	$(BIN)/python -m tests.integration.exit_repeat --runs 100 --ranks 2
 
 # The GPU kit (tools/gpu_kit.py). gpu-wheels, where PyPI can be reached: this project's wheel and what
 # a CUDA image lacks, into .whl/. gpu-check, on a CUDA machine that has torch (no network needed):
