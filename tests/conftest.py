@@ -61,6 +61,7 @@ def pytest_collection_modifyitems(items):
 LONGEST_FIRST = [
     "test_sweep_with_two_preempted_jobs",
     "test_sigkill_during_saves_never_leaves_an_unloadable_latest",
+    "test_a_two_node_experiment_of_the_snakemake_workflow",
     "test_time_limit_inside_snakemake",
     "test_time_limit_checkpoints_requeues_and_finishes",
     "test_preempted_twice_resumes_exactly",
@@ -71,6 +72,8 @@ LONGEST_FIRST = [
     "test_two_task_job_preempted_resumes_exactly",
     "test_two_node_job_started_by_srun",
     "test_a_node_lost_mid_job",
+    "test_a_two_node_job_of_the_hydra_launcher",
+    "test_finished_runs_exit_zero_every_time",
     "test_validate_slurm_passes_on_the_test_cluster",
     "test_fsdp2_every_rank_writes_its_shard_and_a_signal_resumes_exactly",
     "test_rerun_resumes_an_unfinished_job_from_its_checkpoint",

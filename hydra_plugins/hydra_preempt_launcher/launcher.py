@@ -76,6 +76,7 @@ class PreemptLauncher(Launcher):
         singleton_state: Dict[type, Singleton],
     ) -> JobReturn:
         import submitit
+        import torch.distributed
 
         from hydra_preempt.doors.submitit import RunFailed, init_from_job, job_ends_process
         from hydra_preempt.outcome import Outcome, Status
@@ -97,7 +98,7 @@ class PreemptLauncher(Launcher):
                     != value
                 ):
                     sweep_config.hydra.sweep[key] = value
-        init_from_job("auto")
+        created_group = init_from_job("auto")
         outcomes: List[Outcome] = []
         job = JobContext(budget=self._budget(), on_outcome=outcomes.append, ends_process=job_ends_process())
         token = current_job.set(job)
@@ -111,6 +112,8 @@ class PreemptLauncher(Launcher):
             )
         finally:
             current_job.reset(token)
+            if created_group:  # its threads must end before the process does (an abort at exit otherwise)
+                torch.distributed.destroy_process_group()
         value = ret.return_value  # a task that raised raises here: the job ends FAILED with its traceback
         outcome = value if isinstance(value, Outcome) else (outcomes[-1] if outcomes else None)
         if outcome is None or outcome.status is Status.FINISHED:

@@ -71,6 +71,17 @@ def reference_result(tmp_path: Path, overrides: list[str]) -> dict:
     return outcome.result
 
 
+def two_rank_reference(tmp_path: Path, overrides: list[str]) -> dict:
+    """The same training as 2 ranks (DDP or FSDP2 over gloo), uninterrupted, on this host; without
+    `trainer.step_sleep`, which only slows a job down so that a signal lands mid-run."""
+    from tests.integration.test_multi_rank import finish, start_ranks
+
+    fast = [o for o in overrides if not o.startswith("trainer.step_sleep=")]
+    codes, out = finish(start_ranks(tmp_path / "reference", fast))
+    assert codes == [0, 0], out
+    return json.loads((tmp_path / "reference" / "result.json").read_text())
+
+
 def wait_for(predicate: Callable[[], object], what: str, timeout: float = 300.0, job_id: str | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -13,7 +13,6 @@ from hydra_preempt import preemptible_executor
 from hydra_preempt.rundir import read_events
 from hydra_preempt.slurm.commands import SlurmError, sacct_states
 from tests.integration.test_multi_rank import TRAIN as DDP_TRAIN
-from tests.integration.test_multi_rank import finish, start_ranks
 
 from . import helpers
 from .helpers import last_step, stops, wait_for
@@ -77,10 +76,10 @@ def test_preemption_budget_exhausted_ends_failed(tmp_path, preempt_mode):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_task_job_preempted_resumes_exactly(tmp_path, preempt_mode, parallel, request):
     """DDP (rank 0 writes) and FSDP2 (every rank writes its shard) across a real preemption."""
-    train = [*DDP_TRAIN, f"trainer.parallel={parallel}"]
-    codes, out = finish(start_ranks(tmp_path / "reference", train))  # the same run, uninterrupted
-    assert codes == [0, 0], out
-    reference = json.loads((tmp_path / "reference" / "result.json").read_text())
+    # 10 s of steps: time for the scheduler to preempt at step 60 on a busy host (at 0.01 s a step the
+    # run could finish first)
+    train = [*DDP_TRAIN, f"trainer.parallel={parallel}", "trainer.step_sleep=0.05"]
+    reference = helpers.two_rank_reference(tmp_path, train)  # the same run, uninterrupted
     job, run_dir = helpers.submit_training(tmp_path, train, preempt_mode, tasks=2)
     helpers.preempt_at_step(job.job_id, run_dir, 60)
     assert helpers.wait_until_final(job.job_id) == "COMPLETED"

@@ -62,7 +62,9 @@ def reference_sha(tmp_path: Path, name: str) -> str:
     return helpers.reference_result(tmp_path / f"ref-{name}", overrides)["params_sha256"]
 
 
-@pytest.mark.parametrize("preempt_mode", ["REQUEUE", "CANCEL"], indirect=True)
+# PreemptMode=CANCEL (the job requeues itself from inside the workflow's job): the 2-node experiment
+# of tests/e2e/test_multi_node.py.
+@pytest.mark.parametrize("preempt_mode", ["REQUEUE"], indirect=True)
 def test_preempted_experiment_resumes_and_the_workflow_completes(tmp_path, preempt_mode, request):
     grid = write_grid(tmp_path)
     workflow = subprocess.Popen(

@@ -5,6 +5,12 @@
 import re
 import sys
 
+# Several tasks (nodes x tasks_per_node): the job's command is `srun python ...`, which starts them as
+# the ranks of one run (the session forms their process group). The resource `mpi` tells the SLURM
+# executor so: it submits --ntasks=N and does not wrap the command in its own `srun -n1`.
+TASKS = config["nodes"] * config["tasks_per_node"]
+RANKS = {"mpi": "srun", "tasks": TASKS, "nodes": config["nodes"]} if TASKS > 1 else {}
+
 
 rule train:
     output:
@@ -26,9 +32,12 @@ rule train:
         # snakemake, which exits on USR2 but waits for its running job on TERM.
         # --open-mode=append: a requeued job appends to its log instead of truncating the first run's
         slurm_extra=f"--signal=TERM@{config['signal_lead_s']} --open-mode=append",
+        **RANKS,
     # `exec`: the shell becomes python, so no shell layer can die of the preemption SIGTERM while
     # python saves. python exits 75 after a preemption (the job is requeued, by SLURM or by itself).
     # hydra_preempt.doors.workflow runs the script in that same process as
     # `SCRIPT hydra.run.dir=RUN_DIR KEY=VALUE ...` and checks that a finished run wrote result.json.
+    # With several tasks, `exec srun`: srun passes the signal on to every task, and waits for them.
     shell:
-        "exec {params.python:q} -m hydra_preempt.doors.workflow {params.script:q} {params.run_dir:q} {params.overrides:q}"
+        ("exec srun " if TASKS > 1 else "exec ")
+        + "{params.python:q} -m hydra_preempt.doors.workflow {params.script:q} {params.run_dir:q} {params.overrides:q}"
