@@ -21,7 +21,9 @@ next depends on what the signal meant:
   a node set DOWN under a 2-node job): at the SIGTERM the job shows
   COMPLETING, PreemptTime=None and Restarts already one more than when this
   start began. That rise is the sign (`requeued_by_slurm`): the job runs
-  again whatever we do; the stop is the failure class node_fail.
+  again whatever we do. sacct then records this run as NODE_FAIL: the stop
+  is the failure class node_fail. A requeue on request (`scontrol requeue`)
+  looks the same in scontrol but is recorded REQUEUED: a preemption.
 
 Each requeue kind has a budget; a stop beyond it fails the run.
 """

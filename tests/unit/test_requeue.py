@@ -8,6 +8,7 @@ from hydra_preempt.errors import ConfigError
 from hydra_preempt.slurm.commands import (
     ClusterFacts,
     JobInfo,
+    SlurmError,
     parse_cluster_facts,
     parse_duration,
     parse_key_values,
@@ -159,23 +160,71 @@ def test_requeued_by_slurm_is_a_restart_count_that_rose_without_a_preemption():
     assert not requeued_by_slurm(0, 1, NOW)  # a preemption is one, whatever the count
 
 
-@pytest.mark.parametrize("restart", [True, False])
-def test_a_node_failure_is_node_fail_and_slurm_has_requeued(restart):
+def requeued_under_us(monkeypatch, recorded, restart=True):
+    """A SIGTERM at which scontrol shows Restarts 0 -> 1 and no PreemptTime; sacct's record of the run
+    then reads `recorded` (a list of answers, one per ask; an exception: it cannot be asked)."""
     from hydra_preempt.outcome import ExitCode, Outcome, Status
+    from hydra_preempt.slurm import policy as policy_module
     from hydra_preempt.slurm.env import SlurmTask
     from hydra_preempt.slurm.failures import RestartDecision
     from hydra_preempt.slurm.policy import SlurmStopPolicy
 
+    job = JobInfo.from_fields({"JobId": "7", "JobState": "COMPLETING", "Restarts": "1", "PreemptTime": "None",
+                               "Requeue": "1", "NodeList": "hpnode1"})  # fmt: skip
+    monkeypatch.setattr(policy_module, "show_job", lambda job_id: job)
+    answers = iter(recorded)
+
+    def sacct(job_id):
+        answer = next(answers, recorded[-1])  # the last answer again and again
+        if isinstance(answer, Exception):
+            raise answer
+        return [(state, "0:0") for state in answer]
+
+    monkeypatch.setattr(policy_module, "sacct_states", sacct)
+    monkeypatch.setattr(policy_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(policy_module, "RECORD_WAIT_S", 0.5)
     reason = "node_fail: restart (attempt 1/3)" if restart else "node_fail: retry budget exhausted (attempt 4/3)"
     policy = SlurmStopPolicy(
         SlurmTask("7", 0, 2, 0), ClusterFacts(), 0, {}, RequeueBudget(), "SIGTERM", "SIGUSR2",
-        lambda name: RestartDecision(restart, reason),
+        lambda name: RestartDecision(restart, reason), True,
     )  # fmt: skip
-    stopped = Outcome(Status.PREEMPTED, 118, ExitCode.REQUEUE, "SIGTERM received: state saved at step 118")
-    outcome = policy._node_failure(stopped, 1)
+    stopped = Outcome(
+        Status.PREEMPTED, 118, ExitCode.REQUEUE, "SIGTERM received: state saved at step 118", signal="SIGTERM"
+    )
+    return policy.classify(stopped), reason
+
+
+@pytest.mark.parametrize("restart", [True, False])
+@pytest.mark.parametrize(
+    "recorded, evidence",
+    [
+        ([["RUNNING"], ["NODE_FAIL", "PENDING"]], "(sacct: NODE_FAIL)"),  # measured: recorded ~0.2 s after
+        ([SlurmError("sacct: command not found")], "(a node of it failed)"),
+        ([["RUNNING"]], "(a node of it failed)"),  # never recorded in time
+    ],
+)
+def test_a_node_failure_is_node_fail_and_slurm_has_requeued(monkeypatch, restart, recorded, evidence):
+    """sacct records the run NODE_FAIL; a record that cannot be read in time is read as a node failure
+    too (the budgeted reading)."""
+    from hydra_preempt.outcome import ExitCode, Status
+
+    outcome, reason = requeued_under_us(monkeypatch, recorded, restart)
     assert (outcome.status, outcome.failure, outcome.requeue_by) == (Status.FAILED, "node_fail", Requeuer.DONE.value)
     assert outcome.exit_code == (ExitCode.REQUEUE if restart else ExitCode.FAILED)
     assert outcome.restart_reason == reason and "Restarts 0 -> 1" in outcome.evidence
+    assert outcome.evidence.endswith(f"SLURM requeued the job {evidence}")
+
+
+def test_a_requeue_on_request_is_a_preemption_not_a_node_failure(monkeypatch):
+    """`scontrol requeue` by an administrator (measured: COMPLETING, Restarts 0 -> 1, no PreemptTime, as a
+    node failure; sacct records the run REQUEUED): the state is saved, SLURM runs the job again; no
+    node_fail restart is spent."""
+    from hydra_preempt.outcome import ExitCode, Status
+
+    outcome, _ = requeued_under_us(monkeypatch, [["COMPLETING"], ["REQUEUED", "PENDING"]])
+    assert (outcome.status, outcome.exit_code, outcome.failure) == (Status.PREEMPTED, ExitCode.REQUEUE, None)
+    assert outcome.requeue_by == Requeuer.DONE.value  # nobody requeues it again
+    assert "requeued the job on request (sacct: REQUEUED" in outcome.message
 
 
 @pytest.mark.parametrize("known, status", [(True, "FAILED"), (False, "TIMEOUT")])
@@ -191,6 +240,7 @@ def test_a_higher_restart_count_means_a_node_failure_only_if_the_start_read_it(m
     job = JobInfo.from_fields({"JobId": "7", "JobState": "RUNNING", "Restarts": "2", "StartTime": start,
                                "TimeLimit": "00:10:00", "PreemptTime": "None", "Requeue": "1"})  # fmt: skip
     monkeypatch.setattr(policy_module, "show_job", lambda job_id: job)
+    monkeypatch.setattr(policy_module, "sacct_states", lambda job_id: [("NODE_FAIL", "0:0"), ("RUNNING", "0:0")])
     monkeypatch.setattr(
         policy_module.dt, "datetime", type("Frozen", (dt.datetime,), {"now": staticmethod(lambda: NOW)})
     )
