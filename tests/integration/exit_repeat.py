@@ -82,7 +82,9 @@ def describe(status: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.integration.exit_repeat", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.integration.exit_repeat", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--ranks", type=int, choices=(1, 2), default=1)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")

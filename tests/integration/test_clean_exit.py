@@ -46,7 +46,14 @@ def test_run_returns_with_no_thread_of_its_own_left(tmp_path, monkeypatch):
 @pytest.mark.parametrize("ranks, workers, runs", [(1, 1, 12), (2, 0, 6)])
 def test_finished_runs_exit_zero_every_time(ranks, workers, runs):
     done = subprocess.run(
-        [sys.executable, "-m", "tests.integration.exit_repeat", f"--runs={runs}", f"--ranks={ranks}", f"--workers={workers}"],
+        [
+            sys.executable,
+            "-m",
+            "tests.integration.exit_repeat",
+            f"--runs={runs}",
+            f"--ranks={ranks}",
+            f"--workers={workers}",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
