@@ -90,10 +90,15 @@ class DivergenceConfig:
 class SignalConfig:
     preempt: str = "TERM"  # TERM, USR2 or HUP: the scheduler's preemption warning
     timeout: str = DEFAULT_TIMEOUT_SIGNAL  # the signal sent before the time limit (--signal=USR2@lead)
+    # seconds from a stop signal to the kill where SLURM does not tell (outside SLURM: torchrun and
+    # SLURM's KillWait give 30): a run that has not stopped by then ends with nothing saved, exit 75
+    grace_s: float = 25.0
 
     def validate(self) -> None:
         check_signal_name(self.preempt, "signals.preempt")
         check_signal_name(self.timeout, "signals.timeout")
+        if not 0 < self.grace_s < math.inf:
+            raise ConfigError(f"signals.grace_s must be a positive number of seconds, got {self.grace_s!r}")
 
 
 @dataclass

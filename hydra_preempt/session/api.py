@@ -91,13 +91,15 @@ class RunStopped(BaseException):
 
 class Session:
     """`seconds_left`, when given, tells how long until the process will be killed (grace end or time
-    limit); a stop then skips a save that could not finish in time, if a checkpoint already exists."""
+    limit); a stop then skips a save that could not finish in time, if a checkpoint already exists.
+    `signals`: the stop-signal handlers, when run() installed them before the session existed."""
 
     def __init__(
         self,
         run_dir: Path | str,
         config: SessionConfig | None = None,
         seconds_left: Callable[[], float | None] | None = None,
+        signals: SignalRequests | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.seconds_left = seconds_left
@@ -119,9 +121,9 @@ class Session:
         self.checkpointer = Checkpointer(store, c)
         d = self.config.divergence
         self.detector = LossSpikeDetector.from_config(d) if d.enabled else None
-        self.signals = SignalRequests(self.config.signals.preempt, self.config.signals.timeout)
+        self.signals = signals or SignalRequests(self.config.signals.preempt, self.config.signals.timeout)
         w = self.config.watchdog
-        self.watchdog = Watchdog(w.timeout_s, w.min_timeout_s, w.startup_s)  # started by run() when watchdog.enabled
+        self.watchdog = Watchdog(w.timeout_s, w.min_timeout_s, w.startup_s, w.enabled)  # started by run()
         self.state = StateRegistry()
         self.step = 0  # completed steps
         self.resumed_from: int | None = None
@@ -197,6 +199,32 @@ class Session:
             self.signals.uninstall()
         self._metrics_log.close()
         self._lock.release()
+
+    def stop_if_requested(self) -> None:
+        """Before training: a stop signal that came during start-up (any rank's: a collective) stops the
+        run here, with nothing to save yet (RunStopped)."""
+        pending = self.signals.peek()
+        stop = boundary.stop_status(*map(bool, agree([Request.PREEMPT in pending, Request.CANCEL in pending])))
+        if stop is None:
+            return
+        request = Request.CANCEL if stop is Status.CANCELLED else Request.PREEMPT
+        signum = self.signals.take().get(request)
+        name = signum.name if signum else "a signal to another rank"
+        latest = self.checkpointer.store.latest()
+        where = f"the checkpoint of step {latest.step} stands" if latest else "no checkpoint yet"
+        raise RunStopped(
+            stop,
+            f"{name} received during start-up: nothing saved, {where}",
+            name,
+            self.signals.first_received.get(request),
+        )
+
+    def stop_allowance_s(self) -> float | None:
+        """For the watchdog thread: None until a stop signal reached the process (its handler may not
+        have run), then the seconds the run has from it to end by itself (boundary.stop_allowance)."""
+        if self.signals.arrived() is None:
+            return None
+        return boundary.stop_allowance(self.seconds_left() if self.seconds_left else None, self.config.signals.grace_s)
 
     def wait_for_run_lock(self, lone_task: SrunStep | None = None, poll_s: float = 2.0) -> None:
         """One live run per run directory: wait while another process holds it (rank 0 holds it for all).

@@ -25,6 +25,10 @@ from ..outcome import Status
 # A save is judged by the last one: this factor and margin cover a slower disk this time.
 DEADLINE_FACTOR = 1.5
 DEADLINE_MARGIN_S = 1.0
+# A run still going this long before the kill is ended by the watchdog thread (`stop_allowance`): less
+# than DEADLINE_MARGIN_S, so that a stop the session itself makes in time (its waits end that long
+# before the kill) is never cut short, and enough to write the stop and requeue.
+STUCK_STOP_MARGIN_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,12 @@ def save_would_miss_deadline(seconds_left: float | None, last_save_s: float | No
     if seconds_left is None or last_save_s is None or not has_checkpoint:
         return False
     return save_estimate_s(last_save_s) > seconds_left
+
+
+def stop_allowance(seconds_left: float | None, grace_s: float) -> float:
+    """Seconds a run has, from a stop signal, to end before the watchdog thread ends it with nothing
+    saved: until shortly before the kill, `seconds_left` when the scheduler tells it, else `grace_s`."""
+    return max((grace_s if seconds_left is None else seconds_left) - STUCK_STOP_MARGIN_S, 0.0)
 
 
 def save_estimate_s(last_save_s: float) -> float:

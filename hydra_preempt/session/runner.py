@@ -30,15 +30,16 @@ from ..rundir import JobIdentity, RunHistory, RunLog
 from ..slurm.commands import SlurmError, requeue_job
 from ..slurm.env import SlurmTask, SrunStep
 from ..slurm.failures import FailureTable, RestartDecision, classify_exception, decide
-from ..slurm.policy import SlurmStopPolicy
+from ..slurm.policy import KILL_MARGIN_S, SlurmStopPolicy, conclude
 from ..slurm.stop import RequeueBudget, Requeuer, budget_exhausted
 from .api import RunStopped, Session
+from .signals import Request, SignalRequests
 from .srun import srun_process_group
 from .watchdog import HangReport
 
 log = logging.getLogger("hydra_preempt")
 
-# A hung process ends after this long even if ending it cleanly blocks (scontrol, a flush).
+# A stuck process ends after this long even if ending it cleanly blocks (scontrol, a flush).
 HANG_EXIT_BACKSTOP_S = 120.0
 # A hung process lets a background write in flight end for this long, so that it names the checkpoint on disk.
 HANG_WRITE_WAIT_S = 30.0
@@ -101,17 +102,35 @@ def run(
         return _refused(ConfigError(why), run_dir)
     config = config or SessionConfig()
     job = job or current_job.get() or JobContext()
-    with console_log(config.progress.console), contextlib.ExitStack() as group:
-        try:
-            group.enter_context(srun_process_group(config.distributed, job.srun_step))
-        except HydraPreemptError as e:
-            return _refused(e, run_dir)
-        group.enter_context(quiet_other_ranks())
-        outcome = _run(train_fn, run_dir, config, job)
-        log.info(
-            "%s at step %d (exit code %d): %s", outcome.status.value, outcome.step, outcome.exit_code, outcome.message
-        )
-    return outcome
+    # Stop signals are heard from here on, before the slow set-up (the process group, the failure table,
+    # the session): a preemption during start-up is a stop in the run log, not a kill by SIGTERM.
+    signals = SignalRequests(config.signals.preempt, config.signals.timeout)
+    try:
+        signals.install()
+    except ConfigError as e:
+        return _refused(e, run_dir)
+    outcome: Outcome | None = None
+    try:
+        with console_log(config.progress.console), contextlib.ExitStack() as group:
+            try:
+                group.enter_context(srun_process_group(config.distributed, job.srun_step))
+            except HydraPreemptError as e:
+                return _refused(e, run_dir)
+            group.enter_context(quiet_other_ranks())
+            outcome = _run(train_fn, run_dir, config, job, signals)
+            log.info(
+                "%s at step %d (exit code %d): %s",
+                outcome.status.value,
+                outcome.step,
+                outcome.exit_code,
+                outcome.message,
+            )
+        return outcome
+    finally:
+        # a finished run of a process that ends next keeps dropping stop signals (Session.close);
+        # otherwise the program's own handlers again (a no-op where the session restored them)
+        if not (job.ends_process and outcome is not None and outcome.status is Status.FINISHED):
+            signals.uninstall()
 
 
 @contextlib.contextmanager
@@ -150,12 +169,18 @@ def quiet_other_ranks() -> Iterator[None]:
         library.setLevel(level)
 
 
-def _run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: SessionConfig, job: JobContext) -> Outcome:
+def _run(
+    train_fn: Callable[[Session], Any],
+    run_dir: Path | str,
+    config: SessionConfig,
+    job: JobContext,
+    signals: SignalRequests,
+) -> Outcome:
     try:
         failures = FailureTable.load(config.failures.table)
     except ConfigError as e:
         return _refused(e, run_dir)
-    session = Session(run_dir, config)
+    session = Session(run_dir, config, signals=signals)
     try:
         session.open()
     except HydraPreemptError as e:
@@ -196,11 +221,9 @@ def _run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: Sessio
             checkpoint_dir=str(session.checkpointer.store.directory.absolute()),
             run_dir=str(Path(session.run_dir).absolute()),  # so that a moved or copied run finds its own
         )
-    if config.watchdog.enabled:
-        hang_decision = decide(failures, Status.HANG.value, history.failure_count(Status.HANG.value) + 1)
-        session.watchdog.start(
-            lambda report: _end_hung_process(session, report, run_log, job.slurm_task, hang_decision)
-        )
+    hang_decision = decide(failures, Status.HANG.value, history.failure_count(Status.HANG.value) + 1)
+    ending = _ProcessEnd(session, run_log, job.slurm_task, hang_decision, policy, identity)
+    session.watchdog.start(ending.end, session.stop_allowance_s)  # hangs watched if watchdog.enabled, stops always
     spent = budget_exhausted(
         budget, history.stop_count("preempted"), history.stop_count("timeout")
     ) or _refused_restart(history, identity)
@@ -208,6 +231,7 @@ def _run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: Sessio
     try:
         if spent:
             raise RunStopped(Status.FAILED, spent)
+        session.stop_if_requested()
         result = train_fn(session)
         session.save_final()
         if isinstance(result, Mapping) and not session.result_written:
@@ -247,29 +271,25 @@ def _run(train_fn: Callable[[Session], Any], run_dir: Path | str, config: Sessio
         # (a requeue, waiting for SLURM's kill) that a second signal may still end.
         session.close(finished=outcome is not None and outcome.status is Status.FINISHED)
     assert outcome is not None  # every path of the try sets it or raises
-    try:
-        outcome.run_dir = str(session.run_dir)
-        outcome.job = identity if job.slurm_task is not None else None
-        if policy is not None:
-            outcome = policy.classify(outcome)
-        if job.on_outcome is not None:
-            job.on_outcome(outcome)
-        if run_log:
-            run_log.append(
-                "stop",
-                reason=outcome.status.value,
-                exit_code=int(outcome.exit_code),
-                resumed_from=session.resumed_from,
-                step=outcome.step,
-                checkpoint_step=session.last_checkpoint.step if session.last_checkpoint else None,
-                signal_to_saved_s=session.signal_to_saved_s,
-                message=outcome.message,
-                **_failure_fields(outcome),
-            )
-        return outcome
-    finally:
-        if not job.ends_process:
-            session.signals.uninstall()  # the program goes on: its own handlers again (a no-op if restored)
+    outcome.run_dir = str(session.run_dir)
+    outcome.job = identity if job.slurm_task is not None else None
+    if policy is not None:
+        outcome = policy.classify(outcome)
+    if job.on_outcome is not None:
+        job.on_outcome(outcome)
+    if run_log:
+        run_log.append(
+            "stop",
+            reason=outcome.status.value,
+            exit_code=int(outcome.exit_code),
+            resumed_from=session.resumed_from,
+            step=outcome.step,
+            checkpoint_step=session.last_checkpoint.step if session.last_checkpoint else None,
+            signal_to_saved_s=session.signal_to_saved_s,
+            message=outcome.message,
+            **_failure_fields(outcome),
+        )
+    return outcome
 
 
 def _failed(step: int, message: str, trace: str, failures: FailureTable, history: RunHistory) -> Outcome:
@@ -315,82 +335,158 @@ def _failure_fields(outcome: Outcome) -> dict[str, Any]:
     }
 
 
-def _end_hung_process(
-    session: Session,
-    report: HangReport,
-    run_log: RunLog | None,
-    task: SlurmTask | None,
-    decision: RestartDecision,
-) -> None:
-    """On the watchdog's thread: dump every thread's stack, record the hang, requeue, end the process.
+class _ProcessEnd:
+    """On the watchdog's thread: end a process whose training thread cannot be waited for any longer
+    (one owner for both cases, so that they end the same way):
 
-    Nothing is saved from a hung state: the last checkpoint stands. This takes no lock the hung
-    training thread may hold: the message goes to fd 2 with os.write, the run log and the stack file
-    are appended by file descriptor, scontrol is a subprocess; if any of it blocks all the same, a
-    backstop thread ends the process after HANG_EXIT_BACKSTOP_S. Only rank 0 writes the run log and
+    - a hang (no progress for its allowance): a `hang` stop, exit 76, requeued if the restart policy
+      says so;
+    - a stop signal whose run has not ended shortly before the kill (stuck in a collective whose peer
+      died, in user code that does not return): the stop the signal asked for (preempted, timeout,
+      cancelled: classified under SLURM as at a boundary) with nothing saved, exit 75 (130 for a
+      cancel), requeued as a preemption stop is (`conclude`).
+
+    Nothing is saved from a stuck state: the last checkpoint stands. Every thread's stack is dumped.
+    This takes no lock the stuck training thread may hold: the message goes to fd 2 with os.write, the
+    run log and the stack file are appended by file descriptor, scontrol is a subprocess; if any of it
+    blocks all the same, a backstop thread ends the process. Only rank 0 writes the run log and
     requeues (a hang of a collective hangs every rank); every rank dumps its stacks and exits.
     """
-    code = int(ExitCode.HANG)
-    threading.Thread(target=_exit_after, args=(HANG_EXIT_BACKSTOP_S, code), daemon=True).start()
-    try:
-        _record_hang(session, report, run_log, task, decision, code)
-    finally:  # whatever failed on the way (a full disk), the hung process ends
-        for handler in logging.getLogger().handlers + log.handlers:
-            handler.flush()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
 
+    def __init__(
+        self,
+        session: Session,
+        run_log: RunLog | None,
+        task: SlurmTask | None,
+        hang_decision: RestartDecision,
+        policy: SlurmStopPolicy | None,
+        identity: JobIdentity,
+    ) -> None:
+        self.session = session
+        self.run_log = run_log
+        self.task = task
+        self.hang_decision = hang_decision
+        self.policy = policy
+        self.identity = identity
 
-def _record_hang(
-    session: Session,
-    report: HangReport,
-    run_log: RunLog | None,
-    task: SlurmTask | None,
-    decision: RestartDecision,
-    code: int,
-) -> None:
-    rank = world()[0]
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    stacks = session.run_dir / f"hang-stacks-{stamp}{f'-rank{rank}' if rank else ''}.txt"
-    what = f"no progress for {report.waited_s:.0f} s in the {report.phase} after step {session.step}"
-    try:
-        with open(stacks, "w", encoding="utf-8") as f:
-            f.write(f"{what} (allowed {report.allowed_s:.0f} s); the stack of every thread:\n")
-            f.flush()
-            faulthandler.dump_traceback(f, all_threads=True)
-            os.fsync(f.fileno())
-        stacks_at = stacks.name
-    except OSError as e:  # the run directory cannot take them: the job's log can
-        os.write(2, f"hydra_preempt: cannot write {stacks} ({e.strerror or e}); the stacks:\n".encode())
-        faulthandler.dump_traceback(2, all_threads=True)
-        stacks_at = "the job's stderr"
-    checkpoint = session.checkpointer.standing(HANG_WRITE_WAIT_S)  # one a write in flight may have replaced
-    where = f"the checkpoint of step {checkpoint.step} stands" if checkpoint else "no checkpoint yet"
-    message = f"hang: {what}; stacks in {stacks_at}; nothing saved, {where}; {decision.reason}"
-    os.write(2, f"hydra_preempt: {message}; ending the process (exit {code})\n".encode())
-    if run_log is None:
-        return
-    run_log.append(
-        "stop",
-        reason=Status.HANG.value,
-        exit_code=code,
-        resumed_from=session.resumed_from,
-        step=session.step,
-        checkpoint_step=checkpoint.step if checkpoint else None,
-        message=message,
-        stacks=stacks_at,
-        failure=Status.HANG.value,
-        evidence=f"watchdog: {what}",
-        restart=decision.restart,
-        restart_reason=decision.reason,
-    )
-    if task is not None and decision.restart:
+    def end(self, report: HangReport) -> None:
+        arrived = self.session.signals.arrived() if report.stop else None
+        code = int(
+            ExitCode.HANG
+            if arrived is None
+            else ExitCode.CANCELLED
+            if arrived[0] is Request.CANCEL
+            else ExitCode.REQUEUE
+        )
+        # a stop may wait for SLURM's kill (PreemptMode=REQUEUE requeues only a job it kills): past it
+        backstop = HANG_EXIT_BACKSTOP_S + (KILL_MARGIN_S if report.stop else 0.0)
+        threading.Thread(target=_exit_after, args=(backstop, code), daemon=True).start()
         try:
-            requeue_job(task.job_id)
-            run_log.append("requeue", step=session.step)
-        except SlurmError as e:
-            os.write(2, f"hydra_preempt: requeueing job {task.job_id} failed: {e}\n".encode())
+            code = self._record_stop(report) if report.stop else self._record_hang(report)
+        finally:  # whatever failed on the way (a full disk), the stuck process ends
+            for handler in logging.getLogger().handlers + log.handlers:
+                handler.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def _dump_stacks(self, what: str) -> str:
+        """Every thread's stack into RUN_DIR/hang-stacks-*.txt (else the job's stderr): where it is."""
+        rank = world()[0]
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        stacks = self.session.run_dir / f"hang-stacks-{stamp}{f'-rank{rank}' if rank else ''}.txt"
+        try:
+            with open(stacks, "w", encoding="utf-8") as f:
+                f.write(f"{what}; the stack of every thread:\n")
+                f.flush()
+                faulthandler.dump_traceback(f, all_threads=True)
+                os.fsync(f.fileno())
+            return stacks.name
+        except OSError as e:  # the run directory cannot take them: the job's log can
+            os.write(2, f"hydra_preempt: cannot write {stacks} ({e.strerror or e}); the stacks:\n".encode())
+            faulthandler.dump_traceback(2, all_threads=True)
+            return "the job's stderr"
+
+    def _record_hang(self, report: HangReport) -> int:
+        session, decision, code = self.session, self.hang_decision, int(ExitCode.HANG)
+        what = f"no progress for {report.waited_s:.0f} s in the {report.phase} after step {session.step}"
+        stacks_at = self._dump_stacks(f"{what} (allowed {report.allowed_s:.0f} s)")
+        checkpoint = session.checkpointer.standing(HANG_WRITE_WAIT_S)  # one a write in flight may have replaced
+        where = f"the checkpoint of step {checkpoint.step} stands" if checkpoint else "no checkpoint yet"
+        message = f"hang: {what}; stacks in {stacks_at}; nothing saved, {where}; {decision.reason}"
+        os.write(2, f"hydra_preempt: {message}; ending the process (exit {code})\n".encode())
+        if self.run_log is None:
+            return code
+        self.run_log.append(
+            "stop",
+            reason=Status.HANG.value,
+            exit_code=code,
+            resumed_from=session.resumed_from,
+            step=session.step,
+            checkpoint_step=checkpoint.step if checkpoint else None,
+            message=message,
+            stacks=stacks_at,
+            failure=Status.HANG.value,
+            evidence=f"watchdog: {what}",
+            restart=decision.restart,
+            restart_reason=decision.reason,
+        )
+        if self.task is not None and decision.restart:
+            try:
+                requeue_job(self.task.job_id)
+                self.run_log.append("requeue", step=session.step)
+            except SlurmError as e:
+                os.write(2, f"hydra_preempt: requeueing job {self.task.job_id} failed: {e}\n".encode())
+        return code
+
+    def _record_stop(self, report: HangReport) -> int:
+        session = self.session
+        arrived = session.signals.arrived()
+        assert arrived is not None  # a stop report comes only after a stop signal
+        request, signum = arrived
+        status = Status.CANCELLED if request is Request.CANCEL else Status.PREEMPTED
+        where = f"in the {report.phase} after step {session.step}{_main_thread_frame()}"
+        stacks_at = self._dump_stacks(
+            f"{signum.name} received {report.waited_s:.0f} s ago and the run has not stopped (allowed "
+            f"{report.allowed_s:.0f} s, until shortly before the kill): stuck {where}"
+        )
+        checkpoint = session.checkpointer.standing(0.0)  # no time to wait for a write in flight: the kill is near
+        standing = f"the checkpoint of step {checkpoint.step} stands" if checkpoint else "no checkpoint yet"
+        outcome = Outcome(
+            status,
+            session.step,
+            EXIT_CODES[status],
+            f"{signum.name} received: nothing saved: the training thread did not reach a step boundary "
+            f"(stuck {where}; stacks in {stacks_at}); {standing}",
+            signal=signum.name,
+            signal_time=session.signals.first_received.get(request, time.time() - report.waited_s),
+            run_dir=str(session.run_dir),
+            job=self.identity if self.task is not None else None,
+        )
+        if self.policy is not None:
+            outcome = self.policy.classify(outcome)
+        os.write(2, f"hydra_preempt: {outcome.message}; ending the process (exit {int(outcome.exit_code)})\n".encode())
+        if self.run_log is not None:
+            self.run_log.append(
+                "stop",
+                reason=outcome.status.value,
+                exit_code=int(outcome.exit_code),
+                resumed_from=session.resumed_from,
+                step=session.step,
+                checkpoint_step=checkpoint.step if checkpoint else None,
+                message=outcome.message,
+                stacks=stacks_at,
+                **_failure_fields(outcome),
+            )
+        return conclude(outcome)  # the requeue a preemption stop makes (rank 0), or waiting for SLURM's
+
+
+def _main_thread_frame() -> str:
+    """', in all_reduce (distributed_c10d.py:2806)': the Python frame the main thread is in, or ''."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    if frame is None:
+        return ""
+    return f", in {frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})"
 
 
 def _exit_after(seconds: float, code: int) -> None:

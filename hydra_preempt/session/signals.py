@@ -15,11 +15,19 @@ only sets a flag, and repeated signals set the same flag once.
 
 After a finished run, `hold()` keeps these signals from killing the process
 while it exits: a late SIGTERM must not turn exit code 0 into -15.
+
+A Python handler runs only when the main thread runs Python code: in a
+collective whose peer died (gloo blocks in C++) it never runs. So that another
+thread still learns of a stop (`arrived`), the interpreter's own C handler
+also writes each signal's number into a pipe (`signal.set_wakeup_fd`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import logging
+import os
 import signal
 import threading
 import time
@@ -27,6 +35,8 @@ from types import FrameType
 
 from ..config import check_signal_name
 from ..errors import ConfigError
+
+log = logging.getLogger("hydra_preempt")
 
 
 class Request(enum.Enum):
@@ -56,10 +66,29 @@ class SignalRequests:
         self._pending: dict[Request, signal.Signals] = {}
         self.first_received: dict[Request, float] = {}  # wall-clock time.time()
         self._previous: dict[signal.Signals, object] = {}
+        self._wakeup: tuple[int, int] | None = None  # the pipe the C handler writes signal numbers into
+        self._arrived: tuple[Request, signal.Signals] | None = None  # the first stop read from it
 
     def install(self) -> None:
+        """Install the handlers (again: nothing), and the pipe `arrived` reads."""
         if threading.current_thread() is not threading.main_thread():
             raise ConfigError("the training session must run in the main thread: only it can receive signals")
+        if self._previous:
+            return
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)  # the C handler must never block on a full pipe
+        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        if previous == -1:
+            self._wakeup = (read, write)
+        else:  # the program's own event loop reads signals from its pipe: it keeps it, we go without
+            signal.set_wakeup_fd(previous)
+            os.close(read)
+            os.close(write)
+            log.warning(
+                "signal.set_wakeup_fd is in use by the program: a stop signal the training thread cannot "
+                "reach (stuck in a collective) ends the process without a stop in the run log"
+            )
         for signum in self._meaning:
             self._previous[signum] = signal.signal(signum, self._handle)
 
@@ -68,6 +97,11 @@ class SignalRequests:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)  # type: ignore[arg-type]
         self._previous.clear()
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(-1)
+            for fd in self._wakeup:
+                os.close(fd)
+            self._wakeup = None
 
     def hold(self) -> None:
         """The run finished: from now on these signals are ignored, until uninstall().
@@ -92,3 +126,15 @@ class SignalRequests:
 
     def peek(self) -> set[Request]:
         return set(self._pending)
+
+    def arrived(self) -> tuple[Request, signal.Signals] | None:
+        """The first stop (preempt or cancel) whose signal reached the process, with the signal, whether
+        or not the main thread ran its handler. For one other thread (the watchdog's): it reads the pipe."""
+        if self._arrived is None and self._wakeup is not None:
+            with contextlib.suppress(BlockingIOError):
+                for signum in os.read(self._wakeup[0], 4096):
+                    request = self._meaning.get(signum)  # type: ignore[call-overload]
+                    if request in (Request.PREEMPT, Request.CANCEL):
+                        self._arrived = (request, signal.Signals(signum))
+                        break
+        return self._arrived

@@ -21,6 +21,13 @@ scheduled; that gap does not count as waiting for the progress last seen before 
 beat after the resume waits from then on), so a suspended job is not killed as hung when
 it resumes.
 
+A stop signal gives the run until shortly before the kill (`stop_allowance`,
+asked of the session at each wake-up until one came): a run still going then
+(a step stuck in a collective whose peer died, user code that does not
+return, a save that blocks) is ended the same way, its report marked `stop`,
+in whatever phase, as the kill would end it without a word. With
+`hangs` false (watchdog.enabled: false) only this is watched.
+
 When the time is up the thread calls `on_hang(HangReport)` once (the runner
 dumps the stacks, records the stop and ends the process) and ends. The thread
 takes no lock the training thread may hold: it reads plain attributes that
@@ -72,9 +79,14 @@ def hang_timeout(recent_steps: Sequence[float], timeout_s: Optional[float], min_
 
 @dataclass(frozen=True)
 class HangReport:
-    phase: str  # "start-up", "step", "save", or the name of an announced phase
+    phase: str  # "start-up", "step", "save", the name of an announced phase, or OUTSIDE_STEPS
     waited_s: float  # seconds the process could run since the last progress (stopped time not counted)
     allowed_s: float  # the allowance that ran out
+    stop: bool = False  # a stop signal's allowance ran out (waited_s: since the signal), not a hang's
+
+
+# The phase of a stop report after the step loop ended (or before it began).
+OUTSIDE_STEPS = "code outside the step loop"
 
 
 class Watchdog:
@@ -83,7 +95,8 @@ class Watchdog:
     `start(on_hang)` starts the thread; `beat()` at each step boundary; `slow_work()`
     around a save at a boundary; `stop_watching()` when the step loop ended; `close()`."""
 
-    def __init__(self, timeout_s: Optional[float], min_timeout_s: float, startup_s: float) -> None:
+    def __init__(self, timeout_s: Optional[float], min_timeout_s: float, startup_s: float, hangs: bool = True) -> None:
+        self.hangs = hangs
         self.timeout_s = timeout_s
         self.min_timeout_s = min_timeout_s
         self.startup_s = startup_s
@@ -96,9 +109,14 @@ class Watchdog:
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, on_hang: Callable[[HangReport], None]) -> None:
+    def start(
+        self, on_hang: Callable[[HangReport], None], stop_allowance: Callable[[], Optional[float]] = lambda: None
+    ) -> None:
+        """`stop_allowance()`: None until a stop signal came, then the seconds the run has from it."""
         self._mark = (time.monotonic(), "start-up")
-        self._thread = threading.Thread(target=self._watch, args=(on_hang,), name="hydra-preempt-watchdog", daemon=True)
+        self._thread = threading.Thread(
+            target=self._watch, args=(on_hang, stop_allowance), name="hydra-preempt-watchdog", daemon=True
+        )
         self._thread.start()
 
     def beat(self) -> None:
@@ -153,27 +171,34 @@ class Watchdog:
             return hang_timeout(tuple(self._recent), self.timeout_s, self.min_timeout_s)
         return self._allowances.get(phase, self.startup_s)
 
-    def _watch(self, on_hang: Callable[[HangReport], None]) -> None:
+    def _watch(self, on_hang: Callable[[HangReport], None], stop_allowance: Callable[[], Optional[float]]) -> None:
         poll = MAX_POLL_S
         woke = time.monotonic()
         # the mark last looked at, and the seconds the process was stopped since it was set
         credit: tuple[tuple[float, Optional[str]] | None, float] = (None, 0.0)
+        stop: tuple[float, float] | None = None  # (since, allowed): a stop signal came
         while not self._closed.wait(poll):
             now = time.monotonic()
             stopped = stopped_time(now - woke, poll)
+            if stop is None and (allowed_stop := stop_allowance()) is not None:
+                stop = (woke, allowed_stop)  # it came after the last look: counted from then, never too late
             woke = now
             mark = self._mark
             since, phase = mark
+            if stop is not None and now - stop[0] >= stop[1]:  # the kill's clock: stopped time counts
+                if not self._closed.is_set():  # the run did not end while we looked
+                    on_hang(HangReport(phase or OUTSIDE_STEPS, now - stop[0], stop[1], stop=True))
+                return
             if credit[0] is not mark:
                 credit = (mark, 0.0)
             if stopped and since < now - stopped / 2:  # set before the stop (else after the resume): not waited
                 credit = (mark, credit[1] + stopped)
-            if phase is None:
-                poll = MAX_POLL_S
+            poll = MAX_POLL_S if stop is None else max(min(MAX_POLL_S, stop[0] + stop[1] - now), 0.01)
+            if phase is None or not self.hangs:
                 continue
             allowed = self.allowance(phase)
             waited = now - since - credit[1]
             if waited > allowed and self._mark is mark:  # no beat came while we looked
                 on_hang(HangReport(phase, waited, allowed))
                 return
-            poll = min(MAX_POLL_S, allowed / 20)
+            poll = min(poll, allowed / 20)

@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -253,7 +254,8 @@ def exit_with(outcome: Outcome) -> None:
 
 def _await_slurm_requeue(task: SlurmTask, outcome: Outcome, before_requeue: Callable[[], None] | None) -> None:
     """Stay alive until SLURM kills the job at the end of the grace period; requeue ourselves if it does not."""
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # no second checkpoint path while waiting
+    if threading.current_thread() is threading.main_thread():  # else the watchdog's: no handler acts now
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # no second checkpoint path while waiting
     left = outcome.kill_deadline - time.time() if outcome.kill_deadline else 0.0
     limit = time.monotonic() + max(left, 0.0) + KILL_MARGIN_S
     log.info(

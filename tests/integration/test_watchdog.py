@@ -109,12 +109,12 @@ def test_after_a_stop_a_hang_is_still_found_in_the_time_the_process_ran(tmp_path
     assert "no progress for 2 s" in stop["message"] or "no progress for 3 s" in stop["message"], stop["message"]
 
 
-def start_ranks(run_dir, *args):
+def start_ranks(run_dir, *args, env=None):
     port = str(free_port())
     ranks = []
     for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2"}
-        ranks.append(start(run_dir, *args, env=env))
+        world = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2"}
+        ranks.append(start(run_dir, *args, env={**(env or os.environ), **world}))
     return ranks
 
 
@@ -136,8 +136,10 @@ def test_a_rank_that_hangs_ends_every_rank_and_the_run_resumes(tmp_path):
     assert last["reason"] == "finished" and last["resumed_from"] == 10 and last["step"] == 20
 
 
-def fake_slurm(tmp_path):
-    """scontrol and sacctmgr on PATH that answer as for a running job 4242 and note every call."""
+def fake_slurm(tmp_path, preempted_s_ago=None):
+    """scontrol and sacctmgr on PATH that answer as for a running job 4242 and note every call; with
+    `preempted_s_ago`, one preempted that long ago (KillWait 30 s: killed 30 s after its PreemptTime)."""
+    preempt_time = f' PreemptTime=$(date -d "-{preempted_s_ago} sec" +%Y-%m-%dT%H:%M:%S)' if preempted_s_ago else ""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls.txt"
@@ -145,7 +147,8 @@ def fake_slurm(tmp_path):
         "#!/bin/sh\n"
         f'echo "$@" >> {calls}\n'
         'case "$1 $2" in\n'
-        '  "show job") echo "JobId=4242 JobState=RUNNING Restarts=0 Requeue=1 QOS=normal TimeLimit=UNLIMITED" ;;\n'
+        '  "show job") echo "JobId=4242 JobState=RUNNING Restarts=0 Requeue=1 QOS=normal TimeLimit=UNLIMITED'
+        f'{preempt_time}" ;;\n'
         '  "show config") printf "KillWait = 30 sec\\nPreemptMode = OFF\\n" ;;\n'
         "esac\n"
     )

@@ -8,11 +8,14 @@ from hypothesis import strategies as st
 
 from hydra_preempt.outcome import Status
 from hydra_preempt.session.boundary import (
+    DEADLINE_MARGIN_S,
+    STUCK_STOP_MARGIN_S,
     Action,
     BoundaryFlags,
     agrees_at,
     decide,
     save_would_miss_deadline,
+    stop_allowance,
     stop_status,
 )
 
@@ -98,3 +101,10 @@ def test_stop_status_and_agreement_points():
     assert stop_status(True, True) is Status.CANCELLED
     assert [s for s in range(1, 13) if agrees_at(s, 4, 3)] == [3, 6, 9, 12]
     assert all(agrees_at(s, 1, 3) for s in range(1, 13))
+
+
+def test_a_stop_is_allowed_until_shortly_before_the_kill_the_scheduler_tells_else_the_grace():
+    assert stop_allowance(100.0, 25.0) == 100.0 - STUCK_STOP_MARGIN_S
+    assert stop_allowance(None, 25.0) == 25.0 - STUCK_STOP_MARGIN_S
+    assert stop_allowance(0.2, 25.0) == 0.0  # the kill is due: end now
+    assert STUCK_STOP_MARGIN_S < DEADLINE_MARGIN_S  # the session's own stop, in time, is never cut short

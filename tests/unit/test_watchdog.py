@@ -1,5 +1,6 @@
 """The hang timeout (pure) and the watchdog thread with a recording on_hang (no process ends)."""
 
+import signal
 import threading
 import time
 
@@ -9,7 +10,15 @@ from hypothesis import strategies as st
 
 from hydra_preempt.config import SessionConfig
 from hydra_preempt.errors import ConfigError
-from hydra_preempt.session.watchdog import STOP_SLACK_S, HangReport, Watchdog, hang_timeout, stopped_time
+from hydra_preempt.session.signals import Request, SignalRequests
+from hydra_preempt.session.watchdog import (
+    OUTSIDE_STEPS,
+    STOP_SLACK_S,
+    HangReport,
+    Watchdog,
+    hang_timeout,
+    stopped_time,
+)
 
 
 def test_timeout_is_the_configured_one_when_given():
@@ -91,6 +100,40 @@ def test_a_save_before_the_first_step_leaves_it_the_start_up_allowance():
     assert reports == [] and not fired.is_set()
 
 
+def test_a_stop_not_ended_within_its_allowance_is_reported_in_any_phase_even_with_hangs_off():
+    dog = Watchdog(0.05, 600.0, 0.05, hangs=False)
+    requested = threading.Event()
+    reports, fired = [], threading.Event()
+
+    def on_hang(report):
+        reports.append(report)
+        fired.set()
+
+    dog.start(on_hang, lambda: 0.3 if requested.is_set() else None)
+    dog.beat()
+    dog.stop_watching()  # after the step loop: no hang is watched, a stop still is
+    time.sleep(0.2)
+    assert not fired.is_set()
+    requested.set()
+    asked = time.monotonic()
+    assert fired.wait(5)
+    dog.close()
+    [report] = reports
+    assert report.stop and report.phase == OUTSIDE_STEPS and report.allowed_s == 0.3
+    assert report.waited_s >= 0.3 and time.monotonic() - asked < 1.5  # counted from the look before it came
+
+
+def test_a_run_that_ends_within_its_stop_allowance_is_not_reported():
+    dog = Watchdog(600.0, 600.0, 600.0)
+    reports: list[HangReport] = []
+    dog.start(reports.append, lambda: 0.5)
+    dog.beat()
+    time.sleep(0.2)
+    dog.close()  # the run ended
+    time.sleep(0.5)
+    assert reports == []
+
+
 def test_after_the_step_loop_nothing_is_watched():
     dog = Watchdog(0.05, 600.0, 0.05)
     reports, _ = hang_reports(dog)
@@ -164,3 +207,21 @@ def test_progress_seen_before_a_stop_is_not_a_hang_when_the_process_resumes(monk
     dog.stop_watching()
     dog.close()
     assert reports == [] and not fired.is_set()
+
+
+def test_another_thread_reads_a_stop_signal_from_the_wakeup_pipe_and_a_checkpoint_signal_is_no_stop():
+    requests = SignalRequests("TERM", "USR2")
+    requests.install()
+    try:
+        assert requests.arrived() is None
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)  # a checkpoint request: not a stop
+        seen: list = []
+        looker = threading.Thread(target=lambda: seen.append(requests.arrived()))
+        # read from the pipe the C handler wrote, on a thread of its own, as the watchdog does
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
+        looker.start()
+        looker.join()
+        assert seen == [(Request.PREEMPT, signal.SIGUSR2)]
+    finally:
+        requests.uninstall()
+    assert signal.set_wakeup_fd(-1) == -1  # uninstall gave the wakeup fd back

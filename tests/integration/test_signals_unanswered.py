@@ -1,0 +1,122 @@
+"""Stop signals the training thread cannot answer at a step boundary, in real processes with real signals:
+a step stuck after the signal (user code, a collective whose peer died) and a signal during start-up."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from hydra_preempt.outcome import ExitCode
+from hydra_preempt.rundir import read_events
+from tests.integration.test_watchdog import fake_slurm, start, start_ranks
+
+pytestmark = pytest.mark.slow
+
+GRACE_S = 4.0
+
+
+@pytest.fixture
+def ending():
+    """Processes to end after the test (killed if still running: on old code they wait forever)."""
+    procs = []
+    yield procs.append
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def wait_for_line(proc, prefix):
+    """Read the process's output up to the first line that starts with `prefix`; that line."""
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"the process ended without a line {prefix!r}")
+
+
+def test_a_stop_while_the_step_sleeps_forever_ends_with_a_stop_naming_the_standing_checkpoint(tmp_path, ending):
+    proc = start(tmp_path, 20, 12, env={**os.environ, "HANG_WORKER_GRACE_S": str(GRACE_S)})
+    ending(proc)
+    wait_for_line(proc, "blocking in step 12")
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == ExitCode.REQUEUE, output
+    assert time.monotonic() - signalled < GRACE_S, output  # before the kill a grace of GRACE_S would bring
+    assert "Traceback" not in output
+    stop = read_events(tmp_path)[-1]
+    assert stop["event"] == "stop" and stop["reason"] == "preempted" and stop["exit_code"] == ExitCode.REQUEUE
+    assert stop["step"] == 12 and stop["checkpoint_step"] == 10
+    message = stop["message"]
+    assert "SIGTERM received: nothing saved: the training thread did not reach a step boundary" in message
+    assert "stuck in the step after step 12, in train (hang_worker.py:" in message
+    assert "the checkpoint of step 10 stands" in message
+    assert "in train" in (tmp_path / stop["stacks"]).read_text()
+
+
+def test_inside_slurm_a_stuck_preemption_is_requeued_from_the_watchdog_thread(tmp_path, ending):
+    run_dir = tmp_path / "run"
+    env, calls = fake_slurm(tmp_path, preempted_s_ago=int(30 - GRACE_S))  # the kill: GRACE_S after each look
+    proc = start(run_dir, 20, 12, env={**env, "HANG_WORKER_GRACE_S": str(GRACE_S)})
+    ending(proc)
+    wait_for_line(proc, "blocking in step 12")
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == ExitCode.REQUEUE, output
+    assert "requeue 4242" in calls.read_text().splitlines()
+    stop, requeue = read_events(run_dir)[-2:]
+    assert stop["event"] == "stop" and stop["reason"] == "preempted" and stop["checkpoint_step"] == 10
+    assert stop["message"].startswith("preempted: SIGTERM received: nothing saved") and "requeueing" in stop["message"]
+    assert requeue["event"] == "requeue"
+
+
+def test_a_stop_while_the_peer_of_a_collective_was_killed_ends_the_survivor_in_time(tmp_path, ending):
+    # rank 1 blocks in step 12 with a child holding its sockets: SIGKILLed, it leaves rank 0 waiting in
+    # the boundary's all-reduce for good (gloo's timeout is 30 min), as a forked DataLoader worker does
+    env = {**os.environ, "HANG_WORKER_GRACE_S": str(GRACE_S), "HANG_WORKER_HOLD_SOCKETS": "1"}
+    rank0, rank1 = start_ranks(tmp_path, 20, 12, env=env)
+    ending(rank0)
+    ending(rank1)
+    holder = int(wait_for_line(rank1, "sockets held by pid").split()[-1])
+    try:
+        wait_for_line(rank1, "blocking in step 12")
+        wait_for_line(rank0, "step 13")  # then into the all-reduce that waits for rank 1
+        rank1.kill()
+        rank1.wait(timeout=30)
+        signalled = time.monotonic()
+        rank0.send_signal(signal.SIGTERM)
+        output, _ = rank0.communicate(timeout=30)
+        assert rank0.returncode == ExitCode.REQUEUE, output
+        assert time.monotonic() - signalled < GRACE_S, output
+    finally:
+        os.kill(holder, signal.SIGKILL)
+    stop = read_events(tmp_path)[-1]
+    assert stop["event"] == "stop" and stop["reason"] == "preempted" and stop["checkpoint_step"] == 10
+    assert "did not reach a step boundary (stuck in the step after step 13, in all_reduce (" in stop["message"]
+
+
+def test_a_stop_during_start_up_is_a_stop_with_nothing_saved(tmp_path, ending):
+    # the failure table is a FIFO: run() waits in reading it, a step of its start-up, until the test writes it
+    table = tmp_path / "failures.yaml"
+    os.mkfifo(table)
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, 20, env={**os.environ, "HANG_WORKER_TABLE": str(table)})
+    ending(proc)
+    while True:  # a writer can open the FIFO without blocking once its reader, run(), has it open
+        try:
+            writer = os.open(table, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    with open(writer, "w") as f:
+        f.write("classes:\n  - name: preempted\n    last_stops: [preempted]\n    restart: true\n")
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == ExitCode.REQUEUE, output
+    assert "preempted at step 0" in output
+    stop = read_events(run_dir)[-1]
+    assert stop["event"] == "stop" and stop["reason"] == "preempted" and stop["step"] == 0
+    assert stop["message"] == "SIGTERM received during start-up: nothing saved, no checkpoint yet"
+    assert stop["checkpoint_step"] is None
