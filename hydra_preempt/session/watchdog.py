@@ -181,7 +181,10 @@ class Watchdog:
             now = time.monotonic()
             stopped = stopped_time(now - woke, poll)
             if stop is None and (allowed_stop := stop_allowance()) is not None:
-                stop = (woke, allowed_stop)  # it came after the last look: counted from then, never too late
+                # counted from now: the allowance is the time to the kill as known now (from the previous
+                # look it would end up to a poll early, before the session's own stop gives up its waits);
+                # without a known kill, `grace_s` leaves more than a poll to the launcher's
+                stop = (now, allowed_stop)
             woke = now
             mark = self._mark
             since, phase = mark
