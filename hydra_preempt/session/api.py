@@ -103,6 +103,7 @@ class Session:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.seconds_left = seconds_left
+        self._stop_allowance_s: float | None = None  # the watchdog's, once a stop signal came
         self.config = config or SessionConfig()
         c = self.config.checkpoint
         directory = Path(c.dir) if Path(c.dir).is_absolute() else self.run_dir / c.dir
@@ -223,8 +224,12 @@ class Session:
         """For the watchdog thread: None until a stop signal reached the process (its handler may not
         have run), then the seconds the run has from it to end by itself (boundary.stop_allowance)."""
         if self.signals.arrived() is None:
+            self._stop_allowance_s = None
             return None
-        return boundary.stop_allowance(self.seconds_left() if self.seconds_left else None, self.config.signals.grace_s)
+        if self._stop_allowance_s is None:  # asked once per signal: under SLURM each ask is an scontrol call
+            left = self.seconds_left() if self.seconds_left else None
+            self._stop_allowance_s = boundary.stop_allowance(left, self.config.signals.grace_s)
+        return self._stop_allowance_s
 
     def wait_for_run_lock(self, lone_task: SrunStep | None = None, poll_s: float = 2.0) -> None:
         """One live run per run directory: wait while another process holds it (rank 0 holds it for all).

@@ -29,6 +29,7 @@ import enum
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from types import FrameType
@@ -68,6 +69,7 @@ class SignalRequests:
         self._previous: dict[signal.Signals, object] = {}
         self._wakeup: tuple[int, int] | None = None  # the pipe the C handler writes signal numbers into
         self._arrived: tuple[Request, signal.Signals] | None = None  # the first stop read from it
+        self._arrived_at: tuple[int, int] | None = None  # where the main thread was when it was read
 
     def install(self) -> None:
         """Install the handlers (again: nothing), and the pipe `arrived` reads."""
@@ -129,12 +131,32 @@ class SignalRequests:
 
     def arrived(self) -> tuple[Request, signal.Signals] | None:
         """The first stop (preempt or cancel) whose signal reached the process, with the signal, whether
-        or not the main thread ran its handler. For one other thread (the watchdog's): it reads the pipe."""
+        or not the main thread ran its handler. For one other thread (the watchdog's): it reads the pipe,
+        at each call.
+
+        A forked child (multiprocessing's fork start method) shares the pipe and, until it execs, the
+        C handler: a SIGTERM to the child (`pool.terminate()`) writes into it too. Such a signal is told
+        apart by the main thread: a signal to this process runs its Python handler as soon as the main
+        thread runs Python code; so once the main thread has moved on in Python since the signal was
+        read and the handler did not record it, it was another process's, and it is forgotten. A main
+        thread that has not moved (stuck in a collective's C code) cannot tell: the stop stands."""
         if self._arrived is None and self._wakeup is not None:
             with contextlib.suppress(BlockingIOError):
                 for signum in os.read(self._wakeup[0], 4096):
                     request = self._meaning.get(signum)  # type: ignore[call-overload]
                     if request in (Request.PREEMPT, Request.CANCEL):
                         self._arrived = (request, signal.Signals(signum))
+                        self._arrived_at = _main_thread_position()
                         break
+        unrecorded = self._arrived is not None and self._arrived[0] not in self.first_received
+        if unrecorded and _main_thread_position() != self._arrived_at:
+            assert self._arrived is not None
+            log.info("a %s reached another process sharing this one's signal pipe: ignored", self._arrived[1].name)
+            self._arrived = None
         return self._arrived
+
+
+def _main_thread_position() -> tuple[int, int] | None:
+    """The main thread's innermost Python frame and instruction: unchanged while it waits in C code."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    return None if frame is None else (id(frame), frame.f_lasti)

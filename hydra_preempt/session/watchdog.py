@@ -180,7 +180,10 @@ class Watchdog:
         while not self._closed.wait(poll):
             now = time.monotonic()
             stopped = stopped_time(now - woke, poll)
-            if stop is None and (allowed_stop := stop_allowance()) is not None:
+            allowed_stop = stop_allowance()  # asked at each look: a signal found to be another process's is None again
+            if allowed_stop is None:
+                stop = None
+            elif stop is None:
                 # counted from now: the allowance is the time to the kill as known now (from the previous
                 # look it would end up to a poll early, before the session's own stop gives up its waits);
                 # without a known kill, `grace_s` leaves more than a poll to the launcher's

@@ -3,6 +3,8 @@ a step stuck after the signal (user code, a collective whose peer died) and a si
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -120,3 +122,39 @@ def test_a_stop_during_start_up_is_a_stop_with_nothing_saved(tmp_path, ending):
     assert stop["event"] == "stop" and stop["reason"] == "preempted" and stop["step"] == 0
     assert stop["message"] == "SIGTERM received during start-up: nothing saved, no checkpoint yet"
     assert stop["checkpoint_step"] is None
+
+
+# A healthy run that terminates a forked child: the child inherits the wakeup pipe and the handlers,
+# so the SIGTERM sent to it is written into the pipe the watchdog reads.
+FORKS_AND_TERMINATES_A_CHILD = """
+import multiprocessing, sys, time
+from hydra_preempt import exit_with, run
+
+def train(session):
+    for step in session.steps(120):
+        if step == 10:
+            child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(1.0,))
+            child.start()
+            child.terminate()  # SIGTERM to the child alone
+            child.join()
+            print("child ended", child.exitcode, flush=True)
+        time.sleep(0.02)
+        session.report(loss=1.0)
+    return {"steps": 120}
+
+exit_with(run(train, sys.argv[1], {"signals": {"grace_s": 1.0}, "checkpoint": {"every_steps": 50}}))
+"""
+
+
+def test_a_sigterm_to_a_forked_child_does_not_end_the_healthy_run(tmp_path):
+    """Its signal reaches the shared pipe, never this process's handler, while the main thread runs on:
+    it is told apart and ignored (else the run would end with nothing saved after grace_s)."""
+    done = subprocess.run(
+        [sys.executable, "-c", FORKS_AND_TERMINATES_A_CHILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == ExitCode.FINISHED, done.stdout + done.stderr
+    assert "child ended" in done.stdout
+    assert [e["reason"] for e in read_events(tmp_path) if e["event"] == "stop"] == ["finished"]
