@@ -59,16 +59,24 @@ def pick_grace(qos_lines: str, qos: str | None) -> tuple[str, float] | None:
     of the QoS with the shortest non-zero GraceTime (the preemptible one: the tightest budget)."""
     from ..slurm.commands import parse_duration
 
-    graces = {}
+    graces: dict[str, float | None] = {}
     for line in qos_lines.splitlines():
         name, _, grace = line.strip().partition("|")
         if name:
-            graces[name] = parse_duration(grace) if grace and ":" in grace else float(grace or 0)
+            graces[name] = parse_duration(grace) if ":" in grace else _seconds(grace)
     if qos is not None:
         value = graces.get(qos)
         return (qos, value) if value is not None else None
     preemptible = [(v, n) for n, v in graces.items() if v]
     return (min(preemptible)[1], min(preemptible)[0]) if preemptible else None
+
+
+def _seconds(text: str) -> float | None:
+    """'120' -> 120.0, '' -> 0.0; anything else (not a number SLURM would print) -> None."""
+    try:
+        return float(text or 0)
+    except ValueError:
+        return None
 
 
 def grace_fit(state_gb: float | None, save_gbps: float, grace: tuple[str, float] | None, why_unknown: str) -> Row:

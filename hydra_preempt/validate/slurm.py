@@ -144,7 +144,7 @@ def job_rows(
             time.sleep(0.5)
 
     def log_has(line: str) -> bool:
-        said[:] = log.read_text().split() if log.exists() else []
+        said[:] = log.read_text(errors="replace").split() if log.exists() else []
         return line in said
 
     try:

@@ -8,6 +8,9 @@ import sys
 import time
 from types import SimpleNamespace
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from hydra_preempt.gpumetrics import (
     GPU_METRICS_FILE,
     GpuSampler,
@@ -202,3 +205,25 @@ def test_the_summary_keeps_only_finite_figures_and_is_none_without_readings():
     assert summary.as_dict() == {
         "3": {"name": "", "samples": 1, "memory_total_mib": 0.0, "mean_utilization_pct": 20.0, "mean_power_w": 0.0}
     }
+
+
+# Lines as SLURM's tools could print them, and worse: fields, separators, odd bytes decoded with replacement.
+_FIELD = st.sampled_from(["preemptible", "normal", "research", "00:02:00", "1-00:00:00", "UNLIMITED", "REQUEUE",
+                          "CANCEL,GANG", "", "abc", "120", "-5", "nan", "1e400", "\ufffd", "a|b", "||", "=", " "])  # fmt: skip
+_LINES = st.lists(st.lists(_FIELD, max_size=4).map("|".join), max_size=6).map("\n".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    config=st.lists(
+        st.sampled_from(["KillWait = 30 sec", "JobRequeue = 1", "PreemptMode = OFF", "KillWait=x", "="])
+    ).map("\n".join),
+    qos_text=_LINES,
+    assoc_text=_LINES,
+    qos=st.sampled_from([None, "preemptible", "", "a|b"]),
+    account=st.sampled_from([None, "research", ""]),
+)
+def test_the_scheduler_settings_rows_never_raise_on_any_answer(config, qos_text, assoc_text, qos, account):
+    """validate --slurm reads scontrol's and sacctmgr's answers: whatever they print, rows, never a traceback."""
+    rows = settings_rows(config, qos_text, assoc_text, qos, account)
+    assert rows and all(row.status in (PASS, FAIL, SKIP) for row in rows)
