@@ -66,7 +66,7 @@ from .divergence import HealthRule, LossSpikeDetector, Verdict
 from .progress import Progress
 from .signals import Request, SignalRequests
 from .state import StateRegistry, StepStart, check_tree
-from .watchdog import Watchdog
+from .watchdog import MAX_POLL_S, Watchdog
 
 log = logging.getLogger("hydra_preempt")
 
@@ -228,7 +228,7 @@ class Session:
             return None
         if self._stop_allowance_s is None:  # asked once per signal: under SLURM each ask is an scontrol call
             left = self.seconds_left() if self.seconds_left else None
-            self._stop_allowance_s = boundary.stop_allowance(left, self.config.signals.grace_s)
+            self._stop_allowance_s = boundary.stop_allowance(left, self.config.signals.grace_s, MAX_POLL_S)
         return self._stop_allowance_s
 
     def wait_for_run_lock(self, lone_task: SrunStep | None = None, poll_s: float = 2.0) -> None:

@@ -99,10 +99,13 @@ def save_would_miss_deadline(seconds_left: float | None, last_save_s: float | No
     return save_estimate_s(last_save_s) > seconds_left
 
 
-def stop_allowance(seconds_left: float | None, grace_s: float) -> float:
-    """Seconds a run has, from a stop signal, to end before the watchdog thread ends it with nothing
-    saved: until shortly before the kill, `seconds_left` when the scheduler tells it, else `grace_s`."""
-    return max((grace_s if seconds_left is None else seconds_left) - STUCK_STOP_MARGIN_S, 0.0)
+def stop_allowance(seconds_left: float | None, grace_s: float, look_s: float) -> float:
+    """Seconds a run has, counted from when the watchdog (looking every `look_s` at most) learns of a stop
+    signal, to end before the watchdog thread ends it with nothing saved: until shortly before the kill.
+    `seconds_left` when the scheduler tells it (exact: it is read then); else `grace_s` from the signal,
+    which came up to a look earlier."""
+    left = seconds_left if seconds_left is not None else grace_s - look_s
+    return max(left - STUCK_STOP_MARGIN_S, 0.0)
 
 
 def save_estimate_s(last_save_s: float) -> float:

@@ -142,13 +142,15 @@ def train(session):
         session.report(loss=1.0)
     return {"steps": 120}
 
-exit_with(run(train, sys.argv[1], {"signals": {"grace_s": 1.0}, "checkpoint": {"every_steps": 50}}))
+exit_with(run(train, sys.argv[1], {"signals": {"grace_s": 4.0}, "checkpoint": {"every_steps": 50}}))
 """
 
 
 def test_a_sigterm_to_a_forked_child_does_not_end_the_healthy_run(tmp_path):
     """Its signal reaches the shared pipe, never this process's handler, while the main thread runs on:
-    it is told apart and ignored (else the run would end with nothing saved after grace_s)."""
+    it is told apart and ignored (else the run would end with nothing saved after grace_s). The main
+    thread waits in C (joining the child, 1 s) for less than the allowance (grace_s 4 s less a look and
+    the margin): a signal seen only while it waits in C cannot be told apart."""
     done = subprocess.run(
         [sys.executable, "-c", FORKS_AND_TERMINATES_A_CHILD, str(tmp_path)],
         capture_output=True,

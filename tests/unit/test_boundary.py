@@ -104,7 +104,7 @@ def test_stop_status_and_agreement_points():
 
 
 def test_a_stop_is_allowed_until_shortly_before_the_kill_the_scheduler_tells_else_the_grace():
-    assert stop_allowance(100.0, 25.0) == 100.0 - STUCK_STOP_MARGIN_S
-    assert stop_allowance(None, 25.0) == 25.0 - STUCK_STOP_MARGIN_S
-    assert stop_allowance(0.2, 25.0) == 0.0  # the kill is due: end now
+    assert stop_allowance(100.0, 25.0, 1.0) == 100.0 - STUCK_STOP_MARGIN_S  # the kill as read now
+    assert stop_allowance(None, 25.0, 1.0) == 24.0 - STUCK_STOP_MARGIN_S  # the signal came up to a look ago
+    assert stop_allowance(0.2, 25.0, 1.0) == 0.0  # the kill is due: end now
     assert STUCK_STOP_MARGIN_S < DEADLINE_MARGIN_S  # the session's own stop, in time, is never cut short
