@@ -41,6 +41,8 @@ log = logging.getLogger("hydra_preempt")
 
 # A stuck process ends after this long even if ending it cleanly blocks (scontrol, a flush).
 HANG_EXIT_BACKSTOP_S = 120.0
+# A rank other than 0 that ends stuck waits this long first, so that rank 0 records the run's end.
+OTHER_RANK_EXIT_DELAY_S = 3.0
 # A hung process lets a background write in flight end for this long, so that it names the checkpoint on disk.
 HANG_WRITE_WAIT_S = 30.0
 
@@ -383,6 +385,11 @@ class _ProcessEnd:
         threading.Thread(target=_exit_after, args=(backstop, code), daemon=True).start()
         try:
             code = self._record_stop(report) if report.stop else self._record_hang(report)
+            if world()[0] != 0:
+                # rank 0's collective waits for this rank, and its own watchdog sees the same hang or stop
+                # within a look or two: exiting at once would fail that collective first, and rank 0 would
+                # record a lost peer instead of what happened
+                time.sleep(OTHER_RANK_EXIT_DELAY_S)
         finally:  # whatever failed on the way (a full disk), the stuck process ends
             for handler in logging.getLogger().handlers + log.handlers:
                 handler.flush()
