@@ -112,7 +112,9 @@ class PreemptLauncher(Launcher):
             )
         finally:
             current_job.reset(token)
-            if created_group:  # its threads must end before the process does (an abort at exit otherwise)
+            # its threads must end before the process does (an abort at exit otherwise); the task function
+            # may have destroyed it already, as a DDP script's last line does
+            if created_group and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
         value = ret.return_value  # a task that raised raises here: the job ends FAILED with its traceback
         outcome = value if isinstance(value, Outcome) else (outcomes[-1] if outcomes else None)

@@ -83,7 +83,9 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         try:
             outcome = run(self.train_fn, Path(self.run_dir), self.config, job)
         finally:
-            if created_group:  # its threads must end before the process does (an abort at exit otherwise)
+            # its threads must end before the process does (an abort at exit otherwise); the training
+            # function may have destroyed it already, as a DDP script's last line does
+            if created_group and dist.is_initialized():
                 dist.destroy_process_group()
         if outcome.status is Status.FINISHED:
             return outcome.result

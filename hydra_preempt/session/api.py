@@ -104,6 +104,7 @@ class Session:
         self.run_dir = Path(run_dir)
         self.seconds_left = seconds_left
         self._stop_allowance_s: float | None = None  # the watchdog's, once a stop signal came
+        self._stop_begun = False  # the training thread took a stop at a boundary (or during start-up)
         self.config = config or SessionConfig()
         c = self.config.checkpoint
         directory = Path(c.dir) if Path(c.dir).is_absolute() else self.run_dir / c.dir
@@ -208,6 +209,7 @@ class Session:
         stop = boundary.stop_status(*map(bool, agree([Request.PREEMPT in pending, Request.CANCEL in pending])))
         if stop is None:
             return
+        self._stop_begun = True
         request = Request.CANCEL if stop is Status.CANCELLED else Request.PREEMPT
         signum = self.signals.take().get(request)
         name = signum.name if signum else "a signal to another rank"
@@ -221,14 +223,24 @@ class Session:
         )
 
     def stop_allowance_s(self) -> float | None:
-        """For the watchdog thread: None until a stop signal reached the process (its handler may not
-        have run), then the seconds the run has from it to end by itself (boundary.stop_allowance)."""
-        if self.signals.arrived() is None:
+        """For the watchdog thread: the seconds the run has, from now, to end by itself after a stop
+        signal reached the process (its handler may not have run), before the watchdog ends it with
+        nothing saved (boundary.stop_allowance). None: no stop to watch: no signal; the training thread
+        took the stop at a boundary (its own deadlines govern, and a save may be under way); or a Ctrl-C
+        (SIGINT) with no kill coming, which waits for the boundary as long as it takes (an interactive
+        run, a notebook's interrupt)."""
+        arrived = self.signals.arrived()
+        if arrived is None or self._stop_begun:
             self._stop_allowance_s = None
             return None
-        if self._stop_allowance_s is None:  # asked once per signal: under SLURM each ask is an scontrol call
+        if self._stop_allowance_s is None:
             left = self.seconds_left() if self.seconds_left else None
-            self._stop_allowance_s = boundary.stop_allowance(left, self.config.signals.grace_s, MAX_POLL_S)
+            if left is None and arrived[0] is Request.CANCEL:
+                return None
+            allowance = boundary.stop_allowance(left, self.config.signals.grace_s, MAX_POLL_S)
+            if left is None and self.seconds_left is not None:
+                return allowance  # SLURM did not tell the kill this time: asked again at the next look
+            self._stop_allowance_s = allowance  # asked once: under SLURM each ask is an scontrol call
         return self._stop_allowance_s
 
     def wait_for_run_lock(self, lone_task: SrunStep | None = None, poll_s: float = 2.0) -> None:
@@ -607,6 +619,7 @@ class Session:
         elif action.deferred:
             log.warning("step %d: loss spike, deferring the periodic checkpoint until the loss recovers", self.step)
         stop: Status | None = action.stop
+        self._stop_begun = stop is not None  # from here the session's own deadlines govern the stop
         stalled = False  # a stop save waits for the write in flight, only as long as it can itself still fit
         if action.save and stop is not None:
             with self.watchdog.slow_work():
@@ -625,6 +638,7 @@ class Session:
             )
             requests = {**late, **requests}
         if stop is not None:
+            self._stop_begun = True
             with self.watchdog.slow_work():
                 self.checkpointer.wait(self._time_to_kill_s())  # a stop takes what is being written with it
             request = Request.CANCEL if stop is Status.CANCELLED else Request.PREEMPT

@@ -25,10 +25,11 @@ from ..outcome import Status
 # A save is judged by the last one: this factor and margin cover a slower disk this time.
 DEADLINE_FACTOR = 1.5
 DEADLINE_MARGIN_S = 1.0
-# A run still going this long before the kill is ended by the watchdog thread (`stop_allowance`): less
-# than DEADLINE_MARGIN_S, so that a stop the session itself makes in time (its waits end that long
-# before the kill) is never cut short, and enough to write the stop and requeue.
-STUCK_STOP_MARGIN_S = 0.5
+# A run that has not reached a step boundary this long before the kill is ended by the watchdog thread
+# (`stop_allowance`): time to dump the stacks, ask SLURM what the stop was, write the stop and requeue
+# (each scontrol call may take a second on a busy controller). Once the training thread takes the stop
+# at a boundary, its own deadlines govern (DEADLINE_MARGIN_S) and the watchdog leaves it alone.
+STUCK_STOP_MARGIN_S = 3.0
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from types import FrameType
 
 from ..config import check_signal_name
@@ -70,6 +71,8 @@ class SignalRequests:
         self._wakeup: tuple[int, int] | None = None  # the pipe the C handler writes signal numbers into
         self._arrived: tuple[Request, signal.Signals] | None = None  # the first stop read from it
         self._arrived_at: tuple[int, int] | None = None  # where the main thread was when it was read
+        self._fork_hooks = False
+        self._mask_before_fork: set[int | signal.Signals] | None = None  # the blocked mask's predecessor, while forking
 
     def install(self) -> None:
         """Install the handlers (again: nothing), and the pipe `arrived` reads."""
@@ -93,6 +96,37 @@ class SignalRequests:
             )
         for signum in self._meaning:
             self._previous[signum] = signal.signal(signum, self._handle)
+        if not self._fork_hooks:  # once per instance; weak references, so that the hooks keep nothing alive
+            hooks = [weakref.WeakMethod(m) for m in (self._before_fork, self._after_fork, self._forget_in_child)]
+            before, parent, child = [lambda ref=ref: (method := ref()) is not None and method() for ref in hooks]
+            os.register_at_fork(before=before, after_in_parent=parent, after_in_child=child)
+            self._fork_hooks = True
+
+    # A process forked from this one (multiprocessing's fork start method) gets the signal handlers of
+    # before install() back and no wakeup pipe: else it would ignore SIGTERM (`Process.terminate()`,
+    # `pool.terminate()` would not end it) and write its signals into this process's pipe. The stop
+    # signals are blocked across the fork, so that one sent to the child at once waits for that.
+    def _before_fork(self) -> None:
+        self._mask_before_fork = signal.pthread_sigmask(signal.SIG_BLOCK, self._previous) if self._previous else None
+
+    def _after_fork(self) -> None:
+        mask, self._mask_before_fork = self._mask_before_fork, None
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def _forget_in_child(self) -> None:
+        if self._previous:
+            with contextlib.suppress(ValueError, OSError):  # not the child's main thread: it keeps them
+                for signum, handler in self._previous.items():
+                    signal.signal(signum, handler)  # type: ignore[arg-type]
+                if self._wakeup is not None:
+                    signal.set_wakeup_fd(-1)
+            for fd in self._wakeup or ():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._previous.clear()
+            self._wakeup = None
+        self._after_fork()  # a stop signal sent meanwhile now meets the handler of before
 
     def uninstall(self) -> None:
         """Restore the handlers that were there before install() (also after hold())."""

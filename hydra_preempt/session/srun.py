@@ -54,4 +54,5 @@ def srun_process_group(config: DistributedConfig, step: SrunStep | None) -> Iter
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # the training function may have destroyed it already
+            dist.destroy_process_group()

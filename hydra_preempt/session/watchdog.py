@@ -180,10 +180,10 @@ class Watchdog:
         while not self._closed.wait(poll):
             now = time.monotonic()
             stopped = stopped_time(now - woke, poll)
-            allowed_stop = stop_allowance()  # asked at each look: a signal found to be another process's is None again
+            allowed_stop = stop_allowance()  # asked at each look: None again once the stop needs no watching
             if allowed_stop is None:
                 stop = None
-            elif stop is None:
+            elif stop is None or allowed_stop != stop[1]:  # new, or the kill now known (SLURM answered)
                 # counted from now: the allowance is the time to the kill as known now (from the previous
                 # look it would end up to a poll early, before the session's own stop gives up its waits);
                 # without a known kill, `grace_s` leaves more than a poll to the launcher's

@@ -7,13 +7,17 @@ fields that differ between SLURM versions.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import logging
 import re
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping
 
 from ..errors import HydraPreemptError
+
+log = logging.getLogger("hydra_preempt")
 
 
 class SlurmError(HydraPreemptError):
@@ -165,14 +169,22 @@ class ClusterFacts:
     """What does not change while a job runs: KillWait, and its QoS's GraceTime and PreemptMode."""
 
     kill_wait_s: float = 0.0
-    grace_s: float = 0.0
+    grace_s: float | None = 0.0  # None: the QoS's GraceTime could not be read
     preempt_mode: str = "OFF"  # the QoS's own, else the cluster's
 
 
 def cluster_facts(qos: str) -> ClusterFacts:
-    """Read once per run: `scontrol show config` and the QoS's settings, one call each."""
+    """Read once per run: `scontrol show config` and the QoS's settings, one call each. An accounting
+    database that does not answer leaves the QoS's GraceTime unknown (None) and the cluster's
+    PreemptMode and KillWait standing: never a grace of 0, which would put the kill at the signal."""
     config = slurm_command(["scontrol", "show", "config"])
-    fields = slurm_command(["sacctmgr", "-n", "-P", "show", "qos", qos, "format=GraceTime,PreemptMode"]) if qos else ""
+    try:
+        fields = (
+            slurm_command(["sacctmgr", "-n", "-P", "show", "qos", qos, "format=GraceTime,PreemptMode"]) if qos else ""
+        )
+    except SlurmError as e:
+        log.warning("cannot read the GraceTime of QoS %s (%s): the kill deadline of a preemption is unknown", qos, e)
+        return dataclasses.replace(parse_cluster_facts(config, ""), grace_s=None)
     return parse_cluster_facts(config, fields)
 
 

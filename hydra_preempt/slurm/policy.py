@@ -107,7 +107,7 @@ class SlurmStopPolicy:
             facts = cluster_facts(job.qos)
         except SlurmError as e:
             log.warning("cannot read KillWait/GraceTime/PreemptMode (%s): assuming none", e)
-            facts = ClusterFacts()
+            facts = ClusterFacts(grace_s=None)  # a preemption's kill is then unknown, not due at the signal
         return cls(task, facts, restarts, stops, budget, preempt_signal, timeout_signal, restart_decision, known)
 
     def seconds_left(self) -> float | None:
@@ -120,6 +120,8 @@ class SlurmStopPolicy:
             return None
         now = dt.datetime.now()
         if job.preempt_time is not None and not job.state.startswith("CANCELLED"):
+            if self.facts.grace_s is None:  # the QoS's GraceTime is unknown: so is the kill
+                return None
             return (job.preempt_time - now).total_seconds() + self.facts.grace_s + self.facts.kill_wait_s
         return (job.end_time - now).total_seconds() + self.facts.kill_wait_s if job.end_time else None
 

@@ -133,24 +133,25 @@ from hydra_preempt import exit_with, run
 def train(session):
     for step in session.steps(120):
         if step == 10:
-            child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(1.0,))
+            child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60.0,))
             child.start()
             child.terminate()  # SIGTERM to the child alone
             child.join()
             print("child ended", child.exitcode, flush=True)
+            with multiprocessing.get_context("fork").Pool(2) as pool:  # leaving it terminates the workers
+                print("pool said", pool.map(abs, [-1, -2]), flush=True)
         time.sleep(0.02)
         session.report(loss=1.0)
     return {"steps": 120}
 
-exit_with(run(train, sys.argv[1], {"signals": {"grace_s": 4.0}, "checkpoint": {"every_steps": 50}}))
+exit_with(run(train, sys.argv[1], {"signals": {"grace_s": 8.0}, "checkpoint": {"every_steps": 50}}))
 """
 
 
 def test_a_sigterm_to_a_forked_child_does_not_end_the_healthy_run(tmp_path):
     """Its signal reaches the shared pipe, never this process's handler, while the main thread runs on:
-    it is told apart and ignored (else the run would end with nothing saved after grace_s). The main
-    thread waits in C (joining the child, 1 s) for less than the allowance (grace_s 4 s less a look and
-    the margin): a signal seen only while it waits in C cannot be told apart."""
+    a forked child gets the signal handlers of before run() back and no wakeup pipe (else it ignored
+    SIGTERM, and the parent took the child's SIGTERM as its own stop and ended with nothing saved)."""
     done = subprocess.run(
         [sys.executable, "-c", FORKS_AND_TERMINATES_A_CHILD, str(tmp_path)],
         capture_output=True,
@@ -158,5 +159,40 @@ def test_a_sigterm_to_a_forked_child_does_not_end_the_healthy_run(tmp_path):
         timeout=120,
     )
     assert done.returncode == ExitCode.FINISHED, done.stdout + done.stderr
-    assert "child ended" in done.stdout
+    assert "child ended -15" in done.stdout  # SIGTERM ends it: it has the handlers of before run() again
+    assert "pool said [1, 2]" in done.stdout
     assert [e["reason"] for e in read_events(tmp_path) if e["event"] == "stop"] == ["finished"]
+
+
+# A long step (3 s, a slow evaluation) interrupted with Ctrl-C, in a terminal or a notebook: no kill is
+# coming, so the stop waits for the boundary as long as it takes, and saves there.
+INTERRUPTED_IN_A_LONG_STEP = """
+import sys, time
+from hydra_preempt import exit_with, run
+
+def train(session):
+    for step in session.steps(3):
+        if step == 1:
+            print("long step", flush=True)
+            time.sleep(3.0)
+        session.report(loss=1.0)
+    return {}
+
+exit_with(run(train, sys.argv[1], {"signals": {"grace_s": 1.0}}))
+"""
+
+
+def test_ctrl_c_without_a_kill_coming_waits_for_the_boundary_and_saves(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED_IN_A_LONG_STEP, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_line(proc, "long step")
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.CANCELLED, output
+    stop = read_events(tmp_path)[-1]
+    assert stop["reason"] == "cancelled" and stop["checkpoint_step"] == stop["step"] == 2, stop  # saved there
+    assert "nothing saved" not in output

@@ -152,7 +152,7 @@ def fake_slurm(tmp_path, preempted_s_ago=None):
         '  "show config") printf "KillWait = 30 sec\\nPreemptMode = OFF\\n" ;;\n'
         "esac\n"
     )
-    (bin_dir / "sacctmgr").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "sacctmgr").write_text("#!/bin/sh\necho '00:00:00|CANCEL'\n")  # the QoS: GraceTime 0
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0"}

@@ -254,3 +254,26 @@ def test_a_higher_restart_count_means_a_node_failure_only_if_the_start_read_it(m
         assert outcome.requeue_by == Requeuer.SELF.value and outcome.failure is None
     else:
         assert outcome.failure == "node_fail" and "at the SIGUSR2" in outcome.evidence
+
+
+def test_an_accounting_database_that_does_not_answer_leaves_the_kill_unknown_not_due(monkeypatch):
+    """sacctmgr failing at the start: KillWait and PreemptMode from scontrol stand, GraceTime is unknown,
+    so a preemption's kill is unknown (the watchdog then allows signals.grace_s), never at the signal."""
+    from hydra_preempt.slurm import commands
+    from hydra_preempt.slurm import policy as policy_module
+    from hydra_preempt.slurm.commands import SlurmError
+    from hydra_preempt.slurm.env import SlurmTask
+    from hydra_preempt.slurm.policy import SlurmStopPolicy
+
+    def answer(args, timeout=30):
+        if args[0] == "sacctmgr":
+            raise SlurmError("sacctmgr: error: slurmdbd: Connection refused")
+        return "KillWait = 30 sec\nPreemptMode = REQUEUE\n"
+
+    monkeypatch.setattr(commands, "slurm_command", answer)
+    facts = commands.cluster_facts("preemptible")
+    assert (facts.kill_wait_s, facts.grace_s, facts.preempt_mode) == (30.0, None, "REQUEUE")
+    job = JobInfo.from_fields({"JobId": "7", "JobState": "RUNNING", "PreemptTime": NOW.strftime("%Y-%m-%dT%H:%M:%S")})
+    monkeypatch.setattr(policy_module, "show_job", lambda job_id: job)
+    policy = SlurmStopPolicy(SlurmTask("7", 0, 1, 0), facts, 0, {}, RequeueBudget(), "SIGTERM", "SIGUSR2")
+    assert policy.seconds_left() is None

@@ -80,3 +80,25 @@ def test_a_rank_beyond_the_step_is_refused_before_any_rendezvous():
     refused = pytest.raises(ConfigError, match="SLURM_PROCID=5 is no task of an srun step of SLURM_STEP_NUM_TASKS=2")
     with refused, srun_process_group(DistributedConfig(), step):
         pass
+
+
+def test_a_group_the_training_function_destroyed_itself_is_left_alone(monkeypatch):
+    """A DDP script's last line is `dist.destroy_process_group()`: the run's end must not fail on it
+    (it raised AssertionError, and a preempted job was never requeued)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from hydra_preempt.config import DistributedConfig
+    from hydra_preempt.session.srun import srun_process_group
+
+    for name in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    step = SrunStep("7", "0", rank=0, world_size=1, local_rank=0, first_host="127.0.0.1")
+    with srun_process_group(DistributedConfig(port=port), step):
+        assert dist.is_initialized()
+        dist.destroy_process_group()
+    assert not dist.is_initialized()
