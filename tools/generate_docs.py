@@ -35,26 +35,29 @@ An unknown key or a wrong type is refused before anything runs, in one line nami
 """
 
 
-def comments_by_line(cls: type) -> dict[int, str]:
-    """The comments of a class's source by line number (relative to the class's first line)."""
+def comments_by_line(cls: type) -> dict[int, tuple[str, bool]]:
+    """The comments of a class's source by line number (relative to the class's first line), each with
+    whether it stands on a line of its own."""
     source = inspect.getsource(cls)
-    found: dict[int, str] = {}
+    lines = source.splitlines()
+    found: dict[int, tuple[str, bool]] = {}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:
-            found[token.start[0]] = token.string.lstrip("#").strip()
+            alone = lines[token.start[0] - 1].lstrip().startswith("#")
+            found[token.start[0]] = (token.string.lstrip("#").strip(), alone)
     return found
 
 
 def meaning(cls: type, name: str) -> str:
-    """The comment on the field's line, else the comment lines right above it."""
+    """The comment on the field's line, else the comment lines (on lines of their own) right above it."""
     comments = comments_by_line(cls)
     lines = inspect.getsource(cls).splitlines()
     row = next(i + 1 for i, line in enumerate(lines) if line.strip().startswith(f"{name}:"))
     if row in comments:
-        return comments[row]
+        return comments[row][0]
     above: list[str] = []
-    while row - 1 - len(above) in comments:
-        above.insert(0, comments[row - 1 - len(above)])
+    while (comment := comments.get(row - 1 - len(above))) is not None and comment[1]:
+        above.insert(0, comment[0])
     if not above:
         raise SystemExit(f"{cls.__name__}.{name} has no comment: say what the setting means on its line")
     return " ".join(above)

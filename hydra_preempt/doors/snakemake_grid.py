@@ -103,6 +103,39 @@ def workflow_defaults() -> dict[str, Any]:
     return {key: spec["default"] for key, spec in _schema_properties().items() if "default" in spec}
 
 
+def train_resources(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The train rule's resources for snakemake-executor-plugin-slurm, from the grid's settings.
+
+    One task: the executor wraps the job's command in `srun -n1` and asks `--gpus=gpus`. Several tasks
+    (nodes x tasks_per_node): the resource `mpi` tells the executor that the command starts its own
+    tasks (`srun python ...`, their process group formed by the session): it submits `--nodes` and
+    `--ntasks` and no `srun -n1`. Its `gpu` resource would ask `--gpus=N` for the whole job and
+    `--ntasks-per-gpu`, so the GPUs go as `--gpus-per-node` instead, as the grid means them."""
+    tasks = config["nodes"] * config["tasks_per_node"]
+    # The time-limit warning. TERM, not USR2: inside the job step it also reaches the job's inner
+    # snakemake, which exits on USR2 but waits for its running job on TERM.
+    # --open-mode=append: a requeued job appends to its log instead of truncating the first run's
+    extra = f"--signal=TERM@{config['signal_lead_s']} --open-mode=append"
+    resources = {
+        "runtime": config["runtime_min"],
+        "cpus_per_task": config["cpus_per_task"],
+        "mem_mb": config["mem_mb"],
+        "gpu": config["gpus"] if tasks == 1 else 0,
+        "slurm_extra": extra,
+    }
+    if tasks > 1:
+        gpus = f" --gpus-per-node={config['gpus']}" if config["gpus"] else ""
+        resources.update(mpi="srun", tasks=tasks, nodes=config["nodes"], slurm_extra=extra + gpus)
+    return resources
+
+
+def train_command(config: Mapping[str, Any]) -> str:
+    """The shell command's start: `exec` (the shell becomes python, so no shell layer can die of the
+    preemption SIGTERM while python saves); with several tasks `exec srun`, which passes the signal
+    on to every task and waits for them."""
+    return "exec srun " if config["nodes"] * config["tasks_per_node"] > 1 else "exec "
+
+
 def _overrides(mapping: Any, where: str) -> tuple[str, ...]:
     if not isinstance(mapping, Mapping):
         raise ConfigError(f"{where} must be a mapping of key: value, got {mapping!r}")

@@ -251,3 +251,46 @@ def test_status_of_run_directories_names_each_and_calls_a_start_without_a_stop_i
     ]
     assert cli.main(["status", str(tmp_path)]) == 2
     assert "is neither a sweep (no sweep_manifest.json" in capsys.readouterr().err
+
+
+class _Resources(dict):
+    __getattr__ = dict.__getitem__
+
+
+class _Job:
+    """What snakemake-executor-plugin-slurm reads of a job to build its sbatch line."""
+
+    def __init__(self, resources):
+        self.resources, self.threads = _Resources(resources), resources["cpus_per_task"]
+
+
+@pytest.mark.parametrize(
+    "nodes, tasks_per_node, gpus, asked, never",
+    [
+        (1, 1, 0, ["--ntasks=1"], ["--nodes", "gpu"]),
+        (1, 1, 2, ["--gpus=2"], ["--nodes", "--ntasks-per-gpu"]),
+        (2, 1, 0, ["--nodes=2", "--ntasks=2"], ["gpu"]),
+        (2, 4, 4, ["--nodes=2", "--ntasks=8", "--gpus-per-node=4"], ["--gpus=", "--ntasks-per-gpu"]),
+        (2, 1, 1, ["--nodes=2", "--ntasks=2", "--gpus-per-node=1"], ["--gpus=", "--ntasks-per-gpu"]),
+    ],
+)
+def test_the_train_rules_resources_ask_slurm_for_what_the_grid_means(nodes, tasks_per_node, gpus, asked, never):
+    """Through the installed executor plugin's own sbatch line: GPUs per node, every task on its node."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    from hydra_preempt.doors.snakemake_grid import train_command, train_resources, workflow_defaults
+
+    config = {**workflow_defaults(), "nodes": nodes, "tasks_per_node": tasks_per_node, "gpus": gpus}
+    job = _Job(train_resources(config))
+    params = {
+        "run_uuid": "u",
+        "slurm_logfile": "log",
+        "comment_str": "c",
+        "account": "",
+        "partition": "",
+        "workdir": "",
+    }
+    line = get_submit_command(job, params) + set_gres_string(job)
+    assert all(a in line for a in asked) and not any(n in line for n in never), line
+    assert train_command(config) == ("exec srun " if nodes * tasks_per_node > 1 else "exec ")
