@@ -151,15 +151,21 @@ class Slurm:
         its next run is recorded (measured: 14 s on the test cluster), which is no end to judge."""
         rows = sacct_runs(job_id)  # SlurmError for an answer that cannot be read
         try:
-            live = show_job(job_id).state
+            info = show_job(job_id)
+            live, live_code = info.state, info.fields.get("ExitCode", "")
         except SlurmError:  # the controller forgot it (MinJobAge): sacct is all there is
-            live = ""
+            live, live_code = "", ""
         if not rows:  # a pending array task, or the accounting lagging: the controller's word, if any
             return JobRun(live if state_outcome(live) in _ACTIVE else "UNKNOWN", None, 0)
         state, code, *raw = rows[-1]
         raw_id = raw[0] if raw and raw[0] else None
         if state_outcome(live) in _ACTIVE:
             return JobRun(live, None, len(rows), raw_id)
+        if live and state_outcome(state) in _ACTIVE:
+            # the controller saw the run end, the accounting has not recorded it yet (it lags under load):
+            # the controller's end, so that the run is not taken for one still waiting (whose log
+            # would be skipped as an older run's words)
+            return JobRun(live, parse_exit_code(live_code), len(rows), raw_id)
         return JobRun(state, parse_exit_code(code), len(rows), raw_id)
 
     def log_text(self, job_id: str, judged_up_to: dict[str, int]) -> str:

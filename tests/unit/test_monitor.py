@@ -28,8 +28,9 @@ JOB = "4242"
 class RecordedSlurm:
     """Answers SLURM's commands with recorded outputs; keeps the commands it was given."""
 
-    def __init__(self, monkeypatch, sacct: str, stderr_path=None, live_state=None):
+    def __init__(self, monkeypatch, sacct: str, stderr_path=None, live_state=None, live_exit_code="0:0"):
         self.sacct = sacct
+        self.live_exit_code = live_exit_code
         self.stderr_path = stderr_path
         self.live_state = live_state  # scontrol's JobState (None: the controller does not know the job)
         self.calls: list[list[str]] = []
@@ -43,7 +44,10 @@ class RecordedSlurm:
             if self.stderr_path is None and self.live_state is None:
                 raise commands.SlurmError("scontrol: error: Invalid job id specified")
             state = self.live_state or "FAILED"
-            return f"JobId={JOB} JobName=train JobState={state} StdErr={self.stderr_path} StdOut={self.stderr_path}\n"
+            return (
+                f"JobId={JOB} JobName=train JobState={state} ExitCode={self.live_exit_code} "
+                f"StdErr={self.stderr_path} StdOut={self.stderr_path}\n"
+            )
         if args[:2] == ["scontrol", "requeue"]:
             return ""
         raise AssertionError(f"unexpected command {args}")
@@ -297,3 +301,19 @@ def test_a_broken_state_file_is_one_line(tmp_path):
         Monitor(run_dir, TABLE, Slurm())
     (run_dir / ".monitor-state.json").unlink()
     Monitor(run_dir, TABLE, Slurm()).close()  # the refused one let go of the lock
+
+
+def test_a_run_the_accounting_still_shows_pending_but_the_controller_saw_fail_is_judged_by_its_last_words(
+    tmp_path, monkeypatch
+):
+    """sacct lags behind the controller under load: a first run that failed at once (a step launch
+    failure) still shows PENDING there. Judged by the controller's end and the log, not skipped as a
+    waiting run (its log was taken for older words and the end judged `unknown`, not restarted)."""
+    log = tmp_path / "slurm-4242.out"
+    log.write_text("srun: error: Unable to create step for job 4242: Job/step already completing\n")
+    run_dir = started_run(tmp_path / "run")  # it started, and its srun step could not be made
+    RecordedSlurm(monkeypatch, "PENDING|0:0\n", stderr_path=log, live_state="FAILED", live_exit_code="1:0")
+    monitor = Monitor(run_dir, TABLE, Slurm())
+    [line] = monitor.poll(now=0.0)
+    assert "launch_failure: restart" in line, line  # requeued after the class's backoff
+    monitor.close()
