@@ -115,28 +115,27 @@ class SignalRequests:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _forget_in_child(self) -> None:
-        if self._previous:
-            with contextlib.suppress(ValueError, OSError):  # not the child's main thread: it keeps them
-                for signum, handler in self._previous.items():
-                    signal.signal(signum, handler)  # type: ignore[arg-type]
-                if self._wakeup is not None:
-                    signal.set_wakeup_fd(-1)
-            for fd in self._wakeup or ():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            self._previous.clear()
-            self._wakeup = None
+        with contextlib.suppress(ValueError, OSError):  # not the child's main thread: it keeps the handlers
+            self.uninstall()
         self._after_fork()  # a stop signal sent meanwhile now meets the handler of before
 
     def uninstall(self) -> None:
         """Restore the handlers that were there before install() (also after hold())."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
-        self._previous.clear()
+        try:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)  # type: ignore[arg-type]
+        finally:
+            self._previous.clear()
+            self._release_wakeup()
+
+    def _release_wakeup(self) -> None:
+        """Give the wakeup fd back and close the pipe (nothing reads it any more)."""
         if self._wakeup is not None:
-            signal.set_wakeup_fd(-1)
+            with contextlib.suppress(ValueError):  # not the main thread (a forked child's other thread)
+                signal.set_wakeup_fd(-1)
             for fd in self._wakeup:
-                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             self._wakeup = None
 
     def hold(self) -> None:
@@ -149,6 +148,9 @@ class SignalRequests:
         """
         for signum in self._previous:
             signal.signal(signum, signal.SIG_IGN)
+        # An ignored signal reaches no C handler, so the pipe would stay empty; the program (or the next
+        # run in this process) may want the wakeup fd for its own event loop.
+        self._release_wakeup()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         request = self._meaning[signal.Signals(signum)]

@@ -37,6 +37,7 @@ def test_run_inside_a_program_restores_its_handlers(tmp_path):
         # a process that ends next: ignored until the exit
         run(lambda session: {}, tmp_path / "c", job=JobContext(slurm_task=None, ends_process=True))
         assert {signal.getsignal(s) for s in previous} == {signal.SIG_IGN}
+        assert signal.set_wakeup_fd(-1) == -1  # the signal pipe is given back: a later run here gets one
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
