@@ -19,7 +19,7 @@ from tests.integration.test_multi_rank import TRAIN as DDP_TRAIN
 from . import helpers
 from .helpers import stops, wait_for
 from .test_hydra_sweep import manifest_jobs
-from .test_snakemake_slurm import snakemake, started_job_id
+from .test_snakemake_slurm import start_snakemake, started_job_id
 
 pytestmark = pytest.mark.slow
 
@@ -175,13 +175,7 @@ def test_a_two_node_experiment_of_the_snakemake_workflow_is_preempted_and_resume
             }
         )
     )
-    workflow = subprocess.Popen(
-        snakemake(grid, mode=preempt_mode),
-        cwd=helpers.ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    workflow = start_snakemake(grid, mode=preempt_mode)
     run_dir = tmp_path / "runs" / "wide"
     job_id = started_job_id(run_dir)
     helpers.preempt_at_step(job_id, run_dir, 60)

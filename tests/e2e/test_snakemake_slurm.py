@@ -50,6 +50,12 @@ def snakemake(grid: Path, *extra: str, mode: str = "REQUEUE") -> list[str]:
     return [*command, "--slurm-qos", helpers.QOS[mode], "--default-resources", *resources, *extra]
 
 
+def start_snakemake(grid: Path, mode: str = "REQUEUE") -> subprocess.Popen[str]:
+    """The workflow in the background, its output (both streams) for communicate()."""
+    command = snakemake(grid, mode=mode)
+    return subprocess.Popen(command, cwd=helpers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def started_job_id(run_dir: Path) -> str:
     starts = wait_for(
         lambda: [e for e in read_events(run_dir) if e["event"] == "start"], f"training in {run_dir} to start", 300
@@ -67,13 +73,7 @@ def reference_sha(tmp_path: Path, name: str) -> str:
 @pytest.mark.parametrize("preempt_mode", ["REQUEUE"], indirect=True)
 def test_preempted_experiment_resumes_and_the_workflow_completes(tmp_path, preempt_mode, request):
     grid = write_grid(tmp_path)
-    workflow = subprocess.Popen(
-        snakemake(grid, mode=preempt_mode),
-        cwd=helpers.ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    workflow = start_snakemake(grid, mode=preempt_mode)
     run_a = tmp_path / "runs" / "a"
     job_id = started_job_id(run_a)
     helpers.preempt_at_step(job_id, run_a, 60)
@@ -123,9 +123,7 @@ def test_killed_snakemake_started_again_finishes_without_retraining(tmp_path, pr
     again (after --unlock) plans only what is unfinished; a duplicate job of a still-running experiment
     waits for it and resumes from its end instead of training beside it."""
     grid = write_grid(tmp_path)
-    workflow = subprocess.Popen(
-        snakemake(grid), cwd=helpers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    workflow = start_snakemake(grid)
     wait_for(lambda: (tmp_path / "runs" / "a" / "result.json").exists(), "experiment a to finish", 300)
     started_job_id(tmp_path / "runs" / "b")
     workflow.send_signal(signal.SIGKILL)
