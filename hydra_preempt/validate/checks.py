@@ -142,6 +142,19 @@ class Child:
             if m := regex.search(line):
                 return m
 
+    def all_lines(self, timeout: float = _WAIT_S) -> list[str]:
+        """Every line of a child that has ended, also those no wait_for() had reached yet."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return self.lines
+            if line is None:
+                self._queue.put(None)
+                return self.lines
+            self.lines.append(line)
+
     def send(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
 
@@ -198,12 +211,15 @@ def check_atomicity(directory: Path) -> Row:
         started = time.monotonic()
         child.wait_for(r"^saved 2$")
         save_s = time.monotonic() - started
-        step = int(child.wait_for(r"^saving (\d+)$")[1])
+        child.wait_for(r"^saving (\d+)$")
         time.sleep(save_s / 3)  # inside the save, by the last one's duration
         child.proc.send_signal(signal.SIGKILL)
         child.wait()
     finally:
         child.kill()
+    # The step the kill met is the last one the child said it was saving: under load this reader lags
+    # behind the child, which may be several saves further on than the line awaited above.
+    step = max(int(m[1]) for line in child.all_lines() if (m := re.match(r"^saving (\d+)$", line)))
     half_written = sorted(p.name for p in directory.glob(".tmp-step-*"))
     store = CheckpointStore(directory)
     store.prepare()  # what a restart does: the half-written save is removed

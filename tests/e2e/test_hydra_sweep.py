@@ -94,7 +94,8 @@ def test_sweep_with_two_preempted_jobs_finishes_identically_and_reruns_as_a_no_o
 
 @pytest.mark.parametrize("preempt_mode", ["REQUEUE"], indirect=True)
 def test_submit_and_return_then_status_and_resume(tmp_path, preempt_mode):
-    """wait=false returns at once; while the job is held, the same command submits nothing again."""
+    """wait=false returns at once; while the job is with the scheduler (or once it has finished), the
+    same command submits nothing again."""
     sweep_dir = tmp_path / "sweep"
     command = [
         sys.executable,
@@ -110,7 +111,9 @@ def test_submit_and_return_then_status_and_resume(tmp_path, preempt_mode):
     assert first.returncode == 0, first.stdout + first.stderr
     job_id = manifest_jobs(sweep_dir)[0]["job_id"]
     again = subprocess.run(command, cwd=helpers.ROOT, capture_output=True, text=True, timeout=120)
-    assert "0 job(s) to submit, 0 finished, 1 still with the scheduler" in again.stdout + again.stderr
+    # the job is short (about 6 s of steps): under load it may finish before the second command looks
+    said = again.stdout + again.stderr
+    assert any(f"0 job(s) to submit, {n} finished, {1 - n} still with the scheduler" in said for n in (0, 1)), said
     assert manifest_jobs(sweep_dir)[0]["job_id"] == job_id
 
     def finished():

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,3 +77,29 @@ def test_validate_refuses_a_bad_state_size_in_one_line():
     )
     assert done.returncode == 2
     assert "--state-gb" in done.stderr and "Traceback" not in done.stderr
+
+
+def saved_past(directory, step):
+    """A step directory of `step` or later stands (retention removes the older ones as saves go on)."""
+    return any(p.name[5:].isdigit() and int(p.name[5:]) >= step for p in directory.glob("step-*"))
+
+
+def test_the_atomicity_check_judges_the_save_the_kill_met_when_its_reader_lags(tmp_path, monkeypatch):
+    """Under load the check reads the child's lines late: the child may be several saves past the
+    'saving N' line just read when the kill lands. The check judges the last save the child began."""
+    from hydra_preempt.validate import checks
+
+    directory = tmp_path / "ck"
+    wait_for = checks.Child.wait_for
+
+    def lagging(self, pattern, timeout=checks._WAIT_S):
+        if pattern == r"^saving (\d+)$":  # the reader falls behind: the child saves on meanwhile
+            deadline = time.monotonic() + 60
+            while not saved_past(directory, 5) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return wait_for(self, pattern, timeout)
+
+    monkeypatch.setattr(checks.Child, "wait_for", lagging)
+    row = checks.check_atomicity(directory)
+    assert row.status == checks.PASS, row
+    assert row.figures["killed_during_step"] >= 5, row
