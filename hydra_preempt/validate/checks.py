@@ -143,7 +143,8 @@ class Child:
                 return m
 
     def all_lines(self, timeout: float = _WAIT_S) -> list[str]:
-        """Every line of a child that has ended, also those no wait_for() had reached yet."""
+        """Every line the child wrote, also those no wait_for() had reached yet: until it ended, or for
+        at most `timeout` seconds (0: those the pump has read by now)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -171,16 +172,7 @@ class Child:
             self.proc.wait()
 
     def tail(self) -> str:
-        while True:  # whatever the pump has read by now
-            try:
-                line = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if line is None:
-                self._queue.put(None)
-                break
-            self.lines.append(line)
-        return " | ".join(self.lines[-3:]) or "no output"
+        return " | ".join(self.all_lines(timeout=0)[-3:]) or "no output"  # whatever the pump has read by now
 
 
 class CheckFailed(Exception):
