@@ -7,6 +7,9 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
+# SLURM_STEP_ID of the batch script's own step: unset (22.05), or the batch step's id where a version sets it
+BATCH_STEP_IDS = ("batch", "4294967291", "4294967294")
+
 
 @dataclass(frozen=True)
 class SlurmTask:
@@ -16,6 +19,9 @@ class SlurmTask:
     rank: int
     ntasks: int
     restart_count: int
+    # started by the batch script itself, not by srun: SLURM signals job steps at a preemption's grace
+    # start and at the time limit's --signal, so this process hears nothing until the final kill
+    in_batch_step: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SlurmTask | None:
@@ -28,6 +34,7 @@ class SlurmTask:
             rank=_int(env.get("SLURM_PROCID"), 0),
             ntasks=_int(env.get("SLURM_NTASKS"), 1),
             restart_count=_int(env.get("SLURM_RESTART_COUNT"), 0),
+            in_batch_step=env.get("SLURM_STEP_ID", "batch") in BATCH_STEP_IDS,
         )
 
 

@@ -2,7 +2,8 @@
 
 Rows: the QoS exists and the user's association may use it, its GraceTime, the PreemptMode, KillWait,
 JobRequeue; then one tiny batch job proves that a TERM sent to the job reaches its step (as a
-preemption's does: SLURM signals the steps, not the batch shell), that the job can requeue itself
+preemption's does: SLURM signals the steps, not the batch shell; whether the batch shell heard it
+too is a row of its own), that the job can requeue itself
 with `scontrol requeue`, and that the requeued run sees SLURM_RESTART_COUNT=1.
 """
 
@@ -19,11 +20,14 @@ from ..slurm.commands import SlurmError, parse_cluster_facts, show_job, slurm_co
 from .checks import FAIL, PASS, SKIP, Row, pick_grace
 
 JOB_SCRIPT = """#!/bin/bash
-# hydra-preempt validate --slurm: signal to a step, self-requeue, restart count. Exits within a minute.
+# hydra-preempt validate --slurm: signal to a step (and to the batch script), self-requeue, restart count.
+# Exits within a minute.
 echo "start restart=${SLURM_RESTART_COUNT:-0}"
 if [ "${SLURM_RESTART_COUNT:-0}" -ge 1 ]; then exit 0; fi
+trap 'echo batch-got-TERM' TERM
 srun -n 1 bash -c 'trap "echo step-got-TERM; exit 0" TERM; echo step-ready; for i in $(seq 450); do sleep 0.1; done; echo step-no-signal' &
 wait
+wait  # a TERM to this shell ends the first wait early
 trap '' TERM  # the requeue signals this shell too: live to record its result (KILL comes after KillWait)
 if scontrol requeue "$SLURM_JOB_ID"; then echo requeue-ok; else echo requeue-failed; fi
 sleep 30  # the requeue ends this run: nothing after it is meant to run
@@ -172,6 +176,21 @@ def job_rows(
         Row("slurm: signal to step", PASS, f"job {job_id}: TERM reached its srun step", figures)
         if "step-got-TERM" in said
         else Row("slurm: signal to step", FAIL, f"job {job_id}: its srun step never saw TERM", figures),
+        Row(
+            "slurm: batch script",
+            PASS,
+            f"job {job_id}: the batch script heard the TERM too; still, start training with `srun python ...`",
+            figures,
+        )
+        if "batch-got-TERM" in said
+        else Row(
+            "slurm: batch script",
+            PASS,
+            f"job {job_id}: the TERM reached the srun step and not the batch script: start training with "
+            "`srun python ...` in a batch script (a process the script starts directly hears a preemption only "
+            "at the final kill)",
+            figures,
+        ),
         Row("slurm: self-requeue", PASS, f"job {job_id}: scontrol requeue from inside the job worked", figures)
         if "requeue-ok" in said or "restart=1" in said
         else Row("slurm: self-requeue", FAIL, f"job {job_id}: scontrol requeue from inside the job failed", figures),

@@ -18,6 +18,7 @@ SLURM_ROWS = [
     "slurm: KillWait",
     "slurm: JobRequeue",
     "slurm: signal to step",
+    "slurm: batch script",
     "slurm: self-requeue",
     "slurm: restart count",
 ]
@@ -39,6 +40,7 @@ def test_validate_slurm_passes_on_the_test_cluster(slurm_cluster, tmp_path):
     for name in SLURM_ROWS:
         assert rows[name]["status"] == "PASS", rows[name]
     assert rows["slurm: GraceTime"]["figures"]["grace_s"] > 0
+    assert "reached the srun step and not the batch script" in rows["slurm: batch script"]["reason"]
     assert rows["grace period fit"]["status"] == "SKIP"  # no --state-gb given
     assert done.returncode == 0, report
     assert list(tmp_path.iterdir()) == []  # the job's script and log are removed with the work directory

@@ -6,7 +6,7 @@ import pytest
 
 from hydra_preempt.config import SessionConfig
 from hydra_preempt.errors import ConfigError
-from hydra_preempt.slurm.env import SrunStep, first_host
+from hydra_preempt.slurm.env import SlurmTask, SrunStep, first_host
 
 STEP = {
     "SLURM_JOB_ID": "4711",
@@ -102,3 +102,15 @@ def test_a_group_the_training_function_destroyed_itself_is_left_alone(monkeypatc
         assert dist.is_initialized()
         dist.destroy_process_group()
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "step_id, in_batch_step",
+    [(None, True), ("batch", True), ("4294967291", True), ("4294967294", True), ("0", False), ("3", False)],
+)
+def test_a_task_knows_whether_the_batch_script_started_it(step_id, in_batch_step):
+    """SLURM signals job steps, not the batch script: a process the script starts directly (SLURM 22.05
+    sets no SLURM_STEP_ID for it) hears a preemption only at the kill."""
+    env = {"SLURM_JOB_ID": "4711", **({"SLURM_STEP_ID": step_id} if step_id else {})}
+    task = SlurmTask.from_env(env)
+    assert task is not None and task.in_batch_step is in_batch_step
