@@ -10,6 +10,10 @@ result.json (step, loss, params_sha256, restarts).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a training process (not a test importing this module): guard its start-up
+    import hydra_preempt.guard  # noqa: F401  first, before torch: a stop signal meanwhile is kept for run()
+
+
 import hashlib
 import time
 
@@ -47,6 +51,7 @@ KEYS = {
     "data.features": POSITIVE_INT,
     "data.noise": NON_NEGATIVE,
     "data.seed": NATURAL,
+    "data.num_workers": Rule(int, "an integer from 0 to 64", lambda v: 0 <= v <= 64),
     "optim.lr": Rule(float, "a finite number > 0", lambda v: v > 0),
     "optim.weight_decay": NON_NEGATIVE,
 }
@@ -101,7 +106,14 @@ def train(session: Session, cfg: DictConfig) -> dict:
         forward = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.max_steps)
-    loader = ResumableLoader(dataset, batch_size=t.batch_size, seed=t.seed, rank=rank, world_size=world_size)
+    loader = ResumableLoader(
+        dataset,
+        batch_size=t.batch_size,
+        seed=t.seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.data.num_workers,  # worker processes, as real training has: signalled with the step
+    )
     session.register(model=model, optimizer=optimizer, scheduler=scheduler)
     session.register_per_rank(data=loader)
 

@@ -24,14 +24,16 @@ from .test_snakemake_slurm import start_snakemake, started_job_id
 pytestmark = pytest.mark.slow
 
 
-def submit_script(tmp_path: Path, mode: str, run_dir: Path, overrides: list[str]) -> str:
-    """The sbatch script a user writes for a 2-node job; its id."""
+def submit_script(tmp_path: Path, mode: str, run_dir: Path, overrides: list[str], nodes: int = 2) -> str:
+    """The sbatch script a user writes for a job of `nodes` nodes (0: one node, train.py started by the
+    batch script itself, without srun); its id."""
     script = tmp_path / "job.sh"
+    launcher = "srun " if nodes else ""
     script.write_text(
         "#!/bin/bash\n"
-        "#SBATCH --nodes=2 --ntasks-per-node=1 --cpus-per-task=2\n"
+        f"#SBATCH --nodes={max(nodes, 1)} --ntasks-per-node=1 --cpus-per-task=2\n"
         "#SBATCH --requeue --open-mode=append\n"
-        f"srun {sys.executable} {helpers.ROOT / 'train.py'} hydra.run.dir={run_dir} {' '.join(overrides)}\n"
+        f"{launcher}{sys.executable} {helpers.ROOT / 'train.py'} hydra.run.dir={run_dir} {' '.join(overrides)}\n"
     )
     args = ["sbatch", "--parsable", "-A", helpers.ACCOUNT, "-q", helpers.QOS[mode], "-p", helpers.PARTITION]
     log = tmp_path / "job.log"
@@ -68,7 +70,19 @@ def test_two_node_job_started_by_srun_is_preempted_and_resumes_exactly(tmp_path,
     log = (tmp_path / "job.log").read_text()
     assert "the 2 tasks of step" in log and "are one process group (gloo, at hpnode" in log, log
     assert log.count("finished at step 200") == 1, log  # rank 0 tells the events, the other ranks only warnings
+    assert BATCH_STEP_WARNING not in log
     helpers.record(request.node.name, run_dir)
+
+
+BATCH_STEP_WARNING = "was started by the batch script of job"
+
+
+@pytest.mark.parametrize("preempt_mode", ["CANCEL"], indirect=True)
+def test_a_run_the_batch_script_starts_without_srun_warns_that_no_preemption_signal_reaches_it(tmp_path, preempt_mode):
+    job_id = submit_script(tmp_path, preempt_mode, tmp_path / "run", ["trainer.max_steps=5"], nodes=0)
+    assert helpers.wait_until_final(job_id) == "COMPLETED", (tmp_path / "job.log").read_text()
+    log = (tmp_path / "job.log").read_text()
+    assert log.count(BATCH_STEP_WARNING) == 1 and "start it as `srun python ...`" in log, log
 
 
 @pytest.mark.parametrize("preempt_mode", ["CANCEL"], indirect=True)
