@@ -1,11 +1,14 @@
 """train.py as a child process: start it, wait for a step, signal it, collect its exit code.
 
-Used by the demo and by the integration tests: real processes, real signals.
+Used by the demo and by the integration tests: real processes, real signals. Each process starts a
+session of its own and is signalled as slurmstepd signals a job step: its whole process group, its
+DataLoader workers included; once it has exited, no process of that group may be left.
 Tooling of this repository, not of the library: it finds train.py beside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -45,7 +48,13 @@ class TrainProcess:
     def start(self) -> TrainProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._proc = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.script.parent
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=self.script.parent,
+            start_new_session=True,
         )
         threading.Thread(target=self._pump, daemon=True).start()
         return self
@@ -99,14 +108,16 @@ class TrainProcess:
                 continue
 
     def send(self, sig: signal.Signals) -> None:
+        """`sig` to every process of the run (its process group), as slurmstepd sends it."""
         assert self._proc
-        self._proc.send_signal(sig)
+        signal_group(self._proc.pid, sig)
 
     def wait(self, timeout: float = 300.0) -> int:
         assert self._proc
         rc = self._proc.wait(timeout=timeout)
         while self._take(timeout=10) is not None:
             pass
+        check_group_ended(self._proc.pid, self.output)
         return rc
 
     def run(self, timeout: float = 300.0) -> int:
@@ -129,7 +140,9 @@ def run_signalled(
     """Run `cmd`, which prints "step N" lines on stdout; send it SIGTERM once it prints `step stop_at`.
 
     Returns its exit code and its stderr (stdout holds the step lines)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     assert proc.stdout is not None and proc.stderr is not None
     err: list[str] = []
     stderr = proc.stderr
@@ -137,8 +150,61 @@ def run_signalled(
     drain.start()
     for line in proc.stdout:
         if stop_at is not None and line.strip() == f"step {stop_at}":
-            proc.send_signal(signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
             stop_at = None
     proc.wait(timeout=timeout)
     drain.join(timeout)
+    check_group_ended(proc.pid, "".join(err))
     return proc.returncode, "".join(err)
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    """`sig` to every process of process group `pgid` (a process started with start_new_session leads
+    the group of its pid)."""
+    with contextlib.suppress(ProcessLookupError):  # the whole group has ended already
+        os.killpg(pgid, sig)
+
+
+def signal_like_slurmstepd(sig: signal.Signals = signal.SIGTERM) -> None:
+    """From inside a run: `sig` to this process and every process it started (DataLoader and pool
+    workers, subprocesses), sent by another process, as slurmstepd signals every process of a job step."""
+    pids = [os.getpid(), *descendants(os.getpid())]
+    subprocess.run(["kill", f"-{sig.name.removeprefix('SIG')}", *map(str, pids)], check=True)
+
+
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, process group, 'PID COMMAND') of every live process (from /proc; no zombies)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            text = stat.read_text()
+            name, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+            if fields[0] != "Z":
+                table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]), f"{stat.parent.name} {name}")
+    return table
+
+
+def descendants(pid: int) -> list[int]:
+    table = _processes()
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, (parent, _, _) in table.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def group_members(pgid: int) -> list[str]:
+    """'PID COMMAND' of each live process of process group `pgid`."""
+    return [name for _, group, name in _processes().values() if group == pgid]
+
+
+def check_group_ended(pgid: int, output: str, wait_s: float = 10.0) -> None:
+    """Raise if a process of the run's group outlives it by `wait_s` (a DataLoader worker ends within
+    torch's 5 s check of its parent); the ones left are killed first."""
+    deadline = time.monotonic() + wait_s
+    while (left := group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        signal_group(pgid, signal.SIGKILL)
+        raise RuntimeError(f"processes of the run left after it exited: {left}; output:\n{output}")

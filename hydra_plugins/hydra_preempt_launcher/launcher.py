@@ -149,6 +149,9 @@ class PreemptLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hydra_preempt.errors import HydraPreemptError
 
+        guard = sys.modules.get("hydra_preempt.guard")  # the app imported it; this process is the sweep's driver
+        if guard is not None:
+            guard.release()
         try:
             return self._launch(job_overrides, initial_job_idx)
         except HydraPreemptError as e:

@@ -579,6 +579,13 @@ class Session:
         periodic = self.checkpointer.periodic_due(self.step)
         if not boundary.agrees_at(self.step, world()[1], self.config.distributed.sync_every):
             return  # requests stay pending until the ranks next agree
+        for signum in self.signals.retake():
+            log.warning(
+                "the program replaced the %s handler after run() started (signal.signal, asyncio's "
+                "add_signal_handler): taken back, so that a stop still saves and requeues; stop signals are "
+                "the session's while run() lasts (see docs/signals-and-exit-codes.md)",
+                signum.name,
+            )
         requests = self.signals.take()
         agreed = agree(
             [
@@ -749,37 +756,63 @@ class Session:
     def _shards(self) -> dict[str, Any] | None:
         return self.state.sharded_state() if self.state.sharded else None
 
-    def emergency_save(self) -> CheckpointInfo | None:
-        """After an unhandled exception: save if the state is consistent, else explain why not."""
+    def emergency_save(self) -> tuple[CheckpointInfo | None, str]:
+        """After an unhandled exception: save if the state is consistent. Returns the checkpoint, and
+        why none was written ("" when saved, or when emergency saves are off or nothing was restored)."""
         start = self._open_step or self._left_step
         if start is not None and self.step > start.step:  # the loop was left by this exception, after the update
             self.step = start.step  # a step an exception cut short is not done
         if not self.config.checkpoint.emergency or not self._restored:
-            return None
+            return None, ""
         bad = self._non_finite()
         if bad is not None:
-            log.error("no emergency checkpoint: %s; a non-finite state is never saved", bad)
-            return None
+            return None, f"{bad}; a non-finite state is never saved"
         if world()[1] > 1:
-            log.error(
-                "no emergency checkpoint on a multi-rank run: the other ranks cannot be reached safely from an exception"
-            )
-            return None
+            return None, "a multi-rank run's other ranks cannot be reached safely from an exception"
         if start is None:
             tree = self.state.tree(self.step, [self.state.rank_state()], self._detector_state())
         elif not self.state.unchanged_since(start):
-            log.error(
-                "no emergency checkpoint: the exception came after step %d had changed the model or optimizer; "
-                "the last checkpoint (step %s) stands",
-                start.step + 1,
-                self.last_checkpoint.step if self.last_checkpoint else "none",
+            last = self.last_checkpoint.step if self.last_checkpoint else "none"
+            return None, (
+                f"the exception came after step {start.step + 1} had changed the model or optimizer; "
+                f"the last checkpoint (step {last}) stands"
             )
-            return None
         else:  # nothing was updated yet: the state is the one the step started from
             tree = self.state.tree_at(start, self._detector_state())
         step = tree["session"]["step"]
         try:
-            return self.checkpointer.save(step, "emergency", {}, tree, self._shards())
+            return self.checkpointer.save(step, "emergency", {}, tree, self._shards()), ""
         except HydraPreemptError as e:
-            log.error("emergency checkpoint failed: %s", e)
+            return None, f"it failed: {e}"
+
+    def stop_behind(self, error: BaseException) -> RunStopped | None:
+        """An exception out of the training function after a stop signal reached this process is that
+        stop, not a failure: a child process of the program (a pool's worker, a subprocess, a DataLoader
+        worker of a spawn context) died of the same signal from the scheduler, and the program raised
+        for it; or the exception cut the stop's own save short. The newest consistent state is saved
+        (emergency_save: the state the step started from, or the state of the boundary), else the last
+        checkpoint stands, named with the steps lost. None: no stop signal came."""
+        received = self.signals.first_signal
+        request = next((r for r in (Request.CANCEL, Request.PREEMPT) if r in received), None)
+        if request is None:
             return None
+        self._stop_begun = True
+        self.signals.take()
+        name = received[request].name
+        saved, why_not = self.emergency_save()
+        self.checkpointer.wait(self._time_to_kill_s())
+        latest = saved or self.checkpointer.store.latest()
+        if saved is not None:
+            state = f"state saved at step {saved.step}"
+        elif latest is not None:
+            state = f"the checkpoint of step {latest.step} stands ({self.step - latest.step} steps lost)"
+        else:
+            state = f"nothing saved ({self.step} steps lost)"
+        what = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        log.info("%s in the step after %s, taken as part of the stop%s", what, name, f": {why_not}" if why_not else "")
+        return RunStopped(
+            Status.CANCELLED if request is Request.CANCEL else Status.PREEMPTED,
+            f"{name} received: {state}; the step raised {what}",
+            name,
+            self.signals.first_received.get(request),
+        )

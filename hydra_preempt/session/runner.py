@@ -243,31 +243,35 @@ def _run(
             outcome = Outcome(Status.FAILED, session.step, ExitCode.FAILED, why, result)
         else:
             outcome = Outcome(Status.FINISHED, session.step, ExitCode.FINISHED, "finished", result)
-    except RunStopped as stop:
-        outcome = Outcome(
-            stop.status,
-            session.step,
-            EXIT_CODES[stop.status],
-            stop.message,
-            signal=stop.signal,
-            signal_time=stop.signal_time,
-        )
+    except RunStopped as ended:
+        outcome = _stopped(ended, session.step)
     except (CheckpointWriteError, CheckpointReadError) as e:
-        log.error("%s", e)
-        outcome = Outcome(Status.FAILED, session.step, ExitCode.FAILED, str(e))
+        behind = session.stop_behind(e)
+        if behind is None:
+            log.error("%s", e)
+        outcome = (
+            _stopped(behind, session.step) if behind else Outcome(Status.FAILED, session.step, ExitCode.FAILED, str(e))
+        )
     except HydraPreemptError as e:
         log.error("%s", e)
         outcome = Outcome(Status.FAILED, session.step, ExitCode.USAGE, str(e))
     except (Exception, SystemExit, KeyboardInterrupt) as e:
         # sys.exit() or a KeyboardInterrupt of the training function's own (SIGINT is the session's:
         # a cancel) ends it like any exception in user code: written down and classified, so that a
-        # monitor does not take a run that stopped without a word for a killed one and restart it
+        # monitor does not take a run that stopped without a word for a killed one and restart it;
+        # unless a stop signal came first: then it is that stop's (a child died of the same signal)
         trace = traceback.format_exc()
-        log.error("training failed at step %d:\n%s", session.step, trace)
-        saved = session.emergency_save()
-        note = f"; emergency checkpoint at step {saved.step}" if saved else ""
-        what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        outcome = _failed(session.step, f"{what}{note}", trace, failures, history)
+        behind = session.stop_behind(e)
+        if behind is not None:
+            outcome = _stopped(behind, session.step)
+        else:
+            log.error("training failed at step %d:\n%s", session.step, trace)
+            saved, why_not = session.emergency_save()
+            if why_not:
+                log.error("no emergency checkpoint: %s", why_not)
+            note = f"; emergency checkpoint at step {saved.step}" if saved else ""
+            what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            outcome = _failed(session.step, f"{what}{note}", trace, failures, history)
     finally:
         # Only a finished run holds its stop signals: after any other outcome there is work left
         # (a requeue, waiting for SLURM's kill) that a second signal may still end.
@@ -292,6 +296,12 @@ def _run(
             **_failure_fields(outcome),
         )
     return outcome
+
+
+def _stopped(stop: RunStopped, step: int) -> Outcome:
+    return Outcome(
+        stop.status, step, EXIT_CODES[stop.status], stop.message, signal=stop.signal, signal_time=stop.signal_time
+    )
 
 
 def _failed(step: int, message: str, trace: str, failures: FailureTable, history: RunHistory) -> Outcome:

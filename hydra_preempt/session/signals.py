@@ -37,6 +37,7 @@ from types import FrameType
 
 from ..config import check_signal_name
 from ..errors import ConfigError
+from .child_signals import lift_shield, shield_forked_child
 
 log = logging.getLogger("hydra_preempt")
 
@@ -67,6 +68,7 @@ class SignalRequests:
         }
         self._pending: dict[Request, signal.Signals] = {}
         self.first_received: dict[Request, float] = {}  # wall-clock time.time()
+        self.first_signal: dict[Request, signal.Signals] = {}  # the signal that made each request first
         self._previous: dict[signal.Signals, object] = {}
         self._wakeup: tuple[int, int] | None = None  # the pipe the C handler writes signal numbers into
         self._arrived: tuple[Request, signal.Signals] | None = None  # the first stop read from it
@@ -80,6 +82,7 @@ class SignalRequests:
             raise ConfigError("the training session must run in the main thread: only it can receive signals")
         if self._previous:
             return
+        lift_shield()  # a run inside a shielded worker process (child_signals.py) hears its own signals
         read, write = os.pipe()
         os.set_blocking(read, False)
         os.set_blocking(write, False)  # the C handler must never block on a full pipe
@@ -94,18 +97,25 @@ class SignalRequests:
                 "signal.set_wakeup_fd is in use by the program: a stop signal the training thread cannot "
                 "reach (stuck in a collective) ends the process without a stop in the run log"
             )
+        guard = sys.modules.get("hydra_preempt.guard")  # imported by the program first: it holds earlier signals
         for signum in self._meaning:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            handler: object = signal.signal(signum, self._handle)
+            came_at: float | None = None
+            if guard is not None:
+                handler, came_at = guard.taken_over(signum, handler)
+            self._previous[signum] = handler
+            if came_at is not None:  # before run(): a stop during start-up
+                self._note(signum, came_at)
         if not self._fork_hooks:  # once per instance; weak references, so that the hooks keep nothing alive
             hooks = [weakref.WeakMethod(m) for m in (self._before_fork, self._after_fork, self._forget_in_child)]
             before, parent, child = [lambda ref=ref: (method := ref()) is not None and method() for ref in hooks]
             os.register_at_fork(before=before, after_in_parent=parent, after_in_child=child)
             self._fork_hooks = True
 
-    # A process forked from this one (multiprocessing's fork start method) gets the signal handlers of
-    # before install() back and no wakeup pipe: else it would ignore SIGTERM (`Process.terminate()`,
-    # `pool.terminate()` would not end it) and write its signals into this process's pipe. The stop
-    # signals are blocked across the fork, so that one sent to the child at once waits for that.
+    # A process forked from this one gets no wakeup pipe (it would write its signals into this
+    # process's) and none of these handlers; one that multiprocessing forked (a DataLoader worker, a
+    # pool worker) is shielded from the stop signals of anyone but its parent (child_signals.py).
+    # The stop signals are blocked across the fork, so that one sent to the child at once waits for that.
     def _before_fork(self) -> None:
         self._mask_before_fork = signal.pthread_sigmask(signal.SIG_BLOCK, self._previous) if self._previous else None
 
@@ -115,9 +125,13 @@ class SignalRequests:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _forget_in_child(self) -> None:
+        mask, self._mask_before_fork = self._mask_before_fork, None
+        if mask is None:  # no run's handlers were installed at the fork
+            return
+        stop_signals = list(self._previous)
         with contextlib.suppress(ValueError, OSError):  # not the child's main thread: it keeps the handlers
             self.uninstall()
-        self._after_fork()  # a stop signal sent meanwhile now meets the handler of before
+        shield_forked_child(stop_signals, mask)
 
     def uninstall(self) -> None:
         """Restore the handlers that were there before install() (also after hold())."""
@@ -153,9 +167,28 @@ class SignalRequests:
         self._release_wakeup()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        request = self._meaning[signal.Signals(signum)]
-        self._pending.setdefault(request, signal.Signals(signum))
-        self.first_received.setdefault(request, time.time())
+        self._note(signal.Signals(signum), time.time())
+        outer = self._previous.get(signal.Signals(signum))
+        if isinstance(getattr(outer, "__self__", None), SignalRequests):  # a run inside a run: the outer one's too
+            outer(signum, frame)  # type: ignore[operator]
+
+    def _note(self, signum: signal.Signals, at: float) -> None:
+        request = self._meaning[signum]
+        self._pending.setdefault(request, signum)
+        self.first_received.setdefault(request, at)
+        self.first_signal.setdefault(request, signum)
+
+    def retake(self) -> list[signal.Signals]:
+        """The stop signals whose handler the program replaced after install() (its own signal.signal,
+        asyncio's loop.add_signal_handler): this instance's handler again, and the wakeup pipe with it
+        where asyncio took that too. Called at each step boundary: a replaced handler would end the
+        process at the kill with nothing saved."""
+        taken = [s for s in self._previous if signal.getsignal(s) != self._handle]
+        for signum in taken:
+            signal.signal(signum, self._handle)
+        if taken and self._wakeup is not None:
+            signal.set_wakeup_fd(self._wakeup[1], warn_on_full_buffer=False)
+        return taken
 
     def take(self) -> dict[Request, signal.Signals]:
         """The requests recorded since the last call, each with the signal that made it."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import random
 import signal
@@ -24,7 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 
 from hydra_preempt import ExitCode, SessionConfig, Status, run
 from hydra_preempt.errors import ConfigError
-from tools.train_process import run_signalled
+from tools.train_process import run_signalled, signal_like_slurmstepd
 
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 3
@@ -78,7 +79,8 @@ def digest(model: torch.nn.Module) -> str:
 def script(kind="shuffle", workers=0, every=1, signal_at=(), leave_at=None, register_data=True, validate=False):
     """The training function of a user's script: an epoch loop over a standard loader, dropout.
 
-    signal_at: steps at whose start the process sends itself SIGTERM; leave_at (step, "before"|"after"):
+    signal_at: steps at whose start SIGTERM goes to the process and its DataLoader workers, from another
+    process, as slurmstepd sends it to every process of a step; leave_at (step, "before"|"after"):
     break out of the loops before or after that step's optimizer update; validate: an evaluation over a
     shuffled validation loader at the start of each epoch (it draws from the global generator)."""
 
@@ -103,7 +105,7 @@ def script(kind="shuffle", workers=0, every=1, signal_at=(), leave_at=None, regi
                         torch.nn.functional.mse_loss(model(vx), vy)
             for xb, yb in session.batches(loader, every=every):
                 if session.step in signal_at and session.update_due:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    signal_like_slurmstepd(signal.SIGTERM)
                 loss = torch.nn.functional.mse_loss(model(xb), yb) / every
                 loss.backward()
                 if leave_at == (session.step, "before"):
@@ -127,11 +129,14 @@ CONFIG = SessionConfig.from_mapping({"checkpoint": {"every_steps": 4, "keep_last
 
 
 def stopped_and_resumed(tmp_path, kind, workers, every=1, stops=(3, 9, 13)):
-    """Outcomes of a run sent SIGTERM at each of `stops` (mid-epoch, and at an epoch's last step), resumed."""
+    """Outcomes of a run sent SIGTERM at each of `stops` (mid-epoch, and at an epoch's last step), resumed.
+    No worker process outlives a run."""
     codes = []
     for stop in stops:
         outcome = run(script(kind, workers, every, signal_at=(stop,)), tmp_path, CONFIG)
         codes.append(outcome.exit_code)
+        assert outcome.message == f"SIGTERM received: state saved at step {stop + 1}"  # no worker died of it
+        assert not multiprocessing.active_children(), outcome.message
     final = run(script(kind, workers, every), tmp_path, CONFIG)
     return codes, final
 

@@ -196,3 +196,43 @@ def test_ctrl_c_without_a_kill_coming_waits_for_the_boundary_and_saves(tmp_path)
     stop = read_events(tmp_path)[-1]
     assert stop["reason"] == "cancelled" and stop["checkpoint_step"] == stop["step"] == 2, stop  # saved there
     assert "nothing saved" not in output
+
+
+# A script whose first import is the start-up guard; it waits for the test's go-ahead where its slow
+# imports (torch) would run, so that the signal lands before run() installs its handlers.
+GUARDED_START = """
+import hydra_preempt.guard
+import sys
+print("guarded", flush=True)
+sys.stdin.readline()
+from hydra_preempt import exit_with, run
+
+def train(session):
+    for _ in session.steps(5):
+        pass
+    return {}
+
+exit_with(run(train, sys.argv[1]))
+"""
+
+
+def test_a_stop_signal_before_run_is_kept_by_the_guard_and_stops_the_run_at_its_start(tmp_path, ending):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", GUARDED_START, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    ending(proc)
+    wait_for_line(proc, "guarded")
+    os.killpg(proc.pid, signal.SIGTERM)  # as slurmstepd sends it, to the whole step
+    output, _ = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == ExitCode.REQUEUE, output
+    assert "[hydra_preempt] SIGTERM during start-up: the run stops as soon as run() starts" in output
+    stop = read_events(tmp_path)[-1]
+    assert (stop["reason"], stop["message"]) == (
+        "preempted",
+        "SIGTERM received during start-up: nothing saved, no checkpoint yet",
+    )

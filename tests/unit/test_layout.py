@@ -127,7 +127,7 @@ def test_the_public_api_imports_from_the_package():
 
 # The layers, lowest first: a module imports only from layers below its own (or within its own package).
 LAYERS = [
-    ["hydra_preempt.errors"],
+    ["hydra_preempt.errors", "hydra_preempt.guard"],
     ["hydra_preempt.fsutil", "hydra_preempt.config"],
     ["hydra_preempt.rundir"],
     ["hydra_preempt.outcome", "hydra_preempt.distributed", "hydra_preempt.data", "hydra_preempt.loader_position"],
