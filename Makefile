@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TEST_WORKERS ?= 4
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install flaky-check exit-check gpu-wheels gpu-check docs
+.PHONY: demo test lint install flaky-check exit-check group-stop-check gpu-wheels gpu-check docs
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ flaky-check: install
 exit-check: install
 	$(BIN)/python -m tests.integration.exit_repeat --runs 200 --workers 1
 	$(BIN)/python -m tests.integration.exit_repeat --runs 100 --ranks 2
+
+# A user's script with DataLoader workers (plain, persistent, StatefulDataLoader) stopped by SIGTERM to its
+# whole process group at 3 points mid-epoch, 10 times each: every stop exits 75, nothing is left, results exact.
+group-stop-check: install
+	$(BIN)/python -m tests.integration.group_stop_repeat --runs 10
 
 # The GPU kit (tools/gpu_kit.py). gpu-wheels, where PyPI can be reached: this project's wheel and what
 # a CUDA image lacks, into .whl/. gpu-check, on a CUDA machine that has torch (no network needed):

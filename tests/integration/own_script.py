@@ -1,6 +1,7 @@
 """A researcher's own training script, as the README's "Your own training script" writes it.
 
-    python -m tests.integration.own_script RUN_DIR [--epochs 4] [--workers 0] [--evaluate-s S [--announce]]
+    python -m tests.integration.own_script RUN_DIR [--epochs 4] [--workers 0] [--loader plain|persistent|stateful]
+                                               [--evaluate-s S [--announce]]
     (with WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT: one rank of a DDP run over gloo)
 
 A standard DataLoader(shuffle=True), an epoch loop, dropout; no logging set up,
@@ -24,11 +25,22 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from hydra_preempt import exit_with, run
 
 
+def make_loader(kind: str, dataset: TensorDataset, workers: int) -> DataLoader:
+    """A shuffled loader of 32-sample batches: torch's, with persistent workers, or torchdata's."""
+    if kind == "stateful":
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(dataset, batch_size=32, shuffle=True, num_workers=workers)
+    persistent = {"persistent_workers": True} if kind == "persistent" else {}
+    return DataLoader(dataset, batch_size=32, shuffle=True, num_workers=workers, **persistent)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--loader", choices=("plain", "persistent", "stateful"), default="plain")
     parser.add_argument("--evaluate-s", type=float, default=0.0)
     parser.add_argument("--announce", action="store_true")
     args = parser.parse_args()
@@ -49,7 +61,7 @@ def main() -> None:
             session.register(model=model, optimizer=optimizer)
             session.register_per_rank(data=loader)
         else:
-            loader = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=args.workers)
+            loader = make_loader(args.loader, dataset, args.workers)
             forward = model
             session.register(model=model, optimizer=optimizer, data=loader)
         session.restore()
