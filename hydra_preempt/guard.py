@@ -28,6 +28,14 @@ _GUARDED = (signal.SIGTERM, signal.SIGUSR2)
 _received: list[tuple[signal.Signals, float]] = []  # each signal that came before run(), with its time.time()
 
 
+def _restore_defaults() -> None:
+    """The default actions again; also in a process forked before run() (a pool started during the
+    imports), which is no training run: `terminate()` must end it."""
+    for signum in _GUARDED:
+        if signal.getsignal(signum) is _record:
+            signal.signal(signum, signal.SIG_DFL)
+
+
 def _record(signum: int, frame: FrameType | None) -> None:
     sig = signal.Signals(signum)
     if not any(s is sig for s, _ in _received):
@@ -43,12 +51,32 @@ def taken_over(signum: signal.Signals, previous: object) -> tuple[object, float 
     return signal.SIG_DFL, next((at for s, at in _received if s is signum), None)
 
 
+# While this guard's handlers stand, the guarded signals are blocked across a fork, so that one sent to
+# the child at once meets the default action the child gets, not this module's handler (which would
+# drop it there); the mask of before the fork, while forking:
+_mask_at_fork: list[set[int | signal.Signals]] = []
+
+
+def _before_fork() -> None:
+    if any(signal.getsignal(s) is _record for s in _GUARDED):
+        _mask_at_fork.append(signal.pthread_sigmask(signal.SIG_BLOCK, _GUARDED))
+
+
+def _after_fork() -> None:
+    if _mask_at_fork:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _mask_at_fork.pop())
+
+
+def _after_fork_in_child() -> None:
+    if _mask_at_fork:
+        _restore_defaults()
+    _after_fork()
+
+
 def release() -> None:
     """This process trains in no run() after all (a Hydra sweep's driver process): the default actions
     again, and a signal that came meanwhile takes effect now."""
-    for signum in _GUARDED:
-        if signal.getsignal(signum) is _record:
-            signal.signal(signum, signal.SIG_DFL)
+    _restore_defaults()
     for signum, _ in _received:
         os.kill(os.getpid(), signum)
 
@@ -57,3 +85,4 @@ if threading.current_thread() is threading.main_thread():
     for _signum in _GUARDED:
         if signal.getsignal(_signum) is signal.SIG_DFL:
             signal.signal(_signum, _record)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork_in_child)

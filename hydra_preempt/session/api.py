@@ -29,6 +29,7 @@ import contextlib
 import logging
 import math
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
@@ -791,9 +792,11 @@ class Session:
         worker of a spawn context) died of the same signal from the scheduler, and the program raised
         for it; or the exception cut the stop's own save short. The newest consistent state is saved
         (emergency_save: the state the step started from, or the state of the boundary), else the last
-        checkpoint stands, named with the steps lost. None: no stop signal came."""
+        checkpoint stands, named with the steps lost. A checkpoint request (SIGUSR1) that a child died of
+        stops the run the same way, as a preemption: training cannot go on past the exception, and a
+        requeue continues it. None: no such signal came."""
         received = self.signals.first_signal
-        request = next((r for r in (Request.CANCEL, Request.PREEMPT) if r in received), None)
+        request = next((r for r in (Request.CANCEL, Request.PREEMPT, Request.CHECKPOINT) if r in received), None)
         if request is None:
             return None
         self._stop_begun = True
@@ -809,9 +812,16 @@ class Session:
         else:
             state = f"nothing saved ({self.step} steps lost)"
         what = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        log.info("%s in the step after %s, taken as part of the stop%s", what, name, f": {why_not}" if why_not else "")
+        # the traceback, in case it was a bug of the step's own and not a child's death
+        log.warning(
+            "%s in the step after %s, taken as part of the stop%s:\n%s",
+            what,
+            name,
+            f" ({why_not})" if why_not else "",
+            "".join(traceback.format_exception(error)),
+        )
         return RunStopped(
-            Status.CANCELLED if request is Request.CANCEL else Status.PREEMPTED,
+            Status.CANCELLED if request is Request.CANCEL else Status.PREEMPTED,  # a checkpoint request too
             f"{name} received: {state}; the step raised {what}",
             name,
             self.signals.first_received.get(request),

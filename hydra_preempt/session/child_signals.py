@@ -24,6 +24,8 @@ its death by the stop signal is part of the stop (Session.stop_behind), not a fa
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import os
 import signal
 import sys
@@ -54,9 +56,12 @@ class ChildShield(threading.Thread):
                 self._end_by(signum)
 
     def _end_by(self, signum: signal.Signals) -> None:
-        """End the process as `signum`'s default action does (each stop signal's terminates): this
-        thread takes it unblocked. The handler the child may have installed for it meanwhile (torch's
-        worker handler for SIGTERM) runs first and ends the worker itself."""
+        """End the process as the parent's `signum` would have: in a DataLoader worker (torch's or
+        torchdata's), torch's C handler exits 0 for its parent's SIGTERM, as torch's shutdown expects (a
+        worker killed by a signal makes the parent raise); otherwise this thread takes the signal
+        unblocked, and its default action (each stop signal's terminates) or the child's own handler runs."""
+        if signum is signal.SIGTERM and _in_dataloader_worker():
+            os._exit(0)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
         signal.pthread_kill(threading.get_ident(), signum)  # delivered before this returns
         signal.pthread_sigmask(signal.SIG_BLOCK, {signum})  # a handler that did not end it: wait again
@@ -79,8 +84,10 @@ def shield_forked_child(signals: Iterable[signal.Signals], mask: Iterable[int | 
     if not _forked_by_multiprocessing(sys._getframe()):
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return
-    # blocked in this thread, so in every thread started from now on (the shield's own included)
+    # blocked in this thread, so in every thread started from now on (the shield's own included); a
+    # process this child forks in turn gets them unblocked (it has no shield thread)
     signal.pthread_sigmask(signal.SIG_SETMASK, set(mask) | set(signals))
+    os.register_at_fork(after_in_child=functools.partial(signal.pthread_sigmask, signal.SIG_SETMASK, set(mask)))
     ChildShield(signals, os.getppid()).start()
 
 
@@ -91,6 +98,13 @@ def lift_shield() -> None:
             thread.lift()
 
 
+def _in_dataloader_worker() -> bool:
+    """Whether this process runs a DataLoader worker loop (torch's, or torchdata's, which sets torch's
+    worker info too): the loop sets it before it serves a batch."""
+    worker = sys.modules.get("torch.utils.data._utils.worker")
+    return worker is not None and getattr(worker, "_worker_info", None) is not None
+
+
 def _forked_by_multiprocessing(frame: FrameType | None) -> bool:
     """Whether this fork is multiprocessing's (Popen of the fork start method): its child runs a
     Process's target (a DataLoader worker, a pool worker) and never execs."""
@@ -99,3 +113,16 @@ def _forked_by_multiprocessing(frame: FrameType | None) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def end_children_of_stopped_run(before: set[multiprocessing.process.BaseProcess]) -> int:
+    """After a run that stopped (the scheduler signalled every process of the step): end the processes
+    multiprocessing started during the run that are still alive (shielded, they dropped that signal),
+    so that the process's exit does not wait on a non-daemonic one (multiprocessing joins those at exit).
+    `before`: `multiprocessing.active_children()` at the run's start. Returns how many were ended."""
+    left = [child for child in multiprocessing.active_children() if child not in before]
+    for child in left:
+        child.terminate()  # the parent's signal: a shielded child ends
+    for child in left:
+        child.join(5.0)
+    return len(left)

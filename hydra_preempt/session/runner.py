@@ -13,6 +13,7 @@ import contextvars
 import datetime as dt
 import faulthandler
 import logging
+import multiprocessing
 import os
 import sys
 import threading
@@ -33,6 +34,7 @@ from ..slurm.failures import FailureTable, RestartDecision, classify_exception, 
 from ..slurm.policy import KILL_MARGIN_S, SlurmStopPolicy, conclude
 from ..slurm.stop import RequeueBudget, Requeuer, budget_exhausted
 from .api import RunStopped, Session
+from .child_signals import end_children_of_stopped_run
 from .signals import Request, SignalRequests
 from .srun import srun_process_group
 from .watchdog import HangReport
@@ -112,6 +114,7 @@ def run(
     except ConfigError as e:
         return _refused(e, run_dir)
     outcome: Outcome | None = None
+    children_before = set(multiprocessing.active_children())
     try:
         with console_log(config.progress.console), contextlib.ExitStack() as group:
             try:
@@ -120,6 +123,9 @@ def run(
                 return _refused(e, run_dir)
             group.enter_context(quiet_other_ranks())
             outcome = _run(train_fn, run_dir, config, job, signals)
+            stopped = outcome.status in (Status.PREEMPTED, Status.TIMEOUT, Status.CANCELLED)
+            if stopped and (ended := end_children_of_stopped_run(children_before)):
+                log.info("ended %d worker process(es) the run had started and left running", ended)
             log.info(
                 "%s at step %d (exit code %d): %s",
                 outcome.status.value,

@@ -82,7 +82,6 @@ class SignalRequests:
             raise ConfigError("the training session must run in the main thread: only it can receive signals")
         if self._previous:
             return
-        lift_shield()  # a run inside a shielded worker process (child_signals.py) hears its own signals
         read, write = os.pipe()
         os.set_blocking(read, False)
         os.set_blocking(write, False)  # the C handler must never block on a full pipe
@@ -106,6 +105,7 @@ class SignalRequests:
             self._previous[signum] = handler
             if came_at is not None:  # before run(): a stop during start-up
                 self._note(signum, came_at)
+        lift_shield()  # a run inside a shielded worker process (child_signals.py) hears its own signals now
         if not self._fork_hooks:  # once per instance; weak references, so that the hooks keep nothing alive
             hooks = [weakref.WeakMethod(m) for m in (self._before_fork, self._after_fork, self._forget_in_child)]
             before, parent, child = [lambda ref=ref: (method := ref()) is not None and method() for ref in hooks]
@@ -180,14 +180,13 @@ class SignalRequests:
 
     def retake(self) -> list[signal.Signals]:
         """The stop signals whose handler the program replaced after install() (its own signal.signal,
-        asyncio's loop.add_signal_handler): this instance's handler again, and the wakeup pipe with it
-        where asyncio took that too. Called at each step boundary: a replaced handler would end the
-        process at the kill with nothing saved."""
+        asyncio's loop.add_signal_handler): this instance's handler again. Called at each step boundary:
+        a replaced handler would end the process at the kill with nothing saved. A wakeup fd asyncio took
+        stays asyncio's (its other signals' handlers read it); the watchdog then learns of a stop only
+        through this handler, as when the fd was the program's before install()."""
         taken = [s for s in self._previous if signal.getsignal(s) != self._handle]
         for signum in taken:
             signal.signal(signum, self._handle)
-        if taken and self._wakeup is not None:
-            signal.set_wakeup_fd(self._wakeup[1], warn_on_full_buffer=False)
         return taken
 
     def take(self) -> dict[Request, signal.Signals]:

@@ -110,9 +110,9 @@ class SlurmStopPolicy:
             facts = ClusterFacts(grace_s=None)  # a preemption's kill is then unknown, not due at the signal
         if task.in_batch_step and facts.grace_s:
             log.warning(
-                "this process was started by the batch script of job %s, not by srun: SLURM sends the "
-                "preemption signal to job steps only, so it reaches this process at the final kill, with no "
-                "time to save; start it as `srun python ...` in the batch script",
+                "this process was started outside a job step of job %s (by the batch script, or in salloc's "
+                "shell), not by srun: SLURM sends the preemption signal to job steps only, so it reaches this "
+                "process at the final kill, with no time to save; start it as `srun python ...`",
                 task.job_id,
             )
         return cls(task, facts, restarts, stops, budget, preempt_signal, timeout_signal, restart_decision, known)

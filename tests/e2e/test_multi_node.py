@@ -74,7 +74,7 @@ def test_two_node_job_started_by_srun_is_preempted_and_resumes_exactly(tmp_path,
     helpers.record(request.node.name, run_dir)
 
 
-BATCH_STEP_WARNING = "was started by the batch script of job"
+BATCH_STEP_WARNING = "this process was started outside a job step of job"
 
 
 @pytest.mark.parametrize("preempt_mode", ["CANCEL"], indirect=True)

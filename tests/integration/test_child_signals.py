@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -79,19 +80,29 @@ def updated_then_a_subprocess_dies_of_it(session, update):
     a_subprocess_dies_of_it(session, update)
 
 
+def a_subprocess_dies_of_a_checkpoint_request(session, update):
+    """SIGUSR1 (save, keep training) kills a command too: the run cannot go on past the exception."""
+    child = subprocess.Popen(["sleep", "60"])
+    signal_like_slurmstepd(signal.SIGUSR1)
+    if child.wait() != 0:
+        raise subprocess.CalledProcessError(child.returncode, child.args)
+
+
 @pytest.mark.parametrize(
     "action,saved,said",
     [
-        (a_subprocess_dies_of_it, 6, "state saved at step 6"),  # the step's update had not run: its start is saved
-        (updated_then_a_subprocess_dies_of_it, 4, "the checkpoint of step 4 stands (2 steps lost)"),
+        (a_subprocess_dies_of_it, 6, "SIGTERM received: state saved at step 6"),  # the update had not run
+        (updated_then_a_subprocess_dies_of_it, 4, "SIGTERM received: the checkpoint of step 4 stands (2 steps lost)"),
+        (a_subprocess_dies_of_a_checkpoint_request, 6, "SIGUSR1 received: state saved at step 6"),
     ],
 )
 def test_a_child_that_dies_of_the_stop_signal_is_that_stop_and_the_resume_is_exact(
-    tmp_path, reference, action, saved, said
+    tmp_path, reference, caplog, action, saved, said
 ):
     outcome = run(training(at=6, action=action), tmp_path, CONFIG)
     assert (outcome.status, outcome.exit_code) == (Status.PREEMPTED, ExitCode.REQUEUE), outcome.message
-    assert outcome.message.startswith(f"SIGTERM received: {said}; the step raised CalledProcessError"), outcome
+    assert outcome.message.startswith(f"{said}; the step raised CalledProcessError"), outcome
+    assert "Traceback (most recent call last)" in caplog.text  # in case it was a bug of the step's own
     stop = read_events(tmp_path)[-1]
     assert (stop["reason"], stop["checkpoint_step"], stop.get("failure")) == ("preempted", saved, None)
     final = run(training(), tmp_path, CONFIG)
@@ -249,4 +260,41 @@ def test_a_handler_of_before_run_never_runs_in_a_child_and_the_stop_saves_once(t
         signal.signal(signal.SIGUSR2, previous)
     assert outcome.message == "SIGUSR2 received: state saved at step 4", outcome.message
     assert not marks.exists(), f"the door's handler ran in processes {marks.read_text().split()}"
+    assert not multiprocessing.active_children()
+
+
+def helper_process():
+    """A process of the program's own that runs until it is signalled (an uploader, a metrics pusher)."""
+    while True:
+        time.sleep(0.05)
+
+
+def grandchild_report(report):
+    """A shielded child that forks a process of its own: that one is no worker of the run's, and its
+    parent's terminate() ends it."""
+    grandchild = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    grandchild.start()
+    grandchild.terminate()
+    grandchild.join(10)
+    report.put(grandchild.exitcode)
+
+
+def test_processes_the_run_started_never_outlive_its_stop_and_their_children_are_not_shielded(tmp_path):
+    """A non-daemonic helper dropped the scheduler's signal: the stopped run ends it (else the process's
+    exit waits for it until the kill); a process a shielded child forks gets the stop signals unblocked."""
+    exit_codes = []
+
+    def action(session, update):
+        context = multiprocessing.get_context("fork")
+        context.Process(target=helper_process).start()
+        report = context.Queue()
+        child = context.Process(target=grandchild_report, args=(report,))
+        child.start()
+        exit_codes.append(report.get(timeout=30))
+        child.join(10)
+        signal_like_slurmstepd(signal.SIGTERM)
+
+    outcome = run(training(at=3, action=action), tmp_path, CONFIG)
+    assert outcome.message == "SIGTERM received: state saved at step 4", outcome.message
+    assert exit_codes == [-signal.SIGTERM]
     assert not multiprocessing.active_children()

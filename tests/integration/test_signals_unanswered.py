@@ -202,7 +202,12 @@ def test_ctrl_c_without_a_kill_coming_waits_for_the_boundary_and_saves(tmp_path)
 # imports (torch) would run, so that the signal lands before run() installs its handlers.
 GUARDED_START = """
 import hydra_preempt.guard
-import sys
+import multiprocessing, sys, time
+helper = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+helper.start()  # forked before run(): no training run, terminate() ends it
+helper.terminate()
+helper.join(10)
+print("helper ended", helper.exitcode, flush=True)
 print("guarded", flush=True)
 sys.stdin.readline()
 from hydra_preempt import exit_with, run
@@ -226,6 +231,7 @@ def test_a_stop_signal_before_run_is_kept_by_the_guard_and_stops_the_run_at_its_
         start_new_session=True,
     )
     ending(proc)
+    assert wait_for_line(proc, "helper ended") == "helper ended -15\n"
     wait_for_line(proc, "guarded")
     os.killpg(proc.pid, signal.SIGTERM)  # as slurmstepd sends it, to the whole step
     output, _ = proc.communicate("go\n", timeout=60)
