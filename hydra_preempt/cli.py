@@ -61,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument(
         "--script", required=True, help="your training app, as the jobs will run it from DIR (e.g. train.py)"
     )
+    sub.add_parser(  # its arguments are torchrun's, passed on as they are (argparse cannot take them here)
+        "torchrun", help="torchrun whose agent leaves the stop signals to the workers and passes their exit 75 on"
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["torchrun"]:
+        from .doors.torchrun import main as torchrun
+
+        return torchrun(argv[1:])
     args = parser.parse_args(argv)
     try:
         if args.command == "status":
