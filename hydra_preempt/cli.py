@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -142,11 +140,7 @@ def validate_command(args: argparse.Namespace) -> int:
     if args.slurm:
         # The job's log must be where the compute node can write it: the checkpoint directory (shared
         # storage, by its purpose) or else the current directory, never this host's /tmp
-        workdir = (args.checkpoint_dir or Path.cwd()) / f"validate-slurm-{os.getpid()}"
-        try:
-            rows += slurm_rows(workdir, args.qos, args.account, args.partition)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+        rows += slurm_rows(args.checkpoint_dir or Path.cwd(), args.qos, args.account, args.partition)
     code = exit_code(rows)
     if args.json:
         report = {"ok": code == 0, "seconds": round(time.monotonic() - started, 1), "rows": [asdict(r) for r in rows]}

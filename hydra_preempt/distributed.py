@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import CheckpointDirError
+from .fsutil import create_file
 
 
 def world() -> tuple[int, int]:
@@ -103,7 +104,8 @@ def check_shared_directories(directories: list[Path], attempts: int = 5, wait_s:
     if rank == 0:
         try:
             for probe in probes:
-                probe.write_text(token)
+                with create_file(probe) as f:
+                    f.write(token.encode())
         except OSError as e:
             failed = f"cannot write in {probe.parent}: {e.strerror or e}"
     failed = broadcast_from_rank0(failed)  # the probes are written (or not) before any rank looks

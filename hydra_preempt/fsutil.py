@@ -7,6 +7,7 @@ import errno
 import io
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 
@@ -61,17 +62,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def create_file(path: Path, mode: int = 0o644) -> io.BufferedWriter:
+    """A new regular file, opened for writing: never an existing name, so never through a symlink
+    someone planted there (O_CREAT|O_EXCL|O_NOFOLLOW). FileExistsError if the name is taken."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode), "wb")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees either the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write `data` to `path` so that a reader sees either the old file or the whole new one.
+
+    The temporary file has an unpredictable name and is created exclusively (mkstemp), so that another
+    user of a shared directory cannot plant a link at its name; the rename replaces `path` itself,
+    never a file a link there points to."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600, as any other file of a run
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 

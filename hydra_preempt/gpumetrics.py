@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .fsutil import open_append
+
 log = logging.getLogger("hydra_preempt")
 
 
@@ -166,7 +168,7 @@ class GpuSampler:
 
     def _loop(self, indices: list[int]) -> None:
         try:
-            with open(self.path, "a", encoding="utf-8") as out:
+            with open_append(self.path) as out:
                 while True:
                     readings = read_gpus(self._nvml, indices)
                     out.write(json.dumps({"time": round(time.time(), 3), "gpus": readings}) + "\n")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +42,20 @@ def export_weights(
     Raises HydraPreemptError (bad input: exit 2) or OutputWriteError (writing `out` failed: exit 1)."""
     if step is not None and step < 0:
         raise HydraPreemptError(f"--step {step}: a step is a number >= 0")
-    tmp = _claim_output(out, force)
+    private = _claim_output(out, force)
     try:
         directory = checkpoint_dir_of(run_dir)
         saved_step, tensors = _read(directory, step, name)
-        _write(tmp, out, tensors, saved_step)
+        _write(private / out.name, out, tensors, saved_step)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(private, ignore_errors=True)
     return saved_step, len(tensors)
 
 
 def _claim_output(out: Path, force: bool) -> Path:
-    """Check `out` before anything is read, and create the temporary file the export is written to."""
+    """Check `out` before anything is read, and create the temporary directory the export is written
+    into: this user's alone (mkdtemp, mode 0700), so that nobody else sharing `out`'s directory can
+    put a link where safetensors (which opens by path) writes."""
     if out.is_dir():
         raise HydraPreemptError(f"--out {out} is a directory; name the file to write")
     if os.path.lexists(out) and not force:
@@ -62,12 +66,10 @@ def _claim_output(out: Path, force: bool) -> Path:
     if not parent.is_dir():
         what = "does not exist" if not os.path.lexists(parent) else "is not a directory"
         raise HydraPreemptError(f"--out {out}: {parent} {what}")
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     except OSError as e:
         raise HydraPreemptError(f"--out {out} cannot be written: {e.strerror or e}") from None
-    return tmp
 
 
 def _write(tmp: Path, out: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
@@ -77,6 +79,7 @@ def _write(tmp: Path, out: Path, tensors: dict[str, torch.Tensor], step: int) ->
         save_file(
             {k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step)}
         )
+        os.chmod(tmp, 0o644)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)

@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, SavePla
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from ..fsutil import open_regular, read_regular
+from ..fsutil import create_file, open_regular, read_regular
 from . import dcp_metadata
 from .layout import CHECKSUM, SHARD_FILE, SHARDS_METADATA
 from .shard_layout import (
@@ -254,7 +254,7 @@ class ShardWriter(StorageWriter):
 def _write_file(path: Path, views: list[Any]) -> str:
     """Write the views one after the other, fsync; their xxh3-128."""
     digest = xxhash.xxh3_128()
-    with open(path, "wb") as f:
+    with create_file(path) as f:
         for view in views:
             f.write(view)
             digest.update(view)

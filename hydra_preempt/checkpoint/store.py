@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import socket
 import time
@@ -30,7 +31,7 @@ from typing import Any, Callable
 
 from ..config import CheckpointConfig
 from ..errors import CheckpointDirError, CheckpointWriteError
-from ..fsutil import atomic_write_text, disk_full_hint, fsync_dir, read_regular
+from ..fsutil import atomic_write_text, create_file, disk_full_hint, fsync_dir, read_regular
 from .layout import (
     REASONS,
     CheckpointInfo,
@@ -78,8 +79,8 @@ class CheckpointStore:
         """
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            probe = self.directory / f".write-probe.{os.getpid()}"
-            probe.write_bytes(b"")
+            probe = self.directory / f".write-probe.{secrets.token_hex(8)}"
+            create_file(probe).close()
             probe.unlink()
         except OSError as e:
             raise CheckpointDirError(
@@ -171,12 +172,15 @@ class CheckpointStore:
             return None
 
     def begin(self, step: int) -> Path:
-        """A new, empty temporary directory for the checkpoint of `step` (other ranks may write into it)."""
-        tmp = self.directory / f".tmp-step-{step:09d}.{_hostname()}.{os.getpid()}"
+        """A new, empty temporary directory for the checkpoint of `step` (other ranks may write into it).
+
+        Its name is unpredictable and it is this user's alone (mode 0700) until commit(): in a directory
+        shared with other users nobody else can plant a link inside it for a file to be written through
+        (torch.distributed.checkpoint's shard files included)."""
+        tmp = self.directory / f".tmp-step-{step:09d}.{_hostname()}.{os.getpid()}.{secrets.token_hex(4)}"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+            tmp.mkdir(mode=0o700)
         except OSError as e:
             raise self._write_error(step, e) from e
         return tmp
@@ -206,6 +210,7 @@ class CheckpointStore:
             meta["gpus"] = gpus
         try:
             manifest = write_checkpoint_files(tmp, snapshot, meta, shards)
+            os.chmod(tmp, 0o755)  # complete: readable as any checkpoint
             fsync_dir(tmp)
             os.rename(tmp, final)
             fsync_dir(self.directory)

@@ -23,7 +23,7 @@ from typing import Any
 
 import xxhash
 
-from ..fsutil import open_regular, read_regular
+from ..fsutil import create_file, open_regular, read_regular
 from .layout import (
     CHECKSUM,
     DATA_FILE,
@@ -78,7 +78,7 @@ def write_checkpoint_files(directory: Path, snapshot: Snapshot, meta: dict, shar
     specs: list[dict] = []
     data_hash = xxhash.xxh3_128()
     offset = 0
-    with open(directory / DATA_FILE, "wb") as f:
+    with create_file(directory / DATA_FILE) as f:
         for array in snapshot.arrays:
             view = array_bytes(array)
             specs.append(array_spec(array, offset).to_json())
@@ -106,7 +106,7 @@ def write_checkpoint_files(directory: Path, snapshot: Snapshot, meta: dict, shar
 
 
 def write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
+    with create_file(path) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import HydraPreemptError
-from ..fsutil import atomic_write_text
+from ..fsutil import atomic_write_text, open_regular_fd
 from ..rundir import RUN_LOG, RunHistory, RunLog
 from ..slurm.commands import SlurmError, requeue_job, sacct_runs, show_job, state_outcome
 from ..slurm.failures import NO_STOP, FailureTable, classify, decide
@@ -206,7 +206,7 @@ def watched_jobs(path: Path) -> list[Watched]:
 
 def _lock(directory: Path) -> int:
     """Hold `directory`'s monitor lock (flock on LOCK_FILE, naming this process); MonitorBusyError if held."""
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_regular_fd(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # never through a planted link
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

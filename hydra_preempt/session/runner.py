@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import datetime as dt
 import faulthandler
+import io
 import logging
 import multiprocessing
 import os
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterator, Mapping
 from ..config import SessionConfig
 from ..distributed import world
 from ..errors import CheckpointReadError, CheckpointWriteError, ConfigError, HydraPreemptError
+from ..fsutil import create_file
 from ..outcome import EXIT_CODES, ExitCode, Outcome, Status
 from ..rundir import JobIdentity, RunHistory, RunLog
 from ..slurm.commands import SlurmError, requeue_job
@@ -419,7 +421,7 @@ class _ProcessEnd:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
         stacks = self.session.run_dir / f"hang-stacks-{stamp}{f'-rank{rank}' if rank else ''}.txt"
         try:
-            with open(stacks, "w", encoding="utf-8") as f:
+            with create_file(stacks) as binary, io.TextIOWrapper(binary, encoding="utf-8") as f:
                 f.write(f"{what}; the stack of every thread:\n")
                 f.flush()
                 faulthandler.dump_traceback(f, all_threads=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import HydraPreemptError
+from ..fsutil import create_file
 from ..outcome import ExitCode
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
@@ -277,13 +279,11 @@ def measure_throughput(directory: Path, nbytes: int) -> tuple[list[Row], float]:
     raw = directory / "raw.bin"
     data = weights.numpy().data.cast("B")
     started = time.monotonic()
-    fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
+    with create_file(raw) as f:
         for offset in range(0, nbytes, 64 << 20):
-            os.write(fd, data[offset : offset + (64 << 20)])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            f.write(data[offset : offset + (64 << 20)])
+        f.flush()
+        os.fsync(f.fileno())
     raw_s = time.monotonic() - started
     raw.unlink()
     gb = nbytes / 1e9
@@ -318,8 +318,9 @@ def usable_dir(directory: Path) -> str | None:
     """Why `directory` cannot hold checkpoints, or None if a file can be created, written and removed there."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-probe.{os.getpid()}"
-        probe.write_bytes(b"probe")
+        probe = directory / f".write-probe.{secrets.token_hex(8)}"
+        with create_file(probe) as f:
+            f.write(b"probe")
         probe.unlink()
     except OSError as e:
         return f"checkpoint directory {directory} is not usable: {e.strerror or e}"

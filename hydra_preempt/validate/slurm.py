@@ -12,10 +12,13 @@ from __future__ import annotations
 import contextlib
 import getpass
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from ..errors import HydraPreemptError
+from ..fsutil import create_file
 from ..slurm.commands import SlurmError, parse_cluster_facts, show_job, slurm_command, state_outcome
 from .checks import FAIL, PASS, SKIP, Row, pick_grace
 
@@ -130,9 +133,9 @@ def job_rows(
     workdir: Path, qos: str, account: str | None, partition: str | None, timeout_s: float = 240.0
 ) -> list[Row]:
     """Submit the tiny job, TERM its step, let it requeue itself, release and read what both runs said."""
-    workdir.mkdir(parents=True, exist_ok=True)
     script, log = workdir / "validate-job.sh", workdir / "validate-job.log"
-    script.write_text(JOB_SCRIPT)
+    with create_file(script) as f:
+        f.write(JOB_SCRIPT.encode())
     args = ["sbatch", "--parsable", "--requeue", "--open-mode=append", "-J", "hydra-preempt-validate"]
     args += ["-o", str(log), "-n", "1", "-c", "1", "-t", "5", f"--qos={qos}"]
     args += [f"--account={account}"] if account else []
@@ -201,7 +204,9 @@ def job_rows(
     return rows
 
 
-def slurm_rows(workdir: Path, qos: str | None, account: str | None, partition: str | None) -> list[Row]:
+def slurm_rows(parent: Path, qos: str | None, account: str | None, partition: str | None) -> list[Row]:
+    """The settings rows and the test job's, whose script and log go to a work directory of this user's
+    alone inside `parent` (mkdtemp: nobody sharing `parent` can plant a link there), removed after."""
     try:
         rows, job_qos = ask_settings(qos, account)
     except SlurmError as e:
@@ -209,6 +214,12 @@ def slurm_rows(workdir: Path, qos: str | None, account: str | None, partition: s
     if job_qos is None:
         return [*rows, Row("slurm: job", SKIP, "no usable QoS to submit the test job with")]
     try:
+        workdir = Path(tempfile.mkdtemp(prefix="validate-slurm-", dir=parent))
+    except OSError as e:
+        return [*rows, Row("slurm: job", FAIL, f"cannot create a work directory in {parent}: {e.strerror or e}")]
+    try:
         return [*rows, *job_rows(workdir, job_qos, account, partition)]
     except SlurmError as e:
         return [*rows, Row("slurm: job", FAIL, str(e))]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -59,7 +59,8 @@ def main(snakemake) -> None:
 
     columns = FIXED + [k for k in dict.fromkeys(k for row in rows for k in row) if k not in FIXED and k != "overrides"]
     columns.append("overrides")
-    with open(snakemake.output.csv, "w", newline="") as f:
+    # "x": created new (Snakemake removes a job's outputs first), never through a link planted at the name
+    with open(snakemake.output.csv, "x", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
@@ -68,7 +69,8 @@ def main(snakemake) -> None:
         values = [row.get(c, "") for c in columns]
         cells = [f"{v:.6g}" if isinstance(v, float) else f"`{v}`" if c == "overrides" else str(v) for c, v in zip(columns, values)]
         lines.append("| " + " | ".join(markdown_cell(c) for c in cells) + " |")
-    Path(snakemake.output.markdown).write_text("\n".join(lines) + "\n")
+    with open(snakemake.output.markdown, "x") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 main(snakemake)  # noqa: F821 (injected by Snakemake's script directive)
