@@ -105,7 +105,8 @@ class SignalConfig:
 class DistributedConfig:
     sync_every: int = 1  # steps between the ranks' agreement on stop/save (one tiny all-reduce)
     srun: bool = True  # the tasks of an srun step form a process group (false: one process per run directory)
-    port: Optional[int] = None  # that group's rendezvous port; null: 15000 + the job id's last 4 digits
+    port: Optional[int] = None  # that group's rendezvous port; null: 8 ports of 15000-24999 from the job and step id
+    rendezvous_s: float = 300.0  # how long the tasks of an srun step wait for each other before giving up
 
 
 @dataclass
@@ -182,6 +183,10 @@ class SessionConfig:
             raise ConfigError(f"distributed.sync_every must be >= 1, got {self.distributed.sync_every!r}")
         if self.distributed.port is not None and not 1024 <= self.distributed.port <= 65535:
             raise ConfigError(f"distributed.port must be null or 1024..65535, got {self.distributed.port!r}")
+        if not 0 < self.distributed.rendezvous_s < math.inf:
+            raise ConfigError(
+                f"distributed.rendezvous_s must be a finite number > 0, got {self.distributed.rendezvous_s!r}"
+            )
         self.checkpoint.validate()
         self.divergence.validate()
         self.signals.validate()

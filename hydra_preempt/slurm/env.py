@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -69,15 +70,16 @@ class SrunStep:
             first_host=first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"),
         )
 
-    def port(self, configured: int | None) -> int:
-        """The rendezvous port: configured, else 15000 + the job id's last 4 digits (as Lightning's
-        SLURMEnvironment) + the step id, modulo 10000: the same on every task without any exchange, and
-        another for each step of a job (two steps may run at once)."""
+    def ports(self, configured: int | None, count: int = 8) -> list[int]:
+        """The rendezvous ports to try, in order, the same on every task without any exchange: the
+        configured one alone, else `count` ports of 15000-24999 drawn from a hash of the job and step id.
+        A hash, not the job id's digits plus the step id (Lightning's way), under which job N's step 1
+        and job N+1's step 0 on one node met on one port; several, so that a port another process holds
+        is passed over (session/srun.py tells a store of its own step from another's)."""
         if configured is not None:
-            return configured
-        digits = "".join(c for c in self.job_id if c.isascii() and c.isdigit())[-4:]
-        step = int(self.step_id) if self.step_id.isascii() and self.step_id.isdecimal() else 0
-        return 15000 + (int(digits or "0") + step) % 10000
+            return [configured]
+        seed = int.from_bytes(hashlib.sha256(f"{self.job_id}.{self.step_id}".encode()).digest()[:8], "big")
+        return [15000 + (seed + i * 1237) % 10000 for i in range(count)]
 
     @staticmethod
     def launched_by_torch(env: Mapping[str, str] | None = None) -> bool:

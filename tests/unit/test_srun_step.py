@@ -39,10 +39,17 @@ def test_the_first_host_of_a_slurm_host_list(nodelist, host):
 def test_a_task_of_a_step_of_four():
     step = SrunStep.from_env(STEP)
     assert step == SrunStep("4711", "0", rank=3, world_size=4, local_rank=1, first_host="gpu07")
-    assert step.port(None) == 15000 + 4711 and step.port(29500) == 29500
-    assert SrunStep("1234567", "0", 0, 2, 0, "h").port(None) == 15000 + 4567  # the last 4 digits
-    assert SrunStep("1234567", "3", 0, 2, 0, "h").port(None) == 15000 + 4570  # each step of a job its own
-    assert SrunStep("9999", "1", 0, 2, 0, "h").port(None) == 15000  # modulo 10000
+    assert step.ports(29500) == [29500]
+    ports = step.ports(None)
+    assert len(set(ports)) == 8 and all(15000 <= p < 25000 for p in ports)
+    assert SrunStep("4711", "0", 0, 2, 0, "other-host").ports(None) == ports  # every task, every host: the same
+
+
+def test_adjacent_steps_do_not_start_on_one_port():
+    """Lightning's way (15000 + the job id's last 4 digits + the step id) put job N's step 1 and job
+    N+1's step 0 on one port."""
+    firsts = {SrunStep(str(job), str(s), 0, 2, 0, "h").ports(None)[0] for job in range(1000, 1100) for s in range(3)}
+    assert len(firsts) > 270  # of 300 steps: a hash, nearly all apart
 
 
 @pytest.mark.parametrize(
