@@ -62,5 +62,6 @@ gpu-wheels: install
 
 GPU_SITE ?= /tmp/hydra-preempt-site
 gpu-check:
+	@ls .whl/*.whl >/dev/null 2>&1 || { echo "make gpu-check: no wheels in .whl/: run make gpu-wheels first, where PyPI can be reached" >&2; exit 2; }
 	python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl
 	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 python3 -m tools.gpu_kit $(GPU_KIT)

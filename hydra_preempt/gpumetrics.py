@@ -127,18 +127,31 @@ class GpuSummary:
         return summary
 
 
+def has_nvidia_device(dev: Path = Path("/dev")) -> bool:
+    """Whether an NVIDIA GPU's device node is there (/dev/nvidia0, ...; a container gets them too)."""
+    return any(p.name[len("nvidia") :].isdecimal() for p in dev.glob("nvidia*"))
+
+
 class GpuSampler:
     """Samples every visible GPU each `every_s` seconds into a JSON-lines file, from a daemon thread,
     and keeps a running summary of the readings (`summary`, for each checkpoint's manifest).
 
-    Without NVML (no library, no driver, no GPU) `start` logs one line and does nothing else. A
+    Without NVML (no library, no driver) `start` logs one line where a GPU's device node exists,
+    none where there is no GPU, and does nothing else. A
     failure while sampling stops the sampling (one warning), never the training.
     """
 
-    def __init__(self, path: Path, every_s: float, nvml_loader: Callable[[], Any] = load_nvml) -> None:
+    def __init__(
+        self,
+        path: Path,
+        every_s: float,
+        nvml_loader: Callable[[], Any] = load_nvml,
+        gpu_present: Callable[[], bool] = has_nvidia_device,
+    ) -> None:
         self.path = Path(path)
         self.every_s = every_s
         self._load = nvml_loader
+        self._gpu_present = gpu_present
         self._nvml: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -149,7 +162,8 @@ class GpuSampler:
         try:
             nvml = self._load()
         except NvmlUnavailable as e:
-            log.info("GPU metrics are off: %s", e)
+            # a machine without an NVIDIA GPU has nothing to measure: no word; one with a GPU is told why
+            log.log(logging.INFO if self._gpu_present() else logging.DEBUG, "GPU metrics are off: %s", e)
             return False
         indices = visible_indices(nvml.nvmlDeviceGetCount())
         if not indices:

@@ -18,15 +18,17 @@ writing; the digests reach rank 0 with DCP's own gather of write results.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -269,7 +271,8 @@ def save_shards(directory: Path, state: dict[str, Any], staging: HostStaging | N
     With `staging`, only shards.json is written: every rank's items are copied to host memory
     for `writer.write_staged()`."""
     writer = ShardWriter(directory, staging)
-    dcp.save(state, storage_writer=writer, planner=JsonSavePlanner(), no_dist=not dist.is_initialized())
+    with _single_process_quiet():
+        dcp.save(state, storage_writer=writer, planner=JsonSavePlanner(), no_dist=not dist.is_initialized())
     return writer
 
 
@@ -384,7 +387,8 @@ class ShardReader(StorageReader):
 def load_shards(directory: Path, metadata: Metadata, state: dict[str, Any]) -> None:
     """Fill `state` (a template of this world's shards) from the checkpoint; a collective."""
     reader = ShardReader(directory, metadata)
-    dcp.load(state, storage_reader=reader, planner=JsonLoadPlanner(), no_dist=not dist.is_initialized())
+    with _single_process_quiet():
+        dcp.load(state, storage_reader=reader, planner=JsonLoadPlanner(), no_dist=not dist.is_initialized())
 
 
 def empty_template(metadata: Metadata, prefix: str) -> dict[str, torch.Tensor]:
@@ -395,3 +399,12 @@ def empty_template(metadata: Metadata, prefix: str) -> dict[str, torch.Tensor]:
         for key, entry in metadata.state_dict_metadata.items()
         if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
     }
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it "assumes the intent" of one process whenever no process group exists (a
+    single-rank run, `hydra-preempt export`): that is the intent here, not news for the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield

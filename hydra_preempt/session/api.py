@@ -1,12 +1,13 @@
 """The session: the only thing a training function talks to.
 
     def train(session):
-        model, opt = ..., ...
-        session.register(model=model, optimizer=opt, data=ResumableLoader(...))
-        session.restore()                      # 0, or the step to continue from
-        for step in session.steps(max_steps):  # stops at a step boundary on a signal
-            ...
-            session.report(loss=loss.item())
+        model, optimizer, loader = ..., ..., DataLoader(dataset, shuffle=True, num_workers=2)
+        session.register(model=model, optimizer=optimizer, data=loader)
+        session.restore()                            # the newest good checkpoint, if any
+        for epoch in session.epochs(num_epochs):     # from the epoch the checkpoint was in
+            for batch in session.batches(loader):    # a step per batch; stops at a boundary on a signal
+                ...
+                session.report(loss=loss.item())
         return {...}
 
     outcome = hydra_preempt.run(train, run_dir, config)   # Outcome(status, step, exit_code, ...)

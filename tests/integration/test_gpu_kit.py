@@ -74,3 +74,14 @@ def test_the_wheels_install_beside_a_torch_they_never_touch(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site)}
     where = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert where.stdout.startswith(str(site)), where.stderr
+
+
+def test_gpu_check_before_gpu_wheels_says_what_to_run_first(tmp_path):
+    """A GPU machine's checkout without .whl/ (make gpu-wheels not run): one line, not pip's 'not a valid wheel'."""
+    done = subprocess.run(
+        ["make", "-s", "-f", str(ROOT / "Makefile"), "gpu-check"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert done.stderr.splitlines()[0] == (
+        "make gpu-check: no wheels in .whl/: run make gpu-wheels first, where PyPI can be reached"
+    ), done.stderr

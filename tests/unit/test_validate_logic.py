@@ -8,6 +8,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -150,15 +151,19 @@ def test_validate_slurm_without_slurm_says_so_in_one_line_and_exits_2(tmp_path):
     ]
 
 
-def test_the_sampler_without_nvml_logs_one_line_and_writes_nothing(tmp_path, caplog):
+@pytest.mark.parametrize("gpu", [True, False])
+def test_the_sampler_without_nvml_logs_one_line_where_a_gpu_is_and_writes_nothing(tmp_path, caplog, gpu):
+    """A machine with a GPU is told why it is not measured; one without a GPU has nothing to measure."""
+
     def no_driver():
         raise NvmlUnavailable("NVML does not answer: Driver Not Loaded")
 
-    sampler = GpuSampler(tmp_path / GPU_METRICS_FILE, 0.01, no_driver)
+    sampler = GpuSampler(tmp_path / GPU_METRICS_FILE, 0.01, no_driver, gpu_present=lambda: gpu)
     with caplog.at_level(logging.INFO, logger="hydra_preempt"):
         assert sampler.start() is False
         sampler.stop()
-    assert [r.getMessage() for r in caplog.records] == ["GPU metrics are off: NVML does not answer: Driver Not Loaded"]
+    said = ["GPU metrics are off: NVML does not answer: Driver Not Loaded"] if gpu else []
+    assert [r.getMessage() for r in caplog.records] == said
     assert list(tmp_path.iterdir()) == []
 
 
