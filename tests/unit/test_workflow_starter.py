@@ -76,3 +76,12 @@ def test_a_directory_that_cannot_be_written_is_one_line(tmp_path, capsys):
     assert main(["workflow", "init", str(tmp_path / "file" / "sub"), "--script", "app.py"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write the starter" in err
+
+
+def test_the_slurm_profile_fills_in_no_account_or_partition_that_only_looks_set():
+    """Unset, the executor asks SLURM for the user's default account and SLURM uses its default
+    partition; a pre-filled one (the test cluster's 'research', 'debug') was easy to leave unchanged."""
+    import yaml
+
+    profile = yaml.safe_load((SNAKEFILE.parent / "profiles" / "slurm" / "config.v8+.yaml").read_text())
+    assert not {"slurm_account", "slurm_partition"} & set(profile["default-resources"])
