@@ -1,5 +1,5 @@
 # snakemake --profile local : the experiments of experiments.yaml on this machine
-# snakemake --profile slurm : the same on SLURM's preemptible QoS (set your account and partition in slurm/)
+# snakemake --profile slurm : the same on SLURM's preemptible QoS (your default account and partition, or set them in slurm/)
 # The rules are hydra_preempt's, from the installed package (hydra-preempt workflow path).
 from hydra_preempt.doors.workflow import SNAKEFILE
 
