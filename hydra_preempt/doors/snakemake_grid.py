@@ -71,21 +71,31 @@ def load_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
     return experiments
 
 
-# Characters Hydra's override grammar reads as syntax in an unquoted value (hydra.run.dir=RUNS_DIR/NAME)
-_OVERRIDE_SYNTAX = ",=[]{}()'\"$\\"
+def hydra_quoted(text: str) -> str:
+    """`text` as a quoted value of a Hydra override, which Hydra's parser reads back as exactly `text`
+    (a backslash is escaped only before a quote and at the end, as Hydra's grammar wants)."""
+    body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body) + "'"
 
 
 def _check_runs_dir(runs_dir: Any) -> None:
-    """runs_dir reaches each job as hydra.run.dir=RUNS_DIR/NAME: refuse at parse time what the job's
-    Hydra would refuse when it starts."""
+    """runs_dir reaches each job as hydra.run.dir='RUNS_DIR/NAME' (quoted: every character but these
+    stands for itself): refuse at parse time what the job's Hydra would refuse or change."""
     if not isinstance(runs_dir, str) or not runs_dir.strip():
         raise ConfigError(f"runs_dir must be a non-empty path, got {runs_dir!r}")
-    bad = control_character(runs_dir) or next((repr(c) for c in runs_dir if c in _OVERRIDE_SYNTAX), None)
-    if bad:
+    if bad := control_character(runs_dir):
+        raise ConfigError(f"runs_dir {runs_dir!r} contains {bad}: choose a path without control characters")
+    if "${" in runs_dir:
+        raise ConfigError(f"runs_dir {runs_dir!r} contains ${{...}}, which Hydra would interpolate: write the path out")
+    if runs_dir.startswith("~"):
         raise ConfigError(
-            f"runs_dir {runs_dir!r} contains {bad}, which Hydra's override grammar reads as syntax in "
-            "hydra.run.dir=...: choose a path without , = [ ] { } ( ) quotes $ or backslash"
+            f"runs_dir {runs_dir!r} starts with ~, which neither Snakemake nor Hydra expands: write the path out"
         )
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    override = OverridesParser.create().parse_override(f"hydra.run.dir={hydra_quoted(runs_dir + '/x')}")
+    if override.value() != runs_dir + "/x":  # a guard on hydra_quoted: Hydra reads back the path as it is
+        raise ConfigError(f"runs_dir {runs_dir!r} does not pass through Hydra's override grammar unchanged")
 
 
 @functools.cache

@@ -25,7 +25,7 @@ import yaml
 from ..errors import ConfigError
 from ..outcome import ExitCode
 from ..rundir import RESULT_FILE
-from .snakemake_grid import workflow_defaults
+from .snakemake_grid import hydra_quoted, workflow_defaults
 
 WORKFLOW_DIR = Path(__file__).resolve().parent.parent / "workflow"
 SNAKEFILE = WORKFLOW_DIR / "Snakefile"
@@ -109,7 +109,7 @@ def run_job(script: Path, run_dir: Path, overrides: list[str]) -> int:
             file=sys.stderr,
         )
         return ExitCode.USAGE
-    sys.argv = [str(script), f"hydra.run.dir={run_dir}", *overrides]
+    sys.argv = [str(script), f"hydra.run.dir={hydra_quoted(str(run_dir))}", *overrides]
     sys.path.insert(0, str(script.resolve().parent))  # as `python SCRIPT` would: the script's own imports
     try:
         runpy.run_path(str(script), run_name="__main__")

@@ -94,6 +94,7 @@ def test_own_app_runs_through_the_starter_workflow_without_naming_a_target(site,
     assert grid["train_script"] == "app.py"
     grid["common_overrides"] = {"trainer.epochs": 1}
     grid["experiments"] = [{"name": "small", "overrides": {"model.hidden": 8}}, {"name": "wide"}]
+    grid["runs_dir"] = "runs/étude #1;a,b"  # Hydra's override grammar would read ',' and ';' as its own syntax
     (project / "experiments.yaml").write_text(yaml.safe_dump(grid))
 
     def snakemake() -> subprocess.CompletedProcess:
@@ -107,7 +108,7 @@ def test_own_app_runs_through_the_starter_workflow_without_naming_a_target(site,
     assert [r["experiment"] for r in rows] == ["small", "wide"]
     assert all(r["step"] == "32" and float(r["loss"]) > 0 and r["preemptions"] == "0" for r in rows), rows
     assert rows[0]["overrides"] == "trainer.epochs=1 model.hidden=8"
-    assert (project / "runs" / "snakemake" / "small" / "checkpoints").is_dir()
+    assert (project / "runs" / "étude #1;a,b" / "small" / "checkpoints").is_dir()
     again = snakemake()
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 

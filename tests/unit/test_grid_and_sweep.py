@@ -66,8 +66,9 @@ def test_grid_builds_overrides_common_first():
         ({"experiments": [{"name": "a", "overrides": {"optim.lr": " ="}}]}, "is not a valid Hydra override"),
         ({"experiments": [{"name": "a", "overrides": {"optim.lr": "1\x00"}}]}, "must not contain a line break"),
         ({"experiments": ["a"]}, "experiments[0] must be a mapping"),
-        ({"runs_dir": "runs/a,b", "experiments": [{"name": "a"}]}, "runs_dir 'runs/a,b' contains ','"),
-        ({"runs_dir": "runs/${x}", "experiments": [{"name": "a"}]}, "contains '$'"),
+        ({"runs_dir": "runs/${x}", "experiments": [{"name": "a"}]}, "contains ${...}, which Hydra would interpolate"),
+        ({"runs_dir": "~/scratch/runs", "experiments": [{"name": "a"}]}, "starts with ~, which neither Snakemake nor"),
+        ({"runs_dir": "runs/a\tb", "experiments": [{"name": "a"}]}, "contains"),
         ({"runs_dir": " ", "experiments": [{"name": "a"}]}, "runs_dir must be a non-empty path"),
     ],
 )
@@ -294,3 +295,21 @@ def test_the_train_rules_resources_ask_slurm_for_what_the_grid_means(nodes, task
     line = get_submit_command(job, params) + set_gres_string(job)
     assert all(a in line for a in asked) and not any(n in line for n in never), line
     assert train_command(config) == ("exec srun " if nodes * tasks_per_node > 1 else "exec ")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=40))
+def test_every_runs_dir_the_grid_takes_reaches_hydra_unchanged(path):
+    """runs/étude, runs/exp#1, runs/a;b, quotes, backslashes: what the grid check passes, Hydra's own
+    override parser reads back from hydra.run.dir='...' as exactly that path."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hydra_preempt.doors.snakemake_grid import hydra_quoted
+
+    try:
+        load_experiments({"runs_dir": path, "experiments": [{"name": "a"}]})
+    except ConfigError:
+        assert "${" in path or path.startswith("~") or not path.strip()
+        return
+    override = OverridesParser.create().parse_override(f"hydra.run.dir={hydra_quoted(path + '/a')}")
+    assert override.value() == path + "/a"
