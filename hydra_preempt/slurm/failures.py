@@ -43,8 +43,12 @@ NO_STOP = "none"  # the `last_stop` of a start that wrote no stop: its process d
 _KEYS = {"name", "last_stops", "slurm_states", "exit_codes", "log_patterns", "restart", "max_restarts", "backoff_s"}
 # Evidence quotes at most this much of a log line.
 _QUOTE = 200
-# The log patterns see only this many last lines of a run's log (`log_tail`).
+# The log patterns see SLURM's own lines among this many last lines of a run's log, and the
+# program's last words: its last PROGRAM_LAST_LINES lines (`log_tail`).
 LOG_TAIL_LINES = 40
+PROGRAM_LAST_LINES = 10
+# A line SLURM's programs wrote into the job's log (slurmstepd's errors, srun's task reports)
+_SCHEDULER_LINE = re.compile(r"^\s*(slurmstepd|srun|salloc|sbatch)(\[\d+\])?: ")
 
 
 @dataclass(frozen=True)
@@ -70,10 +74,15 @@ class FailureClass:
         return None
 
 
-def log_tail(log_text: str, lines: int = LOG_TAIL_LINES) -> str:
-    """The last `lines` non-blank lines of a run's log: where its last words are (the final traceback,
-    slurmstepd's and srun's lines after the process ended), not what it printed mid-run."""
-    return "\n".join([line for line in log_text.splitlines() if line.strip()][-lines:])
+def log_tail(log_text: str) -> str:
+    """What of a run's log may explain its end: SLURM's own lines (slurmstepd's, srun's) among its last
+    LOG_TAIL_LINES non-blank lines, and the program's last words, its last PROGRAM_LAST_LINES lines
+    (the final traceback's exception, NCCL's abort); never a line the program printed and lived on
+    after (a recovered CUDA out-of-memory, a data sample that quotes a kernel message)."""
+    lines = [line for line in log_text.splitlines() if line.strip()][-LOG_TAIL_LINES:]
+    scheduler = [line for line in lines if _SCHEDULER_LINE.match(line)]
+    program = [line for line in lines if not _SCHEDULER_LINE.match(line)][-PROGRAM_LAST_LINES:]
+    return "\n".join(scheduler + program)
 
 
 @dataclass(frozen=True)

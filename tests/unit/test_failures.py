@@ -6,6 +6,7 @@ from hydra_preempt.errors import ConfigError
 from hydra_preempt.slurm.failures import (
     LOG_TAIL_LINES,
     NO_STOP,
+    PROGRAM_LAST_LINES,
     UNKNOWN,
     FailureTable,
     classify,
@@ -247,11 +248,24 @@ def test_evidence_in_order_the_runs_stop_and_slurms_state_then_the_exit_code_the
     assert classify(TABLE, state, exit_code, last_stop, log_text)[0] == expected
 
 
-def test_only_the_last_lines_of_the_log_are_read():
-    near = "".join(f"step {i}\n" for i in range(LOG_TAIL_LINES - 1))
-    assert classify(TABLE, "FAILED", 1, NO_STOP, NCCL_REMOTE + "\n" + near)[0] == "nccl"
-    assert classify(TABLE, "FAILED", 1, NO_STOP, NCCL_REMOTE + "\n" + near + "step 99\n")[0] == "killed"
-    assert classify(TABLE, "FAILED", 1, NO_STOP, NCCL_REMOTE + "\n" + near + "\n\n   \n")[0] == "nccl"  # blanks
+def steps(count: int) -> str:
+    return "".join(f"step {i}\n" for i in range(count))
+
+
+def test_only_slurms_last_lines_and_the_programs_last_words_are_read():
+    """The program's own text decides only as its last words: a killed run (node lost, admin kill) whose
+    log shows a recovered CUDA OOM a little earlier is killed and restarted, not cuda_oom; a data
+    sample quoting the kernel's OOM message is no host OOM."""
+    last = PROGRAM_LAST_LINES - 1
+    assert classify(TABLE, "FAILED", 1, NO_STOP, NCCL_REMOTE + "\n" + steps(last))[0] == "nccl"
+    assert classify(TABLE, "FAILED", 1, NO_STOP, NCCL_REMOTE + "\n" + steps(last + 1))[0] == "killed"
+    assert classify(TABLE, "FAILED", 1, NO_STOP, NCCL_REMOTE + "\n" + steps(last) + "\n\n   \n")[0] == "nccl"
+    assert classify(TABLE, "FAILED", 0, NO_STOP, STEPS + RECOVERED_CUDA_OOM + steps(20))[0] == "killed"
+    assert classify(TABLE, "FAILED", 0, NO_STOP, STEPS + DATA_SAMPLE + steps(2))[0] == "killed"
+    # SLURM's lines count anywhere among the last LOG_TAIL_LINES, after the program's last words too
+    slurm_after = HOST_OOM + "\n" + "".join(f"srun: error: gpu-07: task {i}: Killed\n" for i in range(20))
+    assert classify(TABLE, "FAILED", 0, NO_STOP, STEPS + slurm_after)[0] == "oom_host"
+    assert classify(TABLE, "FAILED", 0, NO_STOP, HOST_OOM + "\n" + steps(LOG_TAIL_LINES))[0] == "killed"
 
 
 def test_an_exception_inside_the_job_is_classified_from_the_end_of_its_traceback():
