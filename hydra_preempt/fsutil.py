@@ -3,6 +3,7 @@ that open only regular files (no symlink, FIFO or device can stand in for a file
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -62,7 +63,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def create_file(path: Path, mode: int = 0o644) -> io.BufferedWriter:
+def create_file(path: Path, mode: int = 0o666) -> io.BufferedWriter:
     """A new regular file, opened for writing: never an existing name, so never through a symlink
     someone planted there (O_CREAT|O_EXCL|O_NOFOLLOW). FileExistsError if the name is taken."""
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode), "wb")
@@ -77,7 +78,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600, as any other file of a run
+            os.fchmod(f.fileno(), 0o666 & ~umask())  # mkstemp's 0600: as open() would have made it
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -86,6 +87,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def umask() -> int:
+    """This process's umask, read without changing it (os.umask sets it: racy beside other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import HydraPreemptError, OutputWriteError
-from ..fsutil import fsync_dir
+from ..fsutil import fsync_dir, umask
 from ..rundir import checkpoint_dir_of
 from .checkpointer import first_line
 from .layout import CorruptCheckpointError, complete_checkpoints, final_dirs, read_manifest, step_dir_name
@@ -79,7 +79,7 @@ def _write(tmp: Path, out: Path, tensors: dict[str, torch.Tensor], step: int) ->
         save_file(
             {k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step)}
         )
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from ..config import CheckpointConfig
 from ..errors import CheckpointDirError, CheckpointWriteError
-from ..fsutil import atomic_write_text, create_file, disk_full_hint, fsync_dir, read_regular
+from ..fsutil import atomic_write_text, create_file, disk_full_hint, fsync_dir, read_regular, umask
 from .layout import (
     REASONS,
     CheckpointInfo,
@@ -163,7 +163,10 @@ class CheckpointStore:
     def existing(self, step: int) -> CheckpointInfo | None:
         """The complete checkpoint of `step` if there is one (the same state: no need to write it again)."""
         final = self.step_path(step)
-        if not final.exists():
+        if not os.path.lexists(final):
+            return None
+        if final.is_symlink() or not final.is_dir():  # no checkpoint (layout.final_dirs): never followed
+            self._quarantine(final, "not a directory of its own (a link, or a file)")
             return None
         try:
             return checkpoint_info(final, read_manifest(final))
@@ -210,7 +213,7 @@ class CheckpointStore:
             meta["gpus"] = gpus
         try:
             manifest = write_checkpoint_files(tmp, snapshot, meta, shards)
-            os.chmod(tmp, 0o755)  # complete: readable as any checkpoint
+            os.chmod(tmp, 0o777 & ~umask())  # complete: as mkdir would have made it
             fsync_dir(tmp)
             os.rename(tmp, final)
             fsync_dir(self.directory)

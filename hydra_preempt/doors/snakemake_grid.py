@@ -85,8 +85,10 @@ def _check_runs_dir(runs_dir: Any) -> None:
         raise ConfigError(f"runs_dir must be a non-empty path, got {runs_dir!r}")
     if bad := control_character(runs_dir):
         raise ConfigError(f"runs_dir {runs_dir!r} contains {bad}: choose a path without control characters")
-    if "${" in runs_dir:
-        raise ConfigError(f"runs_dir {runs_dir!r} contains ${{...}}, which Hydra would interpolate: write the path out")
+    if "{" in runs_dir or "}" in runs_dir:  # Snakemake reads braces in an output path as wildcards
+        raise ConfigError(
+            f"runs_dir {runs_dir!r} contains a brace, which Snakemake reads as a wildcard: choose a path without {{ }}"
+        )
     if runs_dir.startswith("~"):
         raise ConfigError(
             f"runs_dir {runs_dir!r} starts with ~, which neither Snakemake nor Hydra expands: write the path out"

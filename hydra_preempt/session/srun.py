@@ -84,12 +84,15 @@ def meet(step: SrunStep, ports: list[int], within_s: float) -> tuple[dist.Store,
         why = "no port was free" if step.rank == 0 else "rank 0 served none of them"
         raise _not_met(step, ports, within_s, why)
     store, port = found
-    store.set_timeout(dt.timedelta(seconds=within_s))
-    store.add(f"{name}/joined", 1)  # every rank waits for all, as long as the rest of `within_s`
-    while store.add(f"{name}/joined", 0) < step.world_size:
-        if time.monotonic() > deadline:
-            raise _not_met(step, [port], within_s, f"{step.world_size - store.add(f'{name}/joined', 0)} never came")
-        time.sleep(0.1)
+    try:
+        store.set_timeout(dt.timedelta(seconds=within_s))
+        store.add(f"{name}/joined", 1)  # every rank waits for all, as long as the rest of `within_s`
+        while (joined := store.add(f"{name}/joined", 0)) < step.world_size:
+            if time.monotonic() > deadline:
+                raise _not_met(step, [port], within_s, f"{step.world_size - joined} never came")
+            time.sleep(0.1)
+    except RuntimeError as e:  # rank 0 gave up (its store is gone) while this rank waited
+        raise _not_met(step, [port], within_s, f"the store went away: {str(e).splitlines()[0][:120]}") from None
     return dist.PrefixStore(name, store), port
 
 

@@ -48,7 +48,10 @@ _QUOTE = 200
 LOG_TAIL_LINES = 40
 PROGRAM_LAST_LINES = 10
 # A line SLURM's programs wrote into the job's log (slurmstepd's errors, srun's task reports)
-_SCHEDULER_LINE = re.compile(r"^\s*(slurmstepd|srun|salloc|sbatch)(\[\d+\])?: ")
+# (slurmstepd-NODE: where SLURM runs several slurmd per host)
+_SCHEDULER_LINE = re.compile(r"^\s*(slurmstepd(-\S+)?|srun|salloc|sbatch)(\[\d+\])?: ")
+# Lines of a C++ exception's trace, which follow its message (NCCL's watchdog abort): not last words
+_NATIVE_FRAME = re.compile(r"^\s*(\[rank\d+\]:\s*)?(frame #\d+:|Exception raised from )")
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,8 @@ def log_tail(log_text: str) -> str:
     after (a recovered CUDA out-of-memory, a data sample that quotes a kernel message)."""
     lines = [line for line in log_text.splitlines() if line.strip()][-LOG_TAIL_LINES:]
     scheduler = [line for line in lines if _SCHEDULER_LINE.match(line)]
-    program = [line for line in lines if not _SCHEDULER_LINE.match(line)][-PROGRAM_LAST_LINES:]
+    own = [line for line in lines if not _SCHEDULER_LINE.match(line) and not _NATIVE_FRAME.match(line)]
+    program = own[-PROGRAM_LAST_LINES:]
     return "\n".join(scheduler + program)
 
 

@@ -93,3 +93,19 @@ def test_a_checkpoint_in_progress_is_private_and_unpredictably_named(tmp_path):
     first, second = store.begin(7), store.begin(7)
     assert first != second and first.name.startswith(".tmp-step-000000007.")
     assert stat.S_IMODE(first.stat().st_mode) == 0o700
+
+
+def test_a_link_at_a_checkpoints_name_is_no_checkpoint_and_the_save_is_made(tmp_path):
+    """A link at step-N to another run's valid checkpoint of that step: the save is not skipped as
+    'already on disk' (a preemption's save would have been lost), and the linked directory is untouched."""
+    other = tmp_path / "other"
+    assert run(train, other, {"checkpoint": {"every_steps": 4}}).exit_code == ExitCode.FINISHED
+    linked = other / "checkpoints" / "step-000000004"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in linked.iterdir())
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-000000004").symlink_to(linked)
+    assert run(train, run_dir, {"checkpoint": {"every_steps": 4}}).exit_code == ExitCode.FINISHED
+    saved = run_dir / "checkpoints" / "step-000000004"
+    assert saved.is_dir() and not saved.is_symlink()
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in linked.iterdir()) == before

@@ -280,3 +280,15 @@ def test_an_exception_inside_the_job_is_classified_from_the_end_of_its_traceback
 def test_a_connection_reset_in_user_code_is_no_lost_peer():
     trace = "urllib.error.URLError: <urlopen error [Errno 104] Connection reset by peer>\n"
     assert classify_exception(TABLE, trace)[0] == "user_exception"
+
+
+def test_slurm_lines_of_a_host_with_several_slurmd_and_a_native_trace_after_the_last_words():
+    """slurmstepd-NODE: where SLURM runs several slurmd per host; NCCL's abort message is followed by the
+    frames of its C++ trace, which are no last words of their own."""
+    oom = "slurmstepd-gpu-07: error: Detected 1 oom_kill event in StepId=4242.0. Some of the step tasks have been OOM Killed."
+    assert classify(TABLE, "FAILED", 0, NO_STOP, STEPS + oom + "\n")[0] == "oom_host"
+    frames = "".join(
+        f"[rank1]: frame #{i}: <unknown function> + 0x{i:x} (0x7f in libtorch_cuda.so)\n" for i in range(15)
+    )
+    abort = f"{NCCL_TIMEOUT}\n[rank1]: Exception raised from checkTimeout at ProcessGroupNCCL.cpp:616\n{frames}"
+    assert classify(TABLE, "FAILED", 134, NO_STOP, STEPS + abort)[0] == "nccl"

@@ -66,7 +66,8 @@ def test_grid_builds_overrides_common_first():
         ({"experiments": [{"name": "a", "overrides": {"optim.lr": " ="}}]}, "is not a valid Hydra override"),
         ({"experiments": [{"name": "a", "overrides": {"optim.lr": "1\x00"}}]}, "must not contain a line break"),
         ({"experiments": ["a"]}, "experiments[0] must be a mapping"),
-        ({"runs_dir": "runs/${x}", "experiments": [{"name": "a"}]}, "contains ${...}, which Hydra would interpolate"),
+        ({"runs_dir": "runs/${x}", "experiments": [{"name": "a"}]}, "contains a brace, which Snakemake reads as"),
+        ({"runs_dir": "runs/{lr}", "experiments": [{"name": "a"}]}, "contains a brace, which Snakemake reads as"),
         ({"runs_dir": "~/scratch/runs", "experiments": [{"name": "a"}]}, "starts with ~, which neither Snakemake nor"),
         ({"runs_dir": "runs/a\tb", "experiments": [{"name": "a"}]}, "contains"),
         ({"runs_dir": " ", "experiments": [{"name": "a"}]}, "runs_dir must be a non-empty path"),
@@ -309,7 +310,7 @@ def test_every_runs_dir_the_grid_takes_reaches_hydra_unchanged(path):
     try:
         load_experiments({"runs_dir": path, "experiments": [{"name": "a"}]})
     except ConfigError:
-        assert "${" in path or path.startswith("~") or not path.strip()
+        assert "{" in path or "}" in path or path.startswith("~") or not path.strip()
         return
     override = OverridesParser.create().parse_override(f"hydra.run.dir={hydra_quoted(path + '/a')}")
     assert override.value() == path + "/a"

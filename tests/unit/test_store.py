@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -242,3 +243,15 @@ def test_disk_full_with_nothing_to_delete_leaves_no_stale_index(tmpfs, caplog):
         "latest"
     ] == 2
     assert store.load_latest()[0].step == 2
+
+
+def test_an_atomic_write_makes_its_file_as_open_would_under_the_umask(tmp_path):
+    """mkstemp creates 0600; the file then gets what the process's umask gives any new file."""
+    from hydra_preempt.fsutil import atomic_write_text
+
+    previous = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "result.json", "{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "result.json").stat().st_mode) == 0o640
