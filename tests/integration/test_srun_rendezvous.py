@@ -63,8 +63,9 @@ def test_two_steps_whose_first_ports_coincide_each_meet_on_their_own():
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_rank_whose_peer_never_comes_ends_in_one_line(rank):
-    proc = task("41002", "0", rank, 2, within=3.0)
+    job = f"4102{rank}"  # a step of its own for each case: two cases at once in two test workers must not meet
+    proc = task(job, "0", rank, 2, within=3.0)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2, out + err
-    assert err.count("\n") == 1 and "the 2 tasks of srun step 41002.0 did not meet at 127.0.0.1" in err, err
+    assert err.count("\n") == 1 and f"the 2 tasks of srun step {job}.0 did not meet at 127.0.0.1" in err, err
     assert "set distributed.port to a port free on that host, or distributed.rendezvous_s" in err
