@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -89,11 +90,13 @@ def test_a_run_the_batch_script_starts_without_srun_warns_that_no_preemption_sig
 def test_a_node_local_checkpoint_directory_is_refused_before_training(tmp_path, preempt_mode):
     """/var/tmp/node-local is each node's own tmpfs (tests/cluster): rank 1 cannot see rank 0's files."""
     run_dir = tmp_path / "run"
-    job_id = submit_script(tmp_path, preempt_mode, run_dir, [*DDP_TRAIN, "checkpoint.dir=/var/tmp/node-local/ckpt"])
+    # a directory of this test run's own: the node-local tmpfs outlives a test run while the cluster stays up
+    node_local = f"/var/tmp/node-local/ckpt-{secrets.token_hex(4)}"
+    job_id = submit_script(tmp_path, preempt_mode, run_dir, [*DDP_TRAIN, f"checkpoint.dir={node_local}"])
     assert helpers.wait_until_final(job_id) == "FAILED"
     log = (tmp_path / "job.log").read_text()
     assert "the ranks do not share the run's directories (rank 1 on hpnode" in log, log
-    assert "cannot see /var/tmp/node-local/ckpt" in log
+    assert f"cannot see {node_local}" in log
     assert not stops(run_dir)  # refused before the run began: no start, no stop
 
 
