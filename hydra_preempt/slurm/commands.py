@@ -7,13 +7,15 @@ fields that differ between SLURM versions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import re
+import signal
 import subprocess
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from ..errors import HydraPreemptError
 
@@ -161,7 +163,25 @@ def show_job(job_id: str) -> JobInfo:
 
 
 def requeue_job(job_id: str) -> None:
-    slurm_command(["scontrol", "requeue", str(job_id)], timeout=60)
+    """`scontrol requeue`, which lives to report the requeue when a job requeues itself: the requeue makes
+    slurmd signal every process of the job at once (SIGTERM), this scontrol too, which then read as a
+    failed requeue (exit -15) while SLURM had requeued the job. scontrol starts with the stop signals
+    blocked (a child inherits the mask of the thread that starts it). A job that records its requeue
+    does so inside `stop_signals_held()`, or that SIGTERM may end it first."""
+    with stop_signals_held():
+        slurm_command(["scontrol", "requeue", str(job_id)], timeout=60)
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """SIGTERM and SIGINT wait, blocked in this thread, until the block ends (then they are taken as
+    usual). Nested blocks keep them blocked until the outermost ends."""
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass(frozen=True)

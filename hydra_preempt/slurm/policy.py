@@ -23,7 +23,16 @@ from typing import Callable
 
 from ..outcome import EXIT_CODES, ExitCode, Outcome, Status
 from ..rundir import JobIdentity, RunLog
-from .commands import ClusterFacts, JobInfo, SlurmError, cluster_facts, requeue_job, sacct_states, show_job
+from .commands import (
+    ClusterFacts,
+    JobInfo,
+    SlurmError,
+    cluster_facts,
+    requeue_job,
+    sacct_states,
+    show_job,
+    stop_signals_held,
+)
 from .env import SlurmTask, under_submitit_local
 from .failures import RestartDecision
 from .stop import (
@@ -285,15 +294,16 @@ def _requeue(task: SlurmTask, outcome: Outcome, before_requeue: Callable[[], Non
         return
     if before_requeue is not None:
         before_requeue()
-    try:
-        requeue_job(task.job_id)
-    except SlurmError as e:
-        log.error("requeueing job %s failed: %s (the state is saved: resubmit to continue)", task.job_id, e)
-        return
-    since = time.time() - outcome.signal_time if outcome.signal_time else None
-    if outcome.run_dir:
-        _run_log(task, outcome).append("requeue", step=outcome.step, signal_to_requeue_s=since)
-    log.info("requeued job %s at step %d", task.job_id, outcome.step)
+    with stop_signals_held():  # the requeue's own SIGTERM must not end this process before it is recorded
+        try:
+            requeue_job(task.job_id)
+        except SlurmError as e:
+            log.error("requeueing job %s failed: %s (the state is saved: resubmit to continue)", task.job_id, e)
+            return
+        since = time.time() - outcome.signal_time if outcome.signal_time else None
+        if outcome.run_dir:
+            _run_log(task, outcome).append("requeue", step=outcome.step, signal_to_requeue_s=since)
+        log.info("requeued job %s at step %d", task.job_id, outcome.step)
 
 
 def _run_log(task: SlurmTask, outcome: Outcome) -> RunLog:

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -298,3 +299,28 @@ def test_processes_the_run_started_never_outlive_its_stop_and_their_children_are
     assert outcome.message == "SIGTERM received: state saved at step 4", outcome.message
     assert exit_codes == [-signal.SIGTERM]
     assert not multiprocessing.active_children()
+
+
+REQUEUE_ITSELF = """
+import sys
+from hydra_preempt.outcome import Outcome, Status
+from hydra_preempt.slurm.policy import conclude
+sys.exit(conclude(Outcome(Status.PREEMPTED, step=7, exit_code=75, run_dir=sys.argv[1], requeue_by="self")))
+"""
+
+
+def test_a_job_that_requeues_itself_records_the_requeue_before_the_requeues_sigterm_ends_it(tmp_path):
+    """`scontrol requeue` makes slurmd signal every process of the job, scontrol itself and the job that
+    ran it: the fake scontrol does the same (SIGTERM to its process group) before it answers."""
+    bin_dir, calls, run_dir = tmp_path / "bin", tmp_path / "calls.txt", tmp_path / "run"
+    bin_dir.mkdir()
+    run_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nkill -TERM 0\necho answered >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0"}
+    job = subprocess.run(
+        [sys.executable, "-c", REQUEUE_ITSELF, str(run_dir)], env=env, start_new_session=True, capture_output=True
+    )
+    assert calls.read_text().splitlines() == ["requeue 4242", "answered"], job.stderr.decode()
+    assert [(e["event"], e["step"]) for e in read_events(run_dir)] == [("requeue", 7)]
+    assert job.returncode == -signal.SIGTERM  # the requeue's SIGTERM, taken once the requeue was recorded
