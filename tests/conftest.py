@@ -81,6 +81,9 @@ LONGEST_FIRST = [
     "test_a_rank_that_cannot_write_stops_every_rank",
     "test_local_sweep_survives_a_signal_and_a_rerun_submits_nothing",
     "test_validate_passes_here_and_fails_only_the_disk_rows",
+    "test_every_section_runs_on_the_cpu_and_reports_its_figures",
+    "test_every_hostile_edit_is_refused_by_export",
+    "test_a_stop_passes_through_the_agent_to_the_ranks",
     "tests/e2e/",
 ]
 

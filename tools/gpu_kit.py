@@ -158,10 +158,10 @@ def worker(
 
 def determinism(args: argparse.Namespace) -> tuple[bool, list[str], dict[str, Any]]:
     """Without CUBLAS_WORKSPACE_CONFIG and use_deterministic_algorithms: is a run even repeatable?"""
-    steps, flag, base = 300, "--no-determinism", args.scratch / "determinism"
+    steps, flag, base = args.steps, "--no-determinism", args.scratch / "determinism"
     _, first = worker(args, base / "first", steps, flag)
     _, second = worker(args, base / "second", steps, flag)
-    codes = [worker(args, base / "stopped", steps, flag, stop_at=s)[0] for s in (100, 200)]
+    codes = [worker(args, base / "stopped", steps, flag, stop_at=s)[0] for s in (steps // 3, 2 * steps // 3)]
     code, resumed = worker(args, base / "stopped", steps, flag)
     ran = first is not None and second is not None and resumed is not None and codes == [75, 75] and code == 0
     figures = {"repeatable": first == second, "resume_exact": resumed == first, "ran": ran}
@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu-report"))
     parser.add_argument("--gb", type=float, default=10.0, help="state size of the background and sigterm sections")
+    parser.add_argument("--steps", type=int, default=300, help="run length of the determinism section (>= 3)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated, of: {', '.join(SECTIONS)}")
     parser.add_argument("--section-s", type=float, default=240.0, help="time limit of one section's subprocess")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a check of the kit itself")
