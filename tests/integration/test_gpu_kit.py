@@ -41,7 +41,8 @@ def test_an_unknown_section_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_every_section_runs_on_the_cpu_and_reports_its_figures(tmp_path):
-    done = kit("--device", "cpu", "--gb", "0.02", "--steps", "30", "--out", str(tmp_path), "--only", "determinism,sigterm,background")
+    sections = "determinism,sigterm,background"
+    done = kit("--device", "cpu", "--gb", "0.02", "--steps", "30", "--out", str(tmp_path), "--only", sections)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     assert [name for name, entry in report.items() if entry["ok"]] == ["determinism", "sigterm", "background"]
