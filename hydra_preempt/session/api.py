@@ -501,10 +501,12 @@ class Session:
           moved), the step counts as done, without its boundary's work (saves, stop requests, the
           ranks' agreement: the loop is gone); an exception undoes that (emergency_save);
         - if nothing changed, the step never was: a later save holds the state it started from (its
-          random generators and data position before the step took them), on single-rank runs."""
+          random generators and data position before the step took them), on single-rank runs; unless
+          an object too large to copy at each step start was not (StateRegistry.step_start): its state
+          there is unknown, so the step counts as done."""
         start, self._open_step = self._open_step, None
         self._left_step = start
-        if start is None or self.state.unchanged_since(start):
+        if start is None or self.state.can_return_to(start):
             return
         self.watchdog.beat()
         self.step += 1
@@ -750,7 +752,7 @@ class Session:
                 "restoring the checkpoint failed part way: no checkpoint is written from this state"
             )
         left = self._left_step
-        if left is not None and left.rng and left.step == self.step and self.state.unchanged_since(left):
+        if left is not None and left.rng and left.step == self.step and self.state.can_return_to(left):
             return self.state.tree_at(left, self._detector_state())  # the loop was left before the update
         ranks = gather_to_rank0(self.state.rank_state())
         return self.state.tree(self.step, ranks, self._detector_state()) if ranks is not None else None
@@ -774,10 +776,14 @@ class Session:
         if start is None:
             tree = self.state.tree(self.step, [self.state.rank_state()], self._detector_state())
         elif not self.state.unchanged_since(start):
-            last = self.last_checkpoint.step if self.last_checkpoint else "none"
             return None, (
                 f"the exception came after step {start.step + 1} had changed the model or optimizer; "
-                f"the last checkpoint (step {last}) stands"
+                f"{self._last_checkpoint_stands()}"
+            )
+        elif start.uncopied:
+            return None, (
+                f"{', '.join(map(repr, start.uncopied))} too large to copy at each step start: "
+                f"its state when step {start.step + 1} began is unknown; {self._last_checkpoint_stands()}"
             )
         else:  # nothing was updated yet: the state is the one the step started from
             tree = self.state.tree_at(start, self._detector_state())
@@ -786,6 +792,9 @@ class Session:
             return self.checkpointer.save(step, "emergency", {}, tree, self._shards()), ""
         except HydraPreemptError as e:
             return None, f"it failed: {e}"
+
+    def _last_checkpoint_stands(self) -> str:
+        return f"the last checkpoint (step {self.last_checkpoint.step if self.last_checkpoint else 'none'}) stands"
 
     def stop_behind(self, error: BaseException) -> RunStopped | None:
         """An exception out of the training function after a stop signal reached this process is that

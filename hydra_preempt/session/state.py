@@ -25,11 +25,14 @@ decides whether an emergency checkpoint after an exception is consistent.
 
 from __future__ import annotations
 
+import array
+import collections
 import copy
 import ctypes
 import logging
 import random
 import struct
+import time
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Iterable
@@ -258,6 +261,7 @@ class StepStart:
     rng: dict
     copied: dict[str, Any]  # state_dict() of objects whose changes a fingerprint cannot see, tensors shared
     tensors: tuple[tuple[torch.Tensor, int], ...] = ()  # those shared tensors and their version counters
+    uncopied: tuple[str, ...] = ()  # objects too large to copy at every step start: their state there is unknown
 
 
 class StateRegistry:
@@ -271,6 +275,7 @@ class StateRegistry:
         self._optimizer_steps = 0  # optimizer.step() calls begun (a step pre-hook on each registered optimizer)
         self._hooks: list[Any] = []  # those hooks' handles, removed by release()
         self._watched: list[torch.Tensor] | None = None  # tensors whose version counters the fingerprint reads
+        self._uncopied: frozenset[str] | None = None  # objects step_start does not copy, chosen at the first step
         self._python_rng = PythonRngWatch()
         self._numpy_rng = NumpyRngWatch()
 
@@ -295,6 +300,7 @@ class StateRegistry:
                 self._hooks.append(obj.register_step_pre_hook(self._count_optimizer_step))
         self._find_sharded()
         self._watched = None
+        self._uncopied = None
 
     def release(self) -> None:
         """The run ended: remove the hooks on the optimizers. Each holds this registry, which holds the
@@ -481,24 +487,44 @@ class StateRegistry:
         object's own, not copied, with its version counter: a 400 MB buffer costs no copy per step.
         An in-place change of such a tensor (`add_`, `copy_`, under no_grad or not) moves its counter and
         the step counts as changed (unchanged_since); a tensor replaced by a new one leaves the old
-        one, the step's start, intact. (A change through `.data` bypasses the counter.)"""
+        one, the step's start, intact. (A change through `.data` bypasses the counter.)
+
+        What is not a tensor (a NumPy array, a list) has no counter and is copied. An object whose copy
+        would cost more than COPY_LIMIT_NS a step (estimated at the first step; or measured at 5 times
+        that later, as a list that grows does) is no longer copied, with one warning: the state a step
+        started from is then unknown (StepStart.uncopied)."""
+        first = self._uncopied is None
+        uncopied, grown = set(self._uncopied or ()), set()
         copied: dict[str, Any] = {}
         tensors: list[torch.Tensor] = []
         for name, obj in self.objects.items():
-            if _checked_in_place(obj):
+            if _checked_in_place(obj) or name in uncopied:
                 continue
             state = obj.state_dict()
+            if first and (cost_ns := copy_cost_ns(state)) > COPY_LIMIT_NS:
+                uncopied.add(name)
+                _warn_uncopied(name, cost_ns / 1e6, "would take")
+                continue
             shared = _tensors_in(state)
+            began = time.perf_counter_ns()
             copied[name] = copy.deepcopy(state, {id(t): t for t in shared})  # the structure; tensors as they are
             tensors.extend(shared)
+            if (took_ns := time.perf_counter_ns() - began) > 5 * COPY_LIMIT_NS:
+                grown.add(name)  # from the next step: this one's start is copied
+                _warn_uncopied(name, took_ns / 1e6, "took")
+        self._uncopied = frozenset(uncopied | grown)
         versions = tuple((t, t._version) for t in tensors)
-        return StepStart(step, self.fingerprint(), self.capture_rng(), copied, versions)
+        return StepStart(step, self.fingerprint(), self.capture_rng(), copied, versions, tuple(sorted(uncopied)))
 
     def unchanged_since(self, start: StepStart) -> bool:
         return start.fingerprint == self.fingerprint() and all(t._version == v for t, v in start.tensors)
 
+    def can_return_to(self, start: StepStart) -> bool:
+        """tree_at(start) holds the state the step started from: nothing changed, and every object was copied."""
+        return not start.uncopied and self.unchanged_since(start)
+
     def tree_at(self, start: StepStart, detector: dict | None) -> dict[str, Any]:
-        """The single-rank tree of the state `start` was taken at; valid while `unchanged_since(start)`."""
+        """The single-rank tree of the state `start` was taken at; valid while `can_return_to(start)`."""
         objects = {
             n: o.state_dict() if _checked_in_place(o) else start.copied[n]
             for n, o in self.objects.items()
@@ -579,6 +605,55 @@ def _tensors_in(state: Any) -> list[torch.Tensor]:
         elif isinstance(value, (list, tuple)):
             pending.extend(value)
     return found
+
+
+# The most a step start's copy of the objects' non-tensor state may cost (estimated: copy_cost_ns):
+# about 25 MB of NumPy arrays, or 10,000 numbers in lists. Beyond it an object is not copied.
+COPY_LIMIT_NS = 2_000_000
+
+
+def _warn_uncopied(name: str, ms: float, took: str) -> None:
+    log.warning(
+        "%r: its state_dict() holds values without version counters (NumPy arrays, lists, ...) that %s about "
+        "%.0f ms to copy at a step start, so they are no longer copied: while it is registered, a step that an "
+        "exception cuts short saves no emergency checkpoint (the last checkpoint stands; saves at step "
+        "boundaries are exact as ever). Tensors in a state_dict() are shared, not copied: hold large state "
+        "in them to keep emergency checkpoints",
+        name,
+        took,
+        ms,
+    )
+
+
+def copy_cost_ns(state: Any) -> float:
+    """About how long copy.deepcopy(state) takes with its tensors shared, in ns (measured on a 2-core
+    x86 machine: 0.08 ns a byte of an array's buffer, 500 ns a container or object, 170 ns any other
+    value). It walks the state once, as a copy would."""
+    cost = 0.0
+    seen: set[int] = set()
+    pending = [state]
+    while pending:
+        value = pending.pop()
+        if id(value) in seen or isinstance(value, torch.Tensor):
+            continue
+        seen.add(id(value))
+        if isinstance(value, np.ndarray):
+            cost += 500 + (value.size * 170 if value.dtype.hasobject else value.nbytes * 0.08)
+        elif isinstance(value, (bytearray, array.array, memoryview)):
+            cost += 500 + memoryview(value).nbytes * 0.08
+        elif isinstance(value, dict):
+            cost += 500
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset, collections.deque)):
+            cost += 500
+            pending.extend(value)
+        elif hasattr(value, "__dict__") and not isinstance(value, type):
+            cost += 500
+            pending.extend(vars(value).values())
+        else:
+            cost += 170
+    return cost
 
 
 def _checked_in_place(obj: Any) -> bool:

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -206,6 +207,30 @@ def test_exception_after_the_update_writes_no_emergency_checkpoint(tmp_path, cap
     assert "no emergency checkpoint" in caplog.text
     assert saves(tmp_path)[-1]["step"] == 10
     assert run(trainer(40), tmp_path, config()).result == reference
+
+
+class Frames:
+    """A replay buffer's frames: a NumPy array, no version counter, more than 2 ms to copy a step."""
+
+    def __init__(self):
+        self.frames = np.zeros(2**23, dtype=np.float32)  # 32 MB, its pages never touched: no memory
+
+    def state_dict(self):
+        return {"frames": self.frames}
+
+    def load_state_dict(self, state):
+        self.frames = state["frames"]
+
+
+def test_exception_before_the_update_with_an_object_too_costly_to_copy_writes_no_emergency_checkpoint(
+    tmp_path, caplog, reference
+):
+    with caplog.at_level(logging.WARNING, logger="hydra_preempt"):
+        outcome = run(with_object(trainer(40, fail_at(16, "forward")), frames=Frames()), tmp_path, config())
+    assert outcome.status is Status.FAILED and saves(tmp_path)[-1]["step"] == 10
+    assert "'frames' too large to copy at each step start: its state when step 17 began is unknown" in caplog.text
+    assert caplog.text.count("holds values without version counters") == 1
+    assert run(with_object(trainer(40), frames=Frames()), tmp_path, config()).result == reference
 
 
 def test_checkpoint_of_another_model_is_refused_naming_keys_and_nothing_lost(tmp_path):

@@ -4,10 +4,13 @@ The fingerprint no longer walks every tensor: optimizer steps are counted by a h
 only what may change outside an optimizer is watched. Each way a step can change state is here.
 """
 
+import logging
+
+import numpy as np
 import pytest
 import torch
 
-from hydra_preempt.session.state import StateRegistry
+from hydra_preempt.session.state import COPY_LIMIT_NS, StateRegistry, copy_cost_ns
 
 
 def registry(**objects):
@@ -143,3 +146,54 @@ def test_a_custom_objects_tensor_replaced_leaves_the_step_start_in_the_copy():
     ema.shadow = ema.shadow + 1.0  # a new tensor: the old one is the step's start, untouched
     assert r.unchanged_since(start)
     assert torch.equal(r.tree_at(start, None)["objects"]["ema"]["shadow"], torch.zeros(4))
+
+
+class Replay:
+    """A replay buffer of NumPy arrays and a list (no version counters), counting its state_dict() calls."""
+
+    def __init__(self, numel):
+        self.frames = np.zeros(numel, dtype=np.float32)
+        self.rewards = []
+        self.calls = 0
+
+    def state_dict(self):
+        self.calls += 1
+        return {"frames": self.frames, "rewards": self.rewards}
+
+    def load_state_dict(self, state):
+        self.frames[:] = state["frames"]
+        self.rewards = list(state["rewards"])
+
+
+def test_an_object_too_costly_to_copy_is_not_copied_and_the_state_its_step_started_from_is_unknown(caplog):
+    replay, ema = Replay(2**23), Ema(4)  # 32 MB of float32: more than 2 ms of copying a step
+    r = registry(replay=replay, ema=ema)
+    first = r.step_start(0)
+    assert first.uncopied == ("replay",) and "replay" not in first.copied and "ema" in first.copied
+    assert r.unchanged_since(first) and not r.can_return_to(first)  # no tree_at without its start
+    second = r.step_start(1)
+    assert replay.calls == 1 and second.uncopied == ("replay",)  # decided once, at the first step
+    (warning,) = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert warning.startswith("'replay': its state_dict() holds values without version counters") and " ms " in warning
+    r.register(False, more=Ema(4))  # a new object: the choice is made again at the next step
+    r.step_start(2)
+    assert replay.calls == 2
+
+
+def test_an_object_whose_copy_grows_costly_is_copied_no_longer_from_the_next_step():
+    replay = Replay(4)
+    r = registry(replay=replay)
+    assert r.step_start(0).uncopied == ()
+    replay.rewards.extend(float(i) for i in range(400_000))  # a list that grew: tens of ms to copy
+    start = r.step_start(1)
+    assert start.uncopied == () and len(start.copied["replay"]["rewards"]) == 400_000  # this step's start is kept
+    assert r.step_start(2).uncopied == ("replay",)
+
+
+def test_the_copy_cost_estimate_follows_what_a_copy_costs():
+    assert copy_cost_ns({"a": np.zeros(25 * 10**6 // 8)}) == pytest.approx(COPY_LIMIT_NS, rel=0.01)  # 25 MB
+    assert copy_cost_ns([float(i) for i in range(10_000)]) == pytest.approx(1.7e6, rel=0.01)
+    assert copy_cost_ns({"big": torch.zeros(10**7)}) < 1000  # tensors are shared, never copied
+    loop: list = []
+    loop.append(loop)  # a cycle is walked once
+    assert copy_cost_ns(loop) == 500
