@@ -490,9 +490,9 @@ class StateRegistry:
         one, the step's start, intact. (A change through `.data` bypasses the counter.)
 
         What is not a tensor (a NumPy array, a list) has no counter and is copied. An object whose copy
-        would cost more than COPY_LIMIT_NS a step (estimated at the first step; or measured at 5 times
-        that later, as a list that grows does) is no longer copied, with one warning: the state a step
-        started from is then unknown (StepStart.uncopied)."""
+        would cost more than COPY_LIMIT_NS a step (estimated at the first step, and again after a copy
+        that took 5 times that, as a list that grows does) is no longer copied, with one warning: the
+        state a step started from is then unknown (StepStart.uncopied)."""
         first = self._uncopied is None
         uncopied, grown = set(self._uncopied or ()), set()
         copied: dict[str, Any] = {}
@@ -503,15 +503,16 @@ class StateRegistry:
             state = obj.state_dict()
             if first and (cost_ns := copy_cost_ns(state)) > COPY_LIMIT_NS:
                 uncopied.add(name)
-                _warn_uncopied(name, cost_ns / 1e6, "would take")
+                _warn_uncopied(name, cost_ns / 1e6)
                 continue
             shared = _tensors_in(state)
             began = time.perf_counter_ns()
             copied[name] = copy.deepcopy(state, {id(t): t for t in shared})  # the structure; tensors as they are
             tensors.extend(shared)
-            if (took_ns := time.perf_counter_ns() - began) > 5 * COPY_LIMIT_NS:
+            # a slow copy is estimated again: a busy host makes a cheap copy slow too, the estimate is not timed
+            if time.perf_counter_ns() - began > 5 * COPY_LIMIT_NS and (cost_ns := copy_cost_ns(state)) > COPY_LIMIT_NS:
                 grown.add(name)  # from the next step: this one's start is copied
-                _warn_uncopied(name, took_ns / 1e6, "took")
+                _warn_uncopied(name, cost_ns / 1e6)
         self._uncopied = frozenset(uncopied | grown)
         versions = tuple((t, t._version) for t in tensors)
         return StepStart(step, self.fingerprint(), self.capture_rng(), copied, versions, tuple(sorted(uncopied)))
@@ -612,15 +613,14 @@ def _tensors_in(state: Any) -> list[torch.Tensor]:
 COPY_LIMIT_NS = 2_000_000
 
 
-def _warn_uncopied(name: str, ms: float, took: str) -> None:
+def _warn_uncopied(name: str, ms: float) -> None:
     log.warning(
-        "%r: its state_dict() holds values without version counters (NumPy arrays, lists, ...) that %s about "
-        "%.0f ms to copy at a step start, so they are no longer copied: while it is registered, a step that an "
+        "%r: its state_dict() holds values without version counters (NumPy arrays, lists, ...) that would take "
+        "about %.0f ms to copy at a step start, so they are no longer copied: while it is registered, a step that an "
         "exception cuts short saves no emergency checkpoint (the last checkpoint stands; saves at step "
         "boundaries are exact as ever). Tensors in a state_dict() are shared, not copied: hold large state "
         "in them to keep emergency checkpoints",
         name,
-        took,
         ms,
     )
 
