@@ -20,32 +20,113 @@ torchdata's StatefulDataLoader positions itself (its own state_dict); its
 resumed iterator would draw a base seed the saved run did not, so the
 generators are kept as the checkpoint holds them across that `iter()`.
 
-Not positioned: random draws inside worker processes (augmentations that use
-torch's or NumPy's generator in `__getitem__` with `num_workers > 0`) follow
-the workers' own streams, which a resumed pass starts afresh; seed such draws
-from the sample index for exactness. An IterableDataset cannot be positioned
-by a plain DataLoader and is refused.
+Random draws inside worker processes (augmentations in `__getitem__` or in
+`collate_fn` that use torch's, NumPy's or Python's global generators) are
+positioned too: each batch a worker makes carries that worker's generator
+states after it (`_Carried`, unwrapped before the batch is handed out), and
+the states after each worker's last batch used are saved. A resumed pass
+gives the batch after the last used to the worker that made it in the saved
+run (batch b goes to worker b % num_workers, as torch's in-order loader
+deals them), and each worker's first batch carries the states that worker
+had (`_Indices`, set in the worker before it fetches anything);
+`worker_init_fn` runs as it did. Persistent workers keep theirs across passes.
+
+Not positioned: generators a dataset holds itself (a `np.random.default_rng()`
+made in `worker_init_fn`), a loader with `in_order=False` (batches come as
+workers finish them: no run is repeatable), and with `batch_size=None` and
+workers, the draws of each worker's first sample after a resume. An
+IterableDataset cannot be positioned by a plain DataLoader and is refused.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import random
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data._utils.pin_memory import pin_memory
 
 from .errors import ConfigError
+
+log = logging.getLogger("hydra_preempt")
 
 _END = object()
 
 
-class _SkippingIterator:
-    """An index sampler's iterator that first passes over `skip` batches of indices (fetching nothing)."""
+def _worker_rng() -> dict[str, Any]:
+    """This process's global generator states: torch's CPU one, NumPy's, Python's."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
-    def __init__(self, inner: Iterator[Any], skip: int) -> None:
-        self.inner, self.skip = inner, skip
+
+def _set_worker_rng(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+
+
+class _Carried:
+    """A batch made by a worker, with the worker's generator states after making it."""
+
+    def __init__(self, batch: Any, worker: int, rng: dict[str, Any]) -> None:
+        self.batch, self.worker, self.rng = batch, worker, rng
+
+    def pin_memory(self) -> _Carried:
+        """The loader's pin_memory thread pins the batch and keeps the rest (torch calls a batch's own pin_memory())."""
+        return _Carried(pin_memory(self.batch), self.worker, self.rng)
+
+
+class _CarryRng:
+    """A loader's collate_fn, wrapped: in a worker the batch leaves as `_Carried`; in the main process, as it is."""
+
+    def __init__(self, collate_fn: Any) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples: Any) -> Any:
+        batch = self.collate_fn(samples)
+        info = get_worker_info()
+        return batch if info is None else _Carried(batch, info.id, _worker_rng())
+
+
+class _Indices(list):
+    """A batch of indices that sets the generator states of the worker that fetches it first (a
+    worker's first batch after a resume): the fetch reads the indices before it draws anything. Only
+    in a worker: the main process iterates it too, to send it."""
+
+    def __init__(self, indices: Any, rng: dict[str, Any]) -> None:
+        super().__init__(indices)
+        self.rng: dict[str, Any] | None = rng
+
+    def _start(self) -> None:
+        if self.rng is not None and get_worker_info() is not None:
+            rng, self.rng = self.rng, None
+            _set_worker_rng(rng)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._start()
+        return super().__iter__()
+
+    def __getitem__(self, item: Any) -> Any:
+        self._start()
+        return super().__getitem__(item)
+
+    def __len__(self) -> int:
+        self._start()
+        return super().__len__()
+
+
+class _PassIterator:
+    """A loader's index sampler's iterator for one pass: it first passes over `skip` batches of indices
+    (fetching nothing), and gives the first batch each worker gets the generator states in `pending`
+    (worker -> states; batch b goes to worker b % workers). `paused`: ends at once, resumable."""
+
+    def __init__(self, inner: Iterator[Any], skip: int, workers: int, pending: list[Any] | None) -> None:
+        self.inner, self.skip, self.workers, self.pending = inner, skip, workers, pending
+        self.batch = skip  # the number, within the pass, of the next batch handed out
+        self.paused = False
 
     def skip_now(self) -> None:
         while self.skip:
@@ -53,25 +134,45 @@ class _SkippingIterator:
             if next(self.inner, _END) is _END:
                 self.skip = 0
 
-    def __iter__(self) -> _SkippingIterator:
+    def __iter__(self) -> _PassIterator:
         return self
 
     def __next__(self) -> Any:
+        if self.paused:
+            raise StopIteration
         self.skip_now()
-        return next(self.inner)
+        indices = next(self.inner)
+        if self.pending and (rng := self.pending[self.batch % self.workers]) is not None:
+            self.pending[self.batch % self.workers] = None
+            indices = _Indices(indices, rng)
+        self.batch += 1
+        return indices
 
 
-class _SkippingSampler:
-    """Stands in for a loader's index sampler while a resumed pass is made; lazy, as the sampler is."""
+class _PassSampler:
+    """Stands in for a loader's index sampler for one pass; lazy, as the sampler is."""
 
-    def __init__(self, sampler: Any, skip: int) -> None:
-        self.sampler, self.skip = sampler, skip
+    def __init__(self, sampler: Any, skip: int = 0, workers: int = 0, pending: list[Any] | None = None) -> None:
+        self.sampler, self.skip, self.workers, self.pending = sampler, skip, workers, pending
+        self.paused = False  # its iterators start paused
 
-    def __iter__(self) -> _SkippingIterator:
-        return _SkippingIterator(iter(self.sampler), self.skip)
+    def __iter__(self) -> _PassIterator:
+        iterator = _PassIterator(iter(self.sampler), self.skip, self.workers, self.pending)
+        iterator.paused = self.paused
+        return iterator
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+def _deal_from(iterator: Any, first_worker: int) -> None:
+    """Let a multiprocessing loader iterator made with a paused _PassSampler deal its batches from
+    `first_worker` on (torch starts each pass at worker 0), then prefetch as torch would have."""
+    workers = iterator._num_workers
+    iterator._worker_queue_idx_cycle = itertools.cycle([*range(first_worker, workers), *range(first_worker)])
+    iterator._sampler_iter.paused = False
+    for _ in range(iterator._prefetch_factor * workers):
+        iterator._try_put_index()
 
 
 class LoaderPosition:
@@ -91,6 +192,12 @@ class LoaderPosition:
                 "state: a resumed run would see other data; use a map-style Dataset, or torchdata's "
                 "StatefulDataLoader over a dataset with state_dict()/load_state_dict()"
             )
+        self._workers = 0 if self.stateful else loader.num_workers
+        if self._workers and not getattr(loader, "in_order", True):
+            log.warning(
+                "this DataLoader has in_order=False: its batches come in the order its workers finish them, so "
+                "no run of it (resumed or not) repeats another; in_order=True (the default) keeps the order"
+            )
         self.passes = 0  # iter() calls made through iterate()
         self.yielded = 0  # batches handed out by the current pass
         self.exhausted = False  # the current pass ended
@@ -99,6 +206,8 @@ class LoaderPosition:
         self._workers_pass = 0  # ... and the pass that made them
         self._resuming = False  # a loaded position, applied at the next iterate()
         self._at_save: dict[str, Any] | None = None  # generator states of the checkpoint (a loaded position)
+        self._worker_rng: list[Any] = [None] * self._workers  # each worker's states after its last batch used
+        self._pending: list[Any] | None = None  # the states each worker starts its first batch from (a load)
 
     # -- generators --------------------------------------------------------------
     def _generators(self) -> list[torch.Generator]:
@@ -145,12 +254,19 @@ class LoaderPosition:
                 self._remake_workers()
         self.passes, self.yielded, self.exhausted = self.passes + 1, 0, False
         self._before_pass = self._rng()
-        if self._persistent() and getattr(self.loader, "_iterator", None) is None:
-            self._before_workers, self._workers_pass = self._before_pass, self.passes
-        return self._counted(iter(self.loader))
+        if not self._persistent() or getattr(self.loader, "_iterator", None) is None:  # new workers, fresh streams
+            self._worker_rng, self._pending = [None] * self._workers, None
+            if self._persistent():
+                self._before_workers, self._workers_pass = self._before_pass, self.passes
+        pending = self._pending if self._pending and any(s is not None for s in self._pending) else None
+        sampler = _PassSampler(self._index_sampler(), 0, self._workers, pending) if pending else None
+        return self._counted(self._make_iterator(sampler))
 
     def _counted(self, iterator: Iterator[Any]) -> Iterator[Any]:
         for batch in iterator:
+            if isinstance(batch, _Carried):
+                self._worker_rng[batch.worker] = batch.rng
+                batch = batch.batch
             self.yielded += 1
             yield batch
         self.exhausted = True
@@ -160,8 +276,9 @@ class LoaderPosition:
 
     def _continue_pass(self) -> Iterator[Any]:
         """The pass in progress at the save, made again from the states it began from, past its used
-        batches; then every generator is set to the checkpoint's state (what code before the loop
-        drew again since restore(), an evaluation at the start of each epoch, leaves no trace)."""
+        batches, the next one dealt to the worker that made it in the saved run, each worker starting
+        from its saved states; then every generator is set to the checkpoint's state (what code before
+        the loop drew again since restore(), an evaluation at the start of each epoch, leaves no trace)."""
         saved, self._at_save = self._at_save or self._rng(), None
         try:
             if self.stateful:  # it positions itself; only its iter() draws must leave no trace
@@ -170,9 +287,13 @@ class LoaderPosition:
             if self._persistent() and self._before_workers is not None and self._workers_pass < self.passes:
                 self._remake_workers()
             self._set_rng(self._before_pass)
-            skipping = _SkippingSampler(self._index_sampler(), self.yielded)
-            iterator = self._iter_with(skipping)
-            if self.loader.num_workers == 0:  # draw the sampler's seed now, as the first next() did then
+            sampler = _PassSampler(self._index_sampler(), self.yielded, self._workers, self._pending)
+            if self._workers:
+                sampler.paused = True  # nothing dealt before _deal_from
+            iterator = self._make_iterator(sampler)
+            if self._workers:
+                _deal_from(iterator, self.yielded % self._workers)
+            else:  # draw the sampler's seed now, as the first next() did then
                 iterator._sampler_iter.skip_now()
             return iterator
         finally:
@@ -183,32 +304,38 @@ class LoaderPosition:
         assert self._before_workers is not None
         saved = self._rng()
         self._set_rng(self._before_workers)
-        self._iter_with([])
+        self._make_iterator([])
         self._set_rng(saved)
 
     def _index_sampler(self) -> Any:
         return self.loader._index_sampler
 
-    def _iter_with(self, sampler: Any) -> Any:
-        """iter(loader) with `sampler` as its index sampler for this pass only.
+    def _make_iterator(self, sampler: Any = None) -> Any:
+        """iter(loader), its workers' batches carrying their generator states (`_CarryRng`), with
+        `sampler` (when given) as its index sampler for this pass only.
 
         DataLoader refuses to have its sampler set after construction, so the attribute is set
         beneath that check and put back at once; an iterator of persistent workers keeps its own
-        reference (set for the pass, then put back: its later passes use the loader's sampler)."""
-        loader, original = self.loader, self._index_sampler()
+        reference (set for the pass, then put back: its later passes use the loader's sampler). An
+        iterator takes the collate_fn when it is made: the loader's own is put back at once too."""
+        loader, original, collate_fn = self.loader, self._index_sampler(), self.loader.collate_fn
         name = "batch_sampler" if loader._auto_collation else "sampler"
         workers = getattr(loader, "_iterator", None)
-        object.__setattr__(loader, name, sampler)
-        if workers is not None:
-            workers._index_sampler = sampler
+        if sampler is not None:
+            object.__setattr__(loader, name, sampler)
+            if workers is not None:
+                workers._index_sampler = sampler
+        if self._workers:
+            loader.collate_fn = _CarryRng(collate_fn)
         try:
-            iterator = iter(loader)
+            return iter(loader)
         finally:
-            object.__setattr__(loader, name, original)
-            made = getattr(loader, "_iterator", None)
-            if made is not None:
-                made._index_sampler = original
-        return iterator
+            loader.collate_fn = collate_fn
+            if sampler is not None:
+                object.__setattr__(loader, name, original)
+                made = getattr(loader, "_iterator", None)
+                if made is not None:
+                    made._index_sampler = original
 
     # -- state ---------------------------------------------------------------------
     def batches_per_pass(self) -> int:
@@ -233,6 +360,7 @@ class LoaderPosition:
             state["before_pass"] = self._before_pass
             state["before_workers"] = self._before_workers
             state["workers_pass"] = self._workers_pass
+            state["worker_rng"] = list(self._worker_rng)
         return state
 
     def check_state_dict(self, state: Any) -> list[str]:
@@ -265,6 +393,9 @@ class LoaderPosition:
                 return ["the loader's position holds invalid generator states of its workers"]
             if not (type(state.get("workers_pass")) is int and 0 <= state["workers_pass"] <= state["passes"]):
                 return ["the loader's position must hold the pass that made its workers (workers_pass)"]
+            worker_rng = state.get("worker_rng", [])
+            if not (isinstance(worker_rng, list) and all(s is None or _valid_worker_rng(s) for s in worker_rng)):
+                return ["the loader's position holds invalid generator states of its workers' batches"]
         return []
 
     def _valid_rng(self, states: Any) -> bool:
@@ -297,4 +428,31 @@ class LoaderPosition:
             self._before_pass = state["before_pass"]
             self._before_workers = state.get("before_workers")
             self._workers_pass = state["workers_pass"]
+            self._load_worker_rng(state.get("worker_rng", []))
         self._resuming = True
+
+    def _load_worker_rng(self, saved: list[Any]) -> None:
+        """Each worker's states after its last batch used: what its next batch starts from."""
+        if any(s is not None for s in saved) and len(saved) != self._workers:
+            log.warning(
+                "the checkpoint's DataLoader had %d workers, this one has %d: random draws inside the workers "
+                "(augmentations) differ from the saved run's from here on; the batches themselves do not",
+                len(saved),
+                self._workers,
+            )
+            saved = []
+        self._worker_rng = list(saved) if saved else [None] * self._workers
+        self._pending = list(self._worker_rng)
+
+
+def _valid_worker_rng(states: Any) -> bool:
+    """Whether a worker's saved generator states can be set: tried on throwaway generators."""
+    if not (isinstance(states, dict) and isinstance(states.get("torch"), torch.Tensor)):
+        return False
+    try:
+        torch.Generator().set_state(states["torch"])
+        np.random.RandomState().set_state(states["numpy"])
+        random.Random().setstate(states["python"])
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError):
+        return False
+    return True

@@ -1,11 +1,13 @@
 """A researcher's own training script, as the README's "Your own training script" writes it.
 
     python -m tests.integration.own_script RUN_DIR [--epochs 4] [--workers 0] [--loader plain|persistent|stateful]
-                                               [--evaluate-s S [--announce]]
+                                               [--augment] [--evaluate-s S [--announce]]
     (with WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT: one rank of a DDP run over gloo)
 
 A standard DataLoader(shuffle=True), an epoch loop, dropout; no logging set up,
-so what the library says goes to stderr by itself. Prints "step N" after each
+so what the library says goes to stderr by itself. With --augment, random noise
+from torch's, NumPy's and Python's generators in __getitem__, inside the
+workers (as a vision pipeline's augmentations). Prints "step N" after each
 step (tests signal it there). With --evaluate-s, an evaluation of that many
 seconds after the first epoch's 3rd step, announced to the watchdog with
 --announce (allowance: 2 s a step, 30 s an announced phase). Several ranks:
@@ -15,9 +17,11 @@ DDP, a DistributedSampler with set_epoch, the loader registered per rank.
 import argparse
 import hashlib
 import os
+import random
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -25,7 +29,21 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from hydra_preempt import exit_with, run
 
 
-def make_loader(kind: str, dataset: TensorDataset, workers: int) -> DataLoader:
+class Augmented(torch.utils.data.Dataset):
+    """A random augmentation: noise from the global generators of whichever process fetches."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i]
+        return x + torch.rand_like(x) * 0.1 + float(np.random.uniform(0, 0.1)) + random.random() * 0.1, y
+
+
+def make_loader(kind: str, dataset: torch.utils.data.Dataset, workers: int) -> DataLoader:
     """A shuffled loader of 32-sample batches: torch's, with persistent workers, or torchdata's."""
     if kind == "stateful":
         from torchdata.stateful_dataloader import StatefulDataLoader
@@ -41,6 +59,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--loader", choices=("plain", "persistent", "stateful"), default="plain")
+    parser.add_argument("--augment", action="store_true")
     parser.add_argument("--evaluate-s", type=float, default=0.0)
     parser.add_argument("--announce", action="store_true")
     args = parser.parse_args()
@@ -49,8 +68,11 @@ def main() -> None:
 
     def train(session):
         torch.manual_seed(0)
+        np.random.seed(0)
+        random.seed(0)
         x = torch.randn(300, 8, generator=torch.Generator().manual_seed(1))
-        dataset = TensorDataset(x, x.sum(1, keepdim=True))
+        tensors = TensorDataset(x, x.sum(1, keepdim=True))
+        dataset = Augmented(tensors) if args.augment else tensors
         model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.2), torch.nn.Linear(32, 1))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         if ranks:

@@ -19,13 +19,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, TensorDataset
 
 from hydra_preempt import ExitCode, SessionConfig, Status, run
 from hydra_preempt.errors import ConfigError
-from tools.train_process import run_signalled, signal_like_slurmstepd
+from tools.train_process import run_signalled, signal_group, signal_like_slurmstepd
 
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 3
@@ -52,11 +53,50 @@ def make_loader(kind: str, dataset: TensorDataset, workers: int):
         return DataLoader(dataset, batch_size=32, shuffle=True, persistent_workers=True, **common)
     if kind == "python_random":  # a custom sampler that shuffles with Python's global generator
         return DataLoader(dataset, batch_size=32, sampler=PythonShuffle(len(dataset)), **common)
+    if kind.startswith("augment"):  # random augmentation inside the workers, as vision pipelines do
+        persistent, init = kind == "augment_persistent", seed_numpy_from_torch if kind == "augment_init" else None
+        return DataLoader(
+            Augmented(dataset),
+            batch_size=32,
+            shuffle=True,
+            persistent_workers=persistent and workers > 0,
+            worker_init_fn=init,
+            collate_fn=jittered,
+            **common,
+        )
     if kind == "stateful":
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         return StatefulDataLoader(dataset, batch_size=32, shuffle=True, **common)
     raise ValueError(kind)
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Noise from torch's, NumPy's and Python's global generators in __getitem__ (a worker's, with workers)."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i]
+        noise = torch.rand_like(x) * 0.1 + float(np.random.uniform(0, 0.1)) + random.random() * 0.1
+        return x + noise, y
+
+
+def jittered(samples):
+    """A collate_fn that draws too (mixup-like)."""
+    x, y = torch.utils.data.default_collate(samples)
+    return x * (1 + 0.01 * torch.rand(1)), y
+
+
+def seed_numpy_from_torch(worker_id: int) -> None:
+    """torch's documented worker_init_fn: NumPy and Python seeded from the worker's torch seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 class PythonShuffle(torch.utils.data.Sampler):
@@ -87,6 +127,7 @@ def script(kind="shuffle", workers=0, every=1, signal_at=(), leave_at=None, regi
     def train(session):
         torch.manual_seed(0)
         random.seed(0)
+        np.random.seed(0)
         x = torch.randn(203, 4, generator=torch.Generator().manual_seed(1))
         dataset = TensorDataset(x, x.sum(1, keepdim=True))
         loader = make_loader(kind, dataset, workers)
@@ -156,6 +197,10 @@ LOADERS = [
     ("python_random", 0),
     ("stateful", 0),
     ("stateful", 2),
+    ("augment", 0),
+    ("augment", 2),
+    ("augment_init", 3),
+    ("augment_persistent", 2),
 ]
 
 
@@ -261,15 +306,15 @@ def own_script(run_dir: Path, *args: str, stop_at: int | None = None) -> tuple[i
 
 
 @pytest.mark.slow
-def test_a_plain_script_shows_progress_and_events_and_resumes_exactly_with_workers(tmp_path):
-    code, err = own_script(tmp_path / "reference", "--workers", "2")
+def test_a_plain_script_shows_progress_and_events_and_resumes_exactly_with_augmenting_workers(tmp_path):
+    code, err = own_script(tmp_path / "reference", "--workers", "2", "--augment")
     assert code == 0, err
-    first, err1 = own_script(tmp_path / "run", "--workers", "2", stop_at=13)  # mid-epoch 2 of 10-step epochs
+    first, err1 = own_script(tmp_path / "run", "--workers", "2", "--augment", stop_at=13)  # mid-epoch 2 of 10
     assert first == ExitCode.REQUEUE, err1
     for line in ("[hydra_preempt] no checkpoint in", "[hydra_preempt] saved step-000000008", "SIGTERM received"):
         assert line in err1, err1
     assert "[hydra_preempt] step " in err1  # the progress line
-    second, err2 = own_script(tmp_path / "run", "--workers", "2")
+    second, err2 = own_script(tmp_path / "run", "--workers", "2", "--augment")
     assert second == 0, err2
     assert "[hydra_preempt] resumed from step-0000000" in err2 and "[hydra_preempt] finished at step 40" in err2
     results = [json.loads((tmp_path / d / "result.json").read_text()) for d in ("reference", "run")]
@@ -303,19 +348,28 @@ def test_the_default_allowance_against_a_15_minute_evaluation_every_5000_steps()
 
 
 @pytest.mark.slow
-def test_a_distributed_sampler_over_two_gloo_ranks_resumes_mid_epoch_bit_identically(tmp_path):
+def test_a_distributed_sampler_over_two_gloo_ranks_with_augmenting_workers_resumes_mid_epoch_bit_identically(tmp_path):
     def ranks(run_dir: Path, stop_at: int | None = None) -> list[int]:
         port = str(free_port())
         procs = []
         for rank in range(2):
             env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2"}
             cmd = [sys.executable, "-m", "tests.integration.own_script", str(run_dir), "--epochs", "3"]
+            cmd += ["--workers", "2", "--augment"]
             procs.append(
-                subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                subprocess.Popen(
+                    cmd,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    start_new_session=True,
+                )
             )
-        for line in procs[1].stdout:  # SIGTERM to rank 1 alone, mid-epoch 2 (10 steps an epoch)
+        for line in procs[1].stdout:  # SIGTERM to rank 1 and its workers alone, mid-epoch 2 (10 steps an epoch)
             if stop_at is not None and line.strip() == f"step {stop_at}":
-                procs[1].send_signal(signal.SIGTERM)
+                signal_group(procs[1].pid, signal.SIGTERM)
                 stop_at = None
         outputs = [p.communicate(timeout=120)[0] for p in procs]
         assert all(p.returncode in (0, ExitCode.REQUEUE) for p in procs), outputs
@@ -403,6 +457,8 @@ def test_misuses_of_the_loops_are_one_line(tmp_path, caplog):
         ({"workers_pass": "x"}, "workers_pass"),
         ({"at_save": {"cpu": torch.zeros(3, dtype=torch.uint8), "generators": []}}, "valid generator states"),
         ({"before_pass": {"cpu": torch.zeros(5056), "generators": []}}, "valid generator states"),
+        ({"worker_rng": [{"torch": torch.zeros(3, dtype=torch.uint8)}]}, "its workers' batches"),
+        ({"worker_rng": "x"}, "its workers' batches"),
     ],
 )
 def test_a_tampered_position_is_refused_before_anything_loads(tmp_path, change, said):
@@ -414,3 +470,56 @@ def test_a_tampered_position_is_refused_before_anything_loads(tmp_path, change, 
     state = {**position.state_dict(), **change}
     problems = LoaderPosition(position.loader).check_state_dict(state)
     assert problems and said in problems[0], problems
+
+
+def batches_of(position, count=None):
+    batches = position.iterate()
+    return [x.clone() for x, _ in (batches if count is None else (next(batches) for _ in range(count)))]
+
+
+@pytest.mark.parametrize("options", [{}, {"persistent_workers": True}], ids=["workers", "persistent"])
+def test_augmenting_workers_continue_their_streams_batch_by_batch_across_a_save(options):
+    """Each batch of a pass left at batch 5 and continued by another loader equals the uninterrupted
+    pass's, noise included; and so do the next pass's (persistent workers carry their streams on).
+    (Under the spawn start method the wrapped collate_fn travels pickled: it pickles.)"""
+    import pickle
+
+    from hydra_preempt.loader_position import LoaderPosition, _CarryRng
+
+    assert pickle.loads(pickle.dumps(_CarryRng(torch.utils.data.default_collate)))([1, 2]).tolist() == [1, 2]
+
+    def loader():
+        x = torch.randn(203, 4, generator=torch.Generator().manual_seed(1))
+        return DataLoader(Augmented(TensorDataset(x, x)), batch_size=16, shuffle=True, num_workers=3, **options)
+
+    torch.manual_seed(0)
+    reference = LoaderPosition(loader())
+    expected = [batches_of(reference), batches_of(reference)]
+    torch.manual_seed(0)
+    first = LoaderPosition(loader())
+    head = batches_of(first, 5)
+    state = first.state_dict()
+    torch.manual_seed(123)  # the generators move on before the resume: the position brings them back
+    second = LoaderPosition(loader())
+    second.load_state_dict(state)
+    got = [head + batches_of(second), batches_of(second)]
+    for want_pass, got_pass in zip(expected, got):
+        assert len(want_pass) == len(got_pass) == 13
+        assert all(torch.equal(a, b) for a, b in zip(want_pass, got_pass))
+
+
+def test_a_checkpoint_of_another_worker_count_resumes_the_batches_and_says_the_draws_differ(caplog):
+    from hydra_preempt.loader_position import LoaderPosition
+
+    def loader(workers):
+        return DataLoader(
+            Augmented(TensorDataset(torch.ones(64, 2), torch.ones(64))), batch_size=8, shuffle=True, num_workers=workers
+        )
+
+    saved = LoaderPosition(loader(2))
+    batches_of(saved, 3)
+    resumed = LoaderPosition(loader(3))
+    with caplog.at_level(logging.WARNING, logger="hydra_preempt"):
+        resumed.load_state_dict(saved.state_dict())
+    assert "had 2 workers, this one has 3: random draws inside the workers" in caplog.text
+    assert len(batches_of(resumed)) == 5
