@@ -78,6 +78,22 @@ class _Carried:
         """The loader's pin_memory thread pins the batch and keeps the rest (torch calls a batch's own pin_memory())."""
         return _Carried(pin_memory(self.batch), self.worker, self.rng)
 
+    # Persistent workers made by the session wrap their batches for any iterator of the loader: one the
+    # program makes itself (an evaluation over the training loader) gets batches that act as theirs.
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.batch)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.batch[key]
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "batch":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.batch, name)
+
 
 class _CarryRng:
     """A loader's collate_fn, wrapped: in a worker the batch leaves as `_Carried`; in the main process, as it is."""

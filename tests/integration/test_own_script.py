@@ -523,3 +523,14 @@ def test_a_checkpoint_of_another_worker_count_resumes_the_batches_and_says_the_d
         resumed.load_state_dict(saved.state_dict())
     assert "had 2 workers, this one has 3: random draws inside the workers" in caplog.text
     assert len(batches_of(resumed)) == 5
+
+
+def test_a_registered_loaders_persistent_workers_serve_a_plain_for_loop_with_plain_batches():
+    """An evaluation over the training loader itself reuses the workers the session made."""
+    from hydra_preempt.loader_position import LoaderPosition
+
+    x = torch.arange(40.0).reshape(20, 2)
+    loader = DataLoader(TensorDataset(x, x.sum(1)), batch_size=5, num_workers=2, persistent_workers=True)
+    assert len(batches_of(LoaderPosition(loader))) == 4
+    plain = [(xb, yb) for xb, yb in loader]
+    assert torch.equal(torch.cat([xb for xb, _ in plain]), x) and plain[0][1].shape == (5,)
