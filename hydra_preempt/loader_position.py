@@ -47,7 +47,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, get_worker_info
 from torch.utils.data._utils.pin_memory import pin_memory
 
 from .errors import ConfigError
@@ -369,6 +369,7 @@ class LoaderPosition:
             "yielded": self.yielded,
             "exhausted": self.exhausted,
             "at_save": self._rng(),
+            "shape": self._shape(),
         }
         if self.stateful:
             state["loader"] = self.loader.state_dict()  # type: ignore[attr-defined]
@@ -393,6 +394,12 @@ class LoaderPosition:
             return ["the loader's position must hold integers passes, yielded (>= 0) and batches (>= -1)"]
         if not isinstance(state.get("exhausted"), bool):
             return ["the loader's position must say whether its pass ended (exhausted)"]
+        if changes := _changes(state.get("shape"), self._shape()):
+            return [
+                f"the loader changed since the save ({'; '.join(changes)}): its position would land on other "
+                "samples (nothing was loaded); to train on with this loader, start a new run directory (the "
+                "model's weights: hydra-preempt export RUN_DIR --out FILE)"
+            ]
         if state["batches"] != self.batches_per_pass():
             return [
                 f"the loader gives {self.batches_per_pass()} batches a pass, the checkpoint's gave {state['batches']!r}"
@@ -413,6 +420,23 @@ class LoaderPosition:
             if not (isinstance(worker_rng, list) and all(s is None or _valid_worker_rng(s) for s in worker_rng)):
                 return ["the loader's position holds invalid generator states of its workers' batches"]
         return []
+
+    def _shape(self) -> dict[str, Any]:
+        """What places a position on samples besides the generators: a change to any of it moves it.
+        (num_workers, pin_memory, prefetching do not: they are not here.)"""
+        loader = self.loader
+        sampler, batch_sampler = getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)
+        batching = loader if loader.batch_size is not None else batch_sampler
+        shape = {
+            "dataset samples": _length(loader.dataset),
+            "batch_size": getattr(batching, "batch_size", None),
+            "drop_last": getattr(batching, "drop_last", None),
+            "sampler": _class_name(sampler),
+            "batch_sampler": _class_name(batch_sampler),
+        }
+        if isinstance(sampler, DistributedSampler):
+            shape["DistributedSampler replicas, rank"] = [sampler.num_replicas, sampler.rank]
+        return shape
 
     def _valid_rng(self, states: Any) -> bool:
         """Whether `states` can be set: tried on throwaway generators, nothing live is touched."""
@@ -472,3 +496,22 @@ def _valid_worker_rng(states: Any) -> bool:
     except (TypeError, ValueError, RuntimeError, KeyError, IndexError):
         return False
     return True
+
+
+def _changes(saved: Any, now: dict[str, Any]) -> list[str]:
+    """What differs between a saved loader shape and this one's, as "key old -> new" (none when a
+    checkpoint of an older version holds no shape)."""
+    if not isinstance(saved, dict):
+        return []
+    return [f"{key} {saved.get(key)!r:.60} -> {value!r:.60}" for key, value in now.items() if saved.get(key) != value]
+
+
+def _length(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:  # an IterableDataset without len()
+        return None
+
+
+def _class_name(obj: Any) -> str | None:
+    return None if obj is None else f"{type(obj).__module__}.{type(obj).__qualname__}"

@@ -128,7 +128,8 @@ def run(
             stopped = outcome.status in (Status.PREEMPTED, Status.TIMEOUT, Status.CANCELLED)
             if stopped and (ended := end_children_of_stopped_run(children_before)):
                 log.info("ended %d worker process(es) the run had started and left running", ended)
-            log.info(
+            log.log(
+                logging.ERROR if outcome.status is Status.FAILED else logging.INFO,
                 "%s at step %d (exit code %d): %s",
                 outcome.status.value,
                 outcome.step,
@@ -253,15 +254,12 @@ def _run(
             outcome = Outcome(Status.FINISHED, session.step, ExitCode.FINISHED, "finished", result)
     except RunStopped as ended:
         outcome = _stopped(ended, session.step)
-    except (CheckpointWriteError, CheckpointReadError) as e:
+    except (CheckpointWriteError, CheckpointReadError) as e:  # said once, by run()'s last line
         behind = session.stop_behind(e)
-        if behind is None:
-            log.error("%s", e)
         outcome = (
             _stopped(behind, session.step) if behind else Outcome(Status.FAILED, session.step, ExitCode.FAILED, str(e))
         )
     except HydraPreemptError as e:
-        log.error("%s", e)
         outcome = Outcome(Status.FAILED, session.step, ExitCode.USAGE, str(e))
     except (Exception, SystemExit, KeyboardInterrupt) as e:
         # sys.exit() or a KeyboardInterrupt of the training function's own (SIGINT is the session's:

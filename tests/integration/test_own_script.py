@@ -534,3 +534,35 @@ def test_a_registered_loaders_persistent_workers_serve_a_plain_for_loop_with_pla
     assert len(batches_of(LoaderPosition(loader))) == 4
     plain = [(xb, yb) for xb, yb in loader]
     assert torch.equal(torch.cat([xb for xb, _ in plain]), x) and plain[0][1].shape == (5,)
+
+
+@pytest.mark.parametrize(
+    "change,said",
+    [
+        ({"batch_size": 33}, "batch_size 32 -> 33"),  # 7 batches a pass either way
+        ({"samples": 200}, "dataset samples 203 -> 200"),
+        ({"drop_last": True}, "drop_last False -> True"),
+        ({"sampler": "sequential"}, "sampler 'torch.utils.data.sampler.RandomSampler' -> 'torch.utils.data.sampler"),
+    ],
+)
+def test_a_loader_changed_so_that_its_position_moves_is_refused_in_one_line_naming_old_and_new(
+    tmp_path, caplog, change, said
+):
+    def train(session, batch_size=32, samples=203, drop_last=False, sampler="random", stop_at=None):
+        x = torch.randn(samples, 2)
+        loader = DataLoader(
+            TensorDataset(x), batch_size=batch_size, shuffle=sampler == "random", drop_last=drop_last, num_workers=2
+        )
+        session.register(data=loader)
+        for _ in session.epochs(2):
+            for _ in session.batches(loader):
+                if session.step == stop_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+    assert run(lambda s: train(s, stop_at=3), tmp_path, CONFIG).exit_code == ExitCode.REQUEUE
+    with caplog.at_level(logging.INFO, logger="hydra_preempt"):
+        outcome = run(lambda s: train(s, **change), tmp_path, CONFIG)
+    assert outcome.exit_code == ExitCode.USAGE and said in outcome.message and "\n" not in outcome.message
+    assert "start a new run directory" in outcome.message
+    assert sum("the loader changed since the save" in r.getMessage() for r in caplog.records) == 1
+    assert run(train, tmp_path, CONFIG).exit_code == ExitCode.FINISHED  # the same loader goes on
