@@ -50,7 +50,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, get_worker_info
 from torch.utils.data._utils.pin_memory import pin_memory
 
-from .errors import ConfigError
+from .errors import CheckpointReadError, ConfigError
 
 log = logging.getLogger("hydra_preempt")
 
@@ -200,13 +200,22 @@ class LoaderPosition:
         self.stateful = callable(getattr(loader, "state_dict", None)) and callable(
             getattr(loader, "load_state_dict", None)
         )
-        if isinstance(loader.dataset, IterableDataset) and not (
-            self.stateful and callable(getattr(loader.dataset, "state_dict", None))
+        dataset = loader.dataset
+        if isinstance(dataset, IterableDataset) and not (
+            self.stateful and callable(getattr(dataset, "state_dict", None))
         ):
+            has_state = callable(getattr(dataset, "state_dict", None)) and callable(
+                getattr(dataset, "load_state_dict", None)
+            )
             raise ConfigError(
-                f"cannot position a DataLoader over {type(loader.dataset).__name__}, an IterableDataset without "
-                "state: a resumed run would see other data; use a map-style Dataset, or torchdata's "
-                "StatefulDataLoader over a dataset with state_dict()/load_state_dict()"
+                f"cannot position a DataLoader over {type(dataset).__name__}, an IterableDataset: "
+                + (
+                    "torch's DataLoader cannot hand its state_dict() to the dataset in its workers; torchdata's "
+                    "StatefulDataLoader can (the same arguments)"
+                    if has_state
+                    else "it has no state_dict()/load_state_dict(), so a resumed run would see other data; use a "
+                    "map-style Dataset, or torchdata's StatefulDataLoader over a dataset with state_dict()/load_state_dict()"
+                )
             )
         self._workers = 0 if self.stateful else loader.num_workers
         if self._workers and not getattr(loader, "in_order", True):
@@ -298,7 +307,13 @@ class LoaderPosition:
         saved, self._at_save = self._at_save or self._rng(), None
         try:
             if self.stateful:  # it positions itself; only its iter() draws must leave no trace
-                return iter(self.loader)
+                try:
+                    return iter(self.loader)
+                except Exception as e:  # its own state, loaded only now: a checkpoint edited and signed again
+                    raise CheckpointReadError(
+                        f"the checkpoint's StatefulDataLoader state does not load into this loader "
+                        f"({type(e).__name__}: {e}); nothing was trained from it"[:400]
+                    ) from None
             assert self._before_pass is not None  # checked on load
             if self._persistent() and self._before_workers is not None and self._workers_pass < self.passes:
                 self._remake_workers()
@@ -408,6 +423,8 @@ class LoaderPosition:
             return [f"the loader's position (batch {state['yielded']}) lies beyond its pass of {state['batches']}"]
         if not self._valid_rng(state.get("at_save")):
             return ["the loader's position holds no valid generator states of its save"]
+        if self.stateful and (problem := _stateful_disagrees(state.get("loader"), state["yielded"])):
+            return [problem]
         if not self.stateful:
             if state["passes"] and not self._valid_rng(state.get("before_pass")):
                 return ["the loader's position lacks valid generator states its pass began from"]
@@ -515,3 +532,20 @@ def _length(dataset: Any) -> int | None:
 
 def _class_name(obj: Any) -> str | None:
     return None if obj is None else f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _stateful_disagrees(loader_state: Any, yielded: int) -> str | None:
+    """Why a StatefulDataLoader's saved state cannot be the one saved with this position: it must be a
+    mapping whose count of batches handed out (torchdata's `_num_yielded`; with workers, the step of its
+    snapshot and the steps since) is the position's. The rest it checks itself as the resumed pass begins."""
+    if not isinstance(loader_state, dict):
+        return "the loader's position holds no StatefulDataLoader state"
+    snapshot = loader_state.get("_snapshot")
+    if isinstance(snapshot, dict):
+        parts = (snapshot.get("_snapshot_step"), loader_state.get("_steps_since_snapshot"))
+        count: Any = sum(parts) if all(type(p) is int for p in parts) else parts
+    else:
+        count = loader_state.get("_num_yielded")
+    if count is not None and not (type(count) is int and count == yielded):
+        return f"the StatefulDataLoader's state counts {count!r:.40} batches, its position {yielded}"
+    return None

@@ -773,25 +773,30 @@ class Session:
             return None, f"{bad}; a non-finite state is never saved"
         if world()[1] > 1:
             return None, "a multi-rank run's other ranks cannot be reached safely from an exception"
-        if start is None:
-            tree = self.state.tree(self.step, [self.state.rank_state()], self._detector_state())
-        elif not self.state.unchanged_since(start):
+        if start is not None and not self.state.unchanged_since(start):
             return None, (
                 f"the exception came after step {start.step + 1} had changed the model or optimizer; "
                 f"{self._last_checkpoint_stands()}"
             )
-        elif start.uncopied:
+        if start is not None and start.uncopied:
             return None, (
                 f"{', '.join(map(repr, start.uncopied))} too large to copy at each step start: "
                 f"its state when step {start.step + 1} began is unknown; {self._last_checkpoint_stands()}"
             )
-        else:  # nothing was updated yet: the state is the one the step started from
-            tree = self.state.tree_at(start, self._detector_state())
+        try:
+            if start is None:
+                tree = self.state.tree(self.step, [self.state.rank_state()], self._detector_state())
+            else:  # nothing was updated yet: the state is the one the step started from
+                tree = self.state.tree_at(start, self._detector_state())
+        except Exception as e:  # an object's state_dict() raised (a StopIteration too): never out of here
+            return None, f"reading the registered objects' state failed ({type(e).__name__}: {e})"[:400]
         step = tree["session"]["step"]
         try:
             return self.checkpointer.save(step, "emergency", {}, tree, self._shards()), ""
         except HydraPreemptError as e:
             return None, f"it failed: {e}"
+        except Exception as e:  # an object's state that cannot be written: the run's own error stands
+            return None, f"it failed: {type(e).__name__}: {e}"[:400]
 
     def _last_checkpoint_stands(self) -> str:
         return f"the last checkpoint (step {self.last_checkpoint.step if self.last_checkpoint else 'none'}) stands"

@@ -566,3 +566,92 @@ def test_a_loader_changed_so_that_its_position_moves_is_refused_in_one_line_nami
     assert "start a new run directory" in outcome.message
     assert sum("the loader changed since the save" in r.getMessage() for r in caplog.records) == 1
     assert run(train, tmp_path, CONFIG).exit_code == ExitCode.FINISHED  # the same loader goes on
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(range(10))
+
+
+class StreamWithState(Stream):
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@pytest.mark.parametrize(
+    "dataset,said",
+    [(Stream(), "it has no state_dict()/load_state_dict()"), (StreamWithState(), "StatefulDataLoader can")],
+)
+def test_a_plain_loader_over_an_iterable_dataset_is_refused_saying_what_would_work(dataset, said):
+    from hydra_preempt.loader_position import LoaderPosition
+
+    with pytest.raises(ConfigError, match="an IterableDataset") as refused:
+        LoaderPosition(DataLoader(dataset, batch_size=2))
+    assert said in str(refused.value) and "\n" not in str(refused.value)
+
+
+def stateful_position(batches: int, workers: int = 0):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from hydra_preempt.loader_position import LoaderPosition
+
+    position = LoaderPosition(
+        StatefulDataLoader(TensorDataset(torch.arange(100.0)), batch_size=10, shuffle=True, num_workers=workers)
+    )
+    if batches:
+        iterator = position.iterate()
+        for _ in range(batches):
+            next(iterator)
+    return position
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stateful_loaders_state_edited_and_signed_again_is_refused_in_one_line(workers):
+    pytest.importorskip("torchdata.stateful_dataloader", reason="torchdata is not installed")
+    from hydra_preempt.errors import CheckpointReadError
+
+    state = stateful_position(3, workers).state_dict()
+    loader = state["loader"]
+    main = loader["_snapshot"]["_main_snapshot"] if workers else loader
+    miscounted = (
+        {**state, "loader": {**loader, "_snapshot": {**loader["_snapshot"], "_snapshot_step": 7}}}
+        if workers
+        else {**state, "loader": {**loader, "_num_yielded": "x"}}
+    )
+    assert "batches, its position 3" in stateful_position(0, workers).check_state_dict(miscounted)[0]
+    main["_sampler_iter_state"] = "garbage"  # counts agree: torchdata meets it when the pass begins
+    resumed = stateful_position(0, workers)
+    resumed.load_state_dict(state)
+    with pytest.raises(CheckpointReadError, match="StatefulDataLoader state does not load into this loader"):
+        resumed.iterate()
+
+
+class ReadOnce:
+    """A registered object whose state_dict() raises StopIteration once armed (an iterator's end leaking)."""
+
+    armed = False
+
+    def state_dict(self):
+        if self.armed:
+            raise StopIteration
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_an_emergency_save_that_cannot_read_the_state_never_raises_out_of_run(tmp_path, caplog):
+    def train(session):
+        odd = ReadOnce()
+        session.register(model=torch.nn.Linear(2, 1), odd=odd)
+        session.restore()
+        odd.armed = True
+        raise RuntimeError("the program's own error")
+
+    with caplog.at_level(logging.ERROR, logger="hydra_preempt"):
+        outcome = run(train, tmp_path, CONFIG)
+    assert outcome.status is Status.FAILED and "the program's own error" in outcome.message
+    assert "no emergency checkpoint: reading the registered objects' state failed (StopIteration" in caplog.text
