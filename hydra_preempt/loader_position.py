@@ -43,6 +43,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import weakref
 from typing import Any, Iterator
 
 import numpy as np
@@ -195,8 +196,8 @@ class LoaderPosition:
     """The position of a DataLoader (or StatefulDataLoader): passes begun, batches handed out of the
     current one, and the generator states its current pass began from. See the module's text."""
 
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
+    def __init__(self, loader: DataLoader, name: str = "data") -> None:
+        self.loader, self.name = loader, name
         self.stateful = callable(getattr(loader, "state_dict", None)) and callable(
             getattr(loader, "load_state_dict", None)
         )
@@ -225,7 +226,8 @@ class LoaderPosition:
             )
         self.passes = 0  # iter() calls made through iterate()
         self.yielded = 0  # batches handed out by the current pass
-        self.exhausted = False  # the current pass ended
+        self.exhausted = False  # the current pass ended (to its last batch, or its loop was left)
+        self.pass_epoch: int | None = None  # the epoch of epochs() the current pass belongs to
         self._before_pass: dict[str, Any] | None = None  # generator states the current pass began from
         self._before_workers: dict[str, Any] | None = None  # persistent workers: states they were made from
         self._workers_pass = 0  # ... and the pass that made them
@@ -233,6 +235,38 @@ class LoaderPosition:
         self._at_save: dict[str, Any] | None = None  # generator states of the checkpoint (a loaded position)
         self._worker_rng: list[Any] = [None] * self._workers  # each worker's states after its last batch used
         self._pending: list[Any] | None = None  # the states each worker starts its first batch from (a load)
+        self._watch_iterators()
+
+    # -- iterators made elsewhere ---------------------------------------------------
+    def _watch_iterators(self) -> None:
+        """Say once when the program makes an iterator of this loader itself (`iter(loader)`, a plain
+        for): what it draws moves no position, so a resumed run would start that data over. (A
+        DataLoader's __iter__ calls self._get_iterator(): an instance attribute stands in for it,
+        holding this position weakly; release() removes it.)"""
+        position, make = weakref.ref(self), self.loader._get_iterator
+        self._own_iterator = self._said_elsewhere = False
+
+        def watched() -> Any:
+            me = position()
+            if me is not None and not me._own_iterator:
+                me._say_iterated_elsewhere()
+            return make()
+
+        self.loader._get_iterator = watched  # type: ignore[method-assign]
+
+    def _say_iterated_elsewhere(self) -> None:
+        if not self._said_elsewhere:
+            self._said_elsewhere = True
+            log.warning(
+                "%r, a registered DataLoader, was iterated without session.batches() (iter(loader), a plain for): "
+                "what that draws has no position, so a resumed run starts it over; loop with "
+                "`for batch in session.batches(loader)`, or leave the loader unregistered",
+                self.name,
+            )
+
+    def release(self) -> None:
+        """The run ended: the loader's own _get_iterator again."""
+        self.loader.__dict__.pop("_get_iterator", None)
 
     # -- generators --------------------------------------------------------------
     def _generators(self) -> list[torch.Generator]:
@@ -269,14 +303,21 @@ class LoaderPosition:
         """The pass to run next, or the one in progress (counted from 0)."""
         return self.passes - 1 if self.passes and not self.exhausted else self.passes
 
-    def iterate(self) -> Iterator[Any]:
-        """One pass over the loader; after a load, the rest of the pass in progress, if one was."""
+    def iterate(self, epoch: int | None = None) -> Iterator[Any]:
+        """One pass over the loader, for epoch `epoch` of epochs() (None: outside it); after a load, the
+        rest of the pass in progress, if one was; none if the epoch's pass ended before the save."""
         if self._resuming:
             self._resuming = False
-            if self.passes and not self.exhausted:
+            current = epoch is None or self.pass_epoch in (None, epoch)  # a pass of an earlier epoch is over
+            if self.passes and not self.exhausted and current:
                 return self._counted(self._continue_pass())
             if self._persistent() and self._before_workers is not None:
                 self._remake_workers()
+            if epoch is not None and self.pass_epoch == epoch:  # this epoch's pass ended before the save
+                self._set_rng(self._at_save or self._rng())  # what code before the loop drew leaves no trace
+                self._at_save = None
+                return self._counted(iter(()))
+        self.pass_epoch = epoch
         self.passes, self.yielded, self.exhausted = self.passes + 1, 0, False
         self._before_pass = self._rng()
         if not self._persistent() or getattr(self.loader, "_iterator", None) is None:  # new workers, fresh streams
@@ -308,7 +349,7 @@ class LoaderPosition:
         try:
             if self.stateful:  # it positions itself; only its iter() draws must leave no trace
                 try:
-                    return iter(self.loader)
+                    return self._make_iterator()
                 except Exception as e:  # its own state, loaded only now: a checkpoint edited and signed again
                     raise CheckpointReadError(
                         f"the checkpoint's StatefulDataLoader state does not load into this loader "
@@ -358,9 +399,11 @@ class LoaderPosition:
                 workers._index_sampler = sampler
         if self._workers:
             loader.collate_fn = _CarryRng(collate_fn)
+        self._own_iterator = True
         try:
             return iter(loader)
         finally:
+            self._own_iterator = False
             loader.collate_fn = collate_fn
             if sampler is not None:
                 object.__setattr__(loader, name, original)
@@ -383,6 +426,7 @@ class LoaderPosition:
             "passes": self.passes,
             "yielded": self.yielded,
             "exhausted": self.exhausted,
+            "pass_epoch": self.pass_epoch,
             "at_save": self._rng(),
             "shape": self._shape(),
         }
@@ -409,6 +453,9 @@ class LoaderPosition:
             return ["the loader's position must hold integers passes, yielded (>= 0) and batches (>= -1)"]
         if not isinstance(state.get("exhausted"), bool):
             return ["the loader's position must say whether its pass ended (exhausted)"]
+        pass_epoch = state.get("pass_epoch")
+        if pass_epoch is not None and not (type(pass_epoch) is int and 0 <= pass_epoch < 2**62):
+            return ["the loader's position must hold its pass's epoch as a non-negative integer (pass_epoch)"]
         if changes := _changes(state.get("shape"), self._shape()):
             return [
                 f"the loader changed since the save ({'; '.join(changes)}): its position would land on other "
@@ -479,6 +526,7 @@ class LoaderPosition:
         for g, s in zip(self._generators(), self._at_save["generators"]):
             g.set_state(s)
         self.passes, self.yielded, self.exhausted = state["passes"], state["yielded"], state["exhausted"]
+        self.pass_epoch = state.get("pass_epoch")
         if self.stateful:
             self.loader.load_state_dict(state["loader"])  # type: ignore[attr-defined]
         else:

@@ -148,8 +148,10 @@ class Session:
         self._left_step: StepStart | None = None  # the step the loop was left in (break, return, exception)
         self._planned_epochs: tuple[int, int] | None = None  # (first, count) of epochs(), for the progress total
         self._epoch_passes: list[Any] | None = None  # inside epochs(): the loaders this epoch passed over
+        self._epoch: int | None = None  # inside epochs(): the epoch in progress (saved: a resume lands in it)
+        self._resumed_epoch: int | None = None  # the epoch in progress at the checkpoint restored
+        self._left_pass: Any = None  # a position whose batches() loop was left before its pass ended
         self._pass: Any = None  # the position batches() iterates last (batch_index)
-        self._unused_loaders_said = False
         self.result_written = False  # write_result() wrote result.json: run() leaves it as it is
         # True while the item just handed out by steps()/batches() is the last of its step: the moment
         # for optimizer.step() under gradient accumulation (batches(loader, every=K))
@@ -315,6 +317,7 @@ class Session:
         self._loading = False
         self._restored = True
         self.step = self.resumed_from = int(tree["session"]["step"])
+        self._resumed_epoch = tree["session"].get("epoch")
         log.info("resumed from %s (step %d, saved on %s)", info.path.name, self.step, info.reason)
         if not self.state.holds_data_position():
             log.warning(
@@ -374,14 +377,15 @@ class Session:
             )
             batches = iter(loader)
         else:
-            batches = position.iterate()
+            self._end_left_pass()
+            batches = position.iterate(self._epoch)
         total = 0  # unknown: the progress line shows the step alone
         if self._planned_epochs is not None and position is not None and position.batches_per_pass() > 0:
             per_pass, done = -(-position.batches_per_pass() // every), -(-position.yielded // every)
             total = self.step + per_pass * (self._planned_epochs[1] - position.epoch) - done
         ends_pass = (lambda: position.yielded == position.batches_per_pass()) if position is not None else None
         self._pass = position
-        return self._stepping(lambda: next(batches), every, total, ends_pass)
+        return self._stepping(lambda: next(batches), every, total, ends_pass, position)
 
     @property
     def batch_index(self) -> int | None:
@@ -401,17 +405,28 @@ class Session:
                 if not positions or loader is not None
                 else "epochs(): more than one DataLoader is registered; name the one that counts: epochs(n, loader=...)"
             )
-        first = positions[0].epoch
+        # the epoch in progress at the checkpoint, until its loop body ended (a resume at its last step runs
+        # the code after its batches() loops, a per-epoch scheduler step); else the loader's (older checkpoints)
+        first = self._resumed_epoch if self._resumed_epoch is not None else positions[0].epoch
         self._planned_epochs = (first, count)
         return self._epochs(first, count)
 
     def _epochs(self, first: int, count: int) -> Iterator[int]:
         try:
             for epoch in range(first, count):
-                self._epoch_passes = []
+                self._end_left_pass()  # a pass left early is over: the next epoch starts the next pass
+                self._epoch_passes, self._epoch = [], epoch
                 yield epoch
         finally:
-            self._epoch_passes = None
+            self._epoch_passes = self._epoch = None
+
+    def _end_left_pass(self) -> None:
+        """A batches() loop left before its pass ended (break, return) ended that pass: a save from
+        here on (session.save() after the loop, another loader's loop, the final one) holds it ended,
+        so that a resume does not go on with the batches the run never trained. Not applied by an
+        emergency save: an exception cut that pass short, and a resume continues it."""
+        if self._left_pass is not None:
+            self._left_pass.exhausted, self._left_pass = True, None
 
     def _check_no_open_step(self, what: str) -> None:
         if self._open_step is not None:
@@ -446,9 +461,11 @@ class Session:
         per_step: int,
         total: int,
         ends_pass: Callable[[], bool] | None = None,
+        position: Any = None,
     ) -> Iterator[Any]:
         """Steps of `per_step` items each, until next_item() raises StopIteration; a step also ends
-        with the item after which `ends_pass()` is true (the last batch of an epoch)."""
+        with the item after which `ends_pass()` is true (the last batch of an epoch). `position`: the
+        registered loader's whose pass this is (a loop left before it ends ends the pass)."""
         progress = self._progress
         if progress is not None:
             progress.start(self.step)
@@ -472,7 +489,6 @@ class Session:
                     self._open_step = None
                     return
                 self._end_step()
-                self._say_unused_loaders()
                 if progress is not None:
                     last = self.last_checkpoint
                     progress.update(self.step, total, *((last.step, last.created) if last else (None, None)))
@@ -480,19 +496,8 @@ class Session:
             self.watchdog.stop_watching()
             if progress is not None:
                 progress.close()
-
-    def _say_unused_loaders(self) -> None:
-        """Once: a registered DataLoader that steps went by without (iterated with a plain for, not
-        batches()) has no position to save, so a resumed run would start it over."""
-        if self._unused_loaders_said:
-            return
-        self._unused_loaders_said = True
-        positions = self.state.positions()
-        if positions and not any(p.passes for p in positions):
-            log.warning(
-                "a registered DataLoader was not iterated through session.batches(loader): its position is not "
-                "saved and a resumed run starts it over; loop with `for batch in session.batches(loader)`"
-            )
+            if position is not None and not position.exhausted:
+                self._left_pass = position
 
     def _leave_step(self) -> None:
         """The loop was left inside a step (break, return, an exception), so that the step a checkpoint
@@ -500,10 +505,11 @@ class Session:
         - if the step's update ran (an optimizer step, a buffer or a parameter changed: the fingerprint
           moved), the step counts as done, without its boundary's work (saves, stop requests, the
           ranks' agreement: the loop is gone); an exception undoes that (emergency_save);
-        - if nothing changed, the step never was: a later save holds the state it started from (its
-          random generators and data position before the step took them), on single-rank runs; unless
-          an object too large to copy at each step start was not (StateRegistry.step_start): its state
-          there is unknown, so the step counts as done."""
+        - if nothing changed, the step is not counted (an exception then saves the state it started
+          from: emergency_save); unless an object too large to copy at each step start was not
+          (StateRegistry.step_start): its state there is unknown, so the step counts as done.
+        A later save (session.save() after a `break`, the final one) holds the state as it is then,
+        the pass of the loop left ended (_end_left_pass), as the run goes on from it."""
         start, self._open_step = self._open_step, None
         self._left_step = start
         if start is None or self.state.can_return_to(start):
@@ -531,7 +537,10 @@ class Session:
         if bad is not None:
             log.warning("save() at step %d skipped: %s; a non-finite state is never saved", self.step, bad)
             return None
-        return self._save(reason, self._last_step_metrics)
+        self._end_left_pass()
+        saved = self._save(reason, self._last_step_metrics)
+        self._left_step = None  # a loop left before this save was left on purpose: an exception later is no part of it
+        return saved
 
     def save_final(self) -> CheckpointInfo | None:
         """The checkpoint of a finished run (nothing is written if this state is on disk already).
@@ -540,6 +549,7 @@ class Session:
         bad = self._non_finite_on_any_rank()
         if bad is not None:
             self._stop_diverged(f"training ended with {bad} at step {self.step}")
+        self._end_left_pass()
         return self._save("final", self._last_step_metrics)
 
     def write_result(self, result: dict[str, Any]) -> Path:
@@ -751,11 +761,8 @@ class Session:
             raise CheckpointReadError(
                 "restoring the checkpoint failed part way: no checkpoint is written from this state"
             )
-        left = self._left_step
-        if left is not None and left.rng and left.step == self.step and self.state.can_return_to(left):
-            return self.state.tree_at(left, self._detector_state())  # the loop was left before the update
         ranks = gather_to_rank0(self.state.rank_state())
-        return self.state.tree(self.step, ranks, self._detector_state()) if ranks is not None else None
+        return self.state.tree(self.step, ranks, self._detector_state(), self._epoch) if ranks is not None else None
 
     def _shards(self) -> dict[str, Any] | None:
         return self.state.sharded_state() if self.state.sharded else None
@@ -785,12 +792,14 @@ class Session:
             )
         try:
             if start is None:
-                tree = self.state.tree(self.step, [self.state.rank_state()], self._detector_state())
+                tree = self.state.tree(self.step, [self.state.rank_state()], self._detector_state(), self._epoch)
             else:  # nothing was updated yet: the state is the one the step started from
-                tree = self.state.tree_at(start, self._detector_state())
+                tree = self.state.tree_at(start, self._detector_state(), self._epoch)
         except Exception as e:  # an object's state_dict() raised (a StopIteration too): never out of here
             return None, f"reading the registered objects' state failed ({type(e).__name__}: {e})"[:400]
         step = tree["session"]["step"]
+        if self.last_checkpoint is not None and self.last_checkpoint.step == step:
+            return self.last_checkpoint, ""  # this step is on disk already (a save after a loop left early)
         try:
             return self.checkpointer.save(step, "emergency", {}, tree, self._shards()), ""
         except HydraPreemptError as e:

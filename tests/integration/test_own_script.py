@@ -7,6 +7,7 @@ script shows and for the watchdog.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -30,6 +31,19 @@ from tools.train_process import run_signalled, signal_group, signal_like_slurmst
 
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 3
+
+
+@pytest.fixture(autouse=True)
+def no_worker_outlives_its_test():
+    """DataLoader workers a test leaves (an iterator in a reference cycle, persistent workers of a
+    loader used outside a run) would be signalled by the next test's signal_like_slurmstepd, unshielded,
+    and torch's SIGCHLD handler would raise their death into that test's run."""
+    before = set(multiprocessing.active_children())
+    yield
+    gc.collect()  # an iterator freed now shuts its workers down itself
+    for child in set(multiprocessing.active_children()) - before:
+        child.terminate()  # its parent's SIGTERM: a DataLoader worker exits 0
+        child.join(5)
 
 
 def make_loader(kind: str, dataset: TensorDataset, workers: int):
@@ -116,13 +130,25 @@ def digest(model: torch.nn.Module) -> str:
     return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
 
 
-def script(kind="shuffle", workers=0, every=1, signal_at=(), leave_at=None, register_data=True, validate=False):
+def script(
+    kind="shuffle",
+    workers=0,
+    every=1,
+    signal_at=(),
+    leave_at=None,
+    register_data=True,
+    validate=False,
+    shorten=False,
+    crash_after_save=False,
+):
     """The training function of a user's script: an epoch loop over a standard loader, dropout.
 
     signal_at: steps at whose start SIGTERM goes to the process and its DataLoader workers, from another
     process, as slurmstepd sends it to every process of a step; leave_at (step, "before"|"after"):
-    break out of the loops before or after that step's optimizer update; validate: an evaluation over a
-    shuffled validation loader at the start of each epoch (it draws from the global generator)."""
+    break out of the loops before or after that step's optimizer update (with `shorten`, out of that
+    epoch's batches() loop only, then session.save(), then an exception with `crash_after_save`);
+    validate: an evaluation over a shuffled validation loader at the start of each epoch (it draws
+    from the global generator)."""
 
     def train(session):
         torch.manual_seed(0)
@@ -149,7 +175,9 @@ def script(kind="shuffle", workers=0, every=1, signal_at=(), leave_at=None, regi
                     signal_like_slurmstepd(signal.SIGTERM)
                 loss = torch.nn.functional.mse_loss(model(xb), yb) / every
                 loss.backward()
-                if leave_at == (session.step, "before"):
+                if leave_at == (session.step, "before") and seen[-1:] != [None]:
+                    seen.append(None)  # once: a step without an update is not counted, session.step stays
+                    optimizer.zero_grad()  # no gradient of it reaches the next update
                     break
                 if session.update_due:  # the step's last batch: every-th, or the epoch's last
                     optimizer.step()
@@ -160,7 +188,11 @@ def script(kind="shuffle", workers=0, every=1, signal_at=(), leave_at=None, regi
                 seen.append(int(xb[0, 0].mul(1e4).round()))
             else:
                 continue
-            break
+            if not shorten:
+                break
+            session.save()
+            if crash_after_save:
+                raise RuntimeError("after the shortened epoch's save")
         return {"params": digest(model), "step": session.step}
 
     return train
@@ -232,17 +264,22 @@ def test_without_a_registered_loader_a_resume_warns_once_what_to_do(tmp_path, ca
 
 
 @pytest.mark.parametrize("where", ["after", "before"])
-def test_leaving_the_loop_inside_a_step_saves_the_step_its_state_is_at(tmp_path, where):
-    """An early stop at step 10 (index 9): after the update the run ends at step 10 holding it; before
-    the update, at step 9 holding the state step 10 started from. Either continues exactly."""
-    reference = run(script(), tmp_path / "reference", CONFIG)
+def test_leaving_the_loop_inside_a_step_saves_the_step_its_state_is_at_and_ends_the_epoch(tmp_path, where):
+    """An early stop at step 10 (index 9, epoch 1 of 7-batch epochs): after the update the run ends at
+    step 10 holding it; before the update, at step 9 (a step without an update is not counted). The
+    epoch left early is over: a run continued from it goes on with the next epoch, as a run that only
+    cut that epoch short does; and so does one that crashed after the save that followed the cut."""
+    shortened = run(script(leave_at=(9, where), shorten=True), tmp_path / "shortened", CONFIG)
     stopped = run(script(leave_at=(9, where)), tmp_path / "run", CONFIG)
     expected = 10 if where == "after" else 9
     assert (stopped.exit_code, stopped.step, stopped.result["step"]) == (ExitCode.FINISHED, expected, expected)
     manifest = json.loads((tmp_path / "run" / "checkpoints" / f"step-{expected:09d}" / "MANIFEST.json").read_text())
     assert manifest["reason"] in ("final", "periodic")
     continued = run(script(), tmp_path / "run", CONFIG)
-    assert continued.result == reference.result
+    assert continued.result == shortened.result and shortened.result["step"] == expected + 7
+    crashed = run(script(leave_at=(9, where), shorten=True, crash_after_save=True), tmp_path / "crashed", CONFIG)
+    assert crashed.exit_code == ExitCode.FAILED and crashed.step == expected
+    assert run(script(), tmp_path / "crashed", CONFIG).result == shortened.result
 
 
 def test_an_exception_after_the_update_does_not_count_its_step(tmp_path):
@@ -441,9 +478,18 @@ def test_misuses_of_the_loops_are_one_line(tmp_path, caplog):
         for _ in session.steps(3):
             next(batches)
 
+    def auxiliary(session):  # the main loader through batches(), an auxiliary batch per step drawn directly
+        aux = DataLoader(TensorDataset(torch.arange(8.0)), batch_size=2, shuffle=True)
+        session.register(data=loader, aux=aux)
+        for _ in session.epochs(2, loader=loader):
+            for _ in session.batches(loader):
+                next(iter(aux))
+
     with caplog.at_level(logging.WARNING, logger="hydra_preempt"):
         run(plain_for, tmp_path / "plain", CONFIG)
-    assert sum("not iterated through session.batches" in r.message for r in caplog.records) == 1
+        run(auxiliary, tmp_path / "auxiliary", CONFIG)
+    said = [r.getMessage() for r in caplog.records if "was iterated without session.batches()" in r.getMessage()]
+    assert [m.split(",")[0] for m in said] == ["'data'", "'aux'"]  # once each
 
 
 @pytest.mark.parametrize(
@@ -470,6 +516,14 @@ def test_a_tampered_position_is_refused_before_anything_loads(tmp_path, change, 
     state = {**position.state_dict(), **change}
     problems = LoaderPosition(position.loader).check_state_dict(state)
     assert problems and said in problems[0], problems
+
+
+def shut_down_workers(*positions) -> None:
+    """Persistent workers end with their loader's iterator: at once, not 5 s each when a collection frees it."""
+    for position in positions:
+        if (iterator := getattr(position.loader, "_iterator", None)) is not None:
+            iterator._shutdown_workers()
+            position.loader._iterator = None
 
 
 def batches_of(position, count=None):
@@ -503,6 +557,7 @@ def test_augmenting_workers_continue_their_streams_batch_by_batch_across_a_save(
     second = LoaderPosition(loader())
     second.load_state_dict(state)
     got = [head + batches_of(second), batches_of(second)]
+    shut_down_workers(reference, first, second)
     for want_pass, got_pass in zip(expected, got):
         assert len(want_pass) == len(got_pass) == 13
         assert all(torch.equal(a, b) for a, b in zip(want_pass, got_pass))
@@ -531,8 +586,10 @@ def test_a_registered_loaders_persistent_workers_serve_a_plain_for_loop_with_pla
 
     x = torch.arange(40.0).reshape(20, 2)
     loader = DataLoader(TensorDataset(x, x.sum(1)), batch_size=5, num_workers=2, persistent_workers=True)
-    assert len(batches_of(LoaderPosition(loader))) == 4
+    position = LoaderPosition(loader)
+    assert len(batches_of(position)) == 4
     plain = [(xb, yb) for xb, yb in loader]
+    shut_down_workers(position)
     assert torch.equal(torch.cat([xb for xb, _ in plain]), x) and plain[0][1].shape == (5,)
 
 
@@ -655,3 +712,44 @@ def test_an_emergency_save_that_cannot_read_the_state_never_raises_out_of_run(tm
         outcome = run(train, tmp_path, CONFIG)
     assert outcome.status is Status.FAILED and "the program's own error" in outcome.message
     assert "no emergency checkpoint: reading the registered objects' state failed (StopIteration" in caplog.text
+
+
+def two_loaders(seen: list, stop_at: int | None = None):
+    """An epoch of a main loader's pass, then an auxiliary loader's, then a per-epoch LR scheduler step."""
+
+    def train(session):
+        torch.manual_seed(0)
+        main = DataLoader(TensorDataset(torch.arange(56.0)), batch_size=8, shuffle=True)
+        aux = DataLoader(TensorDataset(torch.arange(100.0, 124.0)), batch_size=8, shuffle=True, num_workers=2)
+        model = torch.nn.Linear(1, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        session.register(model=model, optimizer=optimizer, scheduler=scheduler, main=main, aux=aux)
+        session.restore()
+        for epoch in session.epochs(3, loader=main):
+            for loader in (main, aux):
+                for (xb,) in session.batches(loader):
+                    if session.step == stop_at:
+                        signal_like_slurmstepd(signal.SIGTERM)
+                    model(xb[:, None]).square().mean().backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    seen.append((epoch, optimizer.param_groups[0]["lr"], *xb.int().tolist()))
+            scheduler.step()
+        return {"params": digest(model), "step": session.step}
+
+    return train
+
+
+def test_two_loaders_in_one_epoch_resume_exactly_wherever_the_stop_lands(tmp_path):
+    """Stops mid-pass of the second loader, at the epoch's last step (its scheduler step comes after),
+    and at the first loader's last step: every step's samples and learning rate as uninterrupted."""
+    reference: list = []
+    expected = run(two_loaders(reference), tmp_path / "reference", CONFIG).result
+    seen: list = []
+    for stop in (8, 19, 26):  # 10 steps an epoch: 7 of main, 3 of aux
+        outcome = run(two_loaders(seen, stop), tmp_path / "run", CONFIG)
+        assert outcome.exit_code == ExitCode.REQUEUE, outcome.message
+    final = run(two_loaders(seen), tmp_path / "run", CONFIG)
+    assert seen == reference and len(reference) == 30, [s[:3] for s in seen]
+    assert final.result == expected
