@@ -269,15 +269,18 @@ class LoaderPosition:
         self.loader.__dict__.pop("_get_iterator", None)
 
     # -- generators --------------------------------------------------------------
-    def _generators(self) -> list[torch.Generator]:
-        """The generators this loader draws from, besides the global one: its own, its sampler's."""
-        found: list[torch.Generator] = []
+    def _generators(self) -> list[Any]:
+        """The generators this loader draws from, besides the global ones: those the loader, its sampler
+        and its batch sampler hold as attributes (`generator`, or any other name: a torch.Generator, a
+        NumPy Generator or RandomState, a random.Random), in attribute order. One held deeper (inside
+        another object) is not found: see the module's text."""
+        found: list[Any] = []
         sampler = getattr(self.loader, "sampler", None)
         batch_sampler = getattr(self.loader, "batch_sampler", None)
         for holder in (self.loader, sampler, getattr(batch_sampler, "sampler", None), batch_sampler):
-            g = getattr(holder, "generator", None)
-            if isinstance(g, torch.Generator) and all(g is not f for f in found):
-                found.append(g)
+            for g in getattr(holder, "__dict__", {}).values():
+                if isinstance(g, _GENERATORS) and all(g is not f for f in found):
+                    found.append(g)
         return found
 
     def _rng(self) -> dict[str, Any]:
@@ -287,7 +290,7 @@ class LoaderPosition:
             "cpu": torch.get_rng_state(),
             "python": random.getstate(),
             "numpy": np.random.get_state(),
-            "generators": [g.get_state() for g in self._generators()],
+            "generators": [_state_of(g) for g in self._generators()],
         }
 
     def _set_rng(self, states: dict[str, Any]) -> None:
@@ -295,7 +298,7 @@ class LoaderPosition:
         random.setstate(states["python"])
         np.random.set_state(states["numpy"])
         for g, s in zip(self._generators(), states["generators"]):
-            g.set_state(s)
+            _set_state(g, s)
 
     # -- passes ------------------------------------------------------------------
     @property
@@ -506,13 +509,17 @@ class LoaderPosition:
         """Whether `states` can be set: tried on throwaway generators, nothing live is touched."""
         if not (isinstance(states, dict) and isinstance(states.get("generators"), list)):
             return False
-        if len(states["generators"]) != len(self._generators()):
+        generators = self._generators()
+        if len(states["generators"]) != len(generators):
             return False
         try:
-            for t in (states["cpu"], *states["generators"]):
-                if not (isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1):
+            if not _is_torch_state(states["cpu"]):
+                return False
+            torch.Generator().set_state(states["cpu"])
+            for g, state in zip(generators, states["generators"]):
+                if isinstance(g, torch.Generator) and not _is_torch_state(state):
                     return False
-                torch.Generator().set_state(t)
+                _set_state(_throwaway_like(g), state)
             random.Random().setstate(states["python"])
             np.random.RandomState().set_state(states["numpy"])
         except (TypeError, ValueError, RuntimeError, KeyError, IndexError):
@@ -524,7 +531,7 @@ class LoaderPosition:
             raise ValueError(problems[0])
         self._at_save = state["at_save"]
         for g, s in zip(self._generators(), self._at_save["generators"]):
-            g.set_state(s)
+            _set_state(g, s)
         self.passes, self.yielded, self.exhausted = state["passes"], state["yielded"], state["exhausted"]
         self.pass_epoch = state.get("pass_epoch")
         if self.stateful:
@@ -597,3 +604,40 @@ def _stateful_disagrees(loader_state: Any, yielded: int) -> str | None:
     if count is not None and not (type(count) is int and count == yielded):
         return f"the StatefulDataLoader's state counts {count!r:.40} batches, its position {yielded}"
     return None
+
+
+_GENERATORS = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
+
+
+def _state_of(generator: Any) -> Any:
+    if isinstance(generator, torch.Generator):
+        return generator.get_state()
+    if isinstance(generator, np.random.Generator):
+        return generator.bit_generator.state
+    if isinstance(generator, np.random.RandomState):
+        return generator.get_state()
+    return generator.getstate()
+
+
+def _set_state(generator: Any, state: Any) -> None:
+    if isinstance(generator, torch.Generator):
+        generator.set_state(state)
+    elif isinstance(generator, np.random.Generator):
+        generator.bit_generator.state = state
+    elif isinstance(generator, np.random.RandomState):
+        generator.set_state(state)
+    else:
+        generator.setstate(state)
+
+
+def _throwaway_like(generator: Any) -> Any:
+    """A new generator of the same kind, to try a saved state on."""
+    if isinstance(generator, np.random.Generator):
+        return np.random.Generator(type(generator.bit_generator)())
+    return next(
+        kind() for kind in (torch.Generator, np.random.RandomState, random.Random) if isinstance(generator, kind)
+    )
+
+
+def _is_torch_state(state: Any) -> bool:
+    return isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1

@@ -67,6 +67,10 @@ def make_loader(kind: str, dataset: TensorDataset, workers: int):
         return DataLoader(dataset, batch_size=32, shuffle=True, persistent_workers=True, **common)
     if kind == "python_random":  # a custom sampler that shuffles with Python's global generator
         return DataLoader(dataset, batch_size=32, sampler=PythonShuffle(len(dataset)), **common)
+    if kind == "own_generators":  # samplers with generators of their own, under names of their own
+        return DataLoader(dataset, batch_sampler=OwnRandomBatches(NumpyShuffle(len(dataset)), 24), **common)
+    if kind == "torch_generator_elsewhere":
+        return DataLoader(dataset, batch_size=32, sampler=TorchShuffle(len(dataset)), **common)
     if kind.startswith("augment"):  # random augmentation inside the workers, as vision pipelines do
         persistent, init = kind == "augment_persistent", seed_numpy_from_torch if kind == "augment_init" else None
         return DataLoader(
@@ -111,6 +115,43 @@ def seed_numpy_from_torch(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+class NumpyShuffle(torch.utils.data.Sampler):
+    """Shuffles with a NumPy Generator of its own."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.rng = n, np.random.default_rng(7)
+
+    def __iter__(self):
+        return iter(self.rng.permutation(self.n).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class TorchShuffle(NumpyShuffle):
+    """Shuffles with a torch.Generator kept under another name than `generator`."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.g = n, torch.Generator().manual_seed(8)
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.g).tolist())
+
+
+class OwnRandomBatches(BatchSampler):
+    """A BatchSampler that drops a random sample of each batch with a random.Random of its own."""
+
+    def __init__(self, sampler, batch_size: int) -> None:
+        super().__init__(sampler, batch_size, drop_last=False)
+        self.chooser = random.Random(5)
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if len(batch) > 1:
+                batch.pop(self.chooser.randrange(len(batch)))
+            yield batch
 
 
 class PythonShuffle(torch.utils.data.Sampler):
@@ -227,6 +268,9 @@ LOADERS = [
     ("distributed", 0),
     ("persistent", 2),
     ("python_random", 0),
+    ("own_generators", 0),
+    ("own_generators", 2),
+    ("torch_generator_elsewhere", 0),
     ("stateful", 0),
     ("stateful", 2),
     ("augment", 0),
