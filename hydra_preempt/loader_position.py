@@ -59,8 +59,18 @@ _END = object()
 
 
 def _worker_rng() -> dict[str, Any]:
-    """This process's global generator states: torch's CPU one, NumPy's, Python's."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's global generator states: torch's CPU one, NumPy's, Python's. Torch's as bytes: a
+    tensor crosses the worker's queue through a shared-memory file of its own, bytes within the pickle."""
+    return {
+        "torch": torch.get_rng_state().numpy().tobytes(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _saved_worker_rng(carried: dict[str, Any]) -> dict[str, Any]:
+    """A worker's states as a checkpoint holds them (torch's as a tensor)."""
+    return {**carried, "torch": torch.frombuffer(bytearray(carried["torch"]), dtype=torch.uint8)}
 
 
 def _set_worker_rng(states: dict[str, Any]) -> None:
@@ -334,7 +344,7 @@ class LoaderPosition:
     def _counted(self, iterator: Iterator[Any]) -> Iterator[Any]:
         for batch in iterator:
             if isinstance(batch, _Carried):
-                self._worker_rng[batch.worker] = batch.rng
+                self._worker_rng[batch.worker] = _saved_worker_rng(batch.rng)
                 batch = batch.batch
             self.yielded += 1
             yield batch

@@ -27,6 +27,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 
 from hydra_preempt import ExitCode, SessionConfig, Status, run
 from hydra_preempt.errors import ConfigError
+from tests.integration.own_script import Augmented  # noise from every global generator in __getitem__
 from tools.train_process import run_signalled, signal_group, signal_like_slurmstepd
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,21 +88,6 @@ def make_loader(kind: str, dataset: TensorDataset, workers: int):
 
         return StatefulDataLoader(dataset, batch_size=32, shuffle=True, **common)
     raise ValueError(kind)
-
-
-class Augmented(torch.utils.data.Dataset):
-    """Noise from torch's, NumPy's and Python's global generators in __getitem__ (a worker's, with workers)."""
-
-    def __init__(self, dataset: TensorDataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        x, y = self.dataset[i]
-        noise = torch.rand_like(x) * 0.1 + float(np.random.uniform(0, 0.1)) + random.random() * 0.1
-        return x + noise, y
 
 
 def jittered(samples):
@@ -547,7 +533,18 @@ def test_misuses_of_the_loops_are_one_line(tmp_path, caplog):
         ({"workers_pass": "x"}, "workers_pass"),
         ({"at_save": {"cpu": torch.zeros(3, dtype=torch.uint8), "generators": []}}, "valid generator states"),
         ({"before_pass": {"cpu": torch.zeros(5056), "generators": []}}, "valid generator states"),
-        ({"worker_rng": [{"torch": torch.zeros(3, dtype=torch.uint8)}]}, "its workers' batches"),
+        (
+            {
+                "worker_rng": [
+                    {
+                        "torch": torch.zeros(3, dtype=torch.uint8),
+                        "numpy": np.random.get_state(),
+                        "python": random.getstate(),
+                    }
+                ]
+            },
+            "its workers' batches",
+        ),
         ({"worker_rng": "x"}, "its workers' batches"),
     ],
 )
