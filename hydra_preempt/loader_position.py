@@ -69,14 +69,26 @@ def _worker_rng() -> dict[str, Any]:
 
 
 def _saved_worker_rng(carried: dict[str, Any]) -> dict[str, Any]:
-    """A worker's states as a checkpoint holds them (torch's as a tensor)."""
-    return {**carried, "torch": torch.frombuffer(bytearray(carried["torch"]), dtype=torch.uint8)}
+    """A worker's states as a checkpoint holds them: torch's as a tensor, Python's words as an array (the
+    position is copied at every step start: an array of 625 words copies at once, a tuple of 625 ints not)."""
+    version, words, gauss = carried["python"]
+    return {
+        "torch": torch.frombuffer(bytearray(carried["torch"]), dtype=torch.uint8),
+        "numpy": carried["numpy"],
+        "python": (version, np.array(words, dtype=np.uint32), gauss),
+    }
+
+
+def _python_state(saved: Any) -> Any:
+    """random.setstate()'s tuple from the saved one."""
+    version, words, gauss = saved
+    return version, tuple(int(w) for w in words), gauss
 
 
 def _set_worker_rng(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
+    random.setstate(_python_state(states["python"]))
 
 
 class _Carried:
@@ -169,7 +181,7 @@ class _PassIterator:
             raise StopIteration
         self.skip_now()
         indices = next(self.inner)
-        if self.pending and (rng := self.pending[self.batch % self.workers]) is not None:
+        if self.pending and isinstance(indices, list) and (rng := self.pending[self.batch % self.workers]) is not None:
             self.pending[self.batch % self.workers] = None
             indices = _Indices(indices, rng)
         self.batch += 1
@@ -236,8 +248,10 @@ class LoaderPosition:
             )
         self.passes = 0  # iter() calls made through iterate()
         self.yielded = 0  # batches handed out by the current pass
-        self.exhausted = False  # the current pass ended (to its last batch, or its loop was left)
+        self.exhausted = False  # the current pass ended (to its last batch, or its loop was left: left_early)
+        self.left_early = False
         self.pass_epoch: int | None = None  # the epoch of epochs() the current pass belongs to
+        self.epoch_in_progress: int | None = None  # the epoch of the epochs() loop this loader counts, while in it
         self._before_pass: dict[str, Any] | None = None  # generator states the current pass began from
         self._before_workers: dict[str, Any] | None = None  # persistent workers: states they were made from
         self._workers_pass = 0  # ... and the pass that made them
@@ -289,7 +303,11 @@ class LoaderPosition:
         batch_sampler = getattr(self.loader, "batch_sampler", None)
         for holder in (self.loader, sampler, getattr(batch_sampler, "sampler", None), batch_sampler):
             for g in getattr(holder, "__dict__", {}).values():
-                if isinstance(g, _GENERATORS) and all(g is not f for f in found):
+                if (
+                    isinstance(g, _GENERATORS)
+                    and not isinstance(g, random.SystemRandom)
+                    and all(g is not f for f in found)
+                ):
                     found.append(g)
         return found
 
@@ -326,11 +344,13 @@ class LoaderPosition:
                 return self._counted(self._continue_pass())
             if self._persistent() and self._before_workers is not None:
                 self._remake_workers()
+            if self.stateful and self.left_early:  # its own state is of the pass left: the next one starts afresh
+                self.loader.next_iter_state = None
             if epoch is not None and self.pass_epoch == epoch:  # this epoch's pass ended before the save
                 self._set_rng(self._at_save or self._rng())  # what code before the loop drew leaves no trace
                 self._at_save = None
                 return self._counted(iter(()))
-        self.pass_epoch = epoch
+        self.pass_epoch, self.left_early = epoch, False
         self.passes, self.yielded, self.exhausted = self.passes + 1, 0, False
         self._before_pass = self._rng()
         if not self._persistent() or getattr(self.loader, "_iterator", None) is None:  # new workers, fresh streams
@@ -349,6 +369,10 @@ class LoaderPosition:
             self.yielded += 1
             yield batch
         self.exhausted = True
+
+    def end_pass(self) -> None:
+        """The program left the pass's loop before its end (break): the pass is over all the same."""
+        self.exhausted = self.left_early = True
 
     def _persistent(self) -> bool:
         return bool(self.loader.persistent_workers and self.loader.num_workers > 0 and not self.stateful)
@@ -372,13 +396,14 @@ class LoaderPosition:
             if self._persistent() and self._before_workers is not None and self._workers_pass < self.passes:
                 self._remake_workers()
             self._set_rng(self._before_pass)
-            sampler = _PassSampler(self._index_sampler(), self.yielded, self._workers, self._pending)
-            if self._workers:
-                sampler.paused = True  # nothing dealt before _deal_from
+            # torch's own iterator deals from a chosen worker; a subclass's own __iter__ is not positioned there
+            dealt = bool(self._workers) and type(self.loader).__iter__ is DataLoader.__iter__
+            sampler = _PassSampler(self._index_sampler(), self.yielded, self._workers, self._pending if dealt else None)
+            sampler.paused = dealt  # nothing dealt before _deal_from
             iterator = self._make_iterator(sampler)
-            if self._workers:
+            if dealt:
                 _deal_from(iterator, self.yielded % self._workers)
-            else:  # draw the sampler's seed now, as the first next() did then
+            elif not self._workers:  # draw the sampler's seed now, as the first next() did then
                 iterator._sampler_iter.skip_now()
             return iterator
         finally:
@@ -439,12 +464,18 @@ class LoaderPosition:
             "passes": self.passes,
             "yielded": self.yielded,
             "exhausted": self.exhausted,
+            "left_early": self.left_early,
             "pass_epoch": self.pass_epoch,
+            "epoch_in_progress": self.epoch_in_progress,
             "at_save": self._rng(),
             "shape": self._shape(),
         }
         if self.stateful:
-            state["loader"] = self.loader.state_dict()  # type: ignore[attr-defined]
+            self._own_iterator = True  # a StatefulDataLoader not iterated yet makes an iterator for its state
+            try:
+                state["loader"] = self.loader.state_dict()  # type: ignore[attr-defined]
+            finally:
+                self._own_iterator = False
         else:
             state["before_pass"] = self._before_pass
             state["before_workers"] = self._before_workers
@@ -466,9 +497,9 @@ class LoaderPosition:
             return ["the loader's position must hold integers passes, yielded (>= 0) and batches (>= -1)"]
         if not isinstance(state.get("exhausted"), bool):
             return ["the loader's position must say whether its pass ended (exhausted)"]
-        pass_epoch = state.get("pass_epoch")
-        if pass_epoch is not None and not (type(pass_epoch) is int and 0 <= pass_epoch < 2**62):
-            return ["the loader's position must hold its pass's epoch as a non-negative integer (pass_epoch)"]
+        for key in ("pass_epoch", "epoch_in_progress"):
+            if (value := state.get(key)) is not None and not (type(value) is int and 0 <= value < 2**62):
+                return [f"the loader's position must hold {key} as a non-negative integer"]
         if changes := _changes(state.get("shape"), self._shape()):
             return [
                 f"the loader changed since the save ({'; '.join(changes)}): its position would land on other "
@@ -543,7 +574,8 @@ class LoaderPosition:
         for g, s in zip(self._generators(), self._at_save["generators"]):
             _set_state(g, s)
         self.passes, self.yielded, self.exhausted = state["passes"], state["yielded"], state["exhausted"]
-        self.pass_epoch = state.get("pass_epoch")
+        self.pass_epoch, self.epoch_in_progress = state.get("pass_epoch"), state.get("epoch_in_progress")
+        self.left_early = state.get("left_early") is True
         if self.stateful:
             self.loader.load_state_dict(state["loader"])  # type: ignore[attr-defined]
         else:
@@ -574,8 +606,8 @@ def _valid_worker_rng(states: Any) -> bool:
     try:
         torch.Generator().set_state(states["torch"])
         np.random.RandomState().set_state(states["numpy"])
-        random.Random().setstate(states["python"])
-    except (TypeError, ValueError, RuntimeError, KeyError, IndexError):
+        random.Random().setstate(_python_state(states["python"]))
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError, OverflowError):
         return False
     return True
 
@@ -644,6 +676,8 @@ def _throwaway_like(generator: Any) -> Any:
     """A new generator of the same kind, to try a saved state on."""
     if isinstance(generator, np.random.Generator):
         return np.random.Generator(type(generator.bit_generator)())
+    if isinstance(generator, torch.Generator):
+        return torch.Generator(device=generator.device)  # a CUDA generator's state is not a CPU one's
     return next(
         kind() for kind in (torch.Generator, np.random.RandomState, random.Random) if isinstance(generator, kind)
     )

@@ -148,9 +148,10 @@ class Session:
         self._left_step: StepStart | None = None  # the step the loop was left in (break, return, exception)
         self._planned_epochs: tuple[int, int] | None = None  # (first, count) of epochs(), for the progress total
         self._epoch_passes: list[Any] | None = None  # inside epochs(): the loaders this epoch passed over
-        self._epoch: int | None = None  # inside epochs(): the epoch in progress (saved: a resume lands in it)
-        self._resumed_epoch: int | None = None  # the epoch in progress at the checkpoint restored
+        self._epoch: int | None = None  # inside epochs(): the epoch in progress
+        self._epoch_position: Any = None  # inside epochs(): the position of the loader that counts them
         self._left_pass: Any = None  # a position whose batches() loop was left before its pass ended
+        self._left_epochs: Any = None  # the counting position of an epochs() loop left before its last epoch
         self._pass: Any = None  # the position batches() iterates last (batch_index)
         self.result_written = False  # write_result() wrote result.json: run() leaves it as it is
         # True while the item just handed out by steps()/batches() is the last of its step: the moment
@@ -317,7 +318,6 @@ class Session:
         self._loading = False
         self._restored = True
         self.step = self.resumed_from = int(tree["session"]["step"])
-        self._resumed_epoch = tree["session"].get("epoch")
         log.info("resumed from %s (step %d, saved on %s)", info.path.name, self.step, info.reason)
         if not self.state.holds_data_position():
             log.warning(
@@ -348,6 +348,7 @@ class Session:
                 raise StopIteration
             return self.step
 
+        self._end_left_pass()
         return self._stepping(next_step, 1, max_steps)
 
     def batches(self, loader: Any, every: int = 1) -> Iterator[Any]:
@@ -405,28 +406,54 @@ class Session:
                 if not positions or loader is not None
                 else "epochs(): more than one DataLoader is registered; name the one that counts: epochs(n, loader=...)"
             )
-        # the epoch in progress at the checkpoint, until its loop body ended (a resume at its last step runs
-        # the code after its batches() loops, a per-epoch scheduler step); else the loader's (older checkpoints)
-        first = self._resumed_epoch if self._resumed_epoch is not None else positions[0].epoch
+        # the epoch in progress at a step boundary's checkpoint (its position holds it): a resume at its last
+        # step runs the code after its batches() loops, a per-epoch scheduler step; else the loader's passes
+        counting = positions[0]
+        first = counting.epoch_in_progress if counting.epoch_in_progress is not None else counting.epoch
         self._planned_epochs = (first, count)
-        return self._epochs(first, count)
+        return self._epochs(first, count, counting)
 
-    def _epochs(self, first: int, count: int) -> Iterator[int]:
+    def _epochs(self, first: int, count: int, counting: Any) -> Iterator[int]:
         try:
             for epoch in range(first, count):
                 self._end_left_pass()  # a pass left early is over: the next epoch starts the next pass
-                self._epoch_passes, self._epoch = [], epoch
+                self._epoch_passes, self._epoch, self._epoch_position = [], epoch, counting
+                counting.epoch_in_progress = epoch
                 yield epoch
+            counting.epoch_in_progress = None
+        except GeneratorExit:  # left by break, or by an exception: an emergency save keeps the epoch
+            self._left_epochs = counting  # any other save ends it (_end_left_pass)
+            raise
         finally:
-            self._epoch_passes = self._epoch = None
+            self._epoch_passes = self._epoch = self._epoch_position = None
+
+    @contextlib.contextmanager
+    def _epoch_done(self) -> Iterator[None]:
+        """A save outside the step boundaries (session.save() after the batches() loops, the final one)
+        holds the epoch in progress as done: a resume starts the next one, and what the epoch's body did
+        before the save (its scheduler step) is not done twice. Only a step boundary's checkpoint lands a
+        resume inside its epoch."""
+        counting = self._epoch_position
+        held, counting_epoch = counting is not None, counting.epoch_in_progress if counting is not None else None
+        if held:
+            counting.epoch_in_progress = None
+        try:
+            yield
+        finally:
+            if held:
+                counting.epoch_in_progress = counting_epoch
 
     def _end_left_pass(self) -> None:
-        """A batches() loop left before its pass ended (break, return) ended that pass: a save from
-        here on (session.save() after the loop, another loader's loop, the final one) holds it ended,
-        so that a resume does not go on with the batches the run never trained. Not applied by an
-        emergency save: an exception cut that pass short, and a resume continues it."""
+        """A batches() loop left before its pass ended (break, return) ended that pass, and an epochs()
+        loop left so ended its epoch: a save from here on (session.save() after the loop, another
+        loop's boundary, the final one) holds them ended, so that a resume does not go on with what the
+        run never trained. Not applied by an emergency save: an exception cut them short, and a resume
+        continues them."""
         if self._left_pass is not None:
-            self._left_pass.exhausted, self._left_pass = True, None
+            self._left_pass.end_pass()
+            self._left_pass = None
+        if self._left_epochs is not None:
+            self._left_epochs.epoch_in_progress, self._left_epochs = None, None
 
     def _check_no_open_step(self, what: str) -> None:
         if self._open_step is not None:
@@ -538,7 +565,8 @@ class Session:
             log.warning("save() at step %d skipped: %s; a non-finite state is never saved", self.step, bad)
             return None
         self._end_left_pass()
-        saved = self._save(reason, self._last_step_metrics)
+        with self._epoch_done():
+            saved = self._save(reason, self._last_step_metrics)
         self._left_step = None  # a loop left before this save was left on purpose: an exception later is no part of it
         return saved
 
@@ -550,7 +578,8 @@ class Session:
         if bad is not None:
             self._stop_diverged(f"training ended with {bad} at step {self.step}")
         self._end_left_pass()
-        return self._save("final", self._last_step_metrics)
+        with self._epoch_done():
+            return self._save("final", self._last_step_metrics)
 
     def write_result(self, result: dict[str, Any]) -> Path:
         """Write result.json atomically (rank 0 only). If it cannot be written (disk full) training is
@@ -762,7 +791,7 @@ class Session:
                 "restoring the checkpoint failed part way: no checkpoint is written from this state"
             )
         ranks = gather_to_rank0(self.state.rank_state())
-        return self.state.tree(self.step, ranks, self._detector_state(), self._epoch) if ranks is not None else None
+        return self.state.tree(self.step, ranks, self._detector_state()) if ranks is not None else None
 
     def _shards(self) -> dict[str, Any] | None:
         return self.state.sharded_state() if self.state.sharded else None
@@ -792,9 +821,9 @@ class Session:
             )
         try:
             if start is None:
-                tree = self.state.tree(self.step, [self.state.rank_state()], self._detector_state(), self._epoch)
+                tree = self.state.tree(self.step, [self.state.rank_state()], self._detector_state())
             else:  # nothing was updated yet: the state is the one the step started from
-                tree = self.state.tree_at(start, self._detector_state(), self._epoch)
+                tree = self.state.tree_at(start, self._detector_state())
         except Exception as e:  # an object's state_dict() raised (a StopIteration too): never out of here
             return None, f"reading the registered objects' state failed ({type(e).__name__}: {e})"[:400]
         step = tree["session"]["step"]

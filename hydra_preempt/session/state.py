@@ -3,8 +3,7 @@
 The state tree of a checkpoint (written by rank 0):
     {"objects": {name: state_dict of each shared object},
      "ranks":   [{"objects": {name: state_dict of each per-rank object}, "rng": {...}} per rank],
-     "session": {"step": completed steps, "detector": the divergence detector's state,
-                 "epoch": the epoch of epochs() in progress, or None}}
+     "session": {"step": completed steps, "detector": the divergence detector's state}}
 Sharded objects (a module whose parameters are DTensors, as with FSDP2 or
 tensor parallelism, and its optimizer) are not in the tree: every rank
 writes its own shards (checkpoint/sharded.py), taken and set with
@@ -233,9 +232,6 @@ def check_tree(tree: Any, step: int, detector: Any = None) -> None:
             _check_rng(own["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise ValueError(f"rank {rank}'s RNG state is not valid ({type(e).__name__}: {e})"[:300]) from None
-    epoch = session.get("epoch")
-    if epoch is not None and not (type(epoch) is int and 0 <= epoch < 2**62):
-        raise ValueError(f"the epoch in progress must be a non-negative integer, not {epoch!r:.40}")
     saved_detector = session.get("detector")
     if detector is not None and saved_detector is not None:
         try:
@@ -372,15 +368,13 @@ class StateRegistry:
         """`capture_rng()`, Python's and NumPy's generators read only when they moved."""
         return capture_rng(self._python_rng.state(), self._numpy_rng.state())
 
-    def tree(
-        self, step: int, ranks: list[dict[str, Any]], detector: dict | None, epoch: int | None = None
-    ) -> dict[str, Any]:
+    def tree(self, step: int, ranks: list[dict[str, Any]], detector: dict | None) -> dict[str, Any]:
         shared = {
             name: obj.state_dict()
             for name, obj in self.objects.items()
             if name not in self.per_rank and name not in self.sharded
         }
-        return {"objects": shared, "ranks": ranks, "session": {"step": step, "detector": detector, "epoch": epoch}}
+        return {"objects": shared, "ranks": ranks, "session": {"step": step, "detector": detector}}
 
     def check(
         self, tree: dict[str, Any], sharded: tuple[str, ...], rank: int, world_size: int, where: str, cast: bool = False
@@ -532,7 +526,7 @@ class StateRegistry:
         """tree_at(start) holds the state the step started from: nothing changed, and every object was copied."""
         return not start.uncopied and self.unchanged_since(start)
 
-    def tree_at(self, start: StepStart, detector: dict | None, epoch: int | None = None) -> dict[str, Any]:
+    def tree_at(self, start: StepStart, detector: dict | None) -> dict[str, Any]:
         """The single-rank tree of the state `start` was taken at; valid while `can_return_to(start)`."""
         objects = {
             n: o.state_dict() if _checked_in_place(o) else start.copied[n]
@@ -544,7 +538,7 @@ class StateRegistry:
         return {
             "objects": shared,
             "ranks": [{"objects": own, "rng": start.rng}],
-            "session": {"step": start.step, "detector": detector, "epoch": epoch},
+            "session": {"step": start.step, "detector": detector},
         }
 
     def fingerprint(self) -> tuple:

@@ -293,23 +293,24 @@ def test_without_a_registered_loader_a_resume_warns_once_what_to_do(tmp_path, ca
     assert len(warnings) == 1 and "session.register(data=loader)" in warnings[0]
 
 
+@pytest.mark.parametrize("kind", ["shuffle", "stateful"])
 @pytest.mark.parametrize("where", ["after", "before"])
-def test_leaving_the_loop_inside_a_step_saves_the_step_its_state_is_at_and_ends_the_epoch(tmp_path, where):
+def test_leaving_the_loop_inside_a_step_saves_the_step_its_state_is_at_and_ends_the_epoch(tmp_path, where, kind):
     """An early stop at step 10 (index 9, epoch 1 of 7-batch epochs): after the update the run ends at
     step 10 holding it; before the update, at step 9 (a step without an update is not counted). The
     epoch left early is over: a run continued from it goes on with the next epoch, as a run that only
     cut that epoch short does; and so does one that crashed after the save that followed the cut."""
-    shortened = run(script(leave_at=(9, where), shorten=True), tmp_path / "shortened", CONFIG)
-    stopped = run(script(leave_at=(9, where)), tmp_path / "run", CONFIG)
+    shortened = run(script(kind, leave_at=(9, where), shorten=True), tmp_path / "shortened", CONFIG)
+    stopped = run(script(kind, leave_at=(9, where)), tmp_path / "run", CONFIG)
     expected = 10 if where == "after" else 9
     assert (stopped.exit_code, stopped.step, stopped.result["step"]) == (ExitCode.FINISHED, expected, expected)
     manifest = json.loads((tmp_path / "run" / "checkpoints" / f"step-{expected:09d}" / "MANIFEST.json").read_text())
     assert manifest["reason"] in ("final", "periodic")
-    continued = run(script(), tmp_path / "run", CONFIG)
+    continued = run(script(kind), tmp_path / "run", CONFIG)
     assert continued.result == shortened.result and shortened.result["step"] == expected + 7
-    crashed = run(script(leave_at=(9, where), shorten=True, crash_after_save=True), tmp_path / "crashed", CONFIG)
+    crashed = run(script(kind, leave_at=(9, where), shorten=True, crash_after_save=True), tmp_path / "crashed", CONFIG)
     assert crashed.exit_code == ExitCode.FAILED and crashed.step == expected
-    assert run(script(), tmp_path / "crashed", CONFIG).result == shortened.result
+    assert run(script(kind), tmp_path / "crashed", CONFIG).result == shortened.result
 
 
 def test_an_exception_after_the_update_does_not_count_its_step(tmp_path):
@@ -755,8 +756,9 @@ def test_an_emergency_save_that_cannot_read_the_state_never_raises_out_of_run(tm
     assert "no emergency checkpoint: reading the registered objects' state failed (StopIteration" in caplog.text
 
 
-def two_loaders(seen: list, stop_at: int | None = None):
-    """An epoch of a main loader's pass, then an auxiliary loader's, then a per-epoch LR scheduler step."""
+def two_loaders(seen: list, stop_at: int | None = None, fail_epoch_end: int | None = None, save_each_epoch=False):
+    """An epoch of a main loader's pass, then an auxiliary loader's, then a per-epoch LR scheduler step
+    (an exception just before it in epoch `fail_epoch_end`; with `save_each_epoch`, session.save() after it)."""
 
     def train(session):
         torch.manual_seed(0)
@@ -776,7 +778,11 @@ def two_loaders(seen: list, stop_at: int | None = None):
                     optimizer.step()
                     optimizer.zero_grad()
                     seen.append((epoch, optimizer.param_groups[0]["lr"], *xb.int().tolist()))
+            if epoch == fail_epoch_end:
+                raise RuntimeError("in the epoch's end, outside its steps")
             scheduler.step()
+            if save_each_epoch:
+                session.save()  # the epoch's end done: a resume must not step the scheduler again
         return {"params": digest(model), "step": session.step}
 
     return train
@@ -794,3 +800,38 @@ def test_two_loaders_in_one_epoch_resume_exactly_wherever_the_stop_lands(tmp_pat
     final = run(two_loaders(seen), tmp_path / "run", CONFIG)
     assert seen == reference and len(reference) == 30, [s[:3] for s in seen]
     assert final.result == expected
+
+
+MANUAL_SAVES_ONLY = SessionConfig.from_mapping({"checkpoint": {"every_steps": None, "emergency": False}})
+
+
+@pytest.mark.parametrize("save_each_epoch", [False, True], ids=["emergency", "saved-after-the-scheduler"])
+def test_an_exception_at_an_epochs_end_resumes_into_that_end_once(tmp_path, save_each_epoch):
+    """An exception between an epoch's loops and its scheduler step. Its emergency checkpoint keeps the
+    epoch in progress: the resume runs that end, once. Without one, the newest checkpoint is the
+    session.save() after the previous epoch's scheduler step, which counts that epoch done: the resume
+    starts the next one and steps no scheduler twice."""
+    config = MANUAL_SAVES_ONLY if save_each_epoch else CONFIG
+    expected = run(two_loaders([], save_each_epoch=save_each_epoch), tmp_path / "reference", config).result
+    crashed = run(two_loaders([], fail_epoch_end=1, save_each_epoch=save_each_epoch), tmp_path / "run", config)
+    assert crashed.exit_code == ExitCode.FAILED
+    assert run(two_loaders([], save_each_epoch=save_each_epoch), tmp_path / "run", config).result == expected
+
+
+def test_a_loader_without_batching_and_with_workers_resumes_mid_pass():
+    """batch_size=None: the sampler gives single indices, which carry no worker states (not positioned)."""
+    from hydra_preempt.loader_position import LoaderPosition
+
+    def loader():
+        return DataLoader(
+            TensorDataset(torch.arange(12.0), torch.arange(12.0)), batch_size=None, shuffle=True, num_workers=2
+        )
+
+    torch.manual_seed(0)
+    reference = batches_of(LoaderPosition(loader()))
+    torch.manual_seed(0)
+    first = LoaderPosition(loader())
+    head = batches_of(first, 5)
+    second = LoaderPosition(loader())
+    second.load_state_dict(first.state_dict())
+    assert [int(x) for x in head + batches_of(second)] == [int(x) for x in reference]
