@@ -556,13 +556,11 @@ class LoaderPosition:
         try:
             if not _is_torch_state(states["cpu"]):
                 return False
-            torch.Generator().set_state(states["cpu"])
+            _try_global_states(states["cpu"], states["numpy"], states["python"])
             for g, state in zip(generators, states["generators"]):
                 if isinstance(g, torch.Generator) and not _is_torch_state(state):
                     return False
                 _set_state(_throwaway_like(g), state)
-            random.Random().setstate(states["python"])
-            np.random.RandomState().set_state(states["numpy"])
         except (TypeError, ValueError, RuntimeError, KeyError, IndexError):
             return False
         return True
@@ -604,12 +602,18 @@ def _valid_worker_rng(states: Any) -> bool:
     if not (isinstance(states, dict) and isinstance(states.get("torch"), torch.Tensor)):
         return False
     try:
-        torch.Generator().set_state(states["torch"])
-        np.random.RandomState().set_state(states["numpy"])
-        random.Random().setstate(_python_state(states["python"]))
+        _try_global_states(states["torch"], states["numpy"], _python_state(states["python"]))
     except (TypeError, ValueError, RuntimeError, KeyError, IndexError, OverflowError):
         return False
     return True
+
+
+def _try_global_states(torch_state: Any, numpy_state: Any, python_state: Any) -> None:
+    """Set the states of torch's, NumPy's and Python's global generators on throwaway ones: what they
+    would refuse raises, nothing live is touched."""
+    torch.Generator().set_state(torch_state)
+    np.random.RandomState().set_state(numpy_state)
+    random.Random().setstate(python_state)
 
 
 def _changes(saved: Any, now: dict[str, Any]) -> list[str]:

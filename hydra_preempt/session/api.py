@@ -434,14 +434,14 @@ class Session:
         before the save (its scheduler step) is not done twice. Only a step boundary's checkpoint lands a
         resume inside its epoch."""
         counting = self._epoch_position
-        held, counting_epoch = counting is not None, counting.epoch_in_progress if counting is not None else None
-        if held:
-            counting.epoch_in_progress = None
+        if counting is None:
+            yield
+            return
+        kept, counting.epoch_in_progress = counting.epoch_in_progress, None
         try:
             yield
         finally:
-            if held:
-                counting.epoch_in_progress = counting_epoch
+            counting.epoch_in_progress = kept
 
     def _end_left_pass(self) -> None:
         """A batches() loop left before its pass ended (break, return) ended that pass, and an epochs()
