@@ -171,6 +171,17 @@ def preempt_each_at_step(jobs: list[tuple[str, Path]], step: int) -> None:
         release_when_pending(job_id)
 
 
+def final_sacct_states(job_id: str, timeout: float = 60.0) -> list[str]:
+    """sacct's states of every run of a job that has ended, once the accounting has its last run's end
+    (slurmdbd lags the controller: a job squeue shows COMPLETED may still be RUNNING in sacct)."""
+
+    def recorded():
+        states = [state for state, _ in sacct_states(job_id)]
+        return states if states and state_outcome(states[-1]) not in ("waiting", "running") else None
+
+    return wait_for(recorded, f"the accounting of job {job_id} to record its end", timeout, job_id)
+
+
 def wait_until_final(job_id: str, timeout: float = 600.0, release_requeues: bool = False) -> str:
     """The job's state once it has ended (a PREEMPTED job that is requeued has not); with
     `release_requeues`, each requeue of the job is made eligible at once (as release_when_pending)."""

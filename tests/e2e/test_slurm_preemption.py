@@ -40,7 +40,7 @@ def test_preempted_twice_resumes_exactly(tmp_path, preempt_mode, request):
     starts = [e for e in read_events(run_dir) if e["event"] == "start"]
     assert [s["restart_count"] for s in starts] == [0, 1, 2]
     assert len({s["job_id"] for s in starts}) == 1  # requeued: same job id
-    states = [state for state, _ in sacct_states(job.job_id)]
+    states = helpers.final_sacct_states(job.job_id)
     # REQUEUE: SLURM requeued the job it killed at grace end. CANCEL: the job requeued itself.
     expected = "PREEMPTED" if preempt_mode == "REQUEUE" else "REQUEUED"
     assert states == [expected, expected, "COMPLETED"], states
@@ -87,7 +87,7 @@ def test_two_task_job_preempted_resumes_exactly(tmp_path, preempt_mode, parallel
     assert [s["reason"] for s in history] == ["preempted", "finished"]  # one entry per stop, not per rank
     assert history[1]["resumed_from"] == history[0]["step"] == history[0]["checkpoint_step"]
     assert len([e for e in read_events(run_dir) if e["event"] == "requeue"]) == 1  # rank 0 only
-    assert [s for s, _ in sacct_states(job.job_id)] == ["REQUEUED", "COMPLETED"]
+    assert helpers.final_sacct_states(job.job_id) == ["REQUEUED", "COMPLETED"]
     assert json.loads((run_dir / "result.json").read_text())["params_sha256"] == reference["params_sha256"]
     helpers.record(request.node.name, run_dir)
 
@@ -120,7 +120,7 @@ def test_time_limit_budget_exhausted_ends_failed(tmp_path, preempt_mode):
     stop = stops(run_dir)[-1]
     assert stop["reason"] == "failed" and "time-limit budget exhausted" in stop["message"]
     assert stop["checkpoint_step"] == stop["step"]  # saved before failing
-    assert [s for s, _ in sacct_states(job.job_id)] == ["FAILED"]
+    assert helpers.final_sacct_states(job.job_id) == ["FAILED"]
 
 
 @pytest.mark.parametrize(
