@@ -44,7 +44,7 @@ import itertools
 import logging
 import random
 import weakref
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -204,6 +204,76 @@ class _PassSampler:
         return len(self.sampler)
 
 
+class _SamplerDraws:
+    """Stands in for a sampler without state of its own while a StatefulDataLoader's iterator is made,
+    and records the generator states its draws began from: at its last iter() (a shuffle made there)
+    and at the first next() of that iterator (a lazy one: a WeightedRandomSampler's multinomial).
+    torchdata resumes such a sampler by calling iter() on it again (more than once) and skipping
+    what was used; while a resumed iterator is made (`replay`), each iter() and first next() starts
+    from the recorded states, so the samples skipped and those that follow are the saved run's."""
+
+    def __init__(self, sampler: Any, rng: Callable[[], dict[str, Any]], set_rng: Callable[[Any], None]) -> None:
+        self.sampler, self._rng, self._set_rng = sampler, rng, set_rng
+        self.at_iter: dict[str, Any] | None = None
+        self.at_next: dict[str, Any] | None = None
+        self.replay = False
+        self._last: _FirstNext | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self.replay:
+            self.at_iter, self.at_next = self._rng(), None
+        elif self.at_iter is not None:
+            self._set_rng(self.at_iter)
+        iterator = iter(self.sampler)
+        if _has_state(iterator):  # torchdata's own sampler iterators position themselves
+            return iterator
+        self._last = _FirstNext(iterator, self)
+        return self._last
+
+    def first_next(self) -> None:
+        if not self.replay:
+            self.at_next = self._rng()
+        elif self.at_next is not None:
+            self._set_rng(self.at_next)
+
+    def begin(self) -> None:
+        """Make the first draw of the last iterator now (a resumed one: while the states are replayed)."""
+        if self._last is not None:
+            self._last.begin()
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["sampler"], name)
+
+
+class _FirstNext:
+    """A sampler's iterator that tells its _SamplerDraws of its first next()."""
+
+    def __init__(self, iterator: Iterator[Any], draws: _SamplerDraws) -> None:
+        self._iterator, self._draws, self._begun, self._first = iterator, draws, False, list[Any]()
+
+    def __iter__(self) -> _FirstNext:
+        return self
+
+    def __next__(self) -> Any:
+        if self._first:
+            return self._first.pop()
+        if not self._begun:
+            self._begun = True
+            self._draws.first_next()
+        return next(self._iterator)
+
+    def begin(self) -> None:
+        if not self._begun:
+            self._first = list(itertools.islice(self, 1))
+
+
+def _has_state(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
 def _deal_from(iterator: Any, first_worker: int) -> None:
     """Let a multiprocessing loader iterator made with a paused _PassSampler deal its batches from
     `first_worker` on (torch starts each pass at worker 0), then prefetch as torch would have."""
@@ -259,6 +329,8 @@ class LoaderPosition:
         self._at_save: dict[str, Any] | None = None  # generator states of the checkpoint (a loaded position)
         self._worker_rng: list[Any] = [None] * self._workers  # each worker's states after its last batch used
         self._pending: list[Any] | None = None  # the states each worker starts its first batch from (a load)
+        self._draws: dict[str, _SamplerDraws] = {}
+        self._loaded_draws: dict[str, Any] = {}  # StatefulDataLoader: its stateless samplers' draws this pass
         self._watch_iterators()
 
     # -- iterators made elsewhere ---------------------------------------------------
@@ -311,21 +383,21 @@ class LoaderPosition:
                     found.append(g)
         return found
 
-    def _rng(self) -> dict[str, Any]:
+    def _rng(self, generators: list[Any] | None = None) -> dict[str, Any]:
         """The states of every generator a pass may draw from: torch's, Python's and NumPy's global ones
         (a custom sampler may shuffle with `random`), the loader's and its sampler's."""
         return {
             "cpu": torch.get_rng_state(),
             "python": random.getstate(),
             "numpy": np.random.get_state(),
-            "generators": [_state_of(g) for g in self._generators()],
+            "generators": [_state_of(g) for g in (self._generators() if generators is None else generators)],
         }
 
-    def _set_rng(self, states: dict[str, Any]) -> None:
+    def _set_rng(self, states: dict[str, Any], generators: list[Any] | None = None) -> None:
         torch.set_rng_state(states["cpu"])
         random.setstate(states["python"])
         np.random.set_state(states["numpy"])
-        for g, s in zip(self._generators(), states["generators"]):
+        for g, s in zip(self._generators() if generators is None else generators, states["generators"]):
             _set_state(g, s)
 
     # -- passes ------------------------------------------------------------------
@@ -357,6 +429,8 @@ class LoaderPosition:
             self._worker_rng, self._pending = [None] * self._workers, None
             if self._persistent():
                 self._before_workers, self._workers_pass = self._before_pass, self.passes
+        if self.stateful:
+            return self._counted(self._make_stateful_iterator({}))
         pending = self._pending if self._pending and any(s is not None for s in self._pending) else None
         sampler = _PassSampler(self._index_sampler(), 0, self._workers, pending) if pending else None
         return self._counted(self._make_iterator(sampler))
@@ -384,9 +458,9 @@ class LoaderPosition:
         the loop drew again since restore(), an evaluation at the start of each epoch, leaves no trace)."""
         saved, self._at_save = self._at_save or self._rng(), None
         try:
-            if self.stateful:  # it positions itself; only its iter() draws must leave no trace
+            if self.stateful:  # it positions itself; its samplers' draws are replayed, then leave no trace
                 try:
-                    return self._make_iterator()
+                    return self._make_stateful_iterator(self._loaded_draws)
                 except Exception as e:  # its own state, loaded only now: a checkpoint edited and signed again
                     raise CheckpointReadError(
                         f"the checkpoint's StatefulDataLoader state does not load into this loader "
@@ -408,6 +482,35 @@ class LoaderPosition:
             return iterator
         finally:
             self._set_rng(saved)
+
+    def _make_stateful_iterator(self, replay: dict[str, Any]) -> Any:
+        """iter() of a StatefulDataLoader with its index sampler and a batch sampler's sampler, where
+        they have no state of their own, standing in as _SamplerDraws (they stay with the iterator for
+        its pass; the loader gets its own back at once). `replay`: the draws a resumed pass replays."""
+        generators = self._generators()
+        index = self._index_sampler()
+        inner = getattr(index, "sampler", None)  # a batch sampler's sampler
+        self._draws = {}
+        for name, sampler in (("sampler", inner), ("index", index)):
+            if sampler is not None and not _has_state(sampler):
+                draws = self._draws[name] = _SamplerDraws(
+                    sampler, lambda: self._rng(generators), lambda s: self._set_rng(s, generators)
+                )
+                if name in replay:
+                    draws.at_iter, draws.at_next, draws.replay = replay[name]["iter"], replay[name]["next"], True
+        if "sampler" in self._draws:
+            index.sampler = self._draws["sampler"]
+        try:
+            iterator = self._make_iterator(self._draws.get("index"))
+            for draws in self._draws.values():
+                if draws.replay:
+                    draws.begin()
+            return iterator
+        finally:
+            for draws in self._draws.values():
+                draws.replay = False
+            if "sampler" in self._draws:
+                index.sampler = inner
 
     def _remake_workers(self) -> None:
         """Persistent workers as the saved run made them (the same base seed), given no index to fetch."""
@@ -476,6 +579,7 @@ class LoaderPosition:
                 state["loader"] = self.loader.state_dict()  # type: ignore[attr-defined]
             finally:
                 self._own_iterator = False
+            state["sampler_draws"] = {name: {"iter": d.at_iter, "next": d.at_next} for name, d in self._draws.items()}
         else:
             state["before_pass"] = self._before_pass
             state["before_workers"] = self._before_workers
@@ -516,6 +620,17 @@ class LoaderPosition:
             return ["the loader's position holds no valid generator states of its save"]
         if self.stateful and (problem := _stateful_disagrees(state.get("loader"), state["yielded"])):
             return [problem]
+        draws = state.get("sampler_draws", {})  # none in a checkpoint from before they were recorded
+        if self.stateful and not (
+            isinstance(draws, dict)
+            and all(
+                name in ("sampler", "index")
+                and isinstance(d, dict)
+                and all(d.get(k) is None or self._valid_rng(d[k]) for k in ("iter", "next"))
+                for name, d in draws.items()
+            )
+        ):
+            return ["the loader's position holds invalid generator states of its samplers' draws"]
         if not self.stateful:
             if state["passes"] and not self._valid_rng(state.get("before_pass")):
                 return ["the loader's position lacks valid generator states its pass began from"]
@@ -576,6 +691,7 @@ class LoaderPosition:
         self.left_early = state.get("left_early") is True
         if self.stateful:
             self.loader.load_state_dict(state["loader"])  # type: ignore[attr-defined]
+            self._loaded_draws = state.get("sampler_draws", {})
         else:
             self._before_pass = state["before_pass"]
             self._before_workers = state.get("before_workers")

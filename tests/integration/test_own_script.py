@@ -23,7 +23,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    RandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 from hydra_preempt import ExitCode, SessionConfig, Status, run
 from hydra_preempt.errors import ConfigError
@@ -87,6 +94,16 @@ def make_loader(kind: str, dataset: TensorDataset, workers: int):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         return StatefulDataLoader(dataset, batch_size=32, shuffle=True, **common)
+    if kind.startswith("stateful_"):  # samplers that draw from the global generators and have no state
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        weights = torch.linspace(1, 2, len(dataset))
+        sampler = (
+            PythonShuffle(len(dataset))
+            if kind == "stateful_python_random"
+            else WeightedRandomSampler(weights, len(dataset))
+        )
+        return StatefulDataLoader(dataset, batch_size=32, sampler=sampler, **common)
     raise ValueError(kind)
 
 
@@ -259,6 +276,8 @@ LOADERS = [
     ("torch_generator_elsewhere", 0),
     ("stateful", 0),
     ("stateful", 2),
+    ("stateful_weighted", 0),
+    ("stateful_python_random", 2),
     ("augment", 0),
     ("augment", 2),
     ("augment_init", 3),
@@ -268,7 +287,7 @@ LOADERS = [
 
 @pytest.mark.parametrize("kind,workers", LOADERS, ids=[f"{k}-{w}w" for k, w in LOADERS])
 def test_a_standard_loader_in_an_epoch_loop_resumes_mid_epoch_bit_identically(tmp_path, kind, workers):
-    if kind == "stateful":
+    if kind.startswith("stateful"):
         pytest.importorskip("torchdata.stateful_dataloader", reason="torchdata is not installed")
     reference = run(script(kind, workers), tmp_path / "reference", CONFIG)
     assert reference.exit_code == ExitCode.FINISHED, reference.message
@@ -721,6 +740,8 @@ def test_a_stateful_loaders_state_edited_and_signed_again_is_refused_in_one_line
         else {**state, "loader": {**loader, "_num_yielded": "x"}}
     )
     assert "batches, its position 3" in stateful_position(0, workers).check_state_dict(miscounted)[0]
+    draws = {**state, "sampler_draws": {"index": {"iter": {"cpu": "x"}, "next": None}}}
+    assert "samplers' draws" in stateful_position(0, workers).check_state_dict(draws)[0]
     main["_sampler_iter_state"] = "garbage"  # counts agree: torchdata meets it when the pass begins
     resumed = stateful_position(0, workers)
     resumed.load_state_dict(state)
