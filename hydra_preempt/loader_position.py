@@ -40,6 +40,7 @@ IterableDataset cannot be positioned by a plain DataLoader and is refused.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import random
@@ -284,12 +285,40 @@ def _deal_from(iterator: Any, first_worker: int) -> None:
         iterator._try_put_index()
 
 
+def _structure_copied(state: Any) -> Any:
+    """A copy of `state`'s dicts and lists; its tensors (generator states a state_dict() call makes anew)
+    as they are: a tensor's deepcopy costs ~30 us."""
+    tensors: dict[int, Any] = {}
+    stack = [state]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            tensors[id(obj)] = obj
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+    return copy.deepcopy(state, tensors)
+
+
+def _global_rng() -> tuple[torch.Tensor, Any, Any]:
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
 class LoaderPosition:
     """The position of a DataLoader (or StatefulDataLoader): passes begun, batches handed out of the
     current one, and the generator states its current pass began from. See the module's text."""
 
-    def __init__(self, loader: DataLoader, name: str = "data") -> None:
-        self.loader, self.name = loader, name
+    # state_dict() is made anew at each call and nothing in it is changed later (states recorded at a
+    # pass's start are replaced, never changed), so a step start keeps it without a copy (StateRegistry)
+    state_dict_is_fresh = True
+
+    def __init__(
+        self, loader: DataLoader, name: str = "data", global_rng: Callable[[], tuple[Any, Any, Any]] = _global_rng
+    ) -> None:
+        """`global_rng`: what reads torch's CPU, Python's and NumPy's global generator states (the
+        session's reads Python's and NumPy's only when they moved)."""
+        self.loader, self.name, self._global_rng = loader, name, global_rng
         self.stateful = callable(getattr(loader, "state_dict", None)) and callable(
             getattr(loader, "load_state_dict", None)
         )
@@ -330,6 +359,7 @@ class LoaderPosition:
         self._worker_rng: list[Any] = [None] * self._workers  # each worker's states after its last batch used
         self._pending: list[Any] | None = None  # the states each worker starts its first batch from (a load)
         self._draws: dict[str, _SamplerDraws] = {}
+        self._found_generators: list[Any] | None = None  # _pass_generators()
         self._loaded_draws: dict[str, Any] = {}  # StatefulDataLoader: its stateless samplers' draws this pass
         self._watch_iterators()
 
@@ -386,12 +416,20 @@ class LoaderPosition:
     def _rng(self, generators: list[Any] | None = None) -> dict[str, Any]:
         """The states of every generator a pass may draw from: torch's, Python's and NumPy's global ones
         (a custom sampler may shuffle with `random`), the loader's and its sampler's."""
+        cpu, python, numpy = self._global_rng()
         return {
-            "cpu": torch.get_rng_state(),
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "generators": [_state_of(g) for g in (self._generators() if generators is None else generators)],
+            "cpu": cpu,
+            "python": python,
+            "numpy": numpy,
+            "generators": [_state_of(g) for g in (self._pass_generators() if generators is None else generators)],
         }
+
+    def _pass_generators(self) -> list[Any]:
+        """_generators(), found again at each pass's start and load (a step start records their states:
+        finding them costs more than reading them)."""
+        if self._found_generators is None:
+            self._found_generators = self._generators()
+        return self._found_generators
 
     def _set_rng(self, states: dict[str, Any], generators: list[Any] | None = None) -> None:
         torch.set_rng_state(states["cpu"])
@@ -422,7 +460,7 @@ class LoaderPosition:
                 self._set_rng(self._at_save or self._rng())  # what code before the loop drew leaves no trace
                 self._at_save = None
                 return self._counted(iter(()))
-        self.pass_epoch, self.left_early = epoch, False
+        self.pass_epoch, self.left_early, self._found_generators = epoch, False, None
         self.passes, self.yielded, self.exhausted = self.passes + 1, 0, False
         self._before_pass = self._rng()
         if not self._persistent() or getattr(self.loader, "_iterator", None) is None:  # new workers, fresh streams
@@ -576,7 +614,8 @@ class LoaderPosition:
         if self.stateful:
             self._own_iterator = True  # a StatefulDataLoader not iterated yet makes an iterator for its state
             try:
-                state["loader"] = self.loader.state_dict()  # type: ignore[attr-defined]
+                # torchdata's state may hold its workers' snapshots, which it updates in place
+                state["loader"] = _structure_copied(self.loader.state_dict())  # type: ignore[attr-defined]
             finally:
                 self._own_iterator = False
             state["sampler_draws"] = {name: {"iter": d.at_iter, "next": d.at_next} for name, d in self._draws.items()}
@@ -683,7 +722,7 @@ class LoaderPosition:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if problems := self.check_state_dict(state):
             raise ValueError(problems[0])
-        self._at_save = state["at_save"]
+        self._at_save, self._found_generators = state["at_save"], None
         for g, s in zip(self._generators(), self._at_save["generators"]):
             _set_state(g, s)
         self.passes, self.yielded, self.exhausted = state["passes"], state["yielded"], state["exhausted"]

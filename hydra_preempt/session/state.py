@@ -35,7 +35,7 @@ import struct
 import time
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -99,6 +99,12 @@ class RawWords:
         self._seen_view, self._now_view = self._now_view, self._seen_view
         self._first = False
         return True
+
+
+def _global_rng_reader(python: PythonRngWatch, numpy: NumpyRngWatch) -> Callable[[], tuple[torch.Tensor, Any, Any]]:
+    """What reads torch's CPU, Python's and NumPy's global generator states, the last two through
+    their watches (read only when they moved)."""
+    return lambda: (torch.get_rng_state(), python.state(), numpy.state())
 
 
 class NumpyRngWatch:
@@ -286,7 +292,10 @@ class StateRegistry:
             elif isinstance(obj, DataLoader):  # torch's, or torchdata's StatefulDataLoader
                 if any(p.loader is obj for p in self.positions()):
                     raise ConfigError(f"{name!r}: this DataLoader is registered twice")
-                obj = LoaderPosition(obj, name)
+                # its position records the global generators' states at each step start: read as ours are,
+                # Python's and NumPy's only when they moved (no reference to this registry: the loader's
+                # persistent workers end when the run lets go of it, not at a later garbage collection)
+                obj = LoaderPosition(obj, name, _global_rng_reader(self._python_rng, self._numpy_rng))
             if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
                 raise ConfigError(
                     f"cannot register {name!r}: {type(obj).__name__} has no state_dict()/load_state_dict()"
@@ -503,6 +512,9 @@ class StateRegistry:
             if _checked_in_place(obj) or name in uncopied:
                 continue
             state = obj.state_dict()
+            if getattr(obj, "state_dict_is_fresh", False):  # made anew at each call, never changed later
+                copied[name] = state
+                continue
             if first and (cost_ns := copy_cost_ns(state)) > COPY_LIMIT_NS:
                 uncopied.add(name)
                 _warn_uncopied(name, cost_ns / 1e6)
