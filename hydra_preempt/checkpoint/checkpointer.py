@@ -66,6 +66,8 @@ class _BackgroundWrite:
     error: str | None = None
     finished: float | None = None  # time.monotonic() when the write ended
     snapshot: Snapshot | None = None  # rank 0's staged tree
+    staged: threading.Event | None = None  # set once every array of `snapshot` is copied (see copy_later)
+    changed: list[str] = field(default_factory=list)  # arrays that changed before their copy: not written
     # sharded state: the temporary directory, DCP's writer (rank 0's knows shards.json) and this
     # rank's file once written; rank 0 commits when every rank's is durable
     sharded: tuple[str, ...] = ()
@@ -128,6 +130,7 @@ class Checkpointer:
         self._writer = _Writer()
         self._staging = HostStaging()  # rank 0's tree
         self._shard_staging = HostStaging()  # this rank's shards
+        self._copy_later = True  # until a state copied later was found changed (see save_in_background)
 
     def prepare(self, owner: Callable[[], dict[str, str]] | None = None) -> None:
         """Create the directory, claim it for `owner()` and check it, remove stale temporaries (rank 0,
@@ -213,12 +216,25 @@ class Checkpointer:
 
     # -- background saves ----------------------------------------------------------
     def save_in_background(
-        self, step: int, reason: str, metrics: dict[str, float], tree: Any, shards: dict[str, Any] | None = None
+        self,
+        step: int,
+        reason: str,
+        metrics: dict[str, float],
+        tree: Any,
+        shards: dict[str, Any] | None = None,
+        later: frozenset[int] = frozenset(),
     ) -> bool:
         """Stage the state of `step` (`tree` on rank 0, None elsewhere; `shards` as for `save`) and hand
         it to the writer thread; False if a write is still in flight (this save is skipped). Every rank calls it
         at the same boundary; with sharded state it is a collective (DCP plans the save, rank 0
-        makes the directory), without, it communicates nothing."""
+        makes the directory), without, it communicates nothing.
+
+        `later`: the data_ptr() of CPU tensors that nothing changes before the next optimizer step
+        (parameters and state of torch's optimizers): the writer thread copies them while the next
+        step computes, and the training thread calls wait_staged() before that optimizer step. A
+        copy found changed (the program loaded other weights in place before its next step) is
+        not written; a save is made at the boundary after the next (every rank agrees on it at the next),
+        copied at the boundary from then on."""
         self._periodic_pending = False
         if self._background is not None:
             log.info(
@@ -235,8 +251,9 @@ class Checkpointer:
                 return True  # this state is on disk already
             target = self._write_shard
         elif tree is not None:
-            try:
-                write.snapshot = Snapshot.capture(tree, self._staging)  # the state at this boundary, in host memory
+            try:  # the state at this boundary, in host memory (what `later` names: by the writer, before it changes)
+                write.snapshot = Snapshot.capture(tree, self._staging, later if self._copy_later else frozenset())
+                write.staged = threading.Event()
             except Exception as e:  # surfaces at the next agreement, like a failed write: no rank is left waiting
                 write.error = f"could not stage the checkpoint of step {step}: {first_line(e)}"
             target = self._write_tree
@@ -278,11 +295,25 @@ class Checkpointer:
             write.error = f"the background save of step {write.step} failed: {type(e).__name__}: {e}"
         finally:
             write.finished = time.monotonic()
+            if write.staged is not None:  # never left unset: the training thread waits on it
+                write.staged.set()
             done.set()
 
     def _write_tree(self, write: _BackgroundWrite) -> None:
-        assert write.snapshot is not None
-        write.info = self.store.save(write.snapshot, write.step, write.reason, write.metrics)
+        assert write.snapshot is not None and write.staged is not None
+        try:
+            write.changed = write.snapshot.finish_staging()
+        finally:
+            write.staged.set()
+        if not write.changed:
+            write.info = self.store.save(write.snapshot, write.step, write.reason, write.metrics)
+
+    def wait_staged(self) -> None:
+        """Before the state is changed in place (an optimizer step): the copies of the write in flight
+        that were left for later are done (see save_in_background)."""
+        w = self._background
+        if w is not None and w.staged is not None:
+            w.staged.wait()
 
     def _write_shard(self, write: _BackgroundWrite) -> None:
         assert write.writer is not None
@@ -321,6 +352,16 @@ class Checkpointer:
             info = self._commit_sharded(w, failed)
         elif failed:
             raise CheckpointWriteError(w.error or f"rank 0 could not write the checkpoint of step {w.step}")
+        elif w.changed:
+            self._copy_later, self._periodic_pending = False, True
+            log.warning(
+                "the periodic checkpoint of step %d was not written: %s changed in place before the next optimizer "
+                "step (other weights loaded for an evaluation? a change through .data?); a checkpoint is saved at the "
+                "step boundary after the next, and checkpoints are copied at the boundary from now on",
+                w.step,
+                f"{len(w.changed)} tensor(s) ({w.changed[0]})",
+            )
+            return
         else:
             info = w.info or CheckpointInfo(
                 step=w.step, reason=w.reason, metrics=w.metrics, path=self.store.step_path(w.step)

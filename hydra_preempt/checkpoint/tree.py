@@ -88,7 +88,9 @@ def check_layout(specs: list[ArraySpec], data_size: int) -> None:
         raise ValueError(f"the arrays fill {position} of the {data_size} bytes of the data file")
 
 
-def flatten(tree: Any, staging: HostStaging | None = None) -> tuple[Any, list[Array]]:
+def flatten(
+    tree: Any, staging: HostStaging | None = None, later: frozenset[int] = frozenset()
+) -> tuple[Any, list[Array]]:
     """Return (skeleton, arrays): the skeleton is JSON-able; arrays are on the host, contiguous.
 
     CUDA tensors are copied to pinned host memory (one synchronize at the
@@ -96,7 +98,9 @@ def flatten(tree: Any, staging: HostStaging | None = None) -> tuple[Any, list[Ar
     later while training goes on. CPU tensors are not copied.
 
     With `staging`, every array is copied into its reused host buffers
-    instead, CUDA ones without waiting (`staging.wait()` before reading).
+    instead, CUDA ones without waiting (`staging.wait()` before reading);
+    CPU tensors whose data_ptr() is in `later` are copied by
+    `staging.copy_later()` instead (another thread, while training goes on).
     """
     arrays: list[Array] = []
     has_cuda = [False]
@@ -113,7 +117,8 @@ def flatten(tree: Any, staging: HostStaging | None = None) -> tuple[Any, list[Ar
         if isinstance(value, torch.Tensor):
             if staging is not None:
                 _check_layout(value, path)
-                arrays.append(staging.copy(len(arrays), value.detach()))
+                defer = value.device.type == "cpu" and value.data_ptr() in later
+                arrays.append(staging.copy(len(arrays), value.detach(), defer))
             else:
                 arrays.append(_host_tensor(value, path, has_cuda))
             return {_TENSOR: len(arrays) - 1}
@@ -164,13 +169,19 @@ class HostStaging:
     def __init__(self) -> None:
         self._buffers: list[Array] = []
         self._event: Any = None
+        self._later: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (buffer, source, its version)
 
-    def copy(self, index: int, array: Array) -> Array:
+    def copy(self, index: int, array: Array, later: bool = False) -> Array:
+        """`array` in buffer `index`; `later`: not copied yet, but by copy_later() (a CPU tensor that
+        stays as it is until then)."""
         old = self._buffers[index] if index < len(self._buffers) else None
         if isinstance(array, torch.Tensor):
             if not (isinstance(old, torch.Tensor) and old.shape == array.shape and old.dtype == array.dtype):
                 old = torch.empty(array.shape, dtype=array.dtype, pin_memory=array.is_cuda)
-            old.copy_(array, non_blocking=array.is_cuda)
+            if later:
+                self._later.append((old, array, array._version))
+            else:
+                old.copy_(array, non_blocking=array.is_cuda)
         else:
             if not (isinstance(old, np.ndarray) and old.shape == array.shape and old.dtype == array.dtype):
                 old = np.empty(array.shape, dtype=array.dtype)
@@ -180,6 +191,14 @@ class HostStaging:
         else:
             self._buffers.append(old)
         return old
+
+    def copy_later(self) -> list[str]:
+        """Copy what copy() left for later; the sources that changed in place meanwhile (version
+        counter moved, before or during their copy): their copy is not the captured state."""
+        later, self._later = self._later, []
+        for buffer, source, _ in later:
+            buffer.copy_(source)
+        return [f"{tuple(source.shape)} {source.dtype}" for _, source, version in later if source._version != version]
 
     def copied(self, count: int) -> None:
         """The state had `count` arrays: drop buffers beyond them; mark the point the copies must reach."""

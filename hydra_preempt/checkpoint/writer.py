@@ -23,7 +23,7 @@ from typing import Any
 
 import xxhash
 
-from ..fsutil import create_file, open_regular, read_regular
+from ..fsutil import EarlyWriteback, create_file, open_regular, read_regular
 from .layout import (
     CHECKSUM,
     DATA_FILE,
@@ -45,6 +45,8 @@ from .tree import (
     unflatten,
 )
 
+WRITEBACK_EVERY = 64 << 20  # the disk starts writing each 64 MB of tensors.bin once it is written
+
 
 @dataclass
 class Snapshot:
@@ -55,11 +57,16 @@ class Snapshot:
     staging: HostStaging | None = None
 
     @classmethod
-    def capture(cls, tree: Any, staging: HostStaging | None = None) -> Snapshot:
+    def capture(cls, tree: Any, staging: HostStaging | None = None, later: frozenset[int] = frozenset()) -> Snapshot:
         """With `staging`, every array is copied into its host buffers, so training may go on while
-        this snapshot is written (until the next capture into the same staging)."""
-        skeleton, arrays = flatten(tree, staging)
+        this snapshot is written (until the next capture into the same staging); the CPU tensors
+        whose data_ptr() is in `later` only by finish_staging(), which must run before they change."""
+        skeleton, arrays = flatten(tree, staging, later)
         return cls(skeleton, arrays, staging)
+
+    def finish_staging(self) -> list[str]:
+        """The copies capture() left for later; what changed in place before its copy (see HostStaging.copy_later)."""
+        return self.staging.copy_later() if self.staging is not None else []
 
     @property
     def nbytes(self) -> int:
@@ -79,12 +86,18 @@ def write_checkpoint_files(directory: Path, snapshot: Snapshot, meta: dict, shar
     data_hash = xxhash.xxh3_128()
     offset = 0
     with create_file(directory / DATA_FILE) as f:
+        writeback = EarlyWriteback(f.fileno(), WRITEBACK_EVERY)
         for array in snapshot.arrays:
             view = array_bytes(array)
             specs.append(array_spec(array, offset).to_json())
-            data_hash.update(view)
-            f.write(view)
-            offset += view.nbytes
+            for begin in range(0, view.nbytes, writeback.every):  # the disk starts on a range once it is written
+                part = view[begin : begin + writeback.every]
+                data_hash.update(part)
+                f.write(part)
+                offset += part.nbytes
+                if offset - writeback.started >= writeback.every:
+                    f.flush()
+                    writeback.written(offset)
         f.flush()
         os.fsync(f.fileno())
     state = json.dumps({"format": FORMAT_VERSION, "skeleton": snapshot.skeleton, "arrays": specs}).encode()

@@ -129,6 +129,7 @@ class Session:
         w = self.config.watchdog
         self.watchdog = Watchdog(w.timeout_s, w.min_timeout_s, w.startup_s, w.enabled)  # started by run()
         self.state = StateRegistry()
+        self.state.before_update = self.checkpointer.wait_staged  # a background save's copies end before an update
         self.step = 0  # completed steps
         self.resumed_from: int | None = None
         self.metrics: dict[str, float] = {}  # latest value of every reported metric
@@ -782,7 +783,14 @@ class Session:
         if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
             return
         with self.watchdog.slow_work():  # waits for the save in flight, then stages this one
-            self.checkpointer.save_in_background(self.step, "periodic", metrics, self._tree(), self._shards())
+            self.checkpointer.save_in_background(
+                self.step,
+                "periodic",
+                metrics,
+                self._tree(),
+                self._shards(),
+                self.state.changed_only_by_optimizer_steps(),
+            )
 
     def _tree(self) -> dict[str, Any] | None:
         """The state tree of this step on rank 0 (None elsewhere): a collective, every rank's own part goes to rank 0."""

@@ -284,6 +284,7 @@ class StateRegistry:
         self._uncopied: frozenset[str] | None = None  # objects step_start does not copy, chosen at the first step
         self._python_rng = PythonRngWatch()
         self._numpy_rng = NumpyRngWatch()
+        self.before_update: Callable[[], None] | None = None  # called before each registered optimizer's step()
 
     def register(self, per_rank: bool, **objects: Any) -> None:
         for name, obj in objects.items():
@@ -338,6 +339,8 @@ class StateRegistry:
 
     def _count_optimizer_step(self, *_: Any) -> None:
         self._optimizer_steps += 1
+        if self.before_update is not None:
+            self.before_update()
 
     def _find_sharded(self) -> None:
         """Which modules and optimizers are sharded; refuse what cannot be saved consistently."""
@@ -574,14 +577,31 @@ class StateRegistry:
             *[t._version if t is not None else None for o in scalers for t in (o._scale, o._growth_tracker)],
         )
 
-    def _tensors_changed_outside_optimizers(self) -> list[torch.Tensor]:
-        stepped = {  # torch's own optimizers change their parameters in step() only; others (SAM's
-            id(p)  # first_step(), ...) may change them elsewhere, so their parameters are watched too
+    def _stepped_optimizers(self) -> list[torch.optim.Optimizer]:
+        """torch's own optimizers change their parameters and state in step() only; others (SAM's
+        first_step(), ...) may change them elsewhere."""
+        return [
+            o
             for o in self.objects.values()
             if isinstance(o, torch.optim.Optimizer) and type(o).__module__.startswith("torch.optim")
-            for group in o.param_groups
-            for p in group["params"]
-        }
+        ]
+
+    def changed_only_by_optimizer_steps(self) -> frozenset[int]:
+        """The data_ptr() of the CPU tensors that change only in a registered optimizer's step(): the
+        parameters and state of torch's own optimizers (a background save copies them while the next
+        step computes, and the optimizer's step pre-hook waits for that copy: before_update)."""
+        return frozenset(
+            t.data_ptr()
+            for o in self._stepped_optimizers()
+            for t in chain(
+                (p for group in o.param_groups for p in group["params"]),
+                (v for state in o.state.values() for v in state.values() if isinstance(v, torch.Tensor)),
+            )
+            if t.device.type == "cpu"
+        )
+
+    def _tensors_changed_outside_optimizers(self) -> list[torch.Tensor]:
+        stepped = {id(p) for o in self._stepped_optimizers() for group in o.param_groups for p in group["params"]}
         watched: list[torch.Tensor] = []
         for obj in self.objects.values():
             if isinstance(obj, torch.nn.Module):

@@ -148,3 +148,93 @@ def test_the_run_log_names_a_background_checkpoint_that_finished_while_the_run_f
     outcome = run(filling(40, fail_at_11), tmp_path, config(emergency=False))
     assert outcome.status is Status.FAILED
     assert read_events(tmp_path)[-1]["checkpoint_step"] == 10
+
+
+def training(max_steps, at_step=None):
+    """A model and its SGD; after each step, the parameters it ends with are recorded by step;
+    `at_step(step, model)` runs at the start of a step, before its update."""
+    import torch
+
+    seen: dict[int, list] = {}
+
+    def train(session):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(256, 256)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        session.register(model=model, optimizer=optimizer)
+        session.restore()
+        for step in session.steps(max_steps):
+            if at_step:
+                at_step(step, model)
+            model(torch.randn(8, 256)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            seen[step + 1] = [p.detach().clone() for p in model.parameters()]
+            session.report(loss=1.0)
+
+    return train, seen
+
+
+def slow_later_copies(monkeypatch):
+    """The copies left for later wait 0.2 s first (a large state on a busy host): the next step's
+    update reaches its pre-hook before they are done. Returns how many arrays each such call copied."""
+    import time
+
+    from hydra_preempt.checkpoint.tree import HostStaging
+
+    real, counts = HostStaging.copy_later, []
+
+    def slow(self):
+        counts.append(len(self._later))
+        time.sleep(0.2)
+        return real(self)
+
+    monkeypatch.setattr(HostStaging, "copy_later", slow)
+    return counts
+
+
+def saved_parameters(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    return {i.step: list(store.load(i)["objects"]["model"].values()) for i in store.complete()}
+
+
+def test_parameters_are_copied_while_the_next_step_computes_and_before_its_update(tmp_path, monkeypatch):
+    import torch
+
+    counts = slow_later_copies(monkeypatch)
+    train, seen = training(30)
+    assert run(train, tmp_path, config()).status is Status.FINISHED
+    assert counts and all(n == 4 for n in counts), counts  # weight, bias and their momentum buffers
+    saved = saved_parameters(tmp_path)
+    assert sorted(saved) == [10, 20, 30]
+    for step, params in saved.items():  # the update after each boundary waited for its copy
+        assert all(torch.equal(torch.as_tensor(s), p) for s, p in zip(params, seen[step])), step
+
+
+def test_weights_loaded_in_place_before_the_next_update_are_not_saved_as_that_steps_state(
+    tmp_path, monkeypatch, caplog
+):
+    """An evaluation with other weights loaded in place after a boundary (an EMA swapped in, then back)
+    while the boundary's copy is still pending: that checkpoint is not written, the boundary after
+    the next saves, and later saves copy at the boundary."""
+    import logging
+
+    import torch
+
+    counts = slow_later_copies(monkeypatch)
+
+    def swap_in_and_back(step, model):
+        if step == 10:
+            kept = {k: v.clone() for k, v in model.state_dict().items()}
+            model.load_state_dict({k: torch.zeros_like(v) for k, v in kept.items()})
+            model.load_state_dict(kept)
+
+    train, seen = training(30, swap_in_and_back)
+    with caplog.at_level(logging.WARNING, logger="hydra_preempt"):
+        assert run(train, tmp_path, config()).status is Status.FINISHED
+    saved = saved_parameters(tmp_path)
+    assert sorted(saved) == [12, 20, 30]
+    for step, params in saved.items():
+        assert all(torch.equal(torch.as_tensor(s), p) for s, p in zip(params, seen[step])), step
+    assert counts == [4, 0, 0, 0]  # from the warning on, nothing is left for later
+    assert any("periodic checkpoint of step 10 was not written" in r.message for r in caplog.records)

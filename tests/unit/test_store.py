@@ -255,3 +255,44 @@ def test_an_atomic_write_makes_its_file_as_open_would_under_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "result.json").stat().st_mode) == 0o640
+
+
+def test_a_data_file_written_in_parts_whose_disk_writes_start_early_loads_bit_identically(tmp_path, monkeypatch):
+    """tensors.bin is written in WRITEBACK_EVERY parts, the disk write of each started once it is
+    written (sync_file_range); an array larger than a part is split, a smaller one is not."""
+    from hydra_preempt.checkpoint import writer
+    from hydra_preempt.fsutil import EarlyWriteback
+
+    started: list[tuple[int, int]] = []
+    real = EarlyWriteback.written
+
+    def recorded(self, end):
+        before = self.started
+        real(self, end)
+        if self.started != before:
+            started.append((before, end))
+
+    monkeypatch.setattr(writer, "WRITEBACK_EVERY", 4096)
+    monkeypatch.setattr(EarlyWriteback, "written", recorded)
+    tree = {"big": torch.randn(10_000), "small": torch.arange(10), "more": torch.randn(3000)}
+    store = CheckpointStore(tmp_path)
+    store.save(Snapshot.capture(tree), 1, "manual")
+    _, back = store.load_latest()
+    assert all(torch.equal(back[k], tree[k]) for k in tree)
+    assert started[0] == (0, 4096) and len(started) >= 10  # 52 KB in parts of 4 KB
+    assert all(b == a for (_, a), (b, _) in zip(started, started[1:]))  # each range once, in order
+
+
+def test_early_writeback_that_the_file_cannot_take_falls_back_to_fsync_alone(tmp_path):
+    from hydra_preempt.fsutil import EarlyWriteback
+
+    read, write = os.pipe()  # sync_file_range fails on a pipe (ESPIPE)
+    try:
+        writeback = EarlyWriteback(write, every=1)
+        os.write(write, b"xy")
+        writeback.written(2)
+        writeback.written(4)
+        assert writeback.started == 2 and writeback._call is None
+    finally:
+        os.close(read)
+        os.close(write)
