@@ -4,7 +4,9 @@
 
 1. hydra_preempt's CheckpointStore (atomic directory, fsync, xxh3 checksums, verified load);
 2. torch.save + fsync, torch.load(weights_only=True);
-3. raw bytes: write + fsync of every tensor's bytes, read back into preallocated tensors.
+3. raw bytes: write + fsync of every tensor's bytes, read back into preallocated tensors;
+4. safetensors' save_file + fsync, load_file (when safetensors is installed);
+5. torch.distributed.checkpoint (DCP) save (its writer fsyncs) and load into preallocated tensors.
 
 The three methods take turns inside each repeat, in a rotating order, so
 that they share the disk's noise; loads are cold when the page cache can be dropped (root),
@@ -21,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -86,6 +89,44 @@ def raw_load(state, path: Path) -> list[torch.Tensor]:
     return loaded
 
 
+def safetensors_save(state, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(state, str(path))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def safetensors_load(path: Path) -> None:
+    from safetensors.torch import load_file
+
+    load_file(str(path))
+
+
+def dcp_save(state, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path), sync_files=True))
+
+
+def dcp_load(state, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    template = {k: torch.empty_like(t) for k, t in state.items()}
+    dcp.load(template, storage_reader=dcp.FileSystemReader(str(path)))
+
+
+def has_safetensors() -> bool:
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=1.0)
@@ -98,6 +139,7 @@ def main() -> int:
         help="directory on the disk to test (default: a temporary one under ./benchmarks)",
     )
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process
 
     numel = int(args.gb * 1e9 / 4 / args.tensors)
     state = {f"layer{i}.weight": torch.randn(numel) for i in range(args.tensors)}
@@ -109,8 +151,9 @@ def main() -> int:
         f"loads: {'cold (page cache dropped before each)' if cold else 'WARM (cannot drop the page cache: not root?)'}\n"
     )
 
-    saves: dict[str, list[float]] = {"hydra_preempt store": [], "torch.save + fsync": [], "raw write + fsync": []}
-    loads: dict[str, list[float]] = {"hydra_preempt store": [], "torch.load(weights_only)": [], "raw read": []}
+    safetensors = has_safetensors()
+    saves: dict[str, list[float]] = {}
+    loads: dict[str, list[float]] = {}
     try:
         for rep in range(args.repeats):
             for d in base.iterdir():
@@ -119,41 +162,41 @@ def main() -> int:
                 ("hydra_preempt store", functools.partial(store_save, state, base / "store", rep)),
                 ("torch.save + fsync", lambda: torch_save(state, base / "torch.pt")),
                 ("raw write + fsync", lambda: raw_save(state, base / "raw.bin")),
+                ("DCP save", lambda: dcp_save(state, base / "dcp")),
             ]
-            # Rotate who goes first: a virtual disk slows down after a burst of writes.
-            for name, fn in methods[rep % 3 :] + methods[: rep % 3]:
-                os.sync()  # start each save with no other write-back in flight
-                saves[name].append(timed(fn))
             readers: list[tuple[str, Callable[[], object]]] = [
                 ("hydra_preempt store", lambda: store_load(base / "store")),
                 ("torch.load(weights_only)", lambda: torch_load(base / "torch.pt")),
                 ("raw read", lambda: raw_load(state, base / "raw.bin")),
+                ("DCP load", lambda: dcp_load(state, base / "dcp")),
             ]
-            for name, fn in readers[rep % 3 :] + readers[: rep % 3]:
+            if safetensors:
+                methods.append(("safetensors + fsync", lambda: safetensors_save(state, base / "st.safetensors")))
+                readers.append(("safetensors load_file", lambda: safetensors_load(base / "st.safetensors")))
+            # Rotate who goes first: a virtual disk slows down after a burst of writes.
+            turn = rep % len(methods)
+            for name, fn in methods[turn:] + methods[:turn]:
+                os.sync()  # start each save with no other write-back in flight
+                saves.setdefault(name, []).append(timed(fn))
+            for name, fn in readers[turn:] + readers[:turn]:
                 drop_caches()
-                loads[name].append(timed(fn))
+                loads.setdefault(name, []).append(timed(fn))
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
-    def report(title: str, results: dict[str, list[float]]) -> dict[str, float]:
-        print(title)
-        medians = {name: statistics.median(times) for name, times in results.items()}
-        for name, median in medians.items():
-            runs = ", ".join(f"{t:.2f}" for t in results[name])
-            print(f"  {name:26s} {median:6.2f} s  {nbytes / median / 1e9:5.2f} GB/s   (runs: {runs} s)")
-        return medians
+    def report(title: str, results: dict[str, list[float]], floor: str) -> None:
+        """Medians with min-max; `floor`'s time over each one's (>1: faster than the raw floor)."""
+        print(f"{title} (median, min-max; floor / it: >1 is faster than {floor})")
+        for name, times in results.items():
+            median = statistics.median(times)
+            print(
+                f"  {name:26s} {median:6.2f} s ({min(times):.2f}-{max(times):.2f})  {nbytes / median / 1e9:5.2f} GB/s"
+                f"   {statistics.median(results[floor]) / median:5.2f}x"
+            )
 
-    s = report("save (median)", saves)
-    load = report("\nload (median)", loads)
-    store_save_s, torch_save_s, raw_save_s = s.values()
-    store_load_s, torch_load_s, raw_load_s = load.values()
-    print("\nratios (throughput; >1 means hydra_preempt is faster)")
-    print(
-        f"  save: store / torch.save = {torch_save_s / store_save_s:.2f}   store / raw = {raw_save_s / store_save_s:.2f}"
-    )
-    print(
-        f"  load: store / torch.load = {torch_load_s / store_load_s:.2f}   store / raw = {raw_load_s / store_load_s:.2f}"
-    )
+    report("save", saves, "raw write + fsync")
+    print()
+    report("load", loads, "raw read")
     return 0
 
 

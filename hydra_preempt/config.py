@@ -47,6 +47,8 @@ class CheckpointConfig:
     mode: str = "min"  # "min" or "max"
     emergency: bool = True  # save on an unhandled exception when the state is consistent
     async_save: bool = True  # periodic saves written in the background (stop saves are always waited for)
+    # background saves: parameters and optimizer state copied while the next step computes, before its update
+    copy_while_training: bool = True
     cast_dtype: bool = False  # load a model's tensors saved in another dtype, cast to this run's (not an exact resume)
 
     def validate(self) -> None:

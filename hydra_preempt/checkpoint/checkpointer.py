@@ -130,7 +130,7 @@ class Checkpointer:
         self._writer = _Writer()
         self._staging = HostStaging()  # rank 0's tree
         self._shard_staging = HostStaging()  # this rank's shards
-        self._copy_later = True  # until a state copied later was found changed (see save_in_background)
+        self._copy_later = config.copy_while_training  # until a copy left for later found its source changed
 
     def prepare(self, owner: Callable[[], dict[str, str]] | None = None) -> None:
         """Create the directory, claim it for `owner()` and check it, remove stale temporaries (rank 0,

@@ -196,8 +196,8 @@ class HostStaging:
         """Copy what copy() left for later; the sources that changed in place meanwhile (version
         counter moved, before or during their copy): their copy is not the captured state."""
         later, self._later = self._later, []
-        for buffer, source, _ in later:
-            buffer.copy_(source)
+        if later:  # one call: the GIL is released once, not taken back between tensors from a busy training thread
+            torch._foreach_copy_([buffer for buffer, _, _ in later], [source for _, source, _ in later])
         return [f"{tuple(source.shape)} {source.dtype}" for _, source, version in later if source._version != version]
 
     def copied(self, count: int) -> None:

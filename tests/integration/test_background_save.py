@@ -206,7 +206,7 @@ def test_parameters_are_copied_while_the_next_step_computes_and_before_its_updat
     assert run(train, tmp_path, config()).status is Status.FINISHED
     assert counts and all(n == 4 for n in counts), counts  # weight, bias and their momentum buffers
     saved = saved_parameters(tmp_path)
-    assert sorted(saved) == [10, 20, 30]
+    assert {10, 30} <= saved.keys()  # (a save falling due while a slow disk still writes the last is skipped)
     for step, params in saved.items():  # the update after each boundary waited for its copy
         assert all(torch.equal(torch.as_tensor(s), p) for s, p in zip(params, seen[step])), step
 
@@ -233,8 +233,8 @@ def test_weights_loaded_in_place_before_the_next_update_are_not_saved_as_that_st
     with caplog.at_level(logging.WARNING, logger="hydra_preempt"):
         assert run(train, tmp_path, config()).status is Status.FINISHED
     saved = saved_parameters(tmp_path)
-    assert sorted(saved) == [12, 20, 30]
+    assert 10 not in saved and {12, 30} <= saved.keys()
     for step, params in saved.items():
         assert all(torch.equal(torch.as_tensor(s), p) for s, p in zip(params, seen[step])), step
-    assert counts == [4, 0, 0, 0]  # from the warning on, nothing is left for later
+    assert counts[0] == 4 and len(counts) > 1 and not any(counts[1:])  # from the warning on, nothing is left for later
     assert any("periodic checkpoint of step 10 was not written" in r.message for r in caplog.records)
