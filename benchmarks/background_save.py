@@ -22,7 +22,10 @@ counted in the step bodies), so that it meets the same load as the saves on
 a shared machine; and, after the runs, the same copy and a copy into fresh
 buffers (clone). Also: how much slower the
 step bodies are while a write runs beside them (this machine has 2 cores,
-shared by training and the writer). With `--device cuda` the state lives in
+shared by training and the writer). The same loop without a session, saved
+by `torch.distributed.checkpoint.async_save` with its default stager and
+with async staging (the update waits for `staging_completion`), unless
+`--no-dcp`. With `--device cuda` the state lives in
 GPU memory: the floor is a device-to-host copy into reused pinned buffers,
 and every timing waits for the GPU (tools/gpu_kit.py runs it so).
 """
@@ -35,6 +38,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -124,6 +128,72 @@ def training(args: argparse.Namespace, run_dir: Path, mode: str) -> dict[str, li
     return times
 
 
+DCP_MODES = {  # name: StagingOptions.use_async_staging
+    "DCP async_save, default stager": False,
+    "DCP async_save, async staging": True,
+}
+
+
+def dcp_training(args: argparse.Namespace, run_dir: Path, mode: str) -> dict[str, list[float]]:
+    """The same loop without a session, saved by torch.distributed.checkpoint's async_save every
+    `--every` steps (one save in flight, as the session's); with async staging the copy overlaps the
+    next step and that step's update waits for it (`staging_completion`), as DCP asks."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    model, optimizer, x = build(args.gb, args.device)
+    gpu = args.device == "cuda"
+    stager = DefaultStager(
+        StagingOptions(
+            use_pinned_memory=gpu,
+            use_shared_memory=False,
+            use_async_staging=DCP_MODES[mode],
+            use_non_blocking_copy=gpu,
+        )
+    )
+    times: dict[str, list[float]] = {k: [] for k in ("first_save", "save", "boundary", "body", "update_wait", "copy")}
+    staging: Any = None
+    upload: Any = None
+    try:
+        for step in range(args.steps):
+            started = time.perf_counter()
+            model(x).square().mean().backward()
+            if staging is not None:
+                began = time.perf_counter()
+                staging.result()
+                times["update_wait"].append(time.perf_counter() - began)
+                staging = None
+            optimizer.step()
+            optimizer.zero_grad()
+            sync(args.device)
+            if step > 0:
+                times["body"].append(time.perf_counter() - started)
+            began = time.perf_counter()
+            if (step + 1) % args.every == 0:
+                if upload is not None:
+                    upload.result()  # one save in flight
+                state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+                response = dcp.async_save(
+                    state, checkpoint_id=str(run_dir / f"step-{step + 1}"), async_stager=stager, no_dist=True
+                )
+                if isinstance(response, dcp.state_dict_saver.AsyncSaveResponse):  # async staging
+                    staging, upload = response.staging_completion, response.upload_completion
+                else:
+                    upload = response
+                times["first_save" if step + 1 == args.every else "save"].append(time.perf_counter() - began)
+            else:
+                times["boundary"].append(time.perf_counter() - began)
+        if upload is not None:
+            upload.result()
+    finally:
+        stager.close()
+    return times
+
+
 def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return list(model.state_dict().values()) + [v for s in optimizer.state.values() for v in s.values() if v.dim() > 0]
 
@@ -176,6 +246,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=None, help="where checkpoints go (default: under ./benchmarks)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the state lives")
+    parser.add_argument("--no-dcp", action="store_true", help="leave out DCP's async_save")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="background-bench-", dir=args.dir or Path(__file__).parent))
     results: dict[str, dict[str, list[float]]] = {mode: {} for mode in MODES}
@@ -186,6 +257,12 @@ def main() -> None:
                 for kind, values in times.items():
                     results[mode].setdefault(kind, []).extend(values)
                 shutil.rmtree(base / f"run-{i}-{r}")
+            if not args.no_dcp:
+                for mode in DCP_MODES:
+                    (base / "dcp").mkdir()
+                    for kind, values in dcp_training(args, base / "dcp", mode).items():
+                        results.setdefault(mode, {}).setdefault(kind, []).extend(values)
+                    shutil.rmtree(base / "dcp")
     finally:
         shutil.rmtree(base, ignore_errors=True)
     reused, fresh = copy_reference(args.gb, args.device)
@@ -202,6 +279,8 @@ def main() -> None:
     )
     stalls = {}
     for name, t in results.items():
+        if not t:
+            continue
         boundary = statistics.median(t["boundary"])
         saves = len(t["save"]) + len(t["first_save"])
         waited = sum(t["update_wait"]) / max(saves, 1)  # an update waiting for the copy blocks training too
@@ -212,12 +291,14 @@ def main() -> None:
             f"(the next update waiting for the copy: {waited * 1e3:.0f} ms of it; the first save at its boundary: "
             f"{first * 1e3:.0f} ms); step body {statistics.median(t['body']) * 1e3:.0f} ms"
         )
-        if t["body_beside_write"]:
+        if t.get("body_beside_write"):
             slower = statistics.median(t["body_beside_write"]) / statistics.median(t["body"])
             line += f", {slower:.2f}x beside a write ({len(t['body_beside_write'])} steps)"
         print(line)
+    default = "background, copied while training"
+    print(f"  stall, background / copy into reused buffers: {stalls[default] / in_loop:.2f} (goal <= 0.25)")
     print("  stall / copy into reused buffers in the loops (after them):")
-    for name, stall in stalls.items():
+    for name, stall in stalls.items():  # (DCP's boundary is timed around its own calls only)
         print(f"    {name:36s} {stall / in_loop:5.2f} ({stall / reused:.2f})")
 
 

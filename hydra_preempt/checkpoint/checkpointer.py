@@ -254,6 +254,8 @@ class Checkpointer:
             try:  # the state at this boundary, in host memory (what `later` names: by the writer, before it changes)
                 write.snapshot = Snapshot.capture(tree, self._staging, later if self._copy_later else frozenset())
                 write.staged = threading.Event()
+                if not self._staging.copies_left:  # nothing for the next update to wait for
+                    write.staged.set()
             except Exception as e:  # surfaces at the next agreement, like a failed write: no rank is left waiting
                 write.error = f"could not stage the checkpoint of step {step}: {first_line(e)}"
             target = self._write_tree

@@ -192,6 +192,10 @@ class HostStaging:
             self._buffers.append(old)
         return old
 
+    @property
+    def copies_left(self) -> bool:
+        return bool(self._later)
+
     def copy_later(self) -> list[str]:
         """Copy what copy() left for later; the sources that changed in place meanwhile (version
         counter moved, before or during their copy): their copy is not the captured state."""
