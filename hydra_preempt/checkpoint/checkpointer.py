@@ -66,8 +66,11 @@ class _BackgroundWrite:
     error: str | None = None
     finished: float | None = None  # time.monotonic() when the write ended
     snapshot: Snapshot | None = None  # rank 0's staged tree
-    staged: threading.Event | None = None  # set once every array of `snapshot` is copied (see copy_later)
-    changed: list[str] = field(default_factory=list)  # arrays that changed before their copy: not written
+    # with copies left for later (see save_in_background): set once the writer made them, and once the
+    # training thread checked their sources unchanged (`changed`: those that were not; nothing is written)
+    staged: threading.Event | None = None
+    checked: threading.Event | None = None
+    changed: list[str] = field(default_factory=list)
     # sharded state: the temporary directory, DCP's writer (rank 0's knows shards.json) and this
     # rank's file once written; rank 0 commits when every rank's is durable
     sharded: tuple[str, ...] = ()
@@ -231,10 +234,12 @@ class Checkpointer:
 
         `later`: the data_ptr() of CPU tensors that nothing changes before the next optimizer step
         (parameters and state of torch's optimizers): the writer thread copies them while the next
-        step computes, and the training thread calls wait_staged() before that optimizer step. A
-        copy found changed (the program loaded other weights in place before its next step) is
-        not written; a save is made at the boundary after the next (every rank agrees on it at the next),
-        copied at the boundary from then on."""
+        step computes, and the training thread calls wait_staged() before that optimizer step. The
+        writer writes only once the training thread has found their version counters unchanged
+        (check_copies(): at that update, at the next boundary, or when the run waits for the write);
+        a copy whose source changed (other weights loaded in place for an evaluation, an optimizer
+        not registered stepping them) is not written, a save is made at the boundary after the next
+        (every rank agrees on it at the next), copied at the boundary from then on."""
         self._periodic_pending = False
         if self._background is not None:
             log.info(
@@ -253,9 +258,8 @@ class Checkpointer:
         elif tree is not None:
             try:  # the state at this boundary, in host memory (what `later` names: by the writer, before it changes)
                 write.snapshot = Snapshot.capture(tree, self._staging, later if self._copy_later else frozenset())
-                write.staged = threading.Event()
-                if not self._staging.copies_left:  # nothing for the next update to wait for
-                    write.staged.set()
+                if self._staging.copies_left:
+                    write.staged, write.checked = threading.Event(), threading.Event()
             except Exception as e:  # surfaces at the next agreement, like a failed write: no rank is left waiting
                 write.error = f"could not stage the checkpoint of step {step}: {first_line(e)}"
             target = self._write_tree
@@ -302,20 +306,38 @@ class Checkpointer:
             done.set()
 
     def _write_tree(self, write: _BackgroundWrite) -> None:
-        assert write.snapshot is not None and write.staged is not None
-        try:
-            write.changed = write.snapshot.finish_staging()
-        finally:
-            write.staged.set()
-        if not write.changed:
-            write.info = self.store.save(write.snapshot, write.step, write.reason, write.metrics)
+        assert write.snapshot is not None
+        if write.staged is not None and write.checked is not None:
+            try:
+                write.snapshot.finish_staging()
+            finally:
+                write.staged.set()
+            write.checked.wait()
+            if write.changed:
+                return
+        write.info = self.store.save(write.snapshot, write.step, write.reason, write.metrics)
+
+    def copies_unchecked(self) -> bool:
+        """Whether the write in flight has copies left for later that check_copies() has not checked."""
+        w = self._background
+        return w is not None and w.checked is not None and not w.checked.is_set()
 
     def wait_staged(self) -> None:
-        """Before the state is changed in place (an optimizer step): the copies of the write in flight
-        that were left for later are done (see save_in_background)."""
+        """Before the state is changed in place (an optimizer step's pre-hook, on the training thread):
+        the copies of the write in flight that were left for later are done and checked."""
+        self.check_copies()
+
+    def check_copies(self) -> None:
+        """On the training thread: wait for the copies left for later, then find whether their sources
+        changed since the capture (every in-place operation this thread began has returned, so
+        their version counters tell); the writer writes or drops the snapshot accordingly."""
         w = self._background
-        if w is not None and w.staged is not None:
-            w.staged.wait()
+        if w is None or w.staged is None or w.checked is None or w.checked.is_set():
+            return
+        w.staged.wait()
+        assert w.snapshot is not None
+        w.changed = w.snapshot.changed_since_capture()
+        w.checked.set()
 
     def _write_shard(self, write: _BackgroundWrite) -> None:
         assert write.writer is not None
@@ -335,6 +357,7 @@ class Checkpointer:
 
     def background_flags(self) -> list[int]:
         """This rank's [write still in flight, write failed], to be agreed at a step boundary."""
+        self.check_copies()
         w = self._background
         if w is None:
             return [0, 0]
@@ -407,6 +430,7 @@ class Checkpointer:
         w = self._background
         if w is None:
             return True
+        self.check_copies()
         w.join(timeout_s)
         pending, failed = agree(self.background_flags())
         if pending:
@@ -425,6 +449,7 @@ class Checkpointer:
     def join(self, timeout_s: float | None = None) -> None:
         """Let the write in flight end (for at most `timeout_s`), without any collective (closing, maybe
         after an error), and the writer thread with it; log a failure, or that it was left unfinished."""
+        self.check_copies()
         w, self._background = self._background, None
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         thread = self._writer.stop()  # ends once the write in flight (if any) has

@@ -169,7 +169,8 @@ class HostStaging:
     def __init__(self) -> None:
         self._buffers: list[Array] = []
         self._event: Any = None
-        self._later: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (buffer, source, its version)
+        self._later: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, source) to copy later
+        self._versions: list[tuple[torch.Tensor, int]] = []  # (source, its version counter at the capture)
 
     def copy(self, index: int, array: Array, later: bool = False) -> Array:
         """`array` in buffer `index`; `later`: not copied yet, but by copy_later() (a CPU tensor that
@@ -179,7 +180,8 @@ class HostStaging:
             if not (isinstance(old, torch.Tensor) and old.shape == array.shape and old.dtype == array.dtype):
                 old = torch.empty(array.shape, dtype=array.dtype, pin_memory=array.is_cuda)
             if later:
-                self._later.append((old, array, array._version))
+                self._later.append((old, array))
+                self._versions.append((array, array._version))
             else:
                 old.copy_(array, non_blocking=array.is_cuda)
         else:
@@ -196,13 +198,18 @@ class HostStaging:
     def copies_left(self) -> bool:
         return bool(self._later)
 
-    def copy_later(self) -> list[str]:
-        """Copy what copy() left for later; the sources that changed in place meanwhile (version
-        counter moved, before or during their copy): their copy is not the captured state."""
+    def copy_later(self) -> None:
+        """Copy what copy() left for later (the writer thread, while training goes on)."""
         later, self._later = self._later, []
         if later:  # one call: the GIL is released once, not taken back between tensors from a busy training thread
-            torch._foreach_copy_([buffer for buffer, _, _ in later], [source for _, source, _ in later])
-        return [f"{tuple(source.shape)} {source.dtype}" for _, source, version in later if source._version != version]
+            torch._foreach_copy_([buffer for buffer, _ in later], [source for _, source in later])
+
+    def changed_since_capture(self) -> list[str]:
+        """The sources copied later whose version counter moved since the capture: their copy may hold
+        another state, or a torn one. Sound only on the thread that changes them (training), once
+        every in-place operation it began has returned: a counter moves when its operation ends."""
+        versions, self._versions = self._versions, []
+        return [f"{tuple(source.shape)} {source.dtype}" for source, version in versions if source._version != version]
 
     def copied(self, count: int) -> None:
         """The state had `count` arrays: drop buffers beyond them; mark the point the copies must reach."""

@@ -60,13 +60,19 @@ class Snapshot:
     def capture(cls, tree: Any, staging: HostStaging | None = None, later: frozenset[int] = frozenset()) -> Snapshot:
         """With `staging`, every array is copied into its host buffers, so training may go on while
         this snapshot is written (until the next capture into the same staging); the CPU tensors
-        whose data_ptr() is in `later` only by finish_staging(), which must run before they change."""
+        whose data_ptr() is in `later` only by finish_staging(), which must run before they change, and
+        changed_since_capture() must then find them unchanged."""
         skeleton, arrays = flatten(tree, staging, later)
         return cls(skeleton, arrays, staging)
 
-    def finish_staging(self) -> list[str]:
-        """The copies capture() left for later; what changed in place before its copy (see HostStaging.copy_later)."""
-        return self.staging.copy_later() if self.staging is not None else []
+    def finish_staging(self) -> None:
+        """The copies capture() left for later (see HostStaging.copy_later)."""
+        if self.staging is not None:
+            self.staging.copy_later()
+
+    def changed_since_capture(self) -> list[str]:
+        """What was left for later and changed in place since the capture (see HostStaging)."""
+        return self.staging.changed_since_capture() if self.staging is not None else []
 
     @property
     def nbytes(self) -> int:

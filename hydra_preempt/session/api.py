@@ -129,7 +129,7 @@ class Session:
         w = self.config.watchdog
         self.watchdog = Watchdog(w.timeout_s, w.min_timeout_s, w.startup_s, w.enabled)  # started by run()
         self.state = StateRegistry()
-        self.state.before_update = self.checkpointer.wait_staged  # a background save's copies end before an update
+        self.state.before_update = self._before_update
         self.step = 0  # completed steps
         self.resumed_from: int | None = None
         self.metrics: dict[str, float] = {}  # latest value of every reported metric
@@ -778,6 +778,13 @@ class Session:
             return self.last_checkpoint  # this state is on disk already
         with self.watchdog.slow_work():
             return self.checkpointer.save(self.step, reason, metrics, self._tree(), self._shards())
+
+    def _before_update(self) -> None:
+        """A registered optimizer is about to step: the copies a background save left for later end
+        first (watched as a save, not as the step: a large state's copy may outlast a step)."""
+        if self.checkpointer.copies_unchecked():
+            with self.watchdog.slow_work():
+                self.checkpointer.wait_staged()
 
     def _save_in_background(self, metrics: dict[str, float]) -> None:
         if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
