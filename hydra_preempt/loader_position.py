@@ -242,6 +242,16 @@ class _SamplerDraws:
         if self._last is not None:
             self._last.begin()
 
+    @property
+    def ended(self) -> bool:
+        """The last iterator came to its end (a sampler may draw there: RandomSampler with a generator)."""
+        return self._last is not None and self._last.ended
+
+    def end(self) -> None:
+        """Bring the last iterator to its end now, as the saved run's was, keeping what it still had."""
+        if self._last is not None:
+            self._last.end()
+
     def __len__(self) -> int:
         return len(self.sampler)
 
@@ -254,6 +264,7 @@ class _FirstNext:
 
     def __init__(self, iterator: Iterator[Any], draws: _SamplerDraws) -> None:
         self._iterator, self._draws, self._begun, self._first = iterator, draws, False, list[Any]()
+        self.ended = False
 
     def __iter__(self) -> _FirstNext:
         return self
@@ -264,11 +275,19 @@ class _FirstNext:
         if not self._begun:
             self._begun = True
             self._draws.first_next()
-        return next(self._iterator)
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            self.ended = True
+            raise
 
     def begin(self) -> None:
         if not self._begun:
             self._first = list(itertools.islice(self, 1))
+
+    def end(self) -> None:
+        if not self._first and not self.ended:
+            self._first = list(itertools.islice(self, 1))  # nothing, if the saved run's end is here
 
 
 def _has_state(obj: Any) -> bool:
@@ -540,9 +559,11 @@ class LoaderPosition:
             index.sampler = self._draws["sampler"]
         try:
             iterator = self._make_iterator(self._draws.get("index"))
-            for draws in self._draws.values():
+            for name, draws in self._draws.items():
                 if draws.replay:
                     draws.begin()
+                    if replay[name].get("ended"):
+                        draws.end()
             return iterator
         finally:
             for draws in self._draws.values():
@@ -618,7 +639,9 @@ class LoaderPosition:
                 state["loader"] = _structure_copied(self.loader.state_dict())  # type: ignore[attr-defined]
             finally:
                 self._own_iterator = False
-            state["sampler_draws"] = {name: {"iter": d.at_iter, "next": d.at_next} for name, d in self._draws.items()}
+            state["sampler_draws"] = {
+                name: {"iter": d.at_iter, "next": d.at_next, "ended": d.ended} for name, d in self._draws.items()
+            }
         else:
             state["before_pass"] = self._before_pass
             state["before_workers"] = self._before_workers
@@ -666,6 +689,7 @@ class LoaderPosition:
                 name in ("sampler", "index")
                 and isinstance(d, dict)
                 and all(d.get(k) is None or self._valid_rng(d[k]) for k in ("iter", "next"))
+                and isinstance(d.get("ended", False), bool)
                 for name, d in draws.items()
             )
         ):

@@ -97,6 +97,9 @@ def make_loader(kind: str, dataset: TensorDataset, workers: int):
     if kind.startswith("stateful_"):  # samplers that draw from the global generators and have no state
         from torchdata.stateful_dataloader import StatefulDataLoader
 
+        if kind == "stateful_random_generator":  # torch's RandomSampler draws from its generator at its end too
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(3))
+            return StatefulDataLoader(dataset, batch_size=32, sampler=sampler, **common)
         weights = torch.linspace(1, 2, len(dataset))
         sampler = (
             PythonShuffle(len(dataset))
@@ -278,6 +281,7 @@ LOADERS = [
     ("stateful", 2),
     ("stateful_weighted", 0),
     ("stateful_python_random", 2),
+    ("stateful_random_generator", 0),
     ("augment", 0),
     ("augment", 2),
     ("augment_init", 3),
