@@ -134,6 +134,7 @@ class Checkpointer:
         self._staging = HostStaging()  # rank 0's tree
         self._shard_staging = HostStaging()  # this rank's shards
         self._copy_later = config.copy_while_training  # until a copy left for later found its source changed
+        self._check_lock = threading.Lock()
 
     def prepare(self, owner: Callable[[], dict[str, str]] | None = None) -> None:
         """Create the directory, claim it for `owner()` and check it, remove stale temporaries (rank 0,
@@ -336,8 +337,10 @@ class Checkpointer:
             return
         w.staged.wait()
         assert w.snapshot is not None
-        w.changed = w.snapshot.changed_since_capture()
-        w.checked.set()
+        with self._check_lock:  # the training thread, or the watchdog's standing() at a hang
+            if not w.checked.is_set():
+                w.changed = w.snapshot.changed_since_capture()
+                w.checked.set()
 
     def _write_shard(self, write: _BackgroundWrite) -> None:
         assert write.writer is not None
@@ -347,10 +350,14 @@ class Checkpointer:
         """The newest checkpoint on disk, for a process about to end without a boundary (a hang): a
         background write in flight may finish (up to `wait_s`; its retention may have deleted `last`
         already) before the next boundary would have settled it. Takes no lock: safe on another
-        thread while the training thread is stuck."""
+        thread while the training thread is stuck (it checks the copies left for later itself: a
+        training thread stuck for the hang's timeout is not in the middle of changing a parameter)."""
         w = self._background
         if w is not None and w.done is not None and w.tmp is None:  # a state tree, renamed by the writer itself
-            w.done.wait(wait_s)
+            deadline = time.monotonic() + wait_s
+            if w.staged is not None and w.staged.wait(wait_s):
+                self.check_copies()
+            w.done.wait(max(0.0, deadline - time.monotonic()))
             if w.done.is_set() and w.error is None and w.info is not None:
                 return w.info
         return self.last  # a sharded write is committed only at a boundary: it changes nothing on disk
