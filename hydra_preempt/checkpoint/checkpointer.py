@@ -349,9 +349,10 @@ class Checkpointer:
     def standing(self, wait_s: float) -> CheckpointInfo | None:
         """The newest checkpoint on disk, for a process about to end without a boundary (a hang): a
         background write in flight may finish (up to `wait_s`; its retention may have deleted `last`
-        already) before the next boundary would have settled it. Takes no lock: safe on another
-        thread while the training thread is stuck (it checks the copies left for later itself: a
-        training thread stuck for the hang's timeout is not in the middle of changing a parameter)."""
+        already) before the next boundary would have settled it. Safe on another thread while the
+        training thread is stuck; it checks the copies left for later itself (the writer waits for
+        that check): a training thread stuck for the hang's timeout is not in the middle of changing
+        a parameter."""
         w = self._background
         if w is not None and w.done is not None and w.tmp is None:  # a state tree, renamed by the writer itself
             deadline = time.monotonic() + wait_s
@@ -388,7 +389,7 @@ class Checkpointer:
             self._copy_later, self._periodic_pending = False, True
             log.warning(
                 "the periodic checkpoint of step %d was not written: %s changed in place before the next optimizer "
-                "step (other weights loaded for an evaluation? a change through .data?); a checkpoint is saved at the "
+                "step (other weights loaded for an evaluation? an optimizer that is not registered?); a checkpoint is saved at the "
                 "step boundary after the next, and checkpoints are copied at the boundary from now on",
                 w.step,
                 f"{len(w.changed)} tensor(s) ({w.changed[0]})",
