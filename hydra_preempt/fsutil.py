@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
+import functools
 import io
 import os
 import stat
@@ -146,10 +146,13 @@ class EarlyWriteback:
         self.started = end
 
 
+@functools.cache
 def _sync_file_range() -> Any:
-    name = ctypes.util.find_library("c")
+    """libc's sync_file_range, found in the process's own symbols (the C library is loaded already):
+    ctypes.util.find_library would run ldconfig in a subprocess, from the writer thread, and a
+    DataLoader worker forked meanwhile keeps that subprocess's pipe open: the thread waits forever."""
     try:
-        call = ctypes.CDLL(name, use_errno=True).sync_file_range
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError, TypeError):
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
