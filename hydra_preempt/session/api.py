@@ -129,7 +129,7 @@ class Session:
         w = self.config.watchdog
         self.watchdog = Watchdog(w.timeout_s, w.min_timeout_s, w.startup_s, w.enabled)  # started by run()
         self.state = StateRegistry()
-        self.state.before_update = self._before_update
+        self.state.before_update = _update_waits_for_copies(self.checkpointer, self.watchdog)
         self.step = 0  # completed steps
         self.resumed_from: int | None = None
         self.metrics: dict[str, float] = {}  # latest value of every reported metric
@@ -779,13 +779,6 @@ class Session:
         with self.watchdog.slow_work():
             return self.checkpointer.save(self.step, reason, metrics, self._tree(), self._shards())
 
-    def _before_update(self) -> None:
-        """A registered optimizer is about to step: the copies a background save left for later end
-        first (watched as a save, not as the step: a large state's copy may outlast a step)."""
-        if self.checkpointer.copies_unchecked():
-            with self.watchdog.slow_work():
-                self.checkpointer.wait_staged()
-
     def _save_in_background(self, metrics: dict[str, float]) -> None:
         if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
             return
@@ -894,3 +887,17 @@ class Session:
             name,
             self.signals.first_received.get(request),
         )
+
+
+def _update_waits_for_copies(checkpointer: Checkpointer, watchdog: Watchdog) -> Callable[[], None]:
+    """What a registered optimizer runs before it steps: the copies a background save left for later
+    end first (watched as a save, not as the step: a large state's copy may outlast a step). It holds
+    no reference to the session: the registry holds it, and a cycle through the session would keep
+    the run's loaders (and their persistent workers) alive until a garbage collection."""
+
+    def before_update() -> None:
+        if checkpointer.copies_unchecked():
+            with watchdog.slow_work():
+                checkpointer.wait_staged()
+
+    return before_update

@@ -320,6 +320,7 @@ class StateRegistry:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        self.before_update = None
         for position in self.positions():
             position.release()
 
