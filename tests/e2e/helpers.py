@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -143,8 +144,25 @@ def queue() -> str:
 
 def release_when_pending(job_id: str, timeout: float = 300.0) -> None:
     """A requeued job waits ~120 s (BeginTime): make it eligible at once (the preemption itself is real)."""
-    wait_for(lambda: job_state(job_id) == "PENDING", f"job {job_id} to be PENDING again", timeout, job_id)
-    slurm_command(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+    wait_for(lambda: release_if_requeued(job_id), f"job {job_id} to be PENDING again", timeout, job_id)
+
+
+def release_if_requeued(job_id: str) -> bool:
+    """A PENDING job is made eligible at once, once no step of its last start lives on any node: SLURM's
+    BeginTime waits for that cleanup (after a node failure it requeues before the lost node's step has
+    ended), and a step started again beside it with the same id is killed by the old one's clean-up.
+    True when released."""
+    if job_state(job_id) != "PENDING" or _steps_alive(job_id):
+        return False
+    with contextlib.suppress(SlurmError):  # it started meanwhile
+        slurm_command(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+    return True
+
+
+def _steps_alive(job_id: str) -> bool:
+    """Whether a slurmstepd of the job runs: every node of the test cluster is a namespace of this machine."""
+    found = subprocess.run(["pgrep", "-f", rf"^slurmstepd: \[{job_id}\."], stdout=subprocess.DEVNULL, check=False)
+    return found.returncode == 0
 
 
 def preempt_at_step(job_id: str, run_dir: Path, step: int) -> None:
@@ -188,9 +206,8 @@ def wait_until_final(job_id: str, timeout: float = 600.0, release_requeues: bool
 
     def done():
         state = job_state(job_id)
-        if state == "PENDING" and release_requeues:
-            with contextlib.suppress(SlurmError):  # it started meanwhile
-                slurm_command(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+        if release_requeues:
+            release_if_requeued(job_id)
         return state if state_outcome(state) in ("finished", "failed", "cancelled", "preempted") else None
 
     return wait_for(done, f"job {job_id} to end", timeout, job_id)
