@@ -133,7 +133,7 @@ class EarlyWriteback:
 
     _SYNC_FILE_RANGE_WRITE = 2
 
-    def __init__(self, fd: int, every: int = 64 << 20) -> None:
+    def __init__(self, fd: int, every: int) -> None:
         self.fd, self.every, self.started = fd, every, 0
         self._call = _sync_file_range()
 

@@ -338,16 +338,10 @@ class LoaderPosition:
         """`global_rng`: what reads torch's CPU, Python's and NumPy's global generator states (the
         session's reads Python's and NumPy's only when they moved)."""
         self.loader, self.name, self._global_rng = loader, name, global_rng
-        self.stateful = callable(getattr(loader, "state_dict", None)) and callable(
-            getattr(loader, "load_state_dict", None)
-        )
+        self.stateful = _has_state(loader)
         dataset = loader.dataset
-        if isinstance(dataset, IterableDataset) and not (
-            self.stateful and callable(getattr(dataset, "state_dict", None))
-        ):
-            has_state = callable(getattr(dataset, "state_dict", None)) and callable(
-                getattr(dataset, "load_state_dict", None)
-            )
+        if isinstance(dataset, IterableDataset) and not (self.stateful and _has_state(dataset)):
+            has_state = _has_state(dataset)
             raise ConfigError(
                 f"cannot position a DataLoader over {type(dataset).__name__}, an IterableDataset: "
                 + (
@@ -544,7 +538,7 @@ class LoaderPosition:
         """iter() of a StatefulDataLoader with its index sampler and a batch sampler's sampler, where
         they have no state of their own, standing in as _SamplerDraws (they stay with the iterator for
         its pass; the loader gets its own back at once). `replay`: the draws a resumed pass replays."""
-        generators = self._generators()
+        generators = self._pass_generators()
         index = self._index_sampler()
         inner = getattr(index, "sampler", None)  # a batch sampler's sampler
         self._draws = {}

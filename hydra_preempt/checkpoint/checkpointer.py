@@ -235,7 +235,7 @@ class Checkpointer:
 
         `later`: the data_ptr() of CPU tensors that nothing changes before the next optimizer step
         (parameters and state of torch's optimizers): the writer thread copies them while the next
-        step computes, and the training thread calls wait_staged() before that optimizer step. The
+        step computes, and the training thread calls check_copies() before that optimizer step. The
         writer writes only once the training thread has found their version counters unchanged
         (check_copies(): at that update, at the next boundary, or when the run waits for the write);
         a copy whose source changed (other weights loaded in place for an evaluation, an optimizer
@@ -322,11 +322,6 @@ class Checkpointer:
         """Whether the write in flight has copies left for later that check_copies() has not checked."""
         w = self._background
         return w is not None and w.checked is not None and not w.checked.is_set()
-
-    def wait_staged(self) -> None:
-        """Before the state is changed in place (an optimizer step's pre-hook, on the training thread):
-        the copies of the write in flight that were left for later are done and checked."""
-        self.check_copies()
 
     def check_copies(self) -> None:
         """On the training thread: wait for the copies left for later, then find whether their sources

@@ -898,6 +898,6 @@ def _update_waits_for_copies(checkpointer: Checkpointer, watchdog: Watchdog) -> 
     def before_update() -> None:
         if checkpointer.copies_unchecked():
             with watchdog.slow_work():
-                checkpointer.wait_staged()
+                checkpointer.check_copies()
 
     return before_update
