@@ -80,7 +80,7 @@ def test_sigint_saves_and_exits_cancelled(tmp_path):
 
 
 def test_sigkill_during_saves_never_leaves_an_unloadable_latest(tmp_path):
-    """24 SIGKILLs at random moments of a run that saves a 14 MB state at every step (more: `make
+    """16 SIGKILLs at random moments of a run that saves a 14 MB state at every step (more: `make
     flaky-check`, which runs it again and again).
 
     Starts take turns between background saves and saves at the boundary, so
@@ -101,7 +101,7 @@ def test_sigkill_during_saves_never_leaves_an_unloadable_latest(tmp_path):
     resumed = []
     interrupted_saves = 0
     trials = 0
-    for attempt in range(24):
+    for attempt in range(16):
         mode = f"checkpoint.async_save={'true' if attempt % 2 else 'false'}"
         proc = TrainProcess(tmp_path, [*overrides, mode]).start()
         start = proc.wait_for_line(r"starting at step (\d+)")
@@ -115,9 +115,9 @@ def test_sigkill_during_saves_never_leaves_an_unloadable_latest(tmp_path):
         proc.send(signal.SIGKILL)
         assert proc.wait() in (-signal.SIGKILL, ExitCode.FINISHED)
         trials += 1
-    assert trials >= 20, "the run finished before enough kills: make it longer"
+    assert trials >= 12, "the run finished before enough kills: make it longer"
     assert resumed == sorted(resumed), f"a start went back in steps: {resumed}"
-    assert interrupted_saves >= 5, (
+    assert interrupted_saves >= 3, (
         f"only {interrupted_saves} of {trials} kills hit a save: the test is not testing saves"
     )
 
