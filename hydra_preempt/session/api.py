@@ -32,7 +32,7 @@ import math
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, Generator, Iterator, NoReturn
 
 import torch
 
@@ -154,6 +154,7 @@ class Session:
         self._left_pass: Any = None  # a position whose batches() loop was left before its pass ended
         self._left_epochs: Any = None  # the counting position of an epochs() loop left before its last epoch
         self._pass: Any = None  # the position batches() iterates last (batch_index)
+        self._steps_done: Callable[[], int] | None = None  # inside driven_steps(): the steps its loop completed
         self.result_written = False  # write_result() wrote result.json: run() leaves it as it is
         # True while the item just handed out by steps()/batches() is the last of its step: the moment
         # for optimizer.step() under gradient accumulation (batches(loader, every=K))
@@ -352,6 +353,17 @@ class Session:
         self._end_left_pass()
         return self._stepping(next_step, 1, max_steps)
 
+    def driven_steps(self, done: Callable[[], int], total: int = 0) -> Generator[int, None, None]:
+        """Step boundaries for a loop that is not the session's (a Lightning Trainer's): the first next()
+        begins a step, each later one ends the steps made since (`done()`: how many the loop completed
+        in all; its boundary: divergence, saves, the stop, RunStopped) and begins the next, yielding its
+        index; `total`, the steps the run will make, for the progress line (0: unknown). close() leaves
+        the step begun last as batches() does."""
+        self._check_no_open_step("driven_steps()")
+        self.restore()
+        self._end_left_pass()
+        return self._stepping(lambda: self.step, 1, total, done=done)
+
     def batches(self, loader: Any, every: int = 1) -> Iterator[Any]:
         """One pass over `loader` (an epoch), with a step boundary after every `every` batches (the
         optimizer steps of gradient accumulation) and after the pass's last batch.
@@ -490,13 +502,16 @@ class Session:
         total: int,
         ends_pass: Callable[[], bool] | None = None,
         position: Any = None,
-    ) -> Iterator[Any]:
+        done: Callable[[], int] | None = None,
+    ) -> Generator[Any, None, None]:
         """Steps of `per_step` items each, until next_item() raises StopIteration; a step also ends
         with the item after which `ends_pass()` is true (the last batch of an epoch). `position`: the
-        registered loader's whose pass this is (a loop left before it ends ends the pass)."""
+        registered loader's whose pass this is (a loop left before it ends ends the pass). `done`: the
+        steps completed in all, where the loop counts them (driven_steps)."""
         progress = self._progress
         if progress is not None:
             progress.start(self.step)
+        self._steps_done = done
         try:
             while True:
                 self._start_step()  # before the item is taken: an emergency checkpoint's state precedes it
@@ -511,16 +526,20 @@ class Session:
                     try:
                         yield item
                     except GeneratorExit:  # the loop was left: break, return, an exception
-                        self._leave_step()
+                        if done is None:
+                            self._leave_step()
+                        else:  # the loop that counts its steps says how many it completed
+                            self._open_step, self.step = None, max(self.step, done())
                         raise
                 if not given:
                     self._open_step = None
                     return
-                self._end_step()
+                self._end_step(done() if done is not None else None)
                 if progress is not None:
                     last = self.last_checkpoint
                     progress.update(self.step, total, *((last.step, last.created) if last else (None, None)))
         finally:  # ended, stopped or raised: the watchdog no longer waits for steps
+            self._steps_done = None
             self.watchdog.stop_watching()
             if progress is not None:
                 progress.close()
@@ -552,7 +571,8 @@ class Session:
         self._step_metrics.update(values)
         self.metrics.update(values)
         if self._rank == 0:
-            self._metrics_log.append({"step": self.step + (1 if self._open_step else 0), **values})
+            step = self._steps_done() if self._steps_done is not None else self.step + (1 if self._open_step else 0)
+            self._metrics_log.append({"step": step, **values})
 
     def save(self, reason: str = "manual") -> CheckpointInfo | None:
         """Save now; only valid between steps (before the loop, after it, or from a callback at a boundary).
@@ -608,10 +628,12 @@ class Session:
         else:  # multi-rank runs write no emergency checkpoint: only whether a step changed the state
             self._open_step = StepStart(self.step, self.state.fingerprint(), {}, {})
 
-    def _end_step(self) -> None:
+    def _end_step(self, done: int | None = None) -> None:
+        """The boundary after the step in progress; `done`: the steps completed by now, where the loop
+        that is not the session's made several since its last boundary (driven_steps)."""
         self.watchdog.beat()
         self._open_step = None
-        self.step += 1
+        before, self.step = self.step, self.step + 1 if done is None else max(done, self.step + 1)
         metrics, self._step_metrics = self._step_metrics, {}
         self._last_step_metrics = metrics
         verdict = self._judge(metrics)
@@ -620,7 +642,9 @@ class Session:
             self._non_finite_since = None
         elif self._non_finite_since is None:
             self._non_finite_since = self.step
-        periodic = self.checkpointer.periodic_due(self.step)
+        periodic = False
+        for step in range(before + 1, self.step + 1):  # each step's periodic save, due or not, is noted
+            periodic = self.checkpointer.periodic_due(step)
         if not boundary.agrees_at(self.step, world()[1], self.config.distributed.sync_every):
             return  # requests stay pending until the ranks next agree
         for signum in self.signals.retake():

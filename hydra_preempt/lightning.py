@@ -1,0 +1,346 @@
+"""The stop protocol for a Lightning program: `fit(trainer, model, ...)` in place of `trainer.fit(model, ...)`.
+
+    from hydra_preempt.lightning import exit_with, fit
+    ...
+    exit_with(fit(trainer, model, datamodule=dm, run_dir="runs/mine"))   # was: trainer.fit(model, dm)
+
+`fit()` runs `trainer.fit` under `run()`: the session's signal handlers, checkpoints, run log, watchdog
+and requeue, as for a plain loop. The Lightning checkpoint (what `trainer.save_checkpoint` writes:
+module, optimizers, schedulers, loops' progress, callbacks, precision plugin, datamodule) is one object
+of the session's state, beside every RNG; it is written through the project's atomic, verified store
+and given back to Lightning as `fit(ckpt_path=...)` on a restart.
+
+Step boundaries: after each optimizer step, where Lightning itself saves and resumes (its
+`ModelCheckpoint` points): at the step's `on_train_batch_end`, or, when a validation runs after that
+batch, at its `on_validation_end`. There the session saves, and stops (RunStopped, which Lightning
+re-raises) when a signal asked for it: never inside a signal handler. Lightning's own SIGTERM and
+SLURM requeue handlers are not installed, so nothing is done twice.
+
+The training DataLoader is positioned exactly (loader_position.py, workers included): Lightning
+fetches one batch ahead, so its saved position is the one before that batch was fetched, with the
+generator states of that moment; a resumed pass fetches it again from them, then the generators are
+set to the checkpoint's. Requires `lightning` (the `[lightning]` extra).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Any, Generator, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from torch.utils.data import DataLoader
+
+from .config import SessionConfig
+from .errors import ConfigError
+from .loader_position import LoaderPosition
+from .outcome import Outcome
+from .session.api import Session
+from .session.runner import run
+from .slurm.policy import exit_with
+
+__all__ = ["exit_with", "fit"]
+
+
+def fit(
+    trainer: Trainer,
+    model: LightningModule,
+    train_dataloaders: Any = None,
+    val_dataloaders: Any = None,
+    datamodule: LightningDataModule | None = None,
+    *,
+    run_dir: Path | str,
+    config: SessionConfig | Mapping[str, Any] | None = None,
+) -> Outcome:
+    """`trainer.fit(model, train_dataloaders, val_dataloaders, datamodule)` under the stop protocol;
+    the outcome, for `exit_with()` (exit 75 and the requeue on a stop). `config`: as for `run()`;
+    emergency checkpoints are off (Lightning's state mid-step is no state it resumes from)."""
+    if not isinstance(trainer, Trainer) or not isinstance(model, LightningModule):
+        raise ConfigError(
+            "hydra_preempt.lightning.fit(trainer, model, ...) takes a lightning Trainer and LightningModule"
+        )
+
+    def train(session: Session) -> None:
+        if trainer.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+            raise ConfigError(
+                f"a Trainer of {trainer.world_size} processes starts them itself, each a run of its own: start "
+                "them with srun (one task per process), whose tasks fit() makes one process group"
+            )
+        state = _TrainerState(trainer, model)
+        session.register(lightning=state)
+        session.restore()
+        restored = session.last_checkpoint
+        # the name Lightning logs ("Restoring states from the checkpoint path at ..."); loaded from the store
+        state.restored_path = str(restored.path) if state.loaded is not None and restored is not None else None
+        callback = _Boundaries(session, state)
+        trainer.callbacks.append(callback)  # type: ignore[attr-defined]
+        strategy = trainer.strategy
+        original_io, original_process = strategy.checkpoint_io, strategy.process_dataloader
+        strategy.checkpoint_io = _FromStore(original_io, state)
+        signals = trainer._signal_connector
+        # Lightning's SIGTERM notifier and SLURM requeue handler would act on the session's signals too
+        signals.register_signal_handlers = lambda: None  # type: ignore[method-assign]
+
+        def process_dataloader(dataloader: object) -> object:
+            dataloader = original_process(dataloader)
+            if trainer.training and isinstance(dataloader, DataLoader):  # the training loader, as Lightning made it
+                return state.positioned(dataloader)
+            return dataloader
+
+        strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
+        try:
+            trainer.fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path=state.restored_path)
+        finally:
+            callback.close()
+            trainer.callbacks.remove(callback)  # type: ignore[attr-defined]
+            strategy.checkpoint_io = original_io
+            del strategy.process_dataloader, signals.register_signal_handlers
+
+    return run(train, run_dir, _without_emergency(config))
+
+
+def _without_emergency(config: SessionConfig | Mapping[str, Any] | None) -> SessionConfig | Mapping[str, Any]:
+    """The config, emergency checkpoints off: Lightning's state inside a step is none it resumes from."""
+    if isinstance(config, SessionConfig):
+        return dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, emergency=False))
+    sections = dict(config or {})
+    checkpoint = sections.get("checkpoint") or {}
+    sections["checkpoint"] = {**checkpoint, "emergency": False} if isinstance(checkpoint, Mapping) else checkpoint
+    return sections
+
+
+class _TrainerState:
+    """The trainer's checkpoint as one object of the session's state: state_dict() is Lightning's own
+    checkpoint of this moment; a loaded one waits for `trainer.fit(ckpt_path=restored_path)`."""
+
+    holds_data_position = True  # the training loader's position is in its loops' state
+
+    def __init__(self, trainer: Trainer, model: LightningModule) -> None:
+        self.trainer, self.model = trainer, model
+        self.loaded: dict[str, Any] | None = None
+        self.restored_path: str | None = None  # what fit(ckpt_path=...) is given when a checkpoint was loaded
+        self._loader_states: list[Any] = []  # the training loaders' positions, loaded into them when made
+        self.callback_metrics: dict[str, float] = {}  # trainer.callback_metrics at the save, given back at the start
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.trainer.lightning_module is None:  # before fit attached the model: nothing newer than the load
+            if self.loaded is None:
+                raise ConfigError("no Lightning state before trainer.fit() began")
+            return self.loaded
+        checkpoint = self.trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        # what callbacks and the run's metrics see until the next validation (Lightning keeps none of it)
+        checkpoint[_OWN_KEY] = {"callback_metrics": _scalars(self.trainer.callback_metrics)}
+        return checkpoint
+
+    def check_state_dict(self, state: Any) -> list[str]:
+        loops = state.get("loops") if isinstance(state, dict) else None
+        if not (isinstance(loops, dict) and "fit_loop" in loops and isinstance(state.get("state_dict"), dict)):
+            return ["the checkpoint holds no Lightning checkpoint (state_dict, loops)"]
+        current, saved = self.model.state_dict(), state["state_dict"]
+        problems = [f"{key}: not in the checkpoint" for key in sorted(current.keys() - saved.keys())]
+        problems += [f"{key}: only in the checkpoint" for key in sorted(saved.keys() - current.keys())]
+        problems += [
+            f"{key}: shape {tuple(saved[key].shape)} in the checkpoint, {tuple(t.shape)} in this model"
+            for key, t in current.items()
+            if isinstance(saved.get(key), torch.Tensor) and saved[key].shape != t.shape
+        ]
+        return problems[:5]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Kept for fit(ckpt_path=...), but the training loaders' positions: each is loaded into its
+        loader when Lightning makes it, before its first iter(), which may come before Lightning's own
+        restore (a configure_optimizers() that asks for trainer.estimated_stepping_batches)."""
+        state = dict(state)
+        self.callback_metrics = dict(state.pop(_OWN_KEY, {}).get("callback_metrics", {}))
+        fit_loop = dict(state["loops"]["fit_loop"])
+        own = dict(fit_loop.get("state_dict") or {})
+        self._loader_states = list(own.pop("combined_loader", []))
+        fit_loop["state_dict"] = own
+        self.loaded = {**state, "loops": {**state["loops"], "fit_loop": fit_loop}}
+
+    def positioned(self, loader: DataLoader) -> _PositionedLoader:
+        """The training loader as Lightning made it, positioned: at the saved position, on a restart."""
+        positioned = _PositionedLoader(loader)
+        if self._loader_states:
+            positioned.load_state_dict(self._loader_states.pop(0))
+        return positioned
+
+
+class _FromStore(CheckpointIO):
+    """The strategy's CheckpointIO, but for the checkpoint the session restored: loading it gives the
+    state read (and verified) from the store; every other path is the original's."""
+
+    def __init__(self, inner: CheckpointIO, state: _TrainerState) -> None:
+        self._inner, self._state = inner, state
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if self._state.loaded is not None and str(path) == self._state.restored_path:
+            return self._state.loaded
+        return self._inner.load_checkpoint(path, *args, **kwargs)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        self._inner.save_checkpoint(checkpoint, path, storage_options)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self._inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self._inner.teardown()
+
+
+class _PositionedLoader:
+    """The training DataLoader as Lightning iterates it: each pass through a LoaderPosition.
+
+    A loader with a length is fetched batch by batch, as the loop goes: its position at a boundary is
+    the position now, and a resumed pass takes its first batch with the generators as they were
+    saved (set just before, whatever ran since fit() began). One without a length is fetched one
+    batch ahead (Lightning's prefetch, to know the last): its position is the one before that batch
+    was taken, with the generator states of that moment; a resumed pass takes it again from them,
+    then the generators are set to the states of the save."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.position = LoaderPosition(loader, "train_dataloader")
+        try:
+            len(loader)
+            self._ahead = False
+        except TypeError:
+            self._ahead = True
+        self._before_last: dict[str, Any] | None = None  # with `_ahead`: the position before the batch taken last
+        self._resumed: tuple[Any, Any] | None = None  # the generator states before and after a resumed first batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:  # sampler, batch_size, dataset, ... for Lightning's checks
+        return getattr(self.loader, name)
+
+    @property
+    def worker_init_fn(self) -> Any:
+        return self.loader.worker_init_fn
+
+    @worker_init_fn.setter
+    def worker_init_fn(self, fn: Any) -> None:  # Lightning's seed_everything(workers=True) sets it
+        self.loader.worker_init_fn = fn
+
+    def __iter__(self) -> Iterator[Any]:
+        resumed, self._resumed = self._resumed, None
+        return self._tracked(self.position.iterate(), resumed)
+
+    def _tracked(self, batches: Iterator[Any], resumed: tuple[Any, Any] | None) -> Iterator[Any]:
+        while True:
+            if resumed is not None:
+                _set_global_rng(resumed[0])
+            if self._ahead:
+                self._before_last = self.position.state_dict()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                self._before_last = self.position.state_dict()  # the pass is over: a resume begins the next
+                return
+            finally:
+                if resumed is not None and resumed[1] is not None:
+                    _set_global_rng(resumed[1])
+                resumed = None
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        now = _global_rng()
+        if self._ahead and self._before_last is not None:
+            position = self._before_last
+            return {"position": position, "rng_before": _split(position["at_save"]), "rng_after": now}
+        return {"position": self.position.state_dict(), "rng_before": now, "rng_after": None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if problems := self.check_state_dict(state):
+            raise ConfigError(f"the checkpoint's training loader position does not fit: {problems[0]}")
+        self.position.load_state_dict(state["position"])
+        self._resumed = (state["rng_before"], state["rng_after"])
+
+    def check_state_dict(self, state: Any) -> list[str]:
+        if not (isinstance(state, dict) and {"position", "rng_before", "rng_after"} <= state.keys()):
+            return ["not a position of the training loader"]
+        return self.position.check_state_dict(state["position"])
+
+
+_OWN_KEY = "hydra_preempt"  # this module's part of the Lightning checkpoint
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+
+
+def _split(states: dict[str, Any]) -> tuple[Any, Any, Any]:
+    return states["cpu"], states["python"], states["numpy"]
+
+
+def _global_rng() -> tuple[Any, Any, Any]:
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def _set_global_rng(states: tuple[Any, Any, Any]) -> None:
+    cpu, python, numpy = states
+    torch.set_rng_state(cpu)
+    random.setstate(tuple(python) if isinstance(python, list) else python)
+    np.random.set_state(numpy)
+
+
+class _Boundaries(Callback):
+    """The session's step boundaries in Lightning's loop, at the points it resumes from exactly: after
+    an optimizer step within an epoch, at the batch's `on_train_batch_end`, or, when a validation runs
+    after that batch, at its `on_validation_end`. After an epoch's last batch there is none (Lightning
+    resumes from there with its epoch counted twice or its end-of-epoch hooks skipped): the steps made
+    there count at the next boundary, where a stop asked for meanwhile is taken, one step later."""
+
+    def __init__(self, session: Session, state: _TrainerState) -> None:
+        self.session, self.state = session, state
+        self._steps: Generator[int, None, None] | None = None
+        self._global_step = 0
+        self._at_validation_end = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        fetcher = trainer.fit_loop._data_fetcher
+        if fetcher is not None and not hasattr(fetcher, "prefetch_batches"):
+            raise ConfigError(
+                "a training_step that takes dataloader_iter is not positioned by hydra_preempt.lightning: "
+                "take the batch as an argument"
+            )
+        restored = {k: torch.tensor(v) for k, v in self.state.callback_metrics.items()}
+        trainer.callback_metrics.update({k: v for k, v in restored.items() if k not in trainer.callback_metrics})
+        self._global_step = trainer.global_step
+        total = max(int(trainer.estimated_stepping_batches), 0)
+        self._steps = self.session.driven_steps(lambda: trainer.global_step, total)
+        next(self._steps)  # the first step begins
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if trainer.global_step == self._global_step:
+            return  # the batches of an accumulation before its optimizer step
+        self._global_step = trainer.global_step
+        epoch_loop, fetcher = trainer.fit_loop.epoch_loop, trainer.fit_loop._data_fetcher
+        if epoch_loop.batch_progress.is_last_batch:
+            return
+        if fetcher is not None and epoch_loop._should_check_val_fx(fetcher):
+            self._at_validation_end = True
+            return
+        self._boundary(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._at_validation_end and not trainer.sanity_checking:
+            self._at_validation_end = False
+            self._boundary(trainer)
+
+    def _boundary(self, trainer: Trainer) -> None:
+        if metrics := _scalars(trainer.callback_metrics):
+            self.session.report(**metrics)
+        assert self._steps is not None
+        next(self._steps)  # ends the steps made since the last boundary: saves and stops (RunStopped) happen here
+
+    def close(self) -> None:
+        if self._steps is not None:
+            self._steps.close()
+            self._steps = None

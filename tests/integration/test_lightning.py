@@ -1,0 +1,96 @@
+"""hydra_preempt.lightning: the Lightning program of docs/lightning.md, as written there, stopped twice by
+SIGTERM to its whole process group (its DataLoader workers get it too, as from slurmstepd) and started
+again, ends as an uninterrupted run: the same parameters, the same metrics at every step."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hydra_preempt import ExitCode
+from hydra_preempt.checkpoint.layout import read_manifest
+from hydra_preempt.checkpoint.writer import read_checkpoint_files
+from hydra_preempt.rundir import read_events
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "lightning.md").read_text(), re.S)
+PROGRAM = next(b for b in BLOCKS if "from hydra_preempt.lightning import" in b)
+
+# The program as written, with one callback added to its Trainer: at the end of the batch that makes
+# optimizer step STOP_AT, SIGTERM to the process group (the session's boundary there takes the stop).
+STOPPER = """
+import os, runpy, signal, sys
+import lightning as L
+
+class StopAt(L.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            self.step = None
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+
+made = L.Trainer.__init__
+
+def with_stop(self, *args, callbacks=(), **kwargs):
+    made(self, *args, callbacks=[*callbacks, StopAt(int(sys.argv[1]))], **kwargs)
+
+L.Trainer.__init__ = with_stop
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def start(directory: Path, stop_at: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "stopper.py", str(stop_at)],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        start_new_session=True,  # its own process group, as a job step's
+    )
+
+
+def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
+    newest = max((run_dir / "checkpoints").glob("step-*"))
+    tree = read_checkpoint_files(newest, read_manifest(newest))
+    return tree["objects"]["lightning"]["state_dict"]
+
+
+def test_a_lightning_program_stopped_twice_by_its_process_group_ends_as_an_uninterrupted_run(tmp_path):
+    runs = {}
+    for name, stops in (("uninterrupted", []), ("stopped", [20, 32])):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "train.py").write_text(PROGRAM)
+        (directory / "stopper.py").write_text(STOPPER)
+        for stop_at in stops:
+            done = start(directory, stop_at)
+            assert done.returncode == ExitCode.REQUEUE, done.stderr[-3000:]
+        done = start(directory, -1)
+        assert done.returncode == ExitCode.FINISHED, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+        runs[name] = directory / "runs" / "lightning"
+
+    history = [e for e in read_events(runs["stopped"]) if e["event"] == "stop"]
+    # 20: a validation follows that step, the stop waits for its end; 32: an epoch's last, taken at 33
+    assert [(e["reason"], e["step"], e["checkpoint_step"]) for e in history] == [
+        ("preempted", 20, 20),
+        ("preempted", 33, 33),
+        ("finished", 96, 96),
+    ]
+    assert [e["resumed_from"] for e in history] == [None, 20, 33]
+    metrics = {name: (run / "metrics.jsonl").read_text().splitlines() for name, run in runs.items()}
+    assert metrics["stopped"] == metrics["uninterrupted"]
+    assert {"loss", "val_loss"} <= json.loads(metrics["stopped"][-1]).keys()
+    expected, got = final_parameters(runs["uninterrupted"]), final_parameters(runs["stopped"])
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
