@@ -14,9 +14,12 @@ Cases, interleaved in each repeat (medians, min and max over repeats, microsecon
 - session, StatefulDataLoader: torchdata's loader in the documented loop;
 - session, 2 loaders: two registered loaders, an epoch a pass over each (two batches() loops);
 - Lightning barebones: `Trainer(barebones=True, max_steps=...)` with a LightningModule doing the
-  same step (when `lightning` is installed).
+  same step (when `lightning` is installed), timed from its 100th step (its set-up left out);
+- Lightning barebones, fit(): the same Trainer under `hydra_preempt.lightning.fit` (the protocol:
+  the positioned loader, a boundary per step, checkpoints off), timed alike.
 
-The added cost is each case's median minus the plain loop's, and its share of a 100 ms step.
+The added cost is each case's median minus the plain loop's, and its share of a 100 ms step; the
+last line is what fit() adds to Lightning's own loop.
 """
 
 from __future__ import annotations
@@ -108,11 +111,14 @@ def session_loop(steps: int, kind: str = "dataloader", emergency: bool = True) -
     return measured["us"]
 
 
-def lightning_barebones(steps: int) -> float | None:
+def lightning_barebones(steps: int, protocol: bool = False) -> float | None:
+    """Lightning's loop alone (`protocol`: under hydra_preempt.lightning.fit), timed from its 100th step to
+    its last, so that neither set-up is in the figure."""
     try:
         import lightning as L
     except ImportError:
         return None
+    from hydra_preempt.lightning import fit
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -128,11 +134,28 @@ def lightning_barebones(steps: int) -> float | None:
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 100)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            if trainer.global_step == WARM_UP:
+                self.began = time.perf_counter()
+
+        def on_train_end(self, trainer, *args) -> None:
+            self.us = (time.perf_counter() - self.began) / (steps - WARM_UP) * 1e6
+
+    clock = Clock()
     loader = DataLoader(dataset(), batch_size=4, shuffle=True)
-    trainer = L.Trainer(barebones=True, max_steps=steps, accelerator="cpu", devices=1, max_epochs=-1)
-    began = time.perf_counter()
-    trainer.fit(Module(), loader)  # its set-up (a few ms) is in the figure, spread over the steps
-    return (time.perf_counter() - began) / steps * 1e6
+    trainer = L.Trainer(
+        barebones=True, max_steps=steps, accelerator="cpu", devices=1, max_epochs=-1, callbacks=[clock]
+    )
+    if protocol:
+        with tempfile.TemporaryDirectory() as run_dir:
+            fit(trainer, Module(), loader, run_dir=run_dir, config={"progress": {"console": False}})
+    else:
+        trainer.fit(Module(), loader)
+    return clock.us
+
+
+WARM_UP = 100  # Lightning's steps before its clock starts
 
 
 def main() -> None:
@@ -152,6 +175,7 @@ def main() -> None:
         "session, StatefulDataLoader": lambda n: session_loop(n, "stateful"),
         "session, 2 loaders": lambda n: session_loop(n, "two loaders"),
         "Lightning barebones": lightning_barebones,
+        "Lightning barebones, fit()": lambda n: lightning_barebones(n, protocol=True),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.repeats):
@@ -169,6 +193,9 @@ def main() -> None:
         added = median - base
         spread = f"{min(values):.0f}-{max(values):.0f}"
         print(f"{name:30s} {median:8.0f} {spread:>13s} {added:+7.0f} {added / 1e3:8.2f}%")
+    if times["Lightning barebones, fit()"]:
+        added = statistics.median(times["Lightning barebones, fit()"]) - statistics.median(times["Lightning barebones"])
+        print(f"fit() adds to Lightning's loop: {added:+.0f} us per step, {added / 1e3:.2f}% of a 100 ms step")
 
 
 if __name__ == "__main__":
