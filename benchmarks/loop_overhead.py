@@ -144,9 +144,7 @@ def lightning_barebones(steps: int, protocol: bool = False) -> float | None:
 
     clock = Clock()
     loader = DataLoader(dataset(), batch_size=4, shuffle=True)
-    trainer = L.Trainer(
-        barebones=True, max_steps=steps, accelerator="cpu", devices=1, max_epochs=-1, callbacks=[clock]
-    )
+    trainer = L.Trainer(barebones=True, max_steps=steps, accelerator="cpu", devices=1, max_epochs=-1, callbacks=[clock])
     if protocol:
         with tempfile.TemporaryDirectory() as run_dir:
             fit(trainer, Module(), loader, run_dir=run_dir, config={"progress": {"console": False}})
