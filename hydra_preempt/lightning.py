@@ -71,8 +71,9 @@ def fit(
                 f"a Trainer of {trainer.world_size} processes starts them itself, each a run of its own: start "
                 "them with srun (one task per process), whose tasks fit() makes one process group"
             )
-        state = _TrainerState(trainer, model)
+        state, positions = _TrainerState(trainer, model), _LoaderPositions(trainer)
         session.register(lightning=state)
+        session.register_per_rank(data=positions)
         session.restore()
         restored = session.last_checkpoint
         # the name Lightning logs ("Restoring states from the checkpoint path at ..."); loaded from the store
@@ -89,7 +90,7 @@ def fit(
         def process_dataloader(dataloader: object) -> object:
             dataloader = original_process(dataloader)
             if trainer.training and isinstance(dataloader, DataLoader):  # the training loader, as Lightning made it
-                return state.positioned(dataloader)
+                return positions.positioned(dataloader)
             return dataloader
 
         strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
@@ -116,15 +117,13 @@ def _without_emergency(config: SessionConfig | Mapping[str, Any] | None) -> Sess
 
 class _TrainerState:
     """The trainer's checkpoint as one object of the session's state: state_dict() is Lightning's own
-    checkpoint of this moment; a loaded one waits for `trainer.fit(ckpt_path=restored_path)`."""
-
-    holds_data_position = True  # the training loader's position is in its loops' state
+    checkpoint of this moment but the training loaders' positions (each rank's own: _LoaderPositions);
+    a loaded one waits for `trainer.fit(ckpt_path=restored_path)`."""
 
     def __init__(self, trainer: Trainer, model: LightningModule) -> None:
         self.trainer, self.model = trainer, model
         self.loaded: dict[str, Any] | None = None
         self.restored_path: str | None = None  # what fit(ckpt_path=...) is given when a checkpoint was loaded
-        self._loader_states: list[Any] = []  # the training loaders' positions, loaded into them when made
         self.callback_metrics: dict[str, float] = {}  # trainer.callback_metrics at the save, given back at the start
 
     def state_dict(self) -> dict[str, Any]:
@@ -133,6 +132,7 @@ class _TrainerState:
                 raise ConfigError("no Lightning state before trainer.fit() began")
             return self.loaded
         checkpoint = self.trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        _without_loader_states(checkpoint)
         # what callbacks and the run's metrics see until the next validation (Lightning keeps none of it)
         checkpoint[_OWN_KEY] = {"callback_metrics": _scalars(self.trainer.callback_metrics)}
         return checkpoint
@@ -152,23 +152,50 @@ class _TrainerState:
         return problems[:5]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Kept for fit(ckpt_path=...), but the training loaders' positions: each is loaded into its
-        loader when Lightning makes it, before its first iter(), which may come before Lightning's own
-        restore (a configure_optimizers() that asks for trainer.estimated_stepping_batches)."""
         state = dict(state)
         self.callback_metrics = dict(state.pop(_OWN_KEY, {}).get("callback_metrics", {}))
-        fit_loop = dict(state["loops"]["fit_loop"])
-        own = dict(fit_loop.get("state_dict") or {})
-        self._loader_states = list(own.pop("combined_loader", []))
-        fit_loop["state_dict"] = own
-        self.loaded = {**state, "loops": {**state["loops"], "fit_loop": fit_loop}}
+        self.loaded = state
+
+
+def _without_loader_states(checkpoint: dict[str, Any]) -> None:
+    """Lightning puts its stateful training loaders' states (_PositionedLoader's) into its fit loop's
+    own; they are saved per rank apart (_LoaderPositions)."""
+    own = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict")
+    if isinstance(own, dict):
+        own.pop("combined_loader", None)
+
+
+class _LoaderPositions:
+    """The positions of the training loaders Lightning iterates, each rank's own (its shard of the data,
+    its workers' generators). A loaded one goes into each loader when Lightning makes it, before its
+    first iter(), which may come before Lightning's own restore (a configure_optimizers() that asks for
+    trainer.estimated_stepping_batches makes the loaders)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self._pending: list[Any] = []  # loaded positions of loaders not made yet
 
     def positioned(self, loader: DataLoader) -> _PositionedLoader:
         """The training loader as Lightning made it, positioned: at the saved position, on a restart."""
         positioned = _PositionedLoader(loader)
-        if self._loader_states:
-            positioned.load_state_dict(self._loader_states.pop(0))
+        if self._pending:
+            positioned.load_state_dict(self._pending.pop(0))
         return positioned
+
+    def state_dict(self) -> dict[str, Any]:
+        combined = self.trainer.fit_loop._combined_loader
+        if combined is None:
+            return {"loaders": list(self._pending)}
+        return {"loaders": [d.state_dict() for d in combined.flattened if isinstance(d, _PositionedLoader)]}
+
+    def check_state_dict(self, state: Any) -> list[str]:
+        loaders = state.get("loaders") if isinstance(state, dict) else None
+        if not (isinstance(loaders, list) and all(isinstance(s, dict) for s in loaders)):
+            return ["not the positions of Lightning's training loaders"]
+        return []
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = list(state["loaders"])
 
 
 class _FromStore(CheckpointIO):

@@ -332,12 +332,10 @@ class StateRegistry:
         return next((p for p in self.positions() if p.loader is loader), None)
 
     def holds_data_position(self) -> bool:
-        """Whether a registered object says where the data stand: a DataLoader, a ResumableLoader, an
-        object that says so itself (`holds_data_position`: the Lightning trainer's state), or any object
-        registered as `data`."""
+        """Whether a registered object says where the data stand: a DataLoader, a ResumableLoader, or
+        any object registered as `data`."""
         return "data" in self.objects or any(
-            isinstance(o, (LoaderPosition, ResumableLoader)) or getattr(o, "holds_data_position", False) is True
-            for o in self.objects.values()
+            isinstance(o, (LoaderPosition, ResumableLoader)) for o in self.objects.values()
         )
 
     def _count_optimizer_step(self, *_: Any) -> None:
