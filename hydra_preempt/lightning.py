@@ -257,9 +257,13 @@ class _PositionedLoader:
 
     def __iter__(self) -> Iterator[Any]:
         resumed, self._resumed = self._resumed, None
-        return self._tracked(self.position.iterate(), resumed)
+        return self._tracked(resumed)
 
-    def _tracked(self, batches: Iterator[Any], resumed: tuple[Any, Any] | None) -> Iterator[Any]:
+    def _tracked(self, resumed: tuple[Any, Any] | None) -> Iterator[Any]:
+        # the pass begins at the first next(), not at iter(): Lightning makes the iterator before it sets
+        # a DistributedSampler's epoch (and before its restore, when configure_optimizers() asks for
+        # trainer.estimated_stepping_batches)
+        batches = self.position.iterate()
         while True:
             if resumed is not None:
                 _set_global_rng(resumed[0])
