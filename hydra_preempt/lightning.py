@@ -24,7 +24,7 @@ set to the checkpoint's. Requires `lightning` (the `[lightning]` extra).
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import random
 from pathlib import Path
 from typing import Any, Generator, Iterator, Mapping
@@ -44,7 +44,7 @@ from .session.api import Session
 from .session.runner import run
 from .slurm.policy import exit_with
 
-__all__ = ["exit_with", "fit"]
+__all__ = ["exit_with", "fit", "train"]
 
 
 def fit(
@@ -58,61 +58,66 @@ def fit(
     config: SessionConfig | Mapping[str, Any] | None = None,
 ) -> Outcome:
     """`trainer.fit(model, train_dataloaders, val_dataloaders, datamodule)` under the stop protocol;
-    the outcome, for `exit_with()` (exit 75 and the requeue on a stop). `config`: as for `run()`;
-    emergency checkpoints are off (Lightning's state mid-step is no state it resumes from)."""
-    if not isinstance(trainer, Trainer) or not isinstance(model, LightningModule):
-        raise ConfigError(
-            "hydra_preempt.lightning.fit(trainer, model, ...) takes a lightning Trainer and LightningModule"
-        )
-
-    def train(session: Session) -> None:
-        if trainer.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
-            raise ConfigError(
-                f"a Trainer of {trainer.world_size} processes starts them itself, each a run of its own: start "
-                "them with srun (one task per process), whose tasks fit() makes one process group"
-            )
-        state, positions = _TrainerState(trainer, model), _LoaderPositions(trainer)
-        session.register(lightning=state)
-        session.register_per_rank(data=positions)
-        session.restore()
-        restored = session.last_checkpoint
-        # the name Lightning logs ("Restoring states from the checkpoint path at ..."); loaded from the store
-        state.restored_path = str(restored.path) if state.loaded is not None and restored is not None else None
-        callback = _Boundaries(session, state)
-        trainer.callbacks.append(callback)  # type: ignore[attr-defined]
-        strategy = trainer.strategy
-        original_io, original_process = strategy.checkpoint_io, strategy.process_dataloader
-        strategy.checkpoint_io = _FromStore(original_io, state)
-        signals = trainer._signal_connector
-        # Lightning's SIGTERM notifier and SLURM requeue handler would act on the session's signals too
-        signals.register_signal_handlers = lambda: None  # type: ignore[method-assign]
-
-        def process_dataloader(dataloader: object) -> object:
-            dataloader = original_process(dataloader)
-            if trainer.training and isinstance(dataloader, DataLoader):  # the training loader, as Lightning made it
-                return positions.positioned(dataloader)
-            return dataloader
-
-        strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
-        try:
-            trainer.fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path=state.restored_path)
-        finally:
-            callback.close()
-            trainer.callbacks.remove(callback)  # type: ignore[attr-defined]
-            strategy.checkpoint_io = original_io
-            del strategy.process_dataloader, signals.register_signal_handlers
-
-    return run(train, run_dir, _without_emergency(config))
-
-
-def _without_emergency(config: SessionConfig | Mapping[str, Any] | None) -> SessionConfig | Mapping[str, Any]:
-    """The config, emergency checkpoints off: Lightning's state inside a step is none it resumes from."""
+    the outcome, for `exit_with()` (exit 75 and the requeue on a stop). `config`: as for `run()`."""
     if isinstance(config, SessionConfig):
-        return dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, emergency=False))
-    sections = dict(config or {})
-    checkpoint = sections.get("checkpoint") or {}
-    sections["checkpoint"] = {**checkpoint, "emergency": False} if isinstance(checkpoint, Mapping) else checkpoint
-    return sections
+        config = copy.deepcopy(config)  # train() turns its emergency checkpoints off: not the caller's
+
+    def train_fn(session: Session) -> None:
+        train(session, trainer, model, train_dataloaders, val_dataloaders, datamodule)
+
+    return run(train_fn, run_dir, config)
+
+
+def train(
+    session: Session,
+    trainer: Trainer,
+    model: LightningModule,
+    train_dataloaders: Any = None,
+    val_dataloaders: Any = None,
+    datamodule: LightningDataModule | None = None,
+) -> None:
+    """`trainer.fit(...)` as the training function of a session: what fit() runs under run(), and what a
+    door's training function calls (`PreemptibleTask(lambda session: train(session, trainer, model))`).
+    The session's emergency checkpoints are turned off: Lightning's state inside a step is none it
+    resumes from, so an exception in its loop leaves the last checkpoint standing."""
+    if not isinstance(trainer, Trainer) or not isinstance(model, LightningModule):
+        raise ConfigError("hydra_preempt.lightning takes a lightning Trainer and a LightningModule")
+    if trainer.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(
+            f"a Trainer of {trainer.world_size} processes starts them itself, each a run of its own: start "
+            "them with srun (one task per process), whose tasks run() makes one process group"
+        )
+    session.config.checkpoint.emergency = False
+    state, positions = _TrainerState(trainer, model), _LoaderPositions(trainer)
+    session.register(lightning=state)
+    session.register_per_rank(data=positions)
+    session.restore()
+    restored = session.last_checkpoint
+    # the name Lightning logs ("Restoring states from the checkpoint path at ..."); loaded from the store
+    state.restored_path = str(restored.path) if state.loaded is not None and restored is not None else None
+    callback = _Boundaries(session, state)
+    trainer.callbacks.append(callback)  # type: ignore[attr-defined]
+    strategy = trainer.strategy
+    original_io, original_process = strategy.checkpoint_io, strategy.process_dataloader
+    strategy.checkpoint_io = _FromStore(original_io, state)
+    signals = trainer._signal_connector
+    # Lightning's SIGTERM notifier and SLURM requeue handler would act on the session's signals too
+    signals.register_signal_handlers = lambda: None  # type: ignore[method-assign]
+
+    def process_dataloader(dataloader: object) -> object:
+        dataloader = original_process(dataloader)
+        if trainer.training and isinstance(dataloader, DataLoader):  # the training loader, as Lightning made it
+            return positions.positioned(dataloader)
+        return dataloader
+
+    strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
+    try:
+        trainer.fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path=state.restored_path)
+    finally:
+        callback.close()
+        trainer.callbacks.remove(callback)  # type: ignore[attr-defined]
+        strategy.checkpoint_io = original_io
+        del strategy.process_dataloader, signals.register_signal_handlers
 
 
 class _TrainerState:

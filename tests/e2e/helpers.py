@@ -185,7 +185,8 @@ def preempt_each_at_step(jobs: list[tuple[str, Path]], step: int) -> None:
     wait_for(preempt_those_past_step, f"training to reach step {step}", job_id=jobs[0][0])
     for job_id, run_dir in jobs:
         what = f"the preemption after step {step} to be saved"
-        wait_for(lambda run_dir=run_dir, job_id=job_id: len(stops(run_dir)) > before[job_id], what, job_id=job_id)
+        saved = functools.partial(lambda d, j: len(stops(d)) > before[j], run_dir, job_id)
+        wait_for(saved, what, job_id=job_id)
         release_when_pending(job_id)
 
 
@@ -245,10 +246,10 @@ def measurement_lines() -> list[str]:
         saved = f"{m['signal_to_saved_s']:.3f} s" if m["signal_to_saved_s"] is not None else "-"
         requeue = f"{m['signal_to_requeue_s']:.3f} s" if m["signal_to_requeue_s"] is not None else "(SLURM)"
         lines.append(f"{m['test'][:58]:58s} {m['reason']:10s} {saved:>14s} {requeue:>16s} {m['steps_lost']:>10d}")
-    saved = [m["signal_to_saved_s"] for m in MEASUREMENTS if m["signal_to_saved_s"] is not None]
-    if saved:
+    latencies = [float(m["signal_to_saved_s"]) for m in MEASUREMENTS if m["signal_to_saved_s"] is not None]
+    if latencies:
         lines.append(
-            f"median signal->saved {statistics.median(saved):.3f} s over {len(saved)} stops; "
+            f"median signal->saved {statistics.median(latencies):.3f} s over {len(latencies)} stops; "
             f"steps lost: max {max(m['steps_lost'] for m in MEASUREMENTS)}"
         )
     return lines

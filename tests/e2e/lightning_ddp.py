@@ -3,10 +3,14 @@
     python -m tests.e2e.lightning_ddp RUN_DIR RANKS          under srun (one task a node): hydra_preempt.lightning.fit
     python -m tests.e2e.lightning_ddp RUN_DIR RANKS --plain  on this host: plain trainer.fit with devices=RANKS
                                                              (Lightning starts the second process), the reference
+    python -m tests.e2e.lightning_ddp RUN_DIR RANKS --auto-requeue   under srun: plain trainer.fit with Lightning's
+                                                             SLURMEnvironment(auto_requeue=True) (benchmarks/
+                                                             lightning_requeue.py)
 
 The same model, data and schedule as docs/lightning.md (random augmentation in 2 workers, dropout, AdamW with a
 per-step one-cycle schedule, accumulation over 2 batches, a validation every 10 batches), DDP over gloo for 2; the final
-parameters go to RUN_DIR/params.pt (rank 0). STEP_SLEEP (seconds) slows each step, so that a preemption lands
+parameters go to RUN_DIR/params.pt (rank 0), and each optimizer step's global step, as rank 0 makes it, is appended to
+RUN_DIR/steps.log. STEP_SLEEP (seconds) slows each step, so that a preemption lands
 mid-run."""
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from torch.utils.data import DataLoader, Dataset
 
 from hydra_preempt.lightning import exit_with, fit
@@ -69,6 +74,16 @@ class Regressor(L.LightningModule):
 class SaveParams(L.Callback):
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
+        self.step = 0
+
+    def on_train_start(self, trainer, module) -> None:
+        self.step = trainer.global_step  # where this start begins: 0, or the step it resumed from
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.is_global_zero and trainer.global_step != self.step:
+            self.step = trainer.global_step
+            with open(self.run_dir / "steps.log", "a") as log:
+                log.write(f"{self.step}\n")
 
     def on_fit_end(self, trainer, module) -> None:
         if trainer.is_global_zero:
@@ -77,6 +92,7 @@ class SaveParams(L.Callback):
 
 def main() -> None:
     run_dir, ranks, plain = Path(sys.argv[1]), int(sys.argv[2]), "--plain" in sys.argv
+    auto_requeue = "--auto-requeue" in sys.argv
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(0)
     trainer = L.Trainer(
@@ -93,8 +109,9 @@ def main() -> None:
         devices=ranks if plain else 1,
         num_nodes=1 if plain else ranks,
         default_root_dir=run_dir,
+        plugins=[SLURMEnvironment(auto_requeue=True)] if auto_requeue else None,
     )
-    if plain:
+    if plain or auto_requeue:
         trainer.fit(Regressor())
     else:
         exit_with(fit(trainer, Regressor(), run_dir=run_dir))
