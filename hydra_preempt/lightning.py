@@ -25,6 +25,8 @@ set to the checkpoint's. Requires `lightning` (the `[lightning]` extra).
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import random
 from pathlib import Path
 from typing import Any, Generator, Iterator, Mapping
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch.utils.data import DataLoader
 
@@ -43,6 +46,8 @@ from .outcome import Outcome
 from .session.api import Session
 from .session.runner import run
 from .slurm.policy import exit_with
+
+log = logging.getLogger("hydra_preempt")
 
 __all__ = ["exit_with", "fit", "train"]
 
@@ -87,6 +92,12 @@ def train(
             f"a Trainer of {trainer.world_size} processes starts them itself, each a run of its own: start "
             "them with srun (one task per process), whose tasks run() makes one process group"
         )
+    hpc = trainer._checkpoint_connector._hpc_resume_path
+    if hpc is not None and SLURMEnvironment.detect():
+        raise ConfigError(
+            f"Lightning would resume from its own {hpc} (a pickle, never verified) when no checkpoint of this "
+            "run is there: move it out of the Trainer's default_root_dir"
+        )
     session.config.checkpoint.emergency = False
     state, positions = _TrainerState(trainer, model), _LoaderPositions(trainer)
     session.register(lightning=state)
@@ -106,9 +117,14 @@ def train(
 
     def process_dataloader(dataloader: object) -> object:
         dataloader = original_process(dataloader)
-        if trainer.training and isinstance(dataloader, DataLoader):  # the training loader, as Lightning made it
-            return positions.positioned(dataloader)
-        return dataloader
+        if not trainer.training:
+            return dataloader
+        if not isinstance(dataloader, DataLoader):  # a resumed run would start it over: other data
+            raise ConfigError(
+                f"the training data is a {type(dataloader).__name__}, not a DataLoader: hydra_preempt.lightning "
+                "resumes torch's DataLoader and torchdata's StatefulDataLoader at their exact next batch, nothing else"
+            )
+        return positions.positioned(dataloader)  # the training loader, as Lightning made it
 
     strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
     try:
@@ -138,6 +154,8 @@ class _TrainerState:
             return self.loaded
         checkpoint = self.trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         _without_loader_states(checkpoint)
+        for key in _HYPER_PARAMETERS:  # any Python object (a Path, an OmegaConf config): the program makes them
+            checkpoint.pop(key, None)
         # what callbacks and the run's metrics see until the next validation (Lightning keeps none of it)
         checkpoint[_OWN_KEY] = {"callback_metrics": _scalars(self.trainer.callback_metrics)}
         return checkpoint
@@ -159,7 +177,35 @@ class _TrainerState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)
         self.callback_metrics = dict(state.pop(_OWN_KEY, {}).get("callback_metrics", {}))
+        callbacks = state.get("callbacks")
+        if isinstance(callbacks, dict):
+            state["callbacks"] = {k: _confined(k, v) for k, v in callbacks.items()}
         self.loaded = state
+
+
+_HYPER_PARAMETERS = ("hyper_parameters", "hparams_name", "datamodule_hyper_parameters", "datamodule_hparams_name")
+_CHECKPOINT_PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
+def _confined(name: str, state: Any) -> Any:
+    """A ModelCheckpoint's state with every file it names inside its own directory: Lightning deletes
+    the files it names (a k-th best replaced), so a path out of it is dropped, with a warning."""
+    if not (isinstance(state, dict) and isinstance(state.get("dirpath"), str)):
+        return state
+    root = Path(state["dirpath"]).resolve()
+
+    def inside(path: Any) -> bool:
+        return path is None or (isinstance(path, str) and (not path or root in Path(path).resolve().parents))
+
+    outside = [
+        p for p in (*(state.get(k) for k in _CHECKPOINT_PATHS), *(state.get("best_k_models") or {})) if not inside(p)
+    ]
+    if not outside:
+        return state
+    log.warning("%s: the checkpoint names files out of %s (%s): not restored", name, root, str(outside[0])[:120])
+    state = {**state, **{k: "" for k in _CHECKPOINT_PATHS if k in state}}
+    state["best_k_models"] = {p: v for p, v in (state.get("best_k_models") or {}).items() if inside(p)}
+    return state
 
 
 def _without_loader_states(checkpoint: dict[str, Any]) -> None:
@@ -262,13 +308,14 @@ class _PositionedLoader:
 
     def __iter__(self) -> Iterator[Any]:
         resumed, self._resumed = self._resumed, None
-        return self._tracked(resumed)
+        # a new pass begins here, drawing what plain Lightning's iter() draws; a resumed one at its first
+        # next(): Lightning makes the iterator before it sets a DistributedSampler's epoch (and before its
+        # restore, when configure_optimizers() asks for trainer.estimated_stepping_batches)
+        return self._tracked(None if resumed else self.position.iterate(), resumed)
 
-    def _tracked(self, resumed: tuple[Any, Any] | None) -> Iterator[Any]:
-        # the pass begins at the first next(), not at iter(): Lightning makes the iterator before it sets
-        # a DistributedSampler's epoch (and before its restore, when configure_optimizers() asks for
-        # trainer.estimated_stepping_batches)
-        batches = self.position.iterate()
+    def _tracked(self, batches: Iterator[Any] | None, resumed: tuple[Any, Any] | None) -> Iterator[Any]:
+        if batches is None:
+            batches = self.position.iterate()
         while True:
             if resumed is not None:
                 _set_global_rng(resumed[0])
@@ -340,6 +387,12 @@ class _Boundaries(Callback):
         self._at_validation_end = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        combined = trainer.fit_loop._combined_loader
+        if combined is not None and len(combined.flattened) > 1:
+            raise ConfigError(
+                f"{len(combined.flattened)} training loaders at once (a CombinedLoader): hydra_preempt.lightning "
+                "positions one; join them into one DataLoader"
+            )
         fetcher = trainer.fit_loop._data_fetcher
         if fetcher is not None and not hasattr(fetcher, "prefetch_batches"):
             raise ConfigError(
@@ -349,7 +402,8 @@ class _Boundaries(Callback):
         restored = {k: torch.tensor(v) for k, v in self.state.callback_metrics.items()}
         trainer.callback_metrics.update({k: v for k, v in restored.items() if k not in trainer.callback_metrics})
         self._global_step = trainer.global_step
-        total = max(int(trainer.estimated_stepping_batches), 0)
+        estimated = float(trainer.estimated_stepping_batches)
+        total = int(estimated) if math.isfinite(estimated) and estimated > 0 else 0  # max_epochs=-1: unknown
         self._steps = self.session.driven_steps(lambda: trainer.global_step, total)
         next(self._steps)  # the first step begins
 

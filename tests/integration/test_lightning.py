@@ -94,3 +94,44 @@ def test_a_lightning_program_stopped_twice_by_its_process_group_ends_as_an_unint
     assert {"loss", "val_loss"} <= json.loads(metrics["stopped"][-1]).keys()
     expected, got = final_parameters(runs["uninterrupted"]), final_parameters(runs["stopped"])
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_planted_checkpoint_cannot_name_files_out_of_model_checkpoints_directory(tmp_path):
+    """Lightning deletes the files a ModelCheckpoint's state names (a k-th best replaced): a checkpoint
+    edited and signed again must not make it delete anything out of the callback's directory."""
+    from hydra_preempt.lightning import _confined
+
+    root = tmp_path / "ckpts"
+    inside, outside = str(root / "epoch=0.ckpt"), str(root / ".." / ".." / "victim")
+    state = {"dirpath": str(root), "best_model_path": inside, "kth_best_model_path": outside, "best_k_models": {}}
+    state["best_k_models"] = {inside: torch.tensor(1.0), outside: torch.tensor(2.0)}
+    kept = _confined("ModelCheckpoint", state)
+    assert kept["best_model_path"] == "" and kept["kth_best_model_path"] == ""
+    assert list(kept["best_k_models"]) == [inside]
+    fine = {**state, "kth_best_model_path": inside, "best_k_models": {inside: torch.tensor(1.0)}}
+    assert _confined("ModelCheckpoint", fine) is fine
+
+
+def test_training_data_that_is_not_a_data_loader_is_refused_in_one_line(tmp_path):
+    import lightning as L
+
+    from hydra_preempt.lightning import fit
+
+    class Model(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).sum()
+
+        def train_dataloader(self):
+            return (torch.ones(4, 2) for _ in range(3))  # a generator: a restart would start it over
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    outcome = fit(trainer, Model(), run_dir=tmp_path / "run")
+    assert outcome.exit_code == ExitCode.USAGE
+    assert "the training data is a generator, not a DataLoader" in outcome.message
