@@ -25,9 +25,10 @@ BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "lightning.md").rea
 PROGRAM = next(b for b in BLOCKS if "from hydra_preempt.lightning import" in b)
 
 # The program as written, with one callback added to its Trainer: at the end of the batch that makes
-# optimizer step STOP_AT, SIGTERM to the process group (the session's boundary there takes the stop).
+# optimizer step STOP_AT, SIGTERM to the process group from another process, as from slurmstepd (the
+# session's boundary there takes the stop).
 STOPPER = """
-import os, runpy, signal, sys
+import os, runpy, subprocess, sys
 import lightning as L
 
 class StopAt(L.Callback):
@@ -37,7 +38,8 @@ class StopAt(L.Callback):
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.step:
             self.step = None
-            os.killpg(os.getpgrp(), signal.SIGTERM)
+            assert os.getpgrp() == os.getpid(), "not a process group of its own"
+            subprocess.run(["kill", "-TERM", "--", f"-{os.getpgrp()}"], check=True, start_new_session=True)
 
 made = L.Trainer.__init__
 
