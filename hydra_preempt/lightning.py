@@ -118,6 +118,11 @@ def train(
     def process_dataloader(dataloader: object) -> object:
         dataloader = original_process(dataloader)
         if not trainer.training:
+            if state.val_workers_made and _persistent(dataloader):
+                # an uninterrupted run made these workers before the save (at its sanity check, under
+                # Lightning's isolate_rng, or at an earlier validation): made again, they draw nothing
+                with torch.random.fork_rng(devices=[]):
+                    iter(dataloader)  # type: ignore[call-overload]
             return dataloader
         if not isinstance(dataloader, DataLoader):  # a resumed run would start it over: other data
             raise ConfigError(
@@ -146,6 +151,7 @@ class _TrainerState:
         self.loaded: dict[str, Any] | None = None
         self.restored_path: str | None = None  # what fit(ckpt_path=...) is given when a checkpoint was loaded
         self.callback_metrics: dict[str, float] = {}  # trainer.callback_metrics at the save, given back at the start
+        self.val_workers_made = False  # whether the saved run had made its validation loaders' persistent workers
 
     def state_dict(self) -> dict[str, Any]:
         if self.trainer.lightning_module is None:  # before fit attached the model: nothing newer than the load
@@ -156,8 +162,11 @@ class _TrainerState:
         _without_loader_states(checkpoint)
         for key in _HYPER_PARAMETERS:  # any Python object (a Path, an OmegaConf config): the program makes them
             checkpoint.pop(key, None)
-        # what callbacks and the run's metrics see until the next validation (Lightning keeps none of it)
-        checkpoint[_OWN_KEY] = {"callback_metrics": _scalars(self.trainer.callback_metrics)}
+        # what callbacks and the run's metrics see until the next validation (Lightning keeps none of it),
+        # and whether the validation loaders' persistent workers exist (their base seed was drawn)
+        val = self.trainer.fit_loop.epoch_loop.val_loop._combined_loader
+        made = any(_persistent(d) and d._iterator is not None for d in (val.flattened if val is not None else []))
+        checkpoint[_OWN_KEY] = {"callback_metrics": _scalars(self.trainer.callback_metrics), "val_workers_made": made}
         return checkpoint
 
     def check_state_dict(self, state: Any) -> list[str]:
@@ -176,11 +185,17 @@ class _TrainerState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        self.callback_metrics = dict(state.pop(_OWN_KEY, {}).get("callback_metrics", {}))
+        own = state.pop(_OWN_KEY, {})
+        self.callback_metrics = dict(own.get("callback_metrics", {}))
+        self.val_workers_made = own.get("val_workers_made") is True
         callbacks = state.get("callbacks")
         if isinstance(callbacks, dict):
             state["callbacks"] = {k: _confined(k, v) for k, v in callbacks.items()}
         self.loaded = state
+
+
+def _persistent(loader: Any) -> bool:
+    return isinstance(loader, DataLoader) and loader.num_workers > 0 and bool(loader.persistent_workers)
 
 
 _HYPER_PARAMETERS = ("hyper_parameters", "hparams_name", "datamodule_hyper_parameters", "datamodule_hparams_name")

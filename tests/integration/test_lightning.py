@@ -68,21 +68,31 @@ def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
     return tree["objects"]["lightning"]["state_dict"]
 
 
-def test_a_lightning_program_stopped_twice_by_its_process_group_ends_as_an_uninterrupted_run(tmp_path):
+def uninterrupted_and_stopped(tmp_path: Path, program: str, stops: list[int]) -> dict[str, Path]:
+    """The run directories of `program` run uninterrupted and stopped at each of `stops` then finished."""
     runs = {}
-    for name, stops in (("uninterrupted", []), ("stopped", [20, 32])):
+    for name, stop_points in (("uninterrupted", []), ("stopped", stops)):
         directory = tmp_path / name
         directory.mkdir()
-        (directory / "train.py").write_text(PROGRAM)
+        (directory / "train.py").write_text(program)
         (directory / "stopper.py").write_text(STOPPER)
-        for stop_at in stops:
+        for stop_at in stop_points:
             done = start(directory, stop_at)
             assert done.returncode == ExitCode.REQUEUE, done.stderr[-3000:]
         done = start(directory, -1)
         assert done.returncode == ExitCode.FINISHED, done.stderr[-3000:]
         assert "Traceback" not in done.stderr, done.stderr[-3000:]
         runs[name] = directory / "runs" / "lightning"
+    return runs
 
+
+def assert_same_parameters(runs: dict[str, Path]) -> None:
+    expected, got = final_parameters(runs["uninterrupted"]), final_parameters(runs["stopped"])
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_lightning_program_stopped_twice_by_its_process_group_ends_as_an_uninterrupted_run(tmp_path):
+    runs = uninterrupted_and_stopped(tmp_path, PROGRAM, [20, 32])
     history = [e for e in read_events(runs["stopped"]) if e["event"] == "stop"]
     # 20: a validation follows that step, the stop waits for its end; 32: an epoch's last, taken at 33
     assert [(e["reason"], e["step"], e["checkpoint_step"]) for e in history] == [
@@ -94,8 +104,23 @@ def test_a_lightning_program_stopped_twice_by_its_process_group_ends_as_an_unint
     metrics = {name: (run / "metrics.jsonl").read_text().splitlines() for name, run in runs.items()}
     assert metrics["stopped"] == metrics["uninterrupted"]
     assert {"loss", "val_loss"} <= json.loads(metrics["stopped"][-1]).keys()
-    expected, got = final_parameters(runs["uninterrupted"]), final_parameters(runs["stopped"])
-    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert_same_parameters(runs)
+
+
+def test_persistent_validation_workers_leave_a_resumed_training_exact(tmp_path):
+    """The saved run made them at its sanity check (the global generator then left as it was); the resumed
+    one, which has no sanity check, makes them at its first validation: without a draw either. Training
+    is exact; random draws inside those workers are not positioned (the validation's own noise differs)."""
+    val_loader = "DataLoader(Noisy(256, seed=2), batch_size=64)"
+    assert val_loader in PROGRAM
+    program = PROGRAM.replace(val_loader, val_loader[:-1] + ", num_workers=2, persistent_workers=True)")
+    runs = uninterrupted_and_stopped(tmp_path, program, [25])
+    losses = {
+        name: [json.loads(r)["loss"] for r in (run / "metrics.jsonl").read_text().splitlines()]
+        for name, run in runs.items()
+    }
+    assert losses["stopped"] == losses["uninterrupted"]
+    assert_same_parameters(runs)
 
 
 def test_a_planted_checkpoint_cannot_name_files_out_of_model_checkpoints_directory(tmp_path):
