@@ -221,7 +221,8 @@ def test_parameters_changed_in_place_before_the_next_update_are_not_saved_as_tha
     in, then back), or a second optimizer, not registered, stepping them (an auxiliary objective).
     That checkpoint is not written (the training thread checks the version counters before the
     writer may write: a change in progress during the copy would tear it), the boundary after the
-    next saves, and later saves copy at the boundary."""
+    next saves (or, while the writer is still busy with the dropped one on a loaded machine, a later
+    one), and later saves copy at the boundary."""
     import logging
 
     import torch
@@ -243,7 +244,7 @@ def test_parameters_changed_in_place_before_the_next_update_are_not_saved_as_tha
     with caplog.at_level(logging.WARNING, logger="hydra_preempt"):
         assert run(train, tmp_path, config()).status is Status.FINISHED
     saved = saved_parameters(tmp_path)
-    assert 10 not in saved and {12, 30} <= saved.keys()
+    assert 10 not in saved and 30 in saved and any(10 < step < 30 for step in saved), sorted(saved)
     for step, params in saved.items():
         assert all(torch.equal(torch.as_tensor(s), p) for s, p in zip(params, seen[step])), step
     assert counts == [4]  # from the warning on, nothing is left for later
