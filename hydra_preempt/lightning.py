@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from .config import SessionConfig
 from .errors import ConfigError
-from .loader_position import LoaderPosition
+from .loader_position import LoaderPosition, _global_rng, _python_state
 from .outcome import Outcome
 from .session.api import Session
 from .session.runner import run
@@ -377,14 +377,10 @@ def _split(states: dict[str, Any]) -> tuple[Any, Any, Any]:
     return states["cpu"], states["python"], states["numpy"]
 
 
-def _global_rng() -> tuple[Any, Any, Any]:
-    return torch.get_rng_state(), random.getstate(), np.random.get_state()
-
-
 def _set_global_rng(states: tuple[Any, Any, Any]) -> None:
     cpu, python, numpy = states
     torch.set_rng_state(cpu)
-    random.setstate(tuple(python) if isinstance(python, list) else python)
+    random.setstate(_python_state(python))
     np.random.set_state(numpy)
 
 
