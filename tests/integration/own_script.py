@@ -43,6 +43,13 @@ class Augmented(torch.utils.data.Dataset):
         return x + torch.rand_like(x) * 0.1 + float(np.random.uniform(0, 0.1)) + random.random() * 0.1, y
 
 
+def say(line: str) -> None:
+    """One line on stdout in one write: the ranks under torchrun share the pipe, and its workers run
+    with `python -u` (print() then writes the text and its newline apart: two ranks made "step 13step 13")."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def make_loader(kind: str, dataset: torch.utils.data.Dataset, workers: int) -> DataLoader:
     """A shuffled loader of 32-sample batches: torch's, with persistent workers, or torchdata's."""
     if kind == "stateful":
@@ -88,7 +95,7 @@ def main() -> None:
             session.register(model=model, optimizer=optimizer, data=loader)
         session.restore()
         for epoch in session.epochs(args.epochs):
-            print(f"epoch {epoch}", flush=True)
+            say(f"epoch {epoch}")
             if ranks:
                 sampler.set_epoch(epoch)
             for inputs, targets in session.batches(loader):
@@ -97,7 +104,7 @@ def main() -> None:
                 loss.backward()
                 optimizer.step()
                 session.report(loss=loss.item())
-                print(f"step {session.step + 1}", flush=True)
+                say(f"step {session.step + 1}")
                 if args.evaluate_s and session.step == 2 and session.resumed_from is None:
                     if args.announce:
                         with session.long_phase("evaluation", allowed_s=30):
