@@ -86,9 +86,73 @@ def uninterrupted_and_stopped(tmp_path: Path, program: str, stops: list[int]) ->
     return runs
 
 
-def assert_same_parameters(runs: dict[str, Path]) -> None:
-    expected, got = final_parameters(runs["uninterrupted"]), final_parameters(runs["stopped"])
+def assert_same_parameters(runs: dict[str, Path], name: str = "stopped") -> None:
+    expected, got = final_parameters(runs["uninterrupted"]), final_parameters(runs[name])
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+# The same program through a door: its module and Trainer in a Hydra app's training function,
+# `train(session, trainer, ...)`, swept with hydra/launcher=preempt_local (a submitit job process).
+# At step STOP_AT of the job's first start, SIGTERM to the job's process and its DataLoader workers,
+# sent from another process, as slurmstepd signals every process of a job step.
+HYDRA_APP = """
+import os, subprocess, sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+from hydra_preempt import run_hydra_app
+from hydra_preempt.lightning import train
+from program import Data, Regressor
+
+STOP_AT, STOPPED = 27, Path(__file__).parent / "stopped"
+
+
+class StopOnce(L.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == STOP_AT and not STOPPED.exists():
+            STOPPED.touch()
+            workers = [p.parent.name for p in Path("/proc").glob("[0-9]*/stat")
+                       if p.read_text().rsplit(")", 1)[1].split()[1] == str(os.getpid())]
+            subprocess.run(["kill", "-TERM", str(os.getpid()), *workers], check=True)
+
+
+def lightning_app(session, cfg):
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        max_epochs=3,
+        accumulate_grad_batches=2,
+        val_check_interval=20,
+        callbacks=[ModelCheckpoint(monitor="val_loss"), EarlyStopping("val_loss", patience=20), StopOnce()],
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=session.run_dir / "lightning",
+    )
+    return train(session, trainer, Regressor(), datamodule=Data())
+
+
+@hydra.main(version_base="1.3", config_path=None)
+def main(cfg):
+    return run_hydra_app(lightning_app, cfg)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def through_the_hydra_launcher(directory: Path) -> Path:
+    """The Hydra app above, swept as one job that is stopped once and continued by the launcher: its run
+    directory."""
+    directory.mkdir()
+    (directory / "program.py").write_text(PROGRAM)
+    (directory / "app.py").write_text(HYDRA_APP)
+    sweep = [sys.executable, "app.py", "-m", "hydra/launcher=preempt_local", f"hydra.sweep.dir={directory / 'sweep'}"]
+    done = subprocess.run(sweep, cwd=directory, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and (directory / "stopped").exists(), done.stdout[-3000:] + done.stderr[-3000:]
+    return directory / "sweep" / "0"
 
 
 def test_a_lightning_program_stopped_twice_by_its_process_group_ends_as_an_uninterrupted_run(tmp_path):
@@ -105,6 +169,15 @@ def test_a_lightning_program_stopped_twice_by_its_process_group_ends_as_an_unint
     assert metrics["stopped"] == metrics["uninterrupted"]
     assert {"loss", "val_loss"} <= json.loads(metrics["stopped"][-1]).keys()
     assert_same_parameters(runs)
+
+    runs["door"] = through_the_hydra_launcher(tmp_path / "door")
+    history = [e for e in read_events(runs["door"]) if e["event"] == "stop"]
+    assert [(e["reason"], e["step"], e["resumed_from"]) for e in history] == [
+        ("preempted", 27, None),
+        ("finished", 96, 27),
+    ]
+    assert (runs["door"] / "metrics.jsonl").read_text().splitlines() == metrics["uninterrupted"]
+    assert_same_parameters(runs, "door")
 
 
 def test_persistent_validation_workers_leave_a_resumed_training_exact(tmp_path):
