@@ -30,10 +30,10 @@ from ..errors import CheckpointReadError, CheckpointWriteError, ConfigError, Hyd
 from ..fsutil import create_file
 from ..outcome import EXIT_CODES, ExitCode, Outcome, Status
 from ..rundir import JobIdentity, RunHistory, RunLog
-from ..slurm.commands import SlurmError, requeue_job, stop_signals_held
+from ..slurm.commands import SlurmError
 from ..slurm.env import SlurmTask, SrunStep
 from ..slurm.failures import FailureTable, RestartDecision, classify_exception, decide
-from ..slurm.policy import KILL_MARGIN_S, SlurmStopPolicy, conclude
+from ..slurm.policy import KILL_MARGIN_S, SlurmStopPolicy, conclude, requeue_recorded
 from ..slurm.stop import RequeueBudget, Requeuer, budget_exhausted
 from .api import RunStopped, Session
 from .child_signals import end_children_of_stopped_run
@@ -456,9 +456,7 @@ class _ProcessEnd:
         )
         if self.task is not None and decision.restart:
             try:
-                with stop_signals_held():  # the requeue's own SIGTERM waits until it is recorded
-                    requeue_job(self.task.job_id)
-                    self.run_log.append("requeue", step=session.step)
+                requeue_recorded(self.task.job_id, self.run_log, step=session.step)
             except SlurmError as e:
                 os.write(2, f"hydra_preempt: requeueing job {self.task.job_id} failed: {e}\n".encode())
         return code

@@ -294,16 +294,30 @@ def _requeue(task: SlurmTask, outcome: Outcome, before_requeue: Callable[[], Non
         return
     if before_requeue is not None:
         before_requeue()
-    with stop_signals_held():  # the requeue's own SIGTERM must not end this process before it is recorded
+    since = time.time() - outcome.signal_time if outcome.signal_time else None
+    run_log = _run_log(task, outcome) if outcome.run_dir else None
+    try:
+        requeue_recorded(task.job_id, run_log, step=outcome.step, signal_to_requeue_s=since)
+    except SlurmError as e:
+        log.error("requeueing job %s failed: %s (the state is saved: resubmit to continue)", task.job_id, e)
+        return
+    log.info("requeued job %s at step %d", task.job_id, outcome.step)
+
+
+def requeue_recorded(job_id: str, run_log: RunLog | None, **fields: object) -> None:
+    """`scontrol requeue` of this job, with a `requeue` event in the run log written first: the requeue
+    ends this process (SIGTERM, then SIGKILL, at once when srun forces the step's end), so an event
+    written after the command returns can be lost. A refusal adds a `requeue_failed` event and raises
+    SlurmError."""
+    with stop_signals_held():  # the requeue's own SIGTERM waits until the refusal, if any, is recorded
+        if run_log is not None:
+            run_log.append("requeue", **fields)
         try:
-            requeue_job(task.job_id)
+            requeue_job(job_id)
         except SlurmError as e:
-            log.error("requeueing job %s failed: %s (the state is saved: resubmit to continue)", task.job_id, e)
-            return
-        since = time.time() - outcome.signal_time if outcome.signal_time else None
-        if outcome.run_dir:
-            _run_log(task, outcome).append("requeue", step=outcome.step, signal_to_requeue_s=since)
-        log.info("requeued job %s at step %d", task.job_id, outcome.step)
+            if run_log is not None:
+                run_log.append("requeue_failed", error=str(e), **fields)
+            raise
 
 
 def _run_log(task: SlurmTask, outcome: Outcome) -> RunLog:

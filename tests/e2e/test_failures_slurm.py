@@ -13,7 +13,7 @@ import pytest
 from hydra_preempt import SessionConfig, run
 from hydra_preempt.doors.hydra_sweep import SweepJob, save_manifest
 from hydra_preempt.rundir import read_events, read_result
-from hydra_preempt.slurm.commands import SlurmError, sacct_states, slurm_command
+from hydra_preempt.slurm.commands import SlurmError, slurm_command
 
 from . import helpers
 from .fault_worker import train as fault_train
@@ -42,7 +42,7 @@ def test_a_hung_step_is_requeued_by_the_watchdog_and_finishes_identical(slurm_cl
     assert [s["reason"] for s in stops(run_dir)] == ["hang", "finished"]
     assert stops(run_dir)[-1]["resumed_from"] == 10
     assert [e for e in read_events(run_dir) if e["event"] == "requeue"]
-    assert [state for state, _ in sacct_states(job_id)][-1] == "COMPLETED"
+    assert helpers.final_sacct_states(job_id)[-1] == "COMPLETED"
     reference = tmp_path / "reference"
     subprocess.run([sys.executable, "-m", "tests.integration.hang_worker", str(reference), "20"], cwd=ROOT, check=True)
     assert read_result(run_dir) == read_result(reference)  # the same parameters as an uninterrupted run

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from hydra_preempt.rundir import read_events
-from hydra_preempt.slurm.commands import sacct_states
 
 from . import helpers
 from .helpers import stops, wait_for
@@ -80,7 +79,7 @@ def test_sweep_with_two_preempted_jobs_finishes_identically_and_reruns_as_a_no_o
             assert [s["reason"] for s in history] == ["preempted", "finished"]
             assert history[1]["resumed_from"] == history[0]["step"] == history[0]["checkpoint_step"] >= 60
             assert [s["restart_count"] for s in starts] == [0, 1]
-            assert [s for s, _ in sacct_states(job["job_id"])] == ["PREEMPTED", "COMPLETED"]
+            assert helpers.final_sacct_states(job["job_id"]) == ["PREEMPTED", "COMPLETED"]
             helpers.record(f"{request.node.name} #{job['num']}", run_dir)
         else:
             assert [s["reason"] for s in history] == ["finished"]

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from hydra_preempt.checkpoint.layout import MANIFEST_FILE, SHARDS_METADATA
-from hydra_preempt.slurm.commands import SlurmError, sacct_states, show_job, slurm_command
+from hydra_preempt.slurm.commands import SlurmError, show_job, slurm_command
 from tests.integration.test_multi_rank import TRAIN as DDP_TRAIN
 
 from . import helpers
@@ -67,7 +67,7 @@ def test_two_node_job_started_by_srun_is_preempted_and_resumes_exactly(tmp_path,
     assert helpers.wait_until_final(job_id) == "COMPLETED", (tmp_path / "job.log").read_text()
     check_preempted_once_and_exact(run_dir, reference, sharded=parallel == "fsdp")
     expected = "PREEMPTED" if preempt_mode == "REQUEUE" else "REQUEUED"
-    assert [s for s, _ in sacct_states(job_id)] == [expected, "COMPLETED"]
+    assert helpers.final_sacct_states(job_id) == [expected, "COMPLETED"]
     log = (tmp_path / "job.log").read_text()
     assert "the 2 tasks of step" in log and "are one process group (gloo, at hpnode" in log, log
     assert log.count("finished at step 200") == 1, log  # rank 0 tells the events, the other ranks only warnings
@@ -135,7 +135,7 @@ def test_a_node_lost_mid_job_is_node_fail_and_the_requeued_job_ends_identical(tm
     assert (first["reason"], first["failure"], first["restart"]) == ("failed", "node_fail", True), first
     assert first["evidence"].startswith("scontrol: Restarts 0 -> 1") and first["checkpoint_step"] == first["step"]
     assert last["reason"] == "finished" and last["resumed_from"] == first["step"]  # no step lost
-    states = [s for s, _ in sacct_states(job_id)]
+    states = helpers.final_sacct_states(job_id)
     assert states[0] == "NODE_FAIL" and states[-1] == "COMPLETED", states
     assert json.loads((run_dir / "result.json").read_text())["params_sha256"] == reference["params_sha256"]
 
@@ -165,7 +165,7 @@ def test_a_two_node_job_of_the_hydra_launcher_is_preempted_and_resumes_exactly(t
     out, _ = sweep.communicate(timeout=600)
     assert sweep.returncode == 0, out
     check_preempted_once_and_exact(run_dir, reference, sharded=True)
-    assert [s for s, _ in sacct_states(job["job_id"])] == ["REQUEUED", "COMPLETED"]
+    assert helpers.final_sacct_states(job["job_id"]) == ["REQUEUED", "COMPLETED"]
     helpers.record(request.node.name, run_dir)
 
 
@@ -199,7 +199,7 @@ def test_a_two_node_experiment_of_the_snakemake_workflow_is_preempted_and_resume
     out, _ = workflow.communicate(timeout=600)
     assert workflow.returncode == 0, out
     check_preempted_once_and_exact(run_dir, reference, sharded=False)
-    assert [s for s, _ in sacct_states(job_id)] == ["REQUEUED", "COMPLETED"]
+    assert helpers.final_sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
     nodes = slurm_command(["sacct", "-j", job_id, "-D", "-X", "-n", "-P", "-o", "NNodes"]).split()
     assert nodes == ["2", "2"], nodes  # both starts of the job held both nodes
     helpers.record(request.node.name, run_dir)

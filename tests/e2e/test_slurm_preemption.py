@@ -11,7 +11,7 @@ import pytest
 
 from hydra_preempt import preemptible_executor
 from hydra_preempt.rundir import read_events
-from hydra_preempt.slurm.commands import SlurmError, sacct_states
+from hydra_preempt.slurm.commands import SlurmError
 from tests.integration.test_multi_rank import TRAIN as DDP_TRAIN
 
 from . import helpers
@@ -57,7 +57,7 @@ def test_scancel_saves_and_does_not_requeue(tmp_path, preempt_mode):
     stop = stops(run_dir)[-1]
     assert stop["reason"] == "cancelled" and stop["exit_code"] == 130
     assert stop["checkpoint_step"] == stop["step"] >= 100  # state saved
-    assert [s.split()[0] for s, _ in sacct_states(job.job_id)] == ["CANCELLED"]  # never requeued
+    assert [s.split()[0] for s in helpers.final_sacct_states(job.job_id)] == ["CANCELLED"]  # never requeued
     assert not [e for e in read_events(run_dir) if e["event"] == "requeue"]
 
 

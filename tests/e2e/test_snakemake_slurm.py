@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from hydra_preempt.rundir import read_events
-from hydra_preempt.slurm.commands import sacct_states, slurm_command
+from hydra_preempt.slurm.commands import slurm_command
 
 from . import helpers
 from .helpers import stops, wait_for
@@ -94,7 +94,7 @@ def test_preempted_experiment_resumes_and_the_workflow_completes(tmp_path, preem
         (job_id, 1),
     ]  # requeued in place: no second copy
     expected = "PREEMPTED" if preempt_mode == "REQUEUE" else "REQUEUED"
-    assert [s for s, _ in sacct_states(job_id)] == [expected, "COMPLETED"]
+    assert helpers.final_sacct_states(job_id) == [expected, "COMPLETED"]
     for name in GRID:
         result = json.loads((tmp_path / "runs" / name / "result.json").read_text())
         assert result["params_sha256"] == reference_sha(tmp_path, name), name
@@ -182,7 +182,7 @@ def test_time_limit_inside_snakemake_checkpoints_requeues_and_finishes(tmp_path,
     assert reasons[-1] == "finished" and set(reasons[:-1]) == {"timeout"}, history
     for before, after in zip(history, history[1:]):
         assert after["resumed_from"] == before["step"] == before["checkpoint_step"] > 0  # 0 steps lost
-    states = [s for s, _ in sacct_states(job_id)]
+    states = helpers.final_sacct_states(job_id)
     assert states == ["REQUEUED"] * (len(history) - 1) + ["COMPLETED"], states
     starts = [e for e in read_events(run_dir) if e["event"] == "start"]
     assert [s["restart_count"] for s in starts] == list(range(len(history)))

@@ -277,3 +277,29 @@ def test_an_accounting_database_that_does_not_answer_leaves_the_kill_unknown_not
     monkeypatch.setattr(policy_module, "show_job", lambda job_id: job)
     policy = SlurmStopPolicy(SlurmTask("7", 0, 1, 0), facts, 0, {}, RequeueBudget(), "SIGTERM", "SIGUSR2")
     assert policy.seconds_left() is None
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_a_requeue_is_in_the_run_log_before_it_is_asked_for(monkeypatch, tmp_path, refused):
+    """The requeue ends the job's process, at once when srun forces the step's end: its event must be
+    written before `scontrol requeue` runs (a CI run lost it); a refusal is recorded as well."""
+    from hydra_preempt.rundir import RunLog, read_events
+    from hydra_preempt.slurm import commands, policy
+
+    seen_at_requeue = []
+
+    def scontrol(args, timeout=None):
+        seen_at_requeue.append([e["event"] for e in read_events(tmp_path)])
+        if refused:
+            raise SlurmError("scontrol: error: Invalid job id specified")
+        return ""
+
+    monkeypatch.setattr(commands, "slurm_command", scontrol)
+    if refused:
+        with pytest.raises(SlurmError):
+            policy.requeue_recorded("42", RunLog(tmp_path), step=7)
+    else:
+        policy.requeue_recorded("42", RunLog(tmp_path), step=7)
+    assert seen_at_requeue == [["requeue"]]
+    events = [(e["event"], e["step"]) for e in read_events(tmp_path)]
+    assert events == ([("requeue", 7), ("requeue_failed", 7)] if refused else [("requeue", 7)])
