@@ -97,6 +97,10 @@ def test_sigkill_during_saves_never_leaves_an_unloadable_latest(tmp_path):
         "checkpoint.keep_last=2",
         "checkpoint.keep_best=0",
     ]
+    # The uninterrupted run meanwhile, saving only at its end (the result does not depend on saves)
+    reference_dir = tmp_path.parent / f"{tmp_path.name}-reference"
+    saves_at_the_end = [o.replace("every_steps=1", "every_steps=400") for o in overrides]
+    reference = TrainProcess(reference_dir, saves_at_the_end).start()
     rng = random.Random()
     resumed = []
     interrupted_saves = 0
@@ -123,8 +127,7 @@ def test_sigkill_during_saves_never_leaves_an_unloadable_latest(tmp_path):
 
     final = TrainProcess(tmp_path, overrides)
     assert final.run() == ExitCode.FINISHED, final.output
-    reference = TrainProcess(tmp_path.parent / f"{tmp_path.name}-reference", overrides)
-    assert reference.run() == ExitCode.FINISHED
+    assert reference.wait() == ExitCode.FINISHED, reference.output
     assert final.result()["params_sha256"] == reference.result()["params_sha256"]
 
 
