@@ -45,6 +45,7 @@ from .loader_position import LoaderPosition, _global_rng, _python_state
 from .outcome import Outcome
 from .session.api import Session
 from .session.runner import run
+from .session.state import module_mismatches
 from .slurm.policy import exit_with
 
 log = logging.getLogger("hydra_preempt")
@@ -99,7 +100,8 @@ def train(
             "run is there: move it out of the Trainer's default_root_dir"
         )
     session.config.checkpoint.emergency = False
-    state, positions = _TrainerState(trainer, model), _LoaderPositions(trainer)
+    state = _TrainerState(trainer, model, cast=session.config.checkpoint.cast_dtype)
+    positions = _LoaderPositions(trainer)
     session.register(lightning=state)
     session.register_per_rank(data=positions)
     session.restore()
@@ -146,8 +148,9 @@ class _TrainerState:
     checkpoint of this moment but the training loaders' positions (each rank's own: _LoaderPositions);
     a loaded one waits for `trainer.fit(ckpt_path=restored_path)`."""
 
-    def __init__(self, trainer: Trainer, model: LightningModule) -> None:
+    def __init__(self, trainer: Trainer, model: LightningModule, cast: bool = False) -> None:
         self.trainer, self.model = trainer, model
+        self.cast = cast  # checkpoint.cast_dtype: the module's tensors of another dtype are loaded cast
         self.loaded: dict[str, Any] | None = None
         self.restored_path: str | None = None  # what fit(ckpt_path=...) is given when a checkpoint was loaded
         self.callback_metrics: dict[str, float] = {}  # trainer.callback_metrics at the save, given back at the start
@@ -173,15 +176,7 @@ class _TrainerState:
         loops = state.get("loops") if isinstance(state, dict) else None
         if not (isinstance(loops, dict) and "fit_loop" in loops and isinstance(state.get("state_dict"), dict)):
             return ["the checkpoint holds no Lightning checkpoint (state_dict, loops)"]
-        current, saved = self.model.state_dict(), state["state_dict"]
-        problems = [f"{key}: not in the checkpoint" for key in sorted(current.keys() - saved.keys())]
-        problems += [f"{key}: only in the checkpoint" for key in sorted(saved.keys() - current.keys())]
-        problems += [
-            f"{key}: shape {tuple(saved[key].shape)} in the checkpoint, {tuple(t.shape)} in this model"
-            for key, t in current.items()
-            if isinstance(saved.get(key), torch.Tensor) and saved[key].shape != t.shape
-        ]
-        return problems[:5]
+        return module_mismatches("state_dict", self.model, state["state_dict"], self.cast)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)

@@ -701,25 +701,7 @@ def _mismatches(name: str, obj: Any, saved: Any, cast: bool = False) -> list[str
     if callable(check := getattr(obj, "check_state_dict", None)):
         return [f"{name}: {problem}" for problem in check(saved)]
     if isinstance(obj, torch.nn.Module):
-        if not (isinstance(saved, dict) and all(isinstance(k, str) for k in saved)):
-            return [f"{name}: the checkpoint holds {type(saved).__name__}, not a module's state dict"]
-        current = obj.state_dict()
-        problems = []
-        casts: list[str] = []
-        if missing := sorted(current.keys() - saved.keys()):
-            problems.append(f"{name}: keys missing from the checkpoint: {missing}")
-        if unexpected := sorted(saved.keys() - current.keys()):
-            problems.append(f"{name}: unexpected keys in the checkpoint: {unexpected}")
-        for key in sorted(current.keys() & saved.keys()):
-            if isinstance(saved[key], torch.Tensor) and tuple(saved[key].shape) != tuple(current[key].shape):
-                problems.append(
-                    f"{name}.{key}: shape {tuple(saved[key].shape)} in the checkpoint, {tuple(current[key].shape)} in this model"
-                )
-            elif isinstance(saved[key], torch.Tensor) and not cast and saved[key].dtype != current[key].dtype:
-                casts.append(f"{name}.{key} ({saved[key].dtype} in the checkpoint, {current[key].dtype} in this model)")
-        if casts:
-            problems.append("another dtype (checkpoint.cast_dtype: true loads them cast): " + ", ".join(casts))
-        return problems
+        return module_mismatches(name, obj, saved, cast)
     if isinstance(obj, torch.optim.Optimizer):
         groups = saved.get("param_groups") if isinstance(saved, dict) else None
         if not (
@@ -733,6 +715,31 @@ def _mismatches(name: str, obj: Any, saved: Any, cast: bool = False) -> list[str
         if mine != theirs:
             return [f"{name}: parameter groups of sizes {theirs} in the checkpoint, {mine} in this optimizer"]
     return []
+
+
+def module_mismatches(name: str, module: torch.nn.Module, saved: Any, cast: bool = False) -> list[str]:
+    """Why `saved` is not a state dict of `module`: keys missing or unexpected, other shapes and, unless
+    `cast` (checkpoint.cast_dtype), other dtypes (a float32 checkpoint in a bfloat16 model is no exact
+    resume)."""
+    if not (isinstance(saved, dict) and all(isinstance(k, str) for k in saved)):
+        return [f"{name}: the checkpoint holds {type(saved).__name__}, not a module's state dict"]
+    current = module.state_dict()
+    problems = []
+    casts: list[str] = []
+    if missing := sorted(current.keys() - saved.keys()):
+        problems.append(f"{name}: keys missing from the checkpoint: {missing}")
+    if unexpected := sorted(saved.keys() - current.keys()):
+        problems.append(f"{name}: unexpected keys in the checkpoint: {unexpected}")
+    for key in sorted(current.keys() & saved.keys()):
+        if isinstance(saved[key], torch.Tensor) and tuple(saved[key].shape) != tuple(current[key].shape):
+            problems.append(
+                f"{name}.{key}: shape {tuple(saved[key].shape)} in the checkpoint, {tuple(current[key].shape)} in this model"
+            )
+        elif isinstance(saved[key], torch.Tensor) and not cast and saved[key].dtype != current[key].dtype:
+            casts.append(f"{name}.{key} ({saved[key].dtype} in the checkpoint, {current[key].dtype} in this model)")
+    if casts:
+        problems.append("another dtype (checkpoint.cast_dtype: true loads them cast): " + ", ".join(casts))
+    return problems
 
 
 class _GeneratorState:

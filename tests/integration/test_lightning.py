@@ -235,3 +235,31 @@ def test_training_data_that_is_not_a_data_loader_is_refused_in_one_line(tmp_path
     outcome = fit(trainer, Model(), run_dir=tmp_path / "run")
     assert outcome.exit_code == ExitCode.USAGE
     assert "the training data is a generator, not a DataLoader" in outcome.message
+
+
+def test_a_checkpoint_of_another_module_is_named_before_anything_is_loaded():
+    """Lightning would load a float64 checkpoint into a float32 module cast, silently: no exact resume."""
+    import lightning as L
+
+    from hydra_preempt.lightning import _TrainerState
+
+    class Module(L.LightningModule):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, width)
+
+    def checkpoint(module):
+        return {"loops": {"fit_loop": {}}, "state_dict": module.state_dict()}
+
+    state = _TrainerState(None, Module(2))
+    assert state.check_state_dict(checkpoint(Module(2))) == []
+    assert state.check_state_dict(checkpoint(Module(3))) == [
+        "state_dict.net.bias: shape (3,) in the checkpoint, (2,) in this model",
+        "state_dict.net.weight: shape (3, 4) in the checkpoint, (2, 4) in this model",
+    ]
+    [problem] = state.check_state_dict(checkpoint(Module(2).double()))
+    assert problem.startswith("another dtype (checkpoint.cast_dtype: true loads them cast): state_dict.net.bias")
+    assert _TrainerState(None, Module(2), cast=True).check_state_dict(checkpoint(Module(2).double())) == []
+    assert state.check_state_dict({"state_dict": {}}) == [
+        "the checkpoint holds no Lightning checkpoint (state_dict, loops)"
+    ]
