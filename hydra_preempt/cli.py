@@ -26,7 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run_dir", type=Path, help="the run directory")
     export.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
     export.add_argument("--step", type=int, help="the checkpoint's step (default: the newest good checkpoint)")
-    export.add_argument("--object", default="model", help="the registered object to export (default: model)")
+    export.add_argument(
+        "--object",
+        help="the registered object to export, or a dotted path into its state (default: model, or a Lightning "
+        "run's lightning.state_dict)",
+    )
     export.add_argument("--force", action="store_true", help="replace --out if it exists")
     watch = sub.add_parser("monitor", help="follow jobs, classify their ends and requeue per the restart policy")
     watch.add_argument("dirs", type=Path, nargs="+", help="sweep directories or run directories")
@@ -74,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from .checkpoint.export import export_weights
 
-            step, count = export_weights(args.run_dir, args.out, args.step, args.object, args.force)
-            print(f"wrote {count} tensors of {args.object!r} from the checkpoint of step {step} to {args.out}")
+            step, count, name = export_weights(args.run_dir, args.out, args.step, args.object, args.force)
+            print(f"wrote {count} tensors of {name!r} from the checkpoint of step {step} to {args.out}")
             return ExitCode.FINISHED
         if args.command == "monitor":
             from .doors.monitor import monitor

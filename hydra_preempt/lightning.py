@@ -64,12 +64,13 @@ def fit(
     config: SessionConfig | Mapping[str, Any] | None = None,
 ) -> Outcome:
     """`trainer.fit(model, train_dataloaders, val_dataloaders, datamodule)` under the stop protocol;
-    the outcome, for `exit_with()` (exit 75 and the requeue on a stop). `config`: as for `run()`."""
+    the outcome, for `exit_with()` (exit 75 and the requeue on a stop; its result, when finished, the
+    final scalars of `trainer.callback_metrics`). `config`: as for `run()`."""
     if isinstance(config, SessionConfig):
         config = copy.deepcopy(config)  # train() turns its emergency checkpoints off: not the caller's
 
-    def train_fn(session: Session) -> None:
-        train(session, trainer, model, train_dataloaders, val_dataloaders, datamodule)
+    def train_fn(session: Session) -> dict[str, float]:
+        return train(session, trainer, model, train_dataloaders, val_dataloaders, datamodule)
 
     return run(train_fn, run_dir, config)
 
@@ -81,9 +82,11 @@ def train(
     train_dataloaders: Any = None,
     val_dataloaders: Any = None,
     datamodule: LightningDataModule | None = None,
-) -> None:
+) -> dict[str, float]:
     """`trainer.fit(...)` as the training function of a session: what fit() runs under run(), and what a
     door's training function calls (`PreemptibleTask(lambda session: train(session, trainer, model))`).
+    Returns the final scalars of `trainer.callback_metrics` (the run's RUN_DIR/result.json: `hydra-preempt
+    status` shows them, a sweep's job returns them).
     The session's emergency checkpoints are turned off: Lightning's state inside a step is none it
     resumes from, so an exception in its loop leaves the last checkpoint standing."""
     if not isinstance(trainer, Trainer) or not isinstance(model, LightningModule):
@@ -141,6 +144,7 @@ def train(
         trainer.callbacks.remove(callback)  # type: ignore[attr-defined]
         strategy.checkpoint_io = original_io
         del strategy.process_dataloader, signals.register_signal_handlers
+    return _scalars(trainer.callback_metrics)
 
 
 class _TrainerState:

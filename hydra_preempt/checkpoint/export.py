@@ -1,6 +1,10 @@
 """Export a model's full weights from any checkpoint (single process, DDP or sharded) as safetensors.
 
-    hydra-preempt export RUN_DIR [--step N] [--object model] [--force] --out model.safetensors
+    hydra-preempt export RUN_DIR [--step N] [--object NAME] [--force] --out model.safetensors
+
+NAME is a registered object (`model` by default, or, in a run of hydra_preempt.lightning,
+`lightning.state_dict`: the LightningModule's weights inside Lightning's checkpoint), or a dotted
+path into one's state.
 
 Read-only: nothing in the run or its checkpoint directory is renamed, moved or written. The
 checkpoints are those of RUN_DIR (rundir.checkpoint_dir_of: a moved or copied run exports its
@@ -33,11 +37,15 @@ from .writer import read_checkpoint_files
 
 log = logging.getLogger("hydra_preempt.checkpoint")
 
+# What is exported when --object is not given: the first of these a checkpoint holds
+DEFAULT_OBJECTS = ("model", "lightning.state_dict")
+
 
 def export_weights(
-    run_dir: Path, out: Path, step: int | None = None, name: str = "model", force: bool = False
-) -> tuple[int, int]:
-    """Write `name`'s tensors from the checkpoint of `step` (default: the newest good one); (step, tensors).
+    run_dir: Path, out: Path, step: int | None = None, name: str | None = None, force: bool = False
+) -> tuple[int, int, str]:
+    """Write `name`'s tensors (default: the first of DEFAULT_OBJECTS there) from the checkpoint of `step`
+    (default: the newest good one); (step, tensors, the name exported).
 
     Raises HydraPreemptError (bad input: exit 2) or OutputWriteError (writing `out` failed: exit 1)."""
     if step is not None and step < 0:
@@ -45,11 +53,11 @@ def export_weights(
     private = _claim_output(out, force)
     try:
         directory = checkpoint_dir_of(run_dir)
-        saved_step, tensors = _read(directory, step, name)
+        saved_step, tensors, name = _read(directory, step, name)
         _write(private / out.name, out, tensors, saved_step)
     finally:
         shutil.rmtree(private, ignore_errors=True)
-    return saved_step, len(tensors)
+    return saved_step, len(tensors), name
 
 
 def _claim_output(out: Path, force: bool) -> Path:
@@ -88,7 +96,7 @@ def _write(tmp: Path, out: Path, tensors: dict[str, torch.Tensor], step: int) ->
         raise OutputWriteError(f"could not write {out}: {e.strerror or e}") from None
 
 
-def _read(directory: Path, step: int | None, name: str) -> tuple[int, dict[str, torch.Tensor]]:
+def _read(directory: Path, step: int | None, name: str | None) -> tuple[int, dict[str, torch.Tensor], str]:
     """`name`'s tensors from the checkpoint of `step`, or from the newest one that verifies."""
     if step is not None:
         path = directory / step_dir_name(step)
@@ -96,24 +104,33 @@ def _read(directory: Path, step: int | None, name: str) -> tuple[int, dict[str, 
             steps = [info.step for info in complete_checkpoints(directory)]
             raise HydraPreemptError(f"no checkpoint of step {step} in {directory}; its checkpoints: {steps}")
         try:
-            return step, _tensors_of(path, name)
+            return (step, *_tensors_of(path, name))
         except CorruptCheckpointError as e:
             raise HydraPreemptError(f"{path} is not a usable checkpoint: {e}") from None
     for path in sorted(final_dirs(directory), key=lambda p: p.name, reverse=True):
         try:
-            tensors = _tensors_of(path, name)
+            tensors, exported = _tensors_of(path, name)
         except CorruptCheckpointError as e:
             log.warning("checkpoint %s is unusable (%s); trying the previous one (nothing is moved)", path.name, e)
             continue
-        return int(read_manifest(path)["step"]), tensors
+        return int(read_manifest(path)["step"]), tensors, exported
     raise HydraPreemptError(f"no complete checkpoint in {directory}")
 
 
-def _tensors_of(path: Path, name: str) -> dict[str, torch.Tensor]:
-    """Verify the checkpoint at `path` and read `name`'s full tensors. Raises CorruptCheckpointError for a
-    checkpoint that fails verification, HydraPreemptError for one without such a model."""
+def _tensors_of(path: Path, name: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    """Verify the checkpoint at `path` and read `name`'s full tensors; (tensors, the name read). Raises
+    CorruptCheckpointError for a checkpoint that fails verification, HydraPreemptError for one without
+    such a model."""
     manifest = read_manifest(path)
     tree = read_checkpoint_files(path, manifest)
+    objects = {**tree["objects"], **tree["ranks"][0]["objects"]}
+    held = sorted({*objects, *manifest.get("sharded", [])})
+    if name is None:
+        name = next((n for n in DEFAULT_OBJECTS if n.split(".")[0] in held), None)
+        if name is None:
+            raise HydraPreemptError(
+                f"{path} holds no {' or '.join(map(repr, DEFAULT_OBJECTS))}; it holds {held}: name one with --object"
+            )
     if name in (manifest.get("sharded") or []):
         try:
             metadata = read_shards_metadata(path, manifest["files"])
@@ -123,15 +140,18 @@ def _tensors_of(path: Path, name: str) -> dict[str, torch.Tensor]:
             raise CorruptCheckpointError(f"the sharded state cannot be read ({first_line(e)})") from None
         tensors = {key.removeprefix(f"{name}."): value for key, value in flat.items()}
     else:
-        objects = {**tree["objects"], **tree["ranks"][0]["objects"]}
-        if name not in objects:
-            raise HydraPreemptError(
-                f"{path} holds no object {name!r}; it holds {sorted({*objects, *manifest.get('sharded', [])})}"
-            )
-        tensors = _module_tensors(objects[name], name)
+        head, *keys = name.split(".")
+        if head not in objects:
+            raise HydraPreemptError(f"{path} holds no object {head!r}; it holds {held}")
+        state = objects[head]
+        for depth, key in enumerate(keys, 1):
+            if not (isinstance(state, dict) and key in state):
+                raise HydraPreemptError(f"{path}: {'.'.join([head, *keys[: depth - 1]])!r} holds no {key!r}")
+            state = state[key]
+        tensors = _module_tensors(state, name)
     if not tensors:
         raise HydraPreemptError(f"{path}: {name!r} holds no tensors to export")
-    return tensors
+    return tensors, name
 
 
 def _module_tensors(state: Any, name: str) -> dict[str, torch.Tensor]:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from hydra_preempt import ExitCode
+from hydra_preempt.checkpoint.export import export_weights
 from hydra_preempt.checkpoint.layout import read_manifest
 from hydra_preempt.checkpoint.writer import read_checkpoint_files
 from hydra_preempt.rundir import read_events
@@ -169,6 +171,14 @@ def test_a_lightning_program_stopped_twice_by_its_process_group_ends_as_an_unint
     assert metrics["stopped"] == metrics["uninterrupted"]
     assert {"loss", "val_loss"} <= json.loads(metrics["stopped"][-1]).keys()
     assert_same_parameters(runs)
+
+    results = {name: json.loads((run / "result.json").read_text()) for name, run in runs.items()}
+    assert results["stopped"] == results["uninterrupted"] and {"loss", "val_loss"} <= results["stopped"].keys()
+    # the module's weights out of Lightning's checkpoint, by default
+    step, _, name = export_weights(runs["stopped"], tmp_path / "model.safetensors")
+    assert (step, name) == (96, "lightning.state_dict")
+    exported, expected = load_file(tmp_path / "model.safetensors"), final_parameters(runs["uninterrupted"])
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
 
     runs["door"] = through_the_hydra_launcher(tmp_path / "door")
     history = [e for e in read_events(runs["door"]) if e["event"] == "stop"]

@@ -154,6 +154,7 @@ def test_export_of_a_missing_object_or_step_is_one_line(tmp_path):
     run_worker(tmp_path / "run", 0)
     for extra, message in (
         (["--object", "nope"], "holds no object 'nope'"),
+        (["--object", "model.weight.more"], "'model' holds no 'weight'"),
         (["--step", "99"], "no checkpoint of step 99 in"),
     ):
         done = subprocess.run(
