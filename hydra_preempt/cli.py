@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument(
         "--object",
         help="the registered object to export, or a dotted path into its state (default: model, or a Lightning "
-        "run's lightning.state_dict)",
+        "run's lightning.state_dict, a Trainer run's transformers.model)",
     )
     export.add_argument("--force", action="store_true", help="replace --out if it exists")
     watch = sub.add_parser("monitor", help="follow jobs, classify their ends and requeue per the restart policy")

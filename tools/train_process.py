@@ -208,3 +208,25 @@ def check_group_ended(pgid: int, output: str, wait_s: float = 10.0) -> None:
     if left:
         signal_group(pgid, signal.SIGKILL)
         raise RuntimeError(f"processes of the run left after it exited: {left}; output:\n{output}")
+
+
+def run_stopper(directory: Path, stop_at: int, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python stopper.py STOP_AT` in `directory` (a test's program with a callback that sends SIGTERM to
+    its process group at that step), in a process group of its own, as a job step's."""
+    return subprocess.run(
+        [sys.executable, "stopper.py", str(stop_at)],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
+
+
+def newest_checkpoint(run_dir: Path) -> dict:
+    """The state tree of the newest checkpoint in RUN_DIR/checkpoints, verified."""
+    from hydra_preempt.checkpoint.layout import read_manifest
+    from hydra_preempt.checkpoint.writer import read_checkpoint_files
+
+    newest = max((run_dir / "checkpoints").glob("step-*"))
+    return read_checkpoint_files(newest, read_manifest(newest))

@@ -2,9 +2,9 @@
 
     hydra-preempt export RUN_DIR [--step N] [--object NAME] [--force] --out model.safetensors
 
-NAME is a registered object (`model` by default, or, in a run of hydra_preempt.lightning,
-`lightning.state_dict`: the LightningModule's weights inside Lightning's checkpoint), or a dotted
-path into one's state.
+NAME is a registered object (`model` by default; in a run of hydra_preempt.lightning,
+`lightning.state_dict`, the LightningModule's weights inside Lightning's checkpoint; in one of
+hydra_preempt.transformers, `transformers.model`), or a dotted path into one's state.
 
 Read-only: nothing in the run or its checkpoint directory is renamed, moved or written. The
 checkpoints are those of RUN_DIR (rundir.checkpoint_dir_of: a moved or copied run exports its
@@ -38,7 +38,7 @@ from .writer import read_checkpoint_files
 log = logging.getLogger("hydra_preempt.checkpoint")
 
 # What is exported when --object is not given: the first of these a checkpoint holds
-DEFAULT_OBJECTS = ("model", "lightning.state_dict")
+DEFAULT_OBJECTS = ("model", "lightning.state_dict", "transformers.model")
 
 
 def export_weights(

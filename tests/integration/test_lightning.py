@@ -16,9 +16,8 @@ from safetensors.torch import load_file
 
 from hydra_preempt import ExitCode
 from hydra_preempt.checkpoint.export import export_weights
-from hydra_preempt.checkpoint.layout import read_manifest
-from hydra_preempt.checkpoint.writer import read_checkpoint_files
 from hydra_preempt.rundir import read_events
+from tools.train_process import newest_checkpoint, run_stopper
 
 pytestmark = pytest.mark.slow
 
@@ -53,21 +52,8 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def start(directory: Path, stop_at: int) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "stopper.py", str(stop_at)],
-        cwd=directory,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        start_new_session=True,  # its own process group, as a job step's
-    )
-
-
 def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
-    newest = max((run_dir / "checkpoints").glob("step-*"))
-    tree = read_checkpoint_files(newest, read_manifest(newest))
-    return tree["objects"]["lightning"]["state_dict"]
+    return newest_checkpoint(run_dir)["objects"]["lightning"]["state_dict"]
 
 
 def uninterrupted_and_stopped(tmp_path: Path, program: str, stops: list[int]) -> dict[str, Path]:
@@ -79,9 +65,9 @@ def uninterrupted_and_stopped(tmp_path: Path, program: str, stops: list[int]) ->
         (directory / "train.py").write_text(program)
         (directory / "stopper.py").write_text(STOPPER)
         for stop_at in stop_points:
-            done = start(directory, stop_at)
+            done = run_stopper(directory, stop_at)
             assert done.returncode == ExitCode.REQUEUE, done.stderr[-3000:]
-        done = start(directory, -1)
+        done = run_stopper(directory, -1)
         assert done.returncode == ExitCode.FINISHED, done.stderr[-3000:]
         assert "Traceback" not in done.stderr, done.stderr[-3000:]
         runs[name] = directory / "runs" / "lightning"

@@ -33,8 +33,11 @@ from hydra_preempt import ExitCode, run
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "index.md")]
 BLOCKS = [b for page in PAGES for b in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
-# the Lightning program runs in tests/integration/test_lightning.py, stopped and resumed
-LIGHTNING = [b for b in BLOCKS if "from hydra_preempt.lightning import" in b]
+# the Lightning and Trainer programs run in tests/integration/test_lightning.py and test_transformers.py,
+# stopped and resumed
+LIGHTNING = [
+    b for b in BLOCKS if "from hydra_preempt.lightning import" in b or "from hydra_preempt.transformers import" in b
+]
 PROGRAMS = [b for b in BLOCKS if b.startswith("import") and b not in LIGHTNING]
 CLUSTER_PROGRAMS = [b for b in BLOCKS if b.startswith("from hydra_preempt import PreemptibleTask")]
 SNAKEFILES = [b for b in BLOCKS if "\nmodule preempt:" in b]

@@ -133,7 +133,13 @@ LAYERS = [
     ["hydra_preempt.outcome", "hydra_preempt.distributed", "hydra_preempt.data", "hydra_preempt.loader_position"],
     ["hydra_preempt.gpumetrics", "hydra_preempt.slurm", "hydra_preempt.checkpoint"],
     ["hydra_preempt.session"],
-    ["hydra_preempt.validate", "hydra_preempt.doors", "hydra_preempt.workflow", "hydra_preempt.lightning"],
+    [
+        "hydra_preempt.validate",
+        "hydra_preempt.doors",
+        "hydra_preempt.workflow",
+        "hydra_preempt.lightning",
+        "hydra_preempt.transformers",
+    ],
     ["hydra_preempt.cli"],
 ]
 

@@ -1,0 +1,106 @@
+"""hydra_preempt.transformers: the Trainer program of docs/transformers.md, as written there, stopped twice
+by SIGTERM to its whole process group (its DataLoader workers get it too, as from slurmstepd) and started
+again, ends as an uninterrupted run: the same parameters, the same logged values at every step, the same
+final training loss."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from hydra_preempt import ExitCode
+from hydra_preempt.rundir import read_events
+from tools.train_process import newest_checkpoint, run_stopper
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "transformers.md").read_text(), re.S)
+PROGRAM = next(b for b in BLOCKS if "from hydra_preempt.transformers import" in b)
+
+# The program as written, with one callback added to its Trainer: at the end of optimizer step STOP_AT,
+# SIGTERM to the process group from another process, as from slurmstepd (the session's boundary after
+# that step's logging and evaluation takes the stop).
+STOPPER = """
+import os, runpy, subprocess, sys
+import transformers
+
+class StopAt(transformers.TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.step = None
+            assert os.getpgrp() == os.getpid(), "not a process group of its own"
+            subprocess.run(["kill", "-TERM", "--", f"-{os.getpgrp()}"], check=True, start_new_session=True)
+
+made = transformers.Trainer.__init__
+
+def with_stop(self, *args, callbacks=None, **kwargs):
+    made(self, *args, callbacks=[*(callbacks or []), StopAt(int(sys.argv[1]))], **kwargs)
+
+transformers.Trainer.__init__ = with_stop
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
+    return newest_checkpoint(run_dir)["objects"]["transformers"]["model"]
+
+
+def test_a_trainer_program_stopped_twice_by_its_process_group_ends_as_an_uninterrupted_run(tmp_path):
+    runs = {}
+    for name, stops in (("uninterrupted", []), ("stopped", [20, 32])):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "train.py").write_text(PROGRAM)
+        (directory / "stopper.py").write_text(STOPPER)
+        for stop_at in stops:
+            done = run_stopper(directory, stop_at)
+            assert done.returncode == ExitCode.REQUEUE, done.stderr[-3000:]
+        done = run_stopper(directory, -1)
+        assert done.returncode == ExitCode.FINISHED and "Traceback" not in done.stderr, done.stderr[-3000:]
+        runs[name] = directory / "runs" / "hf"
+
+    # 20: an evaluation follows that step, the stop comes after it; 32: an epoch's last step
+    history = [e for e in read_events(runs["stopped"]) if e["event"] == "stop"]
+    assert [(e["reason"], e["step"], e["checkpoint_step"], e["resumed_from"]) for e in history] == [
+        ("preempted", 20, 20, None),
+        ("preempted", 32, 32, 20),
+        ("finished", 48, 48, 32),
+    ]
+    metrics = {name: (run / "metrics.jsonl").read_text().splitlines() for name, run in runs.items()}
+    assert metrics["stopped"] == metrics["uninterrupted"] and len(metrics["stopped"]) == 48
+    assert {"loss", "grad_norm", "learning_rate", "eval_loss"} <= json.loads(metrics["stopped"][19]).keys()
+    results = {name: json.loads((run / "result.json").read_text()) for name, run in runs.items()}
+    assert results["stopped"] == results["uninterrupted"] and "train_loss" in results["stopped"]
+    expected, got = final_parameters(runs["uninterrupted"]), final_parameters(runs["stopped"])
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize(
+    "setting, said",
+    [
+        ({"ignore_data_skip": True}, "args.ignore_data_skip is not resumed exactly"),
+        ({"auto_find_batch_size": True}, "args.auto_find_batch_size is not resumed exactly"),
+    ],
+)
+def test_what_is_not_resumed_exactly_is_refused_in_one_line(tmp_path, setting, said):
+    from transformers import Trainer, TrainingArguments
+
+    from hydra_preempt.transformers import train
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], **setting)
+    trainer = Trainer(
+        model=torch.nn.Linear(2, 1), args=args, train_dataset=torch.utils.data.TensorDataset(torch.ones(4, 2))
+    )
+    outcome = train(trainer, run_dir=tmp_path / "run")
+    assert outcome.exit_code == ExitCode.USAGE and said in outcome.message, outcome.message
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list(
+        (tmp_path / "run" / "checkpoints").glob("step-*")
+    )
