@@ -16,10 +16,13 @@ Cases, interleaved in each repeat (medians, min and max over repeats, microsecon
 - Lightning barebones: `Trainer(barebones=True, max_steps=...)` with a LightningModule doing the
   same step (when `lightning` is installed), timed from its 100th step (its set-up left out);
 - Lightning barebones, fit(): the same Trainer under `hydra_preempt.lightning.fit` (the protocol:
-  the positioned loader, a boundary per step, checkpoints off), timed alike.
+  the positioned loader, a boundary per step, checkpoints off), timed alike;
+- HF Trainer: a `transformers.Trainer` (SGD, constant LR, one log line at the end, no saves) doing the
+  same step (when `transformers` is installed), timed from its 100th step;
+- HF Trainer, train(): the same under `hydra_preempt.transformers.train`, timed alike.
 
 The added cost is each case's median minus the plain loop's, and its share of a 100 ms step; the
-last line is what fit() adds to Lightning's own loop.
+last lines are what fit() adds to Lightning's own loop and what train() adds to Trainer's.
 """
 
 from __future__ import annotations
@@ -153,7 +156,66 @@ def lightning_barebones(steps: int, protocol: bool = False) -> float | None:
     return clock.us
 
 
-WARM_UP = 100  # Lightning's steps before its clock starts
+def hf_trainer(steps: int, protocol: bool = False) -> float | None:
+    """Hugging Face Trainer's loop alone (`protocol`: under hydra_preempt.transformers.train), timed from its
+    100th step to its last, so that neither set-up is in the figure."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from hydra_preempt.transformers import train
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, _, _ = model_and_optimizer()
+
+        def forward(self, x, labels):
+            return {"loss": torch.nn.functional.mse_loss(self.model(x), labels)}
+
+    class Dicts(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.data = dataset()
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __getitem__(self, i):
+            x, y = self.data[i]
+            return {"x": x, "labels": y}
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs) -> None:
+            if state.global_step == WARM_UP:
+                self.began = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs) -> None:
+            self.us = (time.perf_counter() - self.began) / (steps - WARM_UP) * 1e6
+
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as out:
+        args = transformers.TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=4,
+            max_steps=steps,
+            learning_rate=0.01,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            logging_steps=steps,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = transformers.Trainer(model=Model(), args=args, train_dataset=Dicts(), callbacks=[clock])
+        if protocol:
+            train(trainer, run_dir=f"{out}/run", config={"progress": {"console": False}})
+        else:
+            trainer.train()
+    return clock.us
+
+
+WARM_UP = 100  # Lightning's and Trainer's steps before their clocks start
 
 
 def main() -> None:
@@ -174,6 +236,8 @@ def main() -> None:
         "session, 2 loaders": lambda n: session_loop(n, "two loaders"),
         "Lightning barebones": lightning_barebones,
         "Lightning barebones, fit()": lambda n: lightning_barebones(n, protocol=True),
+        "HF Trainer": hf_trainer,
+        "HF Trainer, train()": lambda n: hf_trainer(n, protocol=True),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.repeats):
@@ -185,7 +249,7 @@ def main() -> None:
     print(f"{'case':30s} {'step':>8s} {'min-max':>13s} {'added':>7s} {'of 100 ms':>9s}")
     for name, values in times.items():
         if not values:
-            print(f"{name:30s} {'-':>8s}  (not installed: pip install lightning)")
+            print(f"{name:30s} {'-':>8s}  (not installed: pip install lightning transformers)")
             continue
         median = statistics.median(values)
         added = median - base
@@ -194,6 +258,9 @@ def main() -> None:
     if times["Lightning barebones, fit()"]:
         added = statistics.median(times["Lightning barebones, fit()"]) - statistics.median(times["Lightning barebones"])
         print(f"fit() adds to Lightning's loop: {added:+.0f} us per step, {added / 1e3:.2f}% of a 100 ms step")
+    if times["HF Trainer, train()"]:
+        added = statistics.median(times["HF Trainer, train()"]) - statistics.median(times["HF Trainer"])
+        print(f"train() adds to Trainer's loop: {added:+.0f} us per step, {added / 1e3:.2f}% of a 100 ms step")
 
 
 if __name__ == "__main__":
