@@ -126,11 +126,6 @@ def _refuse_unsupported(trainer: Trainer) -> None:
     }
     if on := [name for name, value in refused.items() if value]:
         raise ConfigError(f"{on[0]} is not resumed exactly by hydra_preempt.transformers: turn it off")
-    if args.world_size > 1:
-        raise ConfigError(
-            f"{args.world_size} processes: hydra_preempt.transformers runs one process for now (several are "
-            "not tested yet)"
-        )
     if isinstance(trainer.train_dataset, IterableDataset):
         raise ConfigError(
             "the training dataset is an IterableDataset: hydra_preempt.transformers resumes a map-style "
@@ -152,6 +147,7 @@ class _Integration(TrainerCallback):
         self.loader: _PositionedBase | None = None
         self._steps: Generator[int, None, None] | None = None
         self._boundary_step = 0
+        self._reported_step = 0  # the last step whose logged values went to the session
         self._originals = {name: getattr(trainer, name) for name in _PATCHED}
         for name in _PATCHED:
             setattr(trainer, name, getattr(self, name.lstrip("_")))
@@ -253,7 +249,7 @@ class _Integration(TrainerCallback):
                 for key, value in attributes.items():
                     setattr(callback, key, value)
             self.loaded = None  # taken: what a save writes from now on is the live state
-        self._boundary_step = state.global_step
+        self._boundary_step = self._reported_step = state.global_step
         self._steps = self.session.driven_steps(lambda: trainer.state.global_step, int(state.max_steps or 0))
         next(self._steps)  # the first step begins
 
@@ -269,9 +265,12 @@ class _Integration(TrainerCallback):
         return self._originals["get_batch_samples"](*args, **kwargs)
 
     def report_logged(self) -> None:
-        """What Trainer logged at the step just made, into the session's metrics (RUN_DIR/metrics.jsonl)."""
-        if metrics := _logged_at(self.trainer.state.log_history, self.trainer.state.global_step):
+        """What Trainer logged at the step just made, into the session's metrics (RUN_DIR/metrics.jsonl);
+        once (a start of a finished run makes no step, its last was reported when it was made)."""
+        step = self.trainer.state.global_step
+        if step > self._reported_step and (metrics := _logged_at(self.trainer.state.log_history, step)):
             self.session.report(**metrics)
+        self._reported_step = max(step, self._reported_step)
 
 
 def _deterministic(metrics: Mapping[str, Any]) -> dict[str, float]:

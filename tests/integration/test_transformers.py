@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,7 @@ import torch
 
 from hydra_preempt import ExitCode
 from hydra_preempt.rundir import read_events
-from tools.train_process import newest_checkpoint, run_stopper
+from tools.train_process import newest_checkpoint, run_stopper, signal_group
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +108,46 @@ def test_what_is_not_resumed_exactly_is_refused_in_one_line(tmp_path, setting, s
     assert not (tmp_path / "run" / "checkpoints").exists() or not list(
         (tmp_path / "run" / "checkpoints").glob("step-*")
     )
+
+
+def test_two_ranks_under_torchrun_stopped_mid_epoch_end_as_an_uninterrupted_run(tmp_path):
+    """The same program as 2 processes (DDP over gloo, each its shard and its 2 workers) under `hydra-preempt
+    torchrun`: SIGTERM to the agent's process group (slurmstepd's with proctrack/pgid) once step 10 of 24
+    (8 an epoch) is logged; both ranks stop at one boundary, and the restart ends as an uninterrupted run."""
+    runs = {}
+    for name, stop_after in (("uninterrupted", None), ("stopped", 10)):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "train.py").write_text(PROGRAM)
+        runs[name] = directory / "runs" / "hf"
+        for stop in (stop_after, None) if stop_after else (None,):
+            code, err = run_torchrun(directory, runs[name], stop)
+            assert code == (ExitCode.REQUEUE if stop else ExitCode.FINISHED), err[-3000:]
+    history = [e for e in read_events(runs["stopped"]) if e["event"] == "stop"]
+    assert [e["reason"] for e in history] == ["preempted", "finished"] and 10 <= history[0]["step"] < 24
+    assert history[1]["resumed_from"] == history[0]["checkpoint_step"] == history[0]["step"]
+    metrics = {name: (run / "metrics.jsonl").read_text().splitlines() for name, run in runs.items()}
+    assert metrics["stopped"] == metrics["uninterrupted"] and len(metrics["stopped"]) == 24
+    expected, got = final_parameters(runs["uninterrupted"]), final_parameters(runs["stopped"])
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def run_torchrun(directory: Path, run_dir: Path, stop_after: int | None) -> tuple[int, str]:
+    """`hydra-preempt torchrun --nproc-per-node 2 train.py` in `directory`; with `stop_after`, SIGTERM to its
+    process group once RUN_DIR/metrics.jsonl has that step. Its exit code and output."""
+    cmd = [sys.executable, "-m", "hydra_preempt.cli", "torchrun", "--nproc-per-node", "2", "train.py"]
+    proc = subprocess.Popen(
+        cmd, cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    metrics = run_dir / "metrics.jsonl"
+
+    def logged() -> int:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        return json.loads(lines[-1])["step"] if lines else 0
+
+    if stop_after is not None:
+        while proc.poll() is None and logged() < stop_after:
+            time.sleep(0.05)
+        signal_group(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out
