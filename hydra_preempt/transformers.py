@@ -97,15 +97,21 @@ def train_in(session: Session, trainer: Trainer) -> dict[str, float]:
     session.register(transformers=integration.shared)
     session.register_per_rank(data=integration.per_rank)
     session.restore()
+    if integration.loaded is not None and integration.loaded.get("result") is not None:
+        # the run had finished (its final checkpoint): Trainer started again would train on past an early
+        # stop (it looks at should_training_stop only after a step), or log its last step again
+        integration.close()
+        return dict(integration.loaded["result"])
     resume_dir = integration.resume_dir()
     try:
         output = trainer.train(resume_from_checkpoint=resume_dir)
         integration.report_logged()  # the last step's: no boundary follows it
+        integration.result = _deterministic(output.metrics)  # in the final checkpoint, which run() saves next
     finally:
         integration.close()
         if resume_dir is not None:
             shutil.rmtree(resume_dir, ignore_errors=True)
-    return _deterministic(output.metrics)
+    return integration.result
 
 
 def _refuse_unsupported(trainer: Trainer) -> None:
@@ -148,6 +154,7 @@ class _Integration(TrainerCallback):
         self._steps: Generator[int, None, None] | None = None
         self._boundary_step = 0
         self._reported_step = 0  # the last step whose logged values went to the session
+        self.result: dict[str, float] | None = None  # train()'s metrics, once it returned: the run finished
         self._originals = {name: getattr(trainer, name) for name in _PATCHED}
         for name in _PATCHED:
             setattr(trainer, name, getattr(self, name.lstrip("_")))
@@ -162,6 +169,18 @@ class _Integration(TrainerCallback):
         (Path(directory) / "trainer_state.json").write_text(json.dumps(self.loaded["trainer_state"]))
         self.trainer.args.eval_on_start = False  # it ran when the run began, not at a resume
         return directory
+
+    def settings(self) -> dict[str, int]:
+        """What fixes the steps of an epoch and of the run: a restart with other values is no continuation
+        (Trainer would count the epochs done from the step, and the schedule would change its horizon)."""
+        assert self.loader is not None
+        args = self.trainer.args
+        return {
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "batches per epoch": len(self.loader),
+            "max_steps": int(self.trainer.state.max_steps),
+            "world_size": args.world_size,
+        }
 
     def close(self) -> None:
         if self._steps is not None:
@@ -240,6 +259,13 @@ class _Integration(TrainerCallback):
         """After Trainer set its loop's values and its callbacks anew: the saved ones, on a restart."""
         trainer = self.trainer
         if self.loaded is not None:
+            saved_settings, settings = self.loaded.get("settings", {}), self.settings()
+            if changed := [
+                f"{k} {saved_settings.get(k)} -> {v}" for k, v in settings.items() if saved_settings.get(k) != v
+            ]:
+                raise ConfigError(
+                    f"the checkpoint's run is another: {', '.join(changed)} (resume with the settings it was saved with)"
+                )
             self.per_rank.give_loop()
             names = [type(cb).__name__ for cb in self._exportable()]
             saved = self.loaded["callbacks"]
@@ -312,6 +338,8 @@ class _SharedState:
         scaler = getattr(trainer.accelerator, "scaler", None)
         cache = getattr(trainer, "_eval_dataloaders", {})
         return {
+            "settings": integration.settings(),
+            "result": integration.result,
             "model": trainer.model.state_dict(),
             "optimizer": trainer.optimizer.state_dict(),
             "scheduler": trainer.lr_scheduler.state_dict(),

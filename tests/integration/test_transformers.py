@@ -67,16 +67,25 @@ def test_a_trainer_program_stopped_twice_by_its_process_group_ends_as_an_uninter
         for stop_at in stops:
             done = run_stopper(directory, stop_at)
             assert done.returncode == ExitCode.REQUEUE, done.stderr[-3000:]
+            if stop_at == 32:  # an epoch's end: Trainer would count the epochs done from the step
+                refused_when_accumulation_changes(directory)
         done = run_stopper(directory, -1)
         assert done.returncode == ExitCode.FINISHED and "Traceback" not in done.stderr, done.stderr[-3000:]
         runs[name] = directory / "runs" / "hf"
+    metrics_before = (runs["stopped"] / "metrics.jsonl").read_text()
+    again = run_stopper(tmp_path / "stopped", -1)  # a finished run started again: nothing more
+    assert again.returncode == ExitCode.FINISHED, again.stderr[-3000:]
+    assert (runs["stopped"] / "metrics.jsonl").read_text() == metrics_before
 
-    # 20: an evaluation follows that step, the stop comes after it; 32: an epoch's last step
+    # 20: an evaluation follows that step, the stop comes after it; 32: an epoch's last step; then the
+    # start refused (another accumulation), the last start and the one after the finish
     history = [e for e in read_events(runs["stopped"]) if e["event"] == "stop"]
     assert [(e["reason"], e["step"], e["checkpoint_step"], e["resumed_from"]) for e in history] == [
         ("preempted", 20, 20, None),
         ("preempted", 32, 32, 20),
+        ("failed", 32, 32, 32),
         ("finished", 48, 48, 32),
+        ("finished", 48, 48, 48),
     ]
     metrics = {name: (run / "metrics.jsonl").read_text().splitlines() for name, run in runs.items()}
     assert metrics["stopped"] == metrics["uninterrupted"] and len(metrics["stopped"]) == 48
@@ -85,6 +94,16 @@ def test_a_trainer_program_stopped_twice_by_its_process_group_ends_as_an_uninter
     assert results["stopped"] == results["uninterrupted"] and "train_loss" in results["stopped"]
     expected, got = final_parameters(runs["uninterrupted"]), final_parameters(runs["stopped"])
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def refused_when_accumulation_changes(directory: Path) -> None:
+    program = (directory / "train.py").read_text()
+    changed = program.replace("gradient_accumulation_steps=2", "gradient_accumulation_steps=4")
+    (directory / "train.py").write_text(changed)
+    done = run_stopper(directory, -1)
+    (directory / "train.py").write_text(program)
+    assert done.returncode == ExitCode.USAGE and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "the checkpoint's run is another: gradient_accumulation_steps 2 -> 4, max_steps 48 -> 24" in done.stderr
 
 
 @pytest.mark.parametrize(
