@@ -108,6 +108,10 @@ def train(
     session.register(lightning=state)
     session.register_per_rank(data=positions)
     session.restore()
+    if state.result is not None:
+        # the run had finished (its final checkpoint): Lightning started again would train on past an early
+        # stop (trainer.should_stop is not in its checkpoint)
+        return dict(state.result)
     restored = session.last_checkpoint
     # the name Lightning logs ("Restoring states from the checkpoint path at ..."); loaded from the store
     state.restored_path = str(restored.path) if state.loaded is not None and restored is not None else None
@@ -144,7 +148,8 @@ def train(
         trainer.callbacks.remove(callback)  # type: ignore[attr-defined]
         strategy.checkpoint_io = original_io
         del strategy.process_dataloader, signals.register_signal_handlers
-    return _scalars(trainer.callback_metrics)
+    state.result = _scalars(trainer.callback_metrics)  # in the final checkpoint, which run() saves next
+    return state.result
 
 
 class _TrainerState:
@@ -159,6 +164,7 @@ class _TrainerState:
         self.restored_path: str | None = None  # what fit(ckpt_path=...) is given when a checkpoint was loaded
         self.callback_metrics: dict[str, float] = {}  # trainer.callback_metrics at the save, given back at the start
         self.val_workers_made = False  # whether the saved run had made its validation loaders' persistent workers
+        self.result: dict[str, float] | None = None  # fit()'s final metrics, once it returned: the run finished
 
     def state_dict(self) -> dict[str, Any]:
         if self.trainer.lightning_module is None:  # before fit attached the model: nothing newer than the load
@@ -173,7 +179,11 @@ class _TrainerState:
         # and whether the validation loaders' persistent workers exist (their base seed was drawn)
         val = self.trainer.fit_loop.epoch_loop.val_loop._combined_loader
         made = any(_persistent(d) and d._iterator is not None for d in (val.flattened if val is not None else []))
-        checkpoint[_OWN_KEY] = {"callback_metrics": _scalars(self.trainer.callback_metrics), "val_workers_made": made}
+        checkpoint[_OWN_KEY] = {
+            "callback_metrics": _scalars(self.trainer.callback_metrics),
+            "val_workers_made": made,
+            "result": self.result,
+        }
         return checkpoint
 
     def check_state_dict(self, state: Any) -> list[str]:
@@ -187,6 +197,8 @@ class _TrainerState:
         own = state.pop(_OWN_KEY, {})
         self.callback_metrics = dict(own.get("callback_metrics", {}))
         self.val_workers_made = own.get("val_workers_made") is True
+        result = own.get("result")
+        self.result = {k: float(v) for k, v in result.items()} if isinstance(result, dict) else None
         callbacks = state.get("callbacks")
         if isinstance(callbacks, dict):
             state["callbacks"] = {k: _confined(k, v) for k, v in callbacks.items()}

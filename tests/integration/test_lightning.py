@@ -158,6 +158,9 @@ def test_a_lightning_program_stopped_twice_by_its_process_group_ends_as_an_unint
     assert {"loss", "val_loss"} <= json.loads(metrics["stopped"][-1]).keys()
     assert_same_parameters(runs)
 
+    again = run_stopper(tmp_path / "stopped", -1)  # a finished run started again: nothing more
+    assert again.returncode == ExitCode.FINISHED, again.stderr[-3000:]
+    assert (runs["stopped"] / "metrics.jsonl").read_text().splitlines() == metrics["stopped"]
     results = {name: json.loads((run / "result.json").read_text()) for name, run in runs.items()}
     assert results["stopped"] == results["uninterrupted"] and {"loss", "val_loss"} <= results["stopped"].keys()
     # the module's weights out of Lightning's checkpoint, by default
