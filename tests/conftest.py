@@ -77,6 +77,8 @@ LONGEST_FIRST = [
     "test_validate_slurm_passes_on_the_test_cluster",
     "test_fsdp2_every_rank_writes_its_shard_and_a_signal_resumes_exactly",
     "test_rerun_resumes_an_unfinished_job_from_its_checkpoint",
+    "test_a_trainer_program_stopped_twice_by_its_process_group",
+    "test_a_lightning_program_stopped_twice_by_its_process_group",
     "test_signal_to_one_rank_stops_all_and_resumes_exactly",
     "test_a_rank_that_cannot_write_stops_every_rank",
     "test_local_sweep_survives_a_signal_and_a_rerun_submits_nothing",
@@ -84,6 +86,8 @@ LONGEST_FIRST = [
     "test_every_section_runs_on_the_cpu_and_reports_its_figures",
     "test_every_hostile_edit_is_refused_by_export",
     "test_a_stop_passes_through_the_agent_to_the_ranks",
+    "test_two_ranks_under_torchrun_stopped_mid_epoch",
+    "test_persistent_validation_workers_leave_a_resumed_training_exact",
     "tests/e2e/",
 ]
 
