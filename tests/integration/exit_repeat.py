@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -92,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["EXIT_REPEAT_WORKERS"] = str(args.workers)
     ends: collections.Counter[str] = collections.Counter()
     torch.set_num_threads(1)  # no OpenMP pool in this process: a child forked after one could hang in it
-    with tempfile.TemporaryDirectory() as base:
+    # not a TemporaryDirectory: a forked child leaves through this block too (SystemExit), and its clean-up
+    # removed the directory under a rank still writing its result (a CI failure)
+    parent, base = os.getpid(), tempfile.mkdtemp()
+    try:
         one_run(Path(base) / "warm-up", 0, 1, 0)  # the library's first-use imports, once, before the forks
         for i in range(args.runs):
             run_dir, port = Path(base) / f"run-{i}", free_port()
@@ -104,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                 children.append(pid)
             for pid in children:
                 ends[describe(os.waitpid(pid, 0)[1])] += 1
+    finally:
+        if os.getpid() == parent:
+            shutil.rmtree(base, ignore_errors=True)
     normal = f"exit code {int(ExitCode.FINISHED)}"
     abnormal = {kind: n for kind, n in ends.items() if kind != normal}
     print(f"{args.runs} runs of {args.ranks} rank(s), {args.workers} loader workers: {ends[normal]} processes exited 0")
