@@ -17,7 +17,7 @@ class SlurmTask:
     """What SLURM's environment tells one task of a job about itself."""
 
     job_id: str
-    rank: int
+    rank: int  # in the run: the one of rank 0 requeues the job (policy.py)
     ntasks: int
     restart_count: int
     # started by the batch script itself, not by srun: SLURM signals job steps at a preemption's grace
@@ -30,9 +30,13 @@ class SlurmTask:
         job_id = env.get("SLURM_JOB_ID")
         if not job_id:
             return None
+        # The workers a torch launcher started in one task share its SLURM_PROCID: the run's rank is
+        # torchrun's RANK (else every worker of task 0 requeued the job, and SLURM ended the step under
+        # the others before they had written their stop).
+        rank = env.get("RANK") if SrunStep.launched_by_torch(env) else env.get("SLURM_PROCID")
         return cls(
             job_id=job_id,
-            rank=_int(env.get("SLURM_PROCID"), 0),
+            rank=_int(rank, 0),
             ntasks=_int(env.get("SLURM_NTASKS"), 1),
             restart_count=_int(env.get("SLURM_RESTART_COUNT"), 0),
             in_batch_step=env.get("SLURM_STEP_ID", "batch") in BATCH_STEP_IDS,

@@ -121,3 +121,12 @@ def test_a_task_knows_whether_the_batch_script_started_it(step_id, in_batch_step
     env = {"SLURM_JOB_ID": "4711", **({"SLURM_STEP_ID": step_id} if step_id else {})}
     task = SlurmTask.from_env(env)
     assert task is not None and task.in_batch_step is in_batch_step
+
+
+def test_the_workers_torchrun_starts_in_one_task_have_their_own_rank():
+    """Every worker of task 0 has SLURM_PROCID=0: torchrun's RANK says which one requeues the job (the
+    e2e job of 2 Trainer processes lost its stop event to worker 1's requeue)."""
+    task = {"SLURM_JOB_ID": "4711", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    assert SlurmTask.from_env(task).rank == 0
+    assert SlurmTask.from_env({**task, "TORCHELASTIC_RUN_ID": "x", "RANK": "1", "WORLD_SIZE": "2"}).rank == 1
+    assert SlurmTask.from_env({**task, "SLURM_PROCID": "1"}).rank == 1  # srun's tasks, no launcher
