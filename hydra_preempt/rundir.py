@@ -3,7 +3,7 @@
     RUN_DIR/
       checkpoints/     checkpoint.dir by default (see checkpoint/store.py)
       run_log.jsonl    one JSON line per start, stop and requeue of the run
-      metrics.jsonl    one JSON line per report() of rank 0
+      metrics.jsonl    one JSON line per report() of rank 0, up to the step the run continues from
       result.json      written atomically when training finished
       run_id           the run's stable id, made at its first start (trackers resume with it)
       .run.lock        held (flock) by the one live process of the run
@@ -116,15 +116,23 @@ def read_events(run_dir: Path | str) -> list[dict[str, Any]]:
 
 def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a file of JSON lines; a line cut short by a kill (or anything else) is skipped."""
+    return _json_records(_read_text(path))
+
+
+def _read_text(path: Path) -> str:
+    """A run file's text; empty when it is missing or no regular file."""
     try:
         f, _ = open_regular(path)
         with f:
-            text = f.read().decode("utf-8", errors="replace")
+            return f.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
-        return []
+        return ""
     except OSError as e:  # a FIFO or a symlink in its place: never block on it or follow it
         log.warning("%s cannot be read: %s", path, e.strerror or e)
-        return []
+        return ""
+
+
+def _json_records(text: str) -> list[dict[str, Any]]:
     records = []
     for line in text.splitlines():
         try:
@@ -285,7 +293,9 @@ def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
 
 class MetricsLog:
     """RUN_DIR/metrics.jsonl, appended one line per report; the file stays open (opening it for every
-    line cost ~50 us a step), each line is flushed as it is written.
+    line cost ~50 us a step), each line is flushed as it is written. A start rewinds it to the step it
+    continues from: the lines of steps that are made again (after a SIGKILL, a hang, a checkpoint that
+    failed verification) are dropped, so that each step has the lines of the run that went on.
 
     A write that fails (disk full) is warned about once and the log is given up for this process:
     training goes on, and each checkpoint's manifest still carries the metrics of its step."""
@@ -294,6 +304,22 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS_LOG
         self._file: Any = None
         self._failed = False
+
+    def rewind(self, step: int) -> None:
+        """Drop the lines of the steps after `step`, and any line cut short by a kill (the next line would
+        be glued to it); written atomically, and only when a line goes."""
+        text = _read_text(self.path)
+        records = _json_records(text)
+        kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= step]
+        if not text or (len(kept) == len(text.splitlines()) and text.endswith("\n")):
+            return
+        try:
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        except OSError as e:
+            self._failed = True
+            log.warning(
+                "%s; metrics are no longer written there by this process", _write_failure(self.path, "rewind", e)
+            )
 
     def append(self, record: dict[str, Any]) -> None:
         if self._failed:

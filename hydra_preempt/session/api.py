@@ -299,6 +299,7 @@ class Session:
         if loaded is None:
             log.info("no checkpoint in %s: starting at step 0", self.checkpointer.store.directory)
             self._restored = True
+            self._rewind_metrics(0)
             return 0
         info, tree, metadata = loaded
         rank, size = world()
@@ -321,6 +322,7 @@ class Session:
         self._restored = True
         self.step = self.resumed_from = int(tree["session"]["step"])
         log.info("resumed from %s (step %d, saved on %s)", info.path.name, self.step, info.reason)
+        self._rewind_metrics(self.step)
         if not self.state.holds_data_position():
             log.warning(
                 "resumed at step %d with no data position registered: if batches come from a DataLoader, "
@@ -329,6 +331,11 @@ class Session:
                 self.step,
             )
         return self.step
+
+    def _rewind_metrics(self, step: int) -> None:
+        """RUN_DIR/metrics.jsonl up to the step this start continues from: the steps after it are made again."""
+        if self._rank == 0:
+            self._metrics_log.rewind(step)
 
     def _check_tree(self, tree: Any, info: CheckpointInfo) -> None:
         """Raises ValueError for a state tree this library could not have written (see state.check_tree)."""

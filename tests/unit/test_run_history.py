@@ -1,6 +1,8 @@
-"""What the run log says about a run's interruptions: where a plot marks each restart and why."""
+"""What the run log says about a run's interruptions: where a plot marks each restart and why; the metrics log rewound at a start."""
 
-from hydra_preempt.rundir import RunHistory
+import json
+
+from hydra_preempt.rundir import METRICS_LOG, MetricsLog, RunHistory, read_metrics
 
 
 def history(*events):
@@ -56,3 +58,23 @@ def test_the_checkpoint_directory_is_found_from_the_run_directory_given(tmp_path
     (old / "checkpoints").mkdir()
     with pytest.raises(ConfigError, match="ambiguous"):
         checkpoint_dir_of(old)
+
+
+def test_a_start_rewinds_the_metrics_to_the_step_it_continues_from(tmp_path):
+    """The lines of steps made again go (a SIGKILL after step 5, resumed from 3), with a line cut short by
+    the kill; the file is rewritten only when a line goes, and appending goes on after the rewind."""
+    path = tmp_path / METRICS_LOG
+    lines = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.4}, {"step": 3, "val": 0.2}]
+    lines += [{"step": 4, "loss": 0.3}, {"step": 5, "loss": 0.2}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "lo')
+    metrics = MetricsLog(tmp_path)
+    metrics.rewind(3)
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in lines[:4])
+    inode = path.stat().st_ino
+    metrics.rewind(3)  # nothing goes: not rewritten
+    assert path.stat().st_ino == inode
+    metrics.append({"step": 4, "loss": 0.25})
+    metrics.close()
+    assert read_metrics(tmp_path) == [*lines[:4], {"step": 4, "loss": 0.25}]
+    MetricsLog(tmp_path / "none").rewind(0)  # no file: none made
+    assert not (tmp_path / "none" / METRICS_LOG).exists()
