@@ -49,6 +49,7 @@ from .outcome import Outcome
 from .session.api import Session
 from .session.runner import run
 from .session.state import capture_rng, module_mismatches, restore_rng
+from .slurm.env import SrunStep
 from .slurm.policy import exit_with
 
 log = logging.getLogger("hydra_preempt")
@@ -136,6 +137,14 @@ def _refuse_unsupported(trainer: Trainer) -> None:
         raise ConfigError(
             "the training dataset is an IterableDataset: hydra_preempt.transformers resumes a map-style "
             "dataset at its exact next batch, nothing else"
+        )
+    step = SrunStep.from_env()
+    if step is not None and not SrunStep.launched_by_torch() and args.world_size != step.world_size:
+        # Trainer reads torchrun's variables (RANK, WORLD_SIZE, ...), which srun does not set: each task
+        # would train alone on all the data, not as one of a group
+        raise ConfigError(
+            f"Trainer runs as {args.world_size} process(es) in each task of an srun step of {step.world_size}: "
+            "start it with `srun hydra-preempt torchrun --nproc-per-node N train.py`, one task a node"
         )
 
 

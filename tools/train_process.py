@@ -210,11 +210,11 @@ def check_group_ended(pgid: int, output: str, wait_s: float = 10.0) -> None:
         raise RuntimeError(f"processes of the run left after it exited: {left}; output:\n{output}")
 
 
-def run_stopper(directory: Path, stop_at: int, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python stopper.py STOP_AT` in `directory` (a test's program with a callback that sends SIGTERM to
-    its process group at that step), in a process group of its own, as a job step's."""
+def run_stopper(directory: Path, stop_at: int, *more: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python stopper.py STOP_AT MORE...` in `directory` (a test's program with a callback that sends
+    SIGTERM to its process group at that step), in a process group of its own, as a job step's."""
     return subprocess.run(
-        [sys.executable, "stopper.py", str(stop_at)],
+        [sys.executable, "stopper.py", str(stop_at), *more],
         cwd=directory,
         capture_output=True,
         text=True,
@@ -230,3 +230,16 @@ def newest_checkpoint(run_dir: Path) -> dict:
 
     newest = max((run_dir / "checkpoints").glob("step-*"))
     return read_checkpoint_files(newest, read_manifest(newest))
+
+
+def sweep_stopped_once(directory: Path, files: dict[str, str]) -> Path:
+    """`python app.py -m hydra/launcher=preempt_local` in `directory`, made with `files` (name: text): a
+    Hydra app whose one job stops itself once (and touches DIRECTORY/stopped) and is continued by the
+    launcher. The job's run directory."""
+    directory.mkdir()
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    sweep = [sys.executable, "app.py", "-m", "hydra/launcher=preempt_local", f"hydra.sweep.dir={directory / 'sweep'}"]
+    done = subprocess.run(sweep, cwd=directory, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and (directory / "stopped").exists(), done.stdout[-3000:] + done.stderr[-3000:]
+    return directory / "sweep" / "0"

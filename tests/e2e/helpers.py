@@ -126,6 +126,20 @@ def job_state(job_id: str) -> str:
         return states[-1][0] if states else ""
 
 
+def submit_script(where: Path, command: str, mode: str, nodes: int = 1) -> str:
+    """sbatch of WHERE/job.sh running `command` from the repository root under srun, one task a node, in
+    the preemptible QoS of PreemptMode `mode`, requeueable, its output appended to WHERE/job.log; its id."""
+    script = where / "job.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"#SBATCH --nodes={nodes} --ntasks-per-node=1 --cpus-per-task=2\n"
+        "#SBATCH --requeue --open-mode=append\n"
+        f"cd {ROOT}\n{command}\n"
+    )
+    args = ["sbatch", "--parsable", "-A", ACCOUNT, "-q", QOS[mode], "-p", PARTITION, "-o", str(where / "job.log")]
+    return slurm_command([*args, str(script)]).strip().split(";")[0]
+
+
 def first_node(job_id: str) -> str:
     nodes = show_job(job_id).fields.get("NodeList", "")
     return slurm_command(["scontrol", "show", "hostnames", nodes]).split()[0]
@@ -168,6 +182,19 @@ def _steps_alive(job_id: str) -> bool:
 def preempt_at_step(job_id: str, run_dir: Path, step: int) -> None:
     """Once training passed `step`, preempt it with a high-priority job; wait for the save; release the requeued job."""
     preempt_each_at_step([(job_id, run_dir)], step)
+
+
+def preempted_at_each_and_finished(job_id: str, run_dir: Path, steps: tuple[int, ...], log: Path) -> list[dict]:
+    """Preempt the job once it passed each of `steps`; check that it completed, each stop saved at its own
+    step and each start resumed there (no step lost). The stops of the run log."""
+    for step in steps:
+        preempt_at_step(job_id, run_dir, step)
+    assert wait_until_final(job_id, release_requeues=True) == "COMPLETED", log.read_text()[-3000:]
+    history = stops(run_dir)
+    assert [s["reason"] for s in history] == ["preempted"] * len(steps) + ["finished"], history
+    assert all(after["resumed_from"] == before["checkpoint_step"] for before, after in zip(history, history[1:]))
+    assert all(s["checkpoint_step"] == s["step"] for s in history)  # no step lost
+    return history
 
 
 def preempt_each_at_step(jobs: list[tuple[str, Path]], step: int) -> None:

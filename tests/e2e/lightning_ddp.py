@@ -5,7 +5,7 @@
                                                              (Lightning starts the second process), the reference
     python -m tests.e2e.lightning_ddp RUN_DIR RANKS --auto-requeue   under srun: plain trainer.fit with Lightning's
                                                              SLURMEnvironment(auto_requeue=True) (benchmarks/
-                                                             lightning_requeue.py)
+                                                             framework_requeue.py)
 
 The same model, data and schedule as docs/lightning.md (random augmentation in 2 workers, dropout, AdamW with a
 per-step one-cycle schedule, accumulation over 2 batches, a validation every 10 batches), DDP over gloo for 2; the final

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from safetensors.torch import load_file
 from hydra_preempt import ExitCode
 from hydra_preempt.checkpoint.export import export_weights
 from hydra_preempt.rundir import read_events
-from tools.train_process import newest_checkpoint, run_stopper
+from tools.train_process import newest_checkpoint, run_stopper, sweep_stopped_once
 
 pytestmark = pytest.mark.slow
 
@@ -131,18 +129,6 @@ if __name__ == "__main__":
 """
 
 
-def through_the_hydra_launcher(directory: Path) -> Path:
-    """The Hydra app above, swept as one job that is stopped once and continued by the launcher: its run
-    directory."""
-    directory.mkdir()
-    (directory / "program.py").write_text(PROGRAM)
-    (directory / "app.py").write_text(HYDRA_APP)
-    sweep = [sys.executable, "app.py", "-m", "hydra/launcher=preempt_local", f"hydra.sweep.dir={directory / 'sweep'}"]
-    done = subprocess.run(sweep, cwd=directory, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and (directory / "stopped").exists(), done.stdout[-3000:] + done.stderr[-3000:]
-    return directory / "sweep" / "0"
-
-
 def test_a_lightning_program_stopped_twice_by_its_process_group_ends_as_an_uninterrupted_run(tmp_path):
     runs = uninterrupted_and_stopped(tmp_path, PROGRAM, [20, 32])
     history = [e for e in read_events(runs["stopped"]) if e["event"] == "stop"]
@@ -169,7 +155,7 @@ def test_a_lightning_program_stopped_twice_by_its_process_group_ends_as_an_unint
     exported, expected = load_file(tmp_path / "model.safetensors"), final_parameters(runs["uninterrupted"])
     assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
 
-    runs["door"] = through_the_hydra_launcher(tmp_path / "door")
+    runs["door"] = sweep_stopped_once(tmp_path / "door", {"program.py": PROGRAM, "app.py": HYDRA_APP})
     history = [e for e in read_events(runs["door"]) if e["event"] == "stop"]
     assert [(e["reason"], e["step"], e["resumed_from"]) for e in history] == [
         ("preempted", 27, None),
