@@ -22,9 +22,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.utils.data import TensorDataset
 
 from hydra_preempt import ResumableLoader, Session, SessionConfig
@@ -77,10 +74,14 @@ def make_model(cfg: DictConfig, features: int) -> torch.nn.Module:
     return torch.nn.Sequential(*layers)
 
 
-def params_sha256(model: torch.nn.Module) -> str:
+def params_sha256(model: torch.nn.Module, sharded: bool) -> str:
     """Of the full parameters (a collective when they are sharded: every rank must call it)."""
     h = hashlib.sha256()
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    state = model.state_dict()
+    if sharded:  # FSDP2's DTensors, gathered
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     for name, tensor in state.items():
         assert isinstance(tensor, torch.Tensor)
         h.update(name.encode())
@@ -99,7 +100,11 @@ def train(session: Session, cfg: DictConfig) -> dict:
     dataset = make_dataset(cfg.data)
     model = make_model(cfg.model, cfg.data.features)
     torch.manual_seed(t.seed + rank)  # but each rank its own dropout stream
-    if distributed and t.parallel == "fsdp":
+    sharded = distributed and t.parallel == "fsdp"
+    if sharded:  # imported here, not by every process that imports this module (a sweep's launcher)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
         fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
         forward = model
     else:
@@ -140,7 +145,7 @@ def train(session: Session, cfg: DictConfig) -> dict:
     result = {
         "step": session.step,
         "loss": final_loss,
-        "params_sha256": params_sha256(model),
+        "params_sha256": params_sha256(model, sharded),
         "restarts": session.restarts,
         "resumed_from": session.resumed_from,
     }

@@ -30,24 +30,26 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import CheckpointConfig
 from ..distributed import agree, broadcast_from_rank0, gather_to_rank0, world
 from ..errors import CheckpointDirError, CheckpointWriteError
 from ..fsutil import disk_full_hint
-from .layout import CorruptCheckpointError, checkpoint_info, read_manifest
-from .sharded import ShardedFormatError, ShardWriter, load_shards, read_shards_metadata, save_shards
+from .layout import CorruptCheckpointError, ShardedFormatError, checkpoint_info, read_manifest
 from .store import CheckpointInfo, CheckpointStore
 from .tree import HostStaging
 from .writer import Snapshot
+
+if TYPE_CHECKING:  # torch.distributed.checkpoint, under sharded.py, is imported when a run has sharded state
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    from .sharded import ShardWriter
 
 log = logging.getLogger("hydra_preempt")
 
@@ -174,10 +176,12 @@ class Checkpointer:
 
     def load_shards(self, info: CheckpointInfo, metadata: Metadata, template: dict[str, Any]) -> None:
         """Read the sharded state of `info` into `template` (a collective); every rank raises on a failure."""
+        from . import sharded
+
         error = None
         try:
-            load_shards(info.path, metadata, template)
-        except (CheckpointException, OSError, ShardedFormatError) as e:
+            sharded.load_shards(info.path, metadata, template)
+        except (sharded.CheckpointException, OSError, ShardedFormatError) as e:
             error = f"{info.path.name}: the sharded state cannot be read ({first_line(e)})"
         if agree([error is not None])[0]:
             raise CorruptCheckpointError(error or f"{info.path.name}: another rank could not read its shards")
@@ -280,6 +284,8 @@ class Checkpointer:
         write.tmp = tmp
         error = None
         try:
+            from .sharded import save_shards
+
             write.writer = save_shards(tmp, shards, self._shard_staging)
             if tree is not None:
                 write.snapshot = Snapshot.capture(tree, self._staging)
@@ -522,11 +528,13 @@ class Checkpointer:
         tmp, existing = self._begin_sharded(step)
         if tmp is None:  # this state is on disk already
             return existing or CheckpointInfo(step=step, reason=reason, path=self.store.step_path(step))
+        from . import sharded
+
         error: str | None = None
         files: dict[str, dict] = {}
         try:
-            files = save_shards(tmp, shards).files
-        except (CheckpointException, OSError, RuntimeError, TypeError) as e:
+            files = sharded.save_shards(tmp, shards).files
+        except (sharded.CheckpointException, OSError, RuntimeError, TypeError) as e:
             error = f"could not write the sharded state of step {step} in {self.store.directory}: {first_line(e)}"
         info = None
         if rank == 0 and error is None:
@@ -570,6 +578,8 @@ class Checkpointer:
 
 
 def _shards_metadata(path: Path) -> Metadata:
+    from .sharded import read_shards_metadata
+
     return read_shards_metadata(path, read_manifest(path)["files"])
 
 
@@ -583,7 +593,8 @@ def _decode_shards_metadata(path: Path, manifest: dict) -> None:
 
 
 def first_line(e: BaseException) -> str:
-    if isinstance(e, CheckpointException):  # DCP gathers every rank's failure: name the first
+    dcp_api = sys.modules.get("torch.distributed.checkpoint.api")  # none of its exceptions exist without it
+    if dcp_api is not None and isinstance(e, dcp_api.CheckpointException):  # every rank's failure: the first
         failures = getattr(e, "failures", {}) or {}
         if failures:
             rank, failure = sorted(failures.items())[0]

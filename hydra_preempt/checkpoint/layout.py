@@ -46,6 +46,13 @@ class CorruptCheckpointError(Exception):
     """A checkpoint directory is incomplete or its contents do not match its manifest."""
 
 
+class ShardedFormatError(ValueError):
+    """The sharded part of a checkpoint does not decode or does not agree with its files (its checksums
+    may still verify). Here, not beside the sharded format (shard_layout.py), so that catching it needs
+    no import of torch.distributed.checkpoint, which only a sharded run loads (importing it with DTensor
+    costs ~0.6 CPU-s in a process without an optimizer: a sweep's launcher, a CLI)."""
+
+
 @dataclass(frozen=True)
 class CheckpointInfo(CheckpointRecord):
     path: Path = field(default=Path("."), compare=False)

@@ -30,7 +30,7 @@ import torch
 import xxhash
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
-from .layout import SHARD_FILE
+from .layout import SHARD_FILE, ShardedFormatError
 
 HEADER_MAGIC = b"HPSHARD1"
 HEADER_SIZE = len(HEADER_MAGIC) + 8 + 16  # magic, rank (little-endian u64), xxh3-128 of the item table
@@ -51,11 +51,6 @@ ALLOWED_DTYPES = frozenset(
         torch.bool,
     }
 )
-
-
-class ShardedFormatError(ValueError):
-    """The sharded part of a checkpoint does not decode or does not agree with its files (its checksums
-    may still verify)."""
 
 
 @dataclass(frozen=True)

@@ -32,28 +32,23 @@ import ctypes
 import logging
 import random
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
 from ..data import ResumableLoader
 from ..errors import CheckpointMismatchError, CheckpointReadError, ConfigError
 from ..loader_position import LoaderPosition
+
+if TYPE_CHECKING:  # torch.distributed.checkpoint is imported when a run has sharded state (_dcp_state_dict)
+    from torch.distributed.checkpoint.metadata import Metadata
 
 log = logging.getLogger("hydra_preempt")
 
@@ -366,10 +361,14 @@ class StateRegistry:
 
     def sharded_state(self, names: Iterable[str] | None = None) -> dict[str, Any]:
         """This rank's part of each sharded object (or of `names`), as torch.distributed.checkpoint takes it."""
-        state = {}
+        dcp_state_dict, state = _dcp_state_dict(), {}
         for name in sorted(self.sharded if names is None else names):
             obj, module = self.objects[name], self.owners[name]
-            state[name] = get_model_state_dict(obj) if obj is module else get_optimizer_state_dict(module, obj)
+            state[name] = (
+                dcp_state_dict.get_model_state_dict(obj)
+                if obj is module
+                else dcp_state_dict.get_optimizer_state_dict(module, obj)
+            )
         return state
 
     # -- the tree -------------------------------------------------------------------
@@ -437,6 +436,9 @@ class StateRegistry:
         """Every key of this run's sharded state is in the checkpoint, with the same global shape and,
         unless `cast` (checkpoint.cast_dtype), the same dtype: a float32 checkpoint loaded into a
         bfloat16 model is no exact resume."""
+        from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
         flat, _ = flatten_state_dict(template)
         saved = metadata.state_dict_metadata
         problems = [f"{key}: not in the checkpoint" for key in sorted(flat.keys() - saved.keys())]
@@ -469,9 +471,9 @@ class StateRegistry:
                 if name not in shards:
                     obj.load_state_dict(saved[name])
                 elif self.owners[name] is obj:
-                    set_model_state_dict(obj, shards[name])
+                    _dcp_state_dict().set_model_state_dict(obj, shards[name])
                 else:
-                    set_optimizer_state_dict(self.owners[name], obj, shards[name])
+                    _dcp_state_dict().set_optimizer_state_dict(self.owners[name], obj, shards[name])
             except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as e:
                 raise CheckpointReadError(
                     f"{where}: loading {name!r} failed ({e}) after the objects before it were set: "
@@ -619,7 +621,16 @@ def seed_rng(step: int, rank: int) -> None:
 
 
 def _has_dtensor(tensors: Iterable[Any]) -> bool:
-    return any(isinstance(t, DTensor) for t in tensors)
+    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before its module is imported
+    return dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in tensors)
+
+
+def _dcp_state_dict() -> Any:
+    """torch.distributed.checkpoint.state_dict, imported when a run has sharded state (see
+    layout.ShardedFormatError for why)."""
+    import torch.distributed.checkpoint.state_dict as dcp_state_dict
+
+    return dcp_state_dict
 
 
 def _is_sharded(obj: Any) -> bool:

@@ -31,7 +31,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from hydra_preempt import SessionConfig, run
-from hydra_preempt.checkpoint import checkpointer
+from hydra_preempt.checkpoint import sharded
 
 
 def full_state_hashes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, str]:
@@ -70,7 +70,7 @@ def train(session, steps: int, out: str) -> dict:
             def killed(*_args, **_kwargs):
                 os.kill(os.getpid(), signal.SIGKILL)  # never returns
 
-            checkpointer.save_shards = killed
+            sharded.save_shards = killed  # the checkpointer looks it up at each save
         if step == steps - 1 and os.environ.get("FSDP_WORKER_RANK_WITHOUT_WRITES") == str(rank):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
             resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # from the last step's save on
