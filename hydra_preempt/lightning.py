@@ -27,11 +27,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import random
 from pathlib import Path
-from typing import Any, Generator, Iterator, Mapping
+from typing import Any, Generator, Mapping
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO
@@ -41,11 +39,11 @@ from torch.utils.data import DataLoader
 
 from .config import SessionConfig
 from .errors import ConfigError
-from .loader_position import LoaderPosition, _global_rng, _python_state
 from .outcome import Outcome
 from .session.api import Session
+from .session.framework_loader import FrameworkLoader
 from .session.runner import run
-from .session.state import module_mismatches
+from .session.state import RngReads, module_mismatches
 from .slurm.policy import exit_with
 
 log = logging.getLogger("hydra_preempt")
@@ -104,7 +102,7 @@ def train(
         )
     session.config.checkpoint.emergency = False
     state = _TrainerState(trainer, model, cast=session.config.checkpoint.cast_dtype)
-    positions = _LoaderPositions(trainer)
+    positions = _LoaderPositions(trainer, session.state.rng_reads)
     session.register(lightning=state)
     session.register_per_rank(data=positions)
     session.restore()
@@ -248,13 +246,13 @@ class _LoaderPositions:
     first iter(), which may come before Lightning's own restore (a configure_optimizers() that asks for
     trainer.estimated_stepping_batches makes the loaders)."""
 
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
+    def __init__(self, trainer: Trainer, rng: RngReads) -> None:
+        self.trainer, self.rng = trainer, rng
         self._pending: list[Any] = []  # loaded positions of loaders not made yet
 
     def positioned(self, loader: DataLoader) -> _PositionedLoader:
         """The training loader as Lightning made it, positioned: at the saved position, on a restart."""
-        positioned = _PositionedLoader(loader)
+        positioned = _PositionedLoader(loader, self.rng)
         if self._pending:
             positioned.load_state_dict(self._pending.pop(0))
         return positioned
@@ -297,29 +295,19 @@ class _FromStore(CheckpointIO):
         self._inner.teardown()
 
 
-class _PositionedLoader:
-    """The training DataLoader as Lightning iterates it: each pass through a LoaderPosition.
+class _PositionedLoader(FrameworkLoader):
+    """The training DataLoader as Lightning iterates it (session/framework_loader.py). A loader with a
+    length is fetched batch by batch, as the loop goes; one without is fetched one batch ahead
+    (Lightning's prefetch, to know the last). Lightning keeps a loader with state_dict() and
+    load_state_dict() as stateful: without them it would warn of an inexact mid-epoch resume."""
 
-    A loader with a length is fetched batch by batch, as the loop goes: its position at a boundary is
-    the position now, and a resumed pass takes its first batch with the generators as they were
-    saved (set just before, whatever ran since fit() began). One without a length is fetched one
-    batch ahead (Lightning's prefetch, to know the last): its position is the one before that batch
-    was taken, with the generator states of that moment; a resumed pass takes it again from them,
-    then the generators are set to the states of the save."""
-
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
-        self.position = LoaderPosition(loader, "train_dataloader")
+    def __init__(self, loader: DataLoader, rng: RngReads) -> None:
         try:
             len(loader)
-            self._ahead = False
+            ahead = False
         except TypeError:
-            self._ahead = True
-        self._before_last: dict[str, Any] | None = None  # with `_ahead`: the position before the batch taken last
-        self._resumed: tuple[Any, Any] | None = None  # the generator states before and after a resumed first batch
-
-    def __len__(self) -> int:
-        return len(self.loader)
+            ahead = True
+        super().__init__(loader, ahead, rng)
 
     def __getattr__(self, name: str) -> Any:  # sampler, batch_size, dataset, ... for Lightning's checks
         return getattr(self.loader, name)
@@ -332,49 +320,11 @@ class _PositionedLoader:
     def worker_init_fn(self, fn: Any) -> None:  # Lightning's seed_everything(workers=True) sets it
         self.loader.worker_init_fn = fn
 
-    def __iter__(self) -> Iterator[Any]:
-        resumed, self._resumed = self._resumed, None
-        # a new pass begins here, drawing what plain Lightning's iter() draws; a resumed one at its first
-        # next(): Lightning makes the iterator before it sets a DistributedSampler's epoch (and before its
-        # restore, when configure_optimizers() asks for trainer.estimated_stepping_batches)
-        return self._tracked(None if resumed else self.position.iterate(), resumed)
-
-    def _tracked(self, batches: Iterator[Any] | None, resumed: tuple[Any, Any] | None) -> Iterator[Any]:
-        if batches is None:
-            batches = self.position.iterate()
-        while True:
-            if resumed is not None:
-                _set_global_rng(resumed[0])
-            if self._ahead:
-                self._before_last = self.position.state_dict()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                self._before_last = self.position.state_dict()  # the pass is over: a resume begins the next
-                return
-            finally:
-                if resumed is not None and resumed[1] is not None:
-                    _set_global_rng(resumed[1])
-                resumed = None
-            yield batch
-
     def state_dict(self) -> dict[str, Any]:
-        now = _global_rng()
-        if self._ahead and self._before_last is not None:
-            position = self._before_last
-            return {"position": position, "rng_before": _split(position["at_save"]), "rng_after": now}
-        return {"position": self.position.state_dict(), "rng_before": now, "rng_after": None}
+        return self.saved_position()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if problems := self.check_state_dict(state):
-            raise ConfigError(f"the checkpoint's training loader position does not fit: {problems[0]}")
-        self.position.load_state_dict(state["position"])
-        self._resumed = (state["rng_before"], state["rng_after"])
-
-    def check_state_dict(self, state: Any) -> list[str]:
-        if not (isinstance(state, dict) and {"position", "rng_before", "rng_after"} <= state.keys()):
-            return ["not a position of the training loader"]
-        return self.position.check_state_dict(state["position"])
+        self.continue_from(state)
 
 
 _OWN_KEY = "hydra_preempt"  # this module's part of the Lightning checkpoint
@@ -382,17 +332,6 @@ _OWN_KEY = "hydra_preempt"  # this module's part of the Lightning checkpoint
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
-
-
-def _split(states: dict[str, Any]) -> tuple[Any, Any, Any]:
-    return states["cpu"], states["python"], states["numpy"]
-
-
-def _set_global_rng(states: tuple[Any, Any, Any]) -> None:
-    cpu, python, numpy = states
-    torch.set_rng_state(cpu)
-    random.setstate(_python_state(python))
-    np.random.set_state(numpy)
 
 
 class _Boundaries(Callback):

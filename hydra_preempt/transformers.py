@@ -23,7 +23,8 @@ The training DataLoader is positioned exactly (loader_position.py, workers and t
 them included): the torch DataLoader inside accelerate's `DataLoaderShard` is iterated through a
 LoaderPosition. The shard fetches one batch ahead, so the saved position is the one before that batch
 was fetched, with the generator states of that moment; a resumed pass fetches it again from them, then
-every generator is set to the boundary's. Requires transformers 5 (the `[transformers]` extra).
+every generator is set to the boundary's (session/framework_loader.py, shared with Lightning's).
+Requires transformers 5 (the `[transformers]` extra).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Generator, Iterator, Mapping
+from typing import Any, Generator, Mapping
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -44,11 +45,11 @@ from transformers.trainer_callback import ExportableState
 
 from .config import SessionConfig
 from .errors import ConfigError
-from .loader_position import LoaderPosition
 from .outcome import Outcome
 from .session.api import Session
+from .session.framework_loader import FrameworkLoader
 from .session.runner import run
-from .session.state import capture_rng, module_mismatches, restore_rng
+from .session.state import RngReads, module_mismatches
 from .slurm.env import SrunStep
 from .slurm.policy import exit_with
 
@@ -213,7 +214,7 @@ class _Integration(TrainerCallback):
             # accelerate's SeedableRandomSampler makes its generator at its first iter(): made now, a
             # restart's position has the generators of the saved one
             sampler.generator = torch.Generator().manual_seed(sampler.initial_seed)
-        self.loader = _PositionedBase(base)
+        self.loader = _PositionedBase(base, self.session.state.rng_reads)
         self.per_rank.give_loader()
         if shard is base:
             return self.loader
@@ -389,7 +390,7 @@ class _RankState:
         assert loader is not None
         loop = {name: getattr(trainer, name) for name in _LOOP}
         loop["_tr_loss"] = loop["_tr_loss"].detach().to("cpu", copy=True)
-        return {"loader": loader.state_dict(), "loop": loop}
+        return {"loader": loader.saved_position(), "loop": loop}
 
     def check_state_dict(self, state: Any) -> list[str]:
         if not (isinstance(state, dict) and {"loader", "loop"} <= state.keys() and isinstance(state["loop"], dict)):
@@ -404,7 +405,7 @@ class _RankState:
     def give_loader(self) -> None:
         """The loaded position into the loader Trainer has just made."""
         if self.loaded is not None and self.integration.loader is not None:
-            self.integration.loader.load_state_dict(self.loaded["loader"])
+            self.integration.loader.continue_from(self.loaded["loader"])
 
     def give_loop(self) -> None:
         if self.loaded is None:
@@ -415,20 +416,12 @@ class _RankState:
         self.loaded = None
 
 
-class _PositionedBase:
-    """Stands in for the torch DataLoader inside accelerate's DataLoaderShard (its base_dataloader): each
-    pass through a LoaderPosition. The shard fetches one batch ahead, so the position at a boundary is
-    the one before that batch was fetched, with the generator states of then; a resumed pass fetches it
-    again from them, then sets every generator to the boundary's (CUDA's too)."""
+class _PositionedBase(FrameworkLoader):
+    """Stands in for the torch DataLoader inside accelerate's DataLoaderShard (its base_dataloader), which
+    fetches one batch ahead (session/framework_loader.py)."""
 
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
-        self.position = LoaderPosition(loader, "train_dataloader")
-        self._before_last: dict[str, Any] | None = None  # the position before the batch fetched last
-        self._resumed: dict[str, Any] | None = None  # a loaded state, until the pass it continues begins
-
-    def __len__(self) -> int:
-        return len(self.loader)
+    def __init__(self, loader: DataLoader, rng: RngReads) -> None:
+        super().__init__(loader, ahead=True, rng=rng)
 
     def __getattr__(self, name: str) -> Any:  # batch_size, sampler, dataset, ... for Trainer and accelerate
         if name == "loader":
@@ -438,38 +431,3 @@ class _PositionedBase:
     @property  # type: ignore[misc]
     def __class__(self) -> type:  # accelerate's shard reports its base's class (isinstance(shard, DataLoader))
         return self.loader.__class__
-
-    def __iter__(self) -> Iterator[Any]:
-        resumed, self._resumed = self._resumed, None
-        return self._tracked(resumed)
-
-    def _tracked(self, resumed: dict[str, Any] | None) -> Iterator[Any]:
-        if resumed is not None and not (self.position.passes and not self.position.exhausted):
-            restore_rng(resumed["rng_after"])  # the saved pass had ended: the next begins from the boundary's
-            resumed = None
-        # a pass continued is made from the states it began from, and leaves the generators at those of
-        # its position (rng_before); after the batch fetched again, the boundary's
-        batches = self.position.iterate()
-        while True:
-            self._before_last = self.position.state_dict()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                self._before_last = self.position.state_dict()
-                return
-            finally:
-                if resumed is not None:
-                    restore_rng(resumed["rng_after"])
-                    resumed = None
-            yield batch
-
-    def state_dict(self) -> dict[str, Any]:
-        now = capture_rng()
-        position = self._before_last if self._before_last is not None else self.position.state_dict()
-        return {"position": position, "rng_after": now}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if problems := self.position.check_state_dict(state["position"]):
-            raise ConfigError(f"the checkpoint's training loader position does not fit: {problems[0]}")
-        self.position.load_state_dict(state["position"])
-        self._resumed = state

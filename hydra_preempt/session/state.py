@@ -96,10 +96,22 @@ class RawWords:
         return True
 
 
-def _global_rng_reader(python: PythonRngWatch, numpy: NumpyRngWatch) -> Callable[[], tuple[torch.Tensor, Any, Any]]:
-    """What reads torch's CPU, Python's and NumPy's global generator states, the last two through
-    their watches (read only when they moved)."""
-    return lambda: (torch.get_rng_state(), python.state(), numpy.state())
+@dataclass(frozen=True)
+class RngReads:
+    """What reads the generators' states, Python's and NumPy's through a registry's watches (read only
+    when they moved), without a reference to the registry: a loader position holds it, and the loader's
+    persistent workers end when the run lets go of the loader, not at a later garbage collection."""
+
+    python: PythonRngWatch
+    numpy: NumpyRngWatch
+
+    def global_states(self) -> tuple[torch.Tensor, Any, Any]:
+        """torch's CPU, Python's and NumPy's global generator states (a LoaderPosition's reader)."""
+        return torch.get_rng_state(), self.python.state(), self.numpy.state()
+
+    def capture(self) -> dict[str, Any]:
+        """`capture_rng()`: every generator, CUDA's included."""
+        return capture_rng(self.python.state(), self.numpy.state())
 
 
 class NumpyRngWatch:
@@ -277,8 +289,7 @@ class StateRegistry:
         self._hooks: list[Any] = []  # those hooks' handles, removed by release()
         self._watched: list[torch.Tensor] | None = None  # tensors whose version counters the fingerprint reads
         self._uncopied: frozenset[str] | None = None  # objects step_start does not copy, chosen at the first step
-        self._python_rng = PythonRngWatch()
-        self._numpy_rng = NumpyRngWatch()
+        self.rng_reads = RngReads(PythonRngWatch(), NumpyRngWatch())
         self.before_update: Callable[[], None] | None = None  # called before each registered optimizer's step()
 
     def register(self, per_rank: bool, **objects: Any) -> None:
@@ -291,7 +302,7 @@ class StateRegistry:
                 # its position records the global generators' states at each step start: read as ours are,
                 # Python's and NumPy's only when they moved (no reference to this registry: the loader's
                 # persistent workers end when the run lets go of it, not at a later garbage collection)
-                obj = LoaderPosition(obj, name, _global_rng_reader(self._python_rng, self._numpy_rng))
+                obj = LoaderPosition(obj, name, self.rng_reads.global_states)
             if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
                 raise ConfigError(
                     f"cannot register {name!r}: {type(obj).__name__} has no state_dict()/load_state_dict()"
@@ -378,7 +389,7 @@ class StateRegistry:
 
     def capture_rng(self) -> dict[str, Any]:
         """`capture_rng()`, Python's and NumPy's generators read only when they moved."""
-        return capture_rng(self._python_rng.state(), self._numpy_rng.state())
+        return self.rng_reads.capture()
 
     def tree(self, step: int, ranks: list[dict[str, Any]], detector: dict | None) -> dict[str, Any]:
         shared = {
