@@ -742,26 +742,39 @@ def _mismatches(name: str, obj: Any, saved: Any, cast: bool = False) -> list[str
 def module_mismatches(name: str, module: torch.nn.Module, saved: Any, cast: bool = False) -> list[str]:
     """Why `saved` is not a state dict of `module`: keys missing or unexpected, other shapes and, unless
     `cast` (checkpoint.cast_dtype), other dtypes (a float32 checkpoint in a bfloat16 model is no exact
-    resume)."""
+    resume). Each list names a few and counts the rest: another model differs in every tensor."""
     if not (isinstance(saved, dict) and all(isinstance(k, str) for k in saved)):
         return [f"{name}: the checkpoint holds {type(saved).__name__}, not a module's state dict"]
     current = module.state_dict()
     problems = []
-    casts: list[str] = []
     if missing := sorted(current.keys() - saved.keys()):
-        problems.append(f"{name}: keys missing from the checkpoint: {missing}")
+        problems.append(f"{name}: keys missing from the checkpoint: {_some(missing)}")
     if unexpected := sorted(saved.keys() - current.keys()):
-        problems.append(f"{name}: unexpected keys in the checkpoint: {unexpected}")
+        problems.append(f"{name}: unexpected keys in the checkpoint: {_some(unexpected)}")
+    shapes: list[str] = []
+    casts: list[str] = []
     for key in sorted(current.keys() & saved.keys()):
         if isinstance(saved[key], torch.Tensor) and tuple(saved[key].shape) != tuple(current[key].shape):
-            problems.append(
+            shapes.append(
                 f"{name}.{key}: shape {tuple(saved[key].shape)} in the checkpoint, {tuple(current[key].shape)} in this model"
             )
         elif isinstance(saved[key], torch.Tensor) and not cast and saved[key].dtype != current[key].dtype:
             casts.append(f"{name}.{key} ({saved[key].dtype} in the checkpoint, {current[key].dtype} in this model)")
+    problems += shapes[:_SHOWN] + (
+        [f"{len(shapes) - _SHOWN} more tensors of another shape"] if len(shapes) > _SHOWN else []
+    )
     if casts:
-        problems.append("another dtype (checkpoint.cast_dtype: true loads them cast): " + ", ".join(casts))
+        problems.append("another dtype (checkpoint.cast_dtype: true loads them cast): " + _some(casts))
     return problems
+
+
+_SHOWN = 4  # names in each list of a refusal: another model differs in every tensor, a line of kilobytes
+
+
+def _some(items: list[str]) -> str:
+    """The first few of `items`, and how many more: a one-line refusal stays readable."""
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return ", ".join(items[:_SHOWN]) + more
 
 
 class _GeneratorState:

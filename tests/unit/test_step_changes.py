@@ -197,3 +197,19 @@ def test_the_copy_cost_estimate_follows_what_a_copy_costs():
     loop: list = []
     loop.append(loop)  # a cycle is walked once
     assert copy_cost_ns(loop) == 500
+
+
+def test_a_checkpoint_of_another_model_is_named_in_a_line_that_stays_short():
+    """Another model differs in every tensor: the refusal names a few of each kind and counts the rest
+    (a 2-layer GPT-2 of another width made a line of ~5 KB)."""
+    from hydra_preempt.session.state import module_mismatches
+
+    ours = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(10)])
+    other = torch.nn.Sequential(*[torch.nn.Linear(5, 5) for _ in range(12)])
+    problems = module_mismatches("model", ours, other.state_dict())
+    assert problems[0] == "model: unexpected keys in the checkpoint: 10.bias, 10.weight, 11.bias, 11.weight"
+    assert problems[1] == "model.0.bias: shape (5,) in the checkpoint, (4,) in this model"
+    assert problems[-1] == "16 more tensors of another shape" and len(problems) == 6
+    doubled = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(10)]).double()
+    [dtypes] = module_mismatches("model", ours, doubled.state_dict())
+    assert dtypes.endswith("model.1.weight (torch.float64 in the checkpoint, torch.float32 in this model) and 16 more")
