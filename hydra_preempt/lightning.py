@@ -136,7 +136,15 @@ def train(
                 f"the training data is a {type(dataloader).__name__}, not a DataLoader: hydra_preempt.lightning "
                 "resumes torch's DataLoader and torchdata's StatefulDataLoader at their exact next batch, nothing else"
             )
-        return positions.positioned(dataloader)  # the training loader, as Lightning made it
+        positioned = positions.positioned(dataloader)  # the training loader, as Lightning made it
+        if positioned.ahead and trainer.limit_train_batches not in (1.0, None):
+            # Lightning's fetcher stops a loader it prefetches at the limit with a batch taken beyond it:
+            # measured, the resumed run differed from its first step
+            raise ConfigError(
+                "limit_train_batches with a training loader that has no length is not resumed exactly by "
+                "hydra_preempt.lightning: give the loader a length (a sampler with __len__) or drop the limit"
+            )
+        return positioned
 
     strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
     try:

@@ -26,6 +26,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import functools
+import itertools
 import json
 import logging
 import os
@@ -114,25 +115,51 @@ def read_events(run_dir: Path | str) -> list[dict[str, Any]]:
     return [e for e in _read_json_lines(Path(run_dir) / RUN_LOG) if isinstance(e.get("event"), str)]
 
 
+def _end_of_last_line_up_to(fd: int, size: int, step: int, block: int = 1 << 16) -> int:
+    """The offset just after the last complete line of a metrics file whose record has a `step` of at
+    most `step` (0 if none), read backwards from `size`, `block` bytes at a time."""
+    end, carry = size, b""  # carry: the bytes from `end` to the first newline after it (seen, not judged)
+    while end > 0:
+        start = max(0, end - block)
+        data = os.pread(fd, end - start, start) + carry
+        end = start
+        if start > 0:
+            first_newline = data.find(b"\n")
+            if first_newline < 0:  # one long line so far: read further back
+                carry = data
+                continue
+            carry, region, base = data[: first_newline + 1], data[first_newline + 1 :], start + first_newline + 1
+        else:
+            carry, region, base = b"", data, 0
+        lines = region.split(b"\n")[:-1]  # each followed by a newline; what follows the last one is cut short
+        ends = list(itertools.accumulate(len(line) + 1 for line in lines))
+        for line, line_end in zip(reversed(lines), reversed(ends)):
+            found = _step_of(line)
+            if found is not None and found <= step:
+                return base + line_end
+    return 0
+
+
+def _step_of(line: bytes) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    value = record.get("step") if isinstance(record, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a file of JSON lines; a line cut short by a kill (or anything else) is skipped."""
-    return _json_records(_read_text(path))
-
-
-def _read_text(path: Path) -> str:
-    """A run file's text; empty when it is missing or no regular file."""
     try:
         f, _ = open_regular(path)
         with f:
-            return f.read().decode("utf-8", errors="replace")
+            text = f.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
-        return ""
+        return []
     except OSError as e:  # a FIFO or a symlink in its place: never block on it or follow it
         log.warning("%s cannot be read: %s", path, e.strerror or e)
-        return ""
-
-
-def _json_records(text: str) -> list[dict[str, Any]]:
+        return []
     records = []
     for line in text.splitlines():
         try:
@@ -306,20 +333,28 @@ class MetricsLog:
         self._failed = False
 
     def rewind(self, step: int) -> None:
-        """Drop the lines of the steps after `step`, and any line cut short by a kill (the next line would
-        be glued to it); written atomically, and only when a line goes."""
-        text = _read_text(self.path)
-        records = _json_records(text)
-        kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= step]
-        if not text or (len(kept) == len(text.splitlines()) and text.endswith("\n")):
+        """Cut the file after its last line of a step up to `step`: the lines after it are of steps made
+        again (and of a line cut short by a kill, to which the next would be glued). Read from the end,
+        a block at a time, and cut in place: no copy, no space needed on a full disk, and a long run's
+        file is not read whole at every start. Called before anything is appended by this start."""
+        self.close()
+        try:
+            fd = open_regular_fd(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return
+        except OSError as e:  # a symlink or FIFO in its place: never followed, append() says so
+            log.warning("%s cannot be rewound: %s", self.path, e.strerror or e)
             return
         try:
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            size = os.fstat(fd).st_size
+            keep = _end_of_last_line_up_to(fd, size, step)
+            if keep < size:
+                os.ftruncate(fd, keep)
         except OSError as e:
             self._failed = True
-            log.warning(
-                "%s; metrics are no longer written there by this process", _write_failure(self.path, "rewind", e)
-            )
+            log.warning("%s; metrics are no longer written there by this process", _write_failure(self.path, "cut", e))
+        finally:
+            os.close(fd)
 
     def append(self, record: dict[str, Any]) -> None:
         if self._failed:

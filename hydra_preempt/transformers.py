@@ -140,9 +140,10 @@ def _refuse_unsupported(trainer: Trainer) -> None:
             "dataset at its exact next batch, nothing else"
         )
     step = SrunStep.from_env()
-    if step is not None and not SrunStep.launched_by_torch() and args.world_size != step.world_size:
-        # Trainer reads torchrun's variables (RANK, WORLD_SIZE, ...), which srun does not set: each task
-        # would train alone on all the data, not as one of a group
+    if step is not None and args.world_size < step.world_size:
+        # Trainer reads torchrun's variables (RANK, WORLD_SIZE, ...), which srun does not set (or left
+        # over in the environment): each task would train alone on all the data, not as one of a group.
+        # Under torchrun, one task a node, the group is at least as large as the step.
         raise ConfigError(
             f"Trainer runs as {args.world_size} process(es) in each task of an srun step of {step.world_size}: "
             "start it with `srun hydra-preempt torchrun --nproc-per-node N train.py`, one task a node"

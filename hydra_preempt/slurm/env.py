@@ -30,13 +30,14 @@ class SlurmTask:
         job_id = env.get("SLURM_JOB_ID")
         if not job_id:
             return None
-        # The workers a torch launcher started in one task share its SLURM_PROCID: the run's rank is
-        # torchrun's RANK (else every worker of task 0 requeued the job, and SLURM ended the step under
-        # the others before they had written their stop).
-        rank = env.get("RANK") if SrunStep.launched_by_torch(env) else env.get("SLURM_PROCID")
+        # The workers torchrun starts in one task share its SLURM_PROCID: the run's rank is torchrun's
+        # RANK (else every worker of task 0 requeued the job, and SLURM ended the step under the others
+        # before they had written their stop). Only torchrun's (TORCHELASTIC_RUN_ID): a RANK left in the
+        # environment of srun's tasks would make each of them rank 0.
+        torchrun = "TORCHELASTIC_RUN_ID" in env and "RANK" in env
         return cls(
             job_id=job_id,
-            rank=_int(rank, 0),
+            rank=_int(env.get("RANK") if torchrun else env.get("SLURM_PROCID"), 0),
             ntasks=_int(env.get("SLURM_NTASKS"), 1),
             restart_count=_int(env.get("SLURM_RESTART_COUNT"), 0),
             in_batch_step=env.get("SLURM_STEP_ID", "batch") in BATCH_STEP_IDS,

@@ -197,7 +197,8 @@ def test_a_planted_checkpoint_cannot_name_files_out_of_model_checkpoints_directo
     assert _confined("ModelCheckpoint", fine) is fine
 
 
-def test_training_data_that_is_not_a_data_loader_is_refused_in_one_line(tmp_path):
+def refused(tmp_path: Path, train_data, **trainer_args) -> str:
+    """fit() of a one-layer module whose train_dataloader() returns `train_data()`: its refusal's message."""
     import lightning as L
 
     from hydra_preempt.lightning import fit
@@ -211,15 +212,33 @@ def test_training_data_that_is_not_a_data_loader_is_refused_in_one_line(tmp_path
             return self.layer(batch).sum()
 
         def train_dataloader(self):
-            return (torch.ones(4, 2) for _ in range(3))  # a generator: a restart would start it over
+            return train_data()
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    outcome = fit(trainer, Model(), run_dir=tmp_path / "run")
-    assert outcome.exit_code == ExitCode.USAGE
-    assert "the training data is a generator, not a DataLoader" in outcome.message
+    options = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    outcome = fit(L.Trainer(max_epochs=1, **options, **trainer_args), Model(), run_dir=tmp_path / "run")
+    assert outcome.exit_code == ExitCode.USAGE, outcome.message
+    return outcome.message
+
+
+def test_training_data_that_is_not_a_data_loader_is_refused_in_one_line(tmp_path):
+    generator = lambda: (torch.ones(4, 2) for _ in range(3))  # noqa: E731 (a restart would start it over)
+    assert "the training data is a generator, not a DataLoader" in refused(tmp_path, generator)
+
+
+def test_a_limit_on_a_training_loader_without_a_length_is_refused_in_one_line(tmp_path):
+    """Lightning prefetches a loader without a length and stops it at limit_train_batches with a batch
+    taken beyond the limit: a hostile review measured a resumed run that differed from its first step."""
+
+    class Endless(torch.utils.data.Sampler):
+        def __iter__(self):
+            return iter(range(8))
+
+    loader = lambda: torch.utils.data.DataLoader(torch.ones(8, 2), batch_size=2, sampler=Endless())  # noqa: E731
+    said = "limit_train_batches with a training loader that has no length is not resumed exactly"
+    assert said in refused(tmp_path, loader, limit_train_batches=2)
 
 
 def test_a_checkpoint_of_another_module_is_named_before_anything_is_loaded():

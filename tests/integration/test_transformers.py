@@ -219,7 +219,11 @@ def test_a_trainer_of_one_process_in_each_task_of_an_srun_step_is_refused(tmp_pa
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     with pytest.raises(ConfigError, match=r"runs as 1 process\(es\) in each task of an srun step of 2: start it with"):
         _refuse_unsupported(trainer)
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # under torchrun (one task a node): the group is torchrun's
+    monkeypatch.setenv("RANK", "0")  # left over in the environment, no launcher: refused all the same
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"in each task of an srun step of 2"):
+        _refuse_unsupported(trainer)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # torchrun in one task: its group
     _refuse_unsupported(trainer)
 
 

@@ -62,19 +62,39 @@ def test_the_checkpoint_directory_is_found_from_the_run_directory_given(tmp_path
 
 def test_a_start_rewinds_the_metrics_to_the_step_it_continues_from(tmp_path):
     """The lines of steps made again go (a SIGKILL after step 5, resumed from 3), with a line cut short by
-    the kill; the file is rewritten only when a line goes, and appending goes on after the rewind."""
+    the kill; a line reported before the rewind by this start (its file open) does not send the later
+    lines into a file no longer there."""
     path = tmp_path / METRICS_LOG
     lines = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.4}, {"step": 3, "val": 0.2}]
     lines += [{"step": 4, "loss": 0.3}, {"step": 5, "loss": 0.2}]
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "lo')
     metrics = MetricsLog(tmp_path)
+    metrics.append({"step": 0, "early": 1.0})  # report() before restore(): the file is open
     metrics.rewind(3)
     assert path.read_text() == "".join(json.dumps(r) + "\n" for r in lines[:4])
-    inode = path.stat().st_ino
-    metrics.rewind(3)  # nothing goes: not rewritten
-    assert path.stat().st_ino == inode
     metrics.append({"step": 4, "loss": 0.25})
     metrics.close()
     assert read_metrics(tmp_path) == [*lines[:4], {"step": 4, "loss": 0.25}]
+    metrics.rewind(0)  # nothing of step 0 or before: all goes
+    assert path.read_text() == ""
     MetricsLog(tmp_path / "none").rewind(0)  # no file: none made
     assert not (tmp_path / "none" / METRICS_LOG).exists()
+
+
+def test_the_cut_is_found_from_the_end_block_by_block(tmp_path):
+    """Blocks smaller than a line, lines that are no metrics of this library (kept where they come before
+    the cut), steps that are no integers: the same cut as a reading of the whole file."""
+    from hydra_preempt.rundir import _end_of_last_line_up_to, _step_of
+
+    records = [{"step": s, "pad": "x" * (s * 7 % 23)} for s in range(1, 9)]
+    records[2:2] = [{"note": "by hand"}, {"step": True}, {"step": "3"}]
+    text = ("".join(json.dumps(r) + "\n" for r in records) + '{"step": 9, "cut').encode()
+    path = tmp_path / "m"
+    path.write_bytes(text)
+    with open(path, "rb") as f:
+        for step in range(0, 10):
+            ends = [i + 1 for i, c in enumerate(text) if c == ord("\n")]
+            starts = [0, *ends[:-1]]
+            expected = max((e for s, e in zip(starts, ends) if (_step_of(text[s : e - 1]) or 99) <= step), default=0)
+            for block in (5, 64, 1 << 16):
+                assert _end_of_last_line_up_to(f.fileno(), len(text), step, block) == expected, (step, block)

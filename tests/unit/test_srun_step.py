@@ -130,3 +130,6 @@ def test_the_workers_torchrun_starts_in_one_task_have_their_own_rank():
     assert SlurmTask.from_env(task).rank == 0
     assert SlurmTask.from_env({**task, "TORCHELASTIC_RUN_ID": "x", "RANK": "1", "WORLD_SIZE": "2"}).rank == 1
     assert SlurmTask.from_env({**task, "SLURM_PROCID": "1"}).rank == 1  # srun's tasks, no launcher
+    left_over = {**task, "SLURM_PROCID": "1", "RANK": "0", "WORLD_SIZE": "1"}  # exported, no torchrun
+    assert SlurmTask.from_env(left_over).rank == 1
+    assert SlurmTask.from_env({**task, "SLURM_PROCID": "1", "TORCHELASTIC_RUN_ID": "x"}).rank == 1
