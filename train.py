@@ -77,11 +77,12 @@ def make_model(cfg: DictConfig, features: int) -> torch.nn.Module:
 def params_sha256(model: torch.nn.Module, sharded: bool) -> str:
     """Of the full parameters (a collective when they are sharded: every rank must call it)."""
     h = hashlib.sha256()
-    state = model.state_dict()
     if sharded:  # FSDP2's DTensors, gathered
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    else:
+        state = model.state_dict()
     for name, tensor in state.items():
         assert isinstance(tensor, torch.Tensor)
         h.update(name.encode())

@@ -317,9 +317,6 @@ class _PositionedLoader(FrameworkLoader):
             ahead = True
         super().__init__(loader, ahead, rng)
 
-    def __getattr__(self, name: str) -> Any:  # sampler, batch_size, dataset, ... for Lightning's checks
-        return getattr(self.loader, name)
-
     @property
     def worker_init_fn(self) -> Any:
         return self.loader.worker_init_fn

@@ -424,11 +424,6 @@ class _PositionedBase(FrameworkLoader):
     def __init__(self, loader: DataLoader, rng: RngReads) -> None:
         super().__init__(loader, ahead=True, rng=rng)
 
-    def __getattr__(self, name: str) -> Any:  # batch_size, sampler, dataset, ... for Trainer and accelerate
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
     @property  # type: ignore[misc]
     def __class__(self) -> type:  # accelerate's shard reports its base's class (isinstance(shard, DataLoader))
         return self.loader.__class__

@@ -21,8 +21,8 @@ from .state import RngReads, restore_rng
 
 
 class FrameworkLoader:
-    """Stands in for the training DataLoader in a framework's loop (the framework's own module adds the
-    attributes its loop reads). `ahead`: the loop fetches one batch ahead of its step. `rng`: the
+    """Stands in for the training DataLoader in a framework's loop: what the loop reads of it that is not
+    here (sampler, batch_size, dataset, ...) is the loader's. `ahead`: the loop fetches one batch ahead of its step. `rng`: the
     session's reads of the generators (`session.state.rng_reads`: Python's and NumPy's read only when
     they moved, for the position recorded before each fetch)."""
 
@@ -36,6 +36,11 @@ class FrameworkLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":  # not set yet (a copy being made): no recursion through this method
+            raise AttributeError(name)
+        return getattr(self.loader, name)
 
     def __iter__(self) -> Iterator[Any]:
         resumed, self._resumed = self._resumed, None
@@ -61,7 +66,8 @@ class FrameworkLoader:
             try:
                 batch = next(batches)
             except StopIteration:
-                self._before_last = self.position.state_dict()  # the pass is over: a resume begins the next
+                if self.ahead:
+                    self._before_last = self.position.state_dict()  # the pass is over: a resume begins the next
                 return
             finally:
                 if refetch:
